@@ -1,0 +1,116 @@
+"""`scoder-ray`: run the loop, run one stage, inspect a run, prepare the offline models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from scoder_ray.config import ConfigError, load_config, presets, to_yaml
+
+EPILOG = "Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-run  (see conf/config.yaml)."
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"a preset from conf/preset/ ({', '.join(presets())})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (anywhere on the line)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scoder-ray", description=__doc__, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage in order, resuming a run with the same run.id", epilog=EPILOG)
+    _config_args(p)
+
+    from scoder_ray.loop import STAGES
+
+    p = sub.add_parser("stage", help="run one stage", epilog=EPILOG)
+    p.add_argument("name", choices=list(STAGES), help="the stage to run")
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is done")
+    _config_args(p)
+
+    p = sub.add_parser("status", help="the stages of a run directory, their state and counts")
+    p.add_argument("run_dir", help="e.g. runs/tiny (a local path or s3://... URI)")
+    p.add_argument("--json", action="store_true", help="print the _DONE.json records as JSON")
+
+    p = sub.add_parser("config", help="print the resolved configuration", epilog=EPILOG)
+    _config_args(p)
+
+    p = sub.add_parser("models", help="offline models")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    mp = msub.add_parser("prepare", help="build the tiny model and convert SmolLM2 into models.cache_dir")
+    mp.add_argument("--only", choices=["tiny", "smollm2-135m"], help="prepare just this one")
+    _config_args(mp)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    # Overrides may follow options (`stage seeds --preset tiny run.id=x`), which plain argparse rejects.
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no key=value overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    try:
+        if args.command == "status":
+            return _status(args.run_dir, args.json)
+        cfg = load_config(args.preset, args.overrides)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"scoder-ray: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.command == "models":
+        from scoder_ray.tiny import resolve_model
+
+        for name in [args.only] if args.only else ["tiny", "smollm2-135m"]:
+            path = resolve_model(f"builtin:{name}", cfg.models.cache_dir, cfg.models.tiny_seed)
+            print(f"{name}: {path}")
+        return 0
+    from scoder_ray import loop
+
+    try:
+        if args.command == "stage":
+            done = loop.run_stage(cfg, args.name, force=args.force)
+            print(json.dumps(done, indent=2, sort_keys=True, default=str))
+        else:
+            loop.run(cfg)
+            print(f"[scoder-ray] run directory: {cfg.run.root}/{cfg.run.id}  (scoder-ray status {cfg.run.root}/{cfg.run.id})")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"scoder-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _status(run_dir: str, as_json: bool) -> int:
+    from scoder_ray.store import RunStore
+
+    store = RunStore.open(run_dir)
+    cfg = store.read_config()
+    states = store.stages()
+    if as_json:
+        print(json.dumps({s.name: {"state": s.state, **(s.done or {})} for s in states}, indent=2, default=str))
+        return 0
+    if not states:
+        print(f"{run_dir}: no stages yet")
+        return 0
+    print(f"{'stage':<24} {'state':<10} {'rows':>9} {'seconds':>9}  finished / notes")
+    for s in states:
+        d = s.done or {}
+        stale = store.stale_sections(s, cfg) if cfg else []
+        state = "stale" if stale else s.state
+        note = f"config changed: {', '.join(stale)}" if stale else d.get("started_at", "")
+        if d.get("dropped"):
+            note += "  dropped " + ", ".join(f"{k}={v}" for k, v in d["dropped"].items())
+        print(f"{s.name:<24} {state:<10} {d.get('rows', ''):>9} {d.get('seconds', ''):>9}  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

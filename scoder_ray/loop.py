@@ -1,0 +1,36 @@
+"""The driver: runs the stages in order, each through the run store, so a rerun resumes.
+
+Ray does the heavy lifting inside stages; the driver only passes configs and reads `_DONE.json`s.
+Later stages (bootstrap, train, sample, score, influence, select, evaluate) register here.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from scoder_ray.config import Config
+from scoder_ray.ray_env import init_ray
+from scoder_ray.seeds import run_seeds
+from scoder_ray.store import RunStore
+
+StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
+STAGES: dict[str, StageFn] = {"seeds": run_seeds}
+
+
+def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    store = RunStore.for_config(cfg)
+    store.write_config(cfg)
+    init_ray(cfg.ray)
+    return STAGES[name](cfg, store, force)
+
+
+def run(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Every stage in order; finished stages with unchanged inputs are skipped."""
+    results = {}
+    for name in STAGES:
+        done = run_stage(cfg, name)
+        results[name] = done
+        verb = "skipped (already done)" if done.get("skipped") else f"done in {done['seconds']:.1f}s"
+        print(f"[scoder-ray] stage {name}: {verb}, {done['rows']} rows", flush=True)
+    return results

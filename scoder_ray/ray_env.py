@@ -1,0 +1,24 @@
+"""Connecting to Ray: a cluster when one is named, else a local instance sized by the config."""
+from __future__ import annotations
+
+import os
+
+from scoder_ray.config import RayConf
+
+
+def init_ray(conf: RayConf) -> None:
+    """Idempotent `ray.init`. Inside `ray job submit` the job's cluster is found through RAY_ADDRESS."""
+    import ray
+
+    if not ray.is_initialized():
+        address = conf.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(
+                num_cpus=conf.num_cpus,
+                object_store_memory=int(conf.object_store_gib * 2**30) if conf.object_store_gib else None,
+                include_dashboard=conf.include_dashboard,
+            )
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs, same row order: resumed runs match
