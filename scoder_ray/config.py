@@ -67,7 +67,7 @@ class EngineConf:
     tensor_parallel_size: int = 1
     dtype: str = "float32"  # this CPU has no bf16 instructions; bf16 on GPU presets
     max_model_len: int = 2048
-    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU; ignored on GPU
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = True  # compiled mode costs 47-76 s per start on CPU
 

@@ -195,10 +195,12 @@ def featurize(batch: dict[str, np.ndarray], conf: SeedsConf, index: NgramIndex) 
 
 def decide(rows: list[dict], conf: SeedsConf, run_seed: int) -> dict[str, tuple[str, str]]:
     """seed_id -> (reason, detail) for the candidates that go: contaminated, exact and near duplicates,
-    and those beyond `max_snippets`. The first occurrence in (source, path, line) order stays."""
+    and those beyond `max_snippets`. Of duplicates, the first in (order of seeds.sources, path, line)
+    stays: sources listed first take precedence."""
     from datasketch import MinHash, MinHashLSH
 
-    rows = sorted(rows, key=lambda r: (r["source"], r["path"], r["start_line"]))
+    rank = {src: i for i, src in enumerate(conf.sources)}
+    rows = sorted(rows, key=lambda r: (rank.get(r["source"], len(rank)), r["source"], r["path"], r["start_line"]))
     lsh = MinHashLSH(threshold=conf.near_dup_threshold, num_perm=conf.num_perm)
     sketches: dict[str, Any] = {}
     first_exact: dict[str, str] = {}

@@ -137,7 +137,10 @@ def convert_smollm2(out_dir: str | Path) -> Path:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights saves fine.
-    model = LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised now; vLLM rejects "gguf"
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)

