@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 CONF_DIR = Path(os.environ.get("SCODER_RAY_CONF", Path(__file__).resolve().parent.parent / "conf"))
 BUILTIN_MODELS = ("tiny", "smollm2-135m")
+BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp+")  # as in scoder_ray.evaluate.benchmarks
 
 
 class ConfigError(ValueError):
@@ -236,7 +237,8 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.run.id) and "/" not in cfg.run.id and cfg.run.id not in (".", ".."), "run.id", "a non-empty name without '/'", cfg.run.id)
     _check(bool(cfg.seeds.sources), "seeds.sources", "at least one source", cfg.seeds.sources)
     for bench in cfg.seeds.decontam_benchmarks:
-        _check(bench in ("humaneval",), "seeds.decontam_benchmarks", "a list of: humaneval", bench)
+        _check(bench in BENCHMARKS, "seeds.decontam_benchmarks", f"a list of: {', '.join(BENCHMARKS)} "
+               "(all but humaneval read the evalplus files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH)", bench)
     for key in ("synthesizer", "scorer", "scoder"):
         check_model_ref(f"models.{key}", getattr(cfg.models, key))
 

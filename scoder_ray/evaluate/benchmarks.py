@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Optional
 
-BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp+")
+from scoder_ray.config import BENCHMARKS  # one list for config validation and loading
+
 RELEASES = "https://github.com/evalplus/humanevalplus_release/releases and https://github.com/evalplus/mbppplus_release/releases"
 
 
@@ -37,15 +38,15 @@ def load_humaneval() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def benchmark_texts(name: str) -> dict[str, str]:
-    """Texts a training snippet must not overlap: each problem's prompt and its reference solution
-    (with the prompt, as it would appear pasted into a file)."""
-    if name != "humaneval":
-        raise ValueError(f"unknown benchmark {name!r}; known: humaneval")
+def benchmark_texts(name: str, path: Optional[str] = None) -> dict[str, str]:
+    """Texts a training snippet must not overlap, for decontamination: each problem's prompt and its
+    reference solution (for HumanEval with the prompt, as it would appear pasted into a file)."""
     texts = {}
-    for p in load_humaneval():
-        texts[f"{p['task_id']}/prompt"] = p["prompt"]
-        texts[f"{p['task_id']}/solution"] = p["prompt"] + p["canonical_solution"]
+    for p in load_problems(name, path).values():
+        texts[f"{p.task_id}/prompt"] = p.prompt
+        if p.canonical_solution:
+            whole = p.prompt + p.canonical_solution if name.startswith("humaneval") else p.canonical_solution
+            texts[f"{p.task_id}/solution"] = whole
     return texts
 
 

@@ -1,11 +1,11 @@
 """The one place untrusted, model-written code runs: a child process with limits, no network, and a
 verdict established by the harness, not by the program.
 
-Each program (solution + test code) runs as `python -I -S _harness.py` in a fresh temporary directory that
-is removed afterwards, with:
+Each program (solution + test code) runs in a child forked from a warm fork server (`_harness.py`, one
+per worker, started as `python -I -S`), in a fresh temporary directory that is removed afterwards, with:
 - resource limits: CPU seconds, address space, file size (which also caps captured output: stdout and
   stderr go to files in the sandbox directory), open files, processes, no core dumps;
-- a wall-clock timeout that kills the whole process group;
+- a wall-clock timeout that kills the whole process group (and the PID namespace with it);
 - new network and PID namespaces (see `_harness.isolate`): no TCP/UDP even to loopback; the program
   sees no process outside its namespace, and every process it started dies with it, daemons too;
 - when the parent runs as root (containers, CI): a per-run unprivileged uid, held exclusively through a
@@ -22,14 +22,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import queue
 import secrets
-import shutil
+import select
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -53,7 +55,6 @@ class Limits:
     open_files: int = 128
     processes: int = 32  # per sandbox uid (as root); for the user otherwise
     output_cap: int = 4096  # bytes of stdout/stderr kept in the verdict
-    site_packages: bool = False  # stdlib only (`python -I -S`, 15 ms faster a start); True for numpy & co.
 
 
 @dataclass
@@ -73,59 +74,91 @@ class Verdict:
         return asdict(self)
 
 
+class Sandbox:
+    """A pool of fork servers (one per worker), thread-safe; keep one alive to amortise start-up.
+
+    `site_packages=False` runs the servers as `python -I -S` (standard library only, as HumanEval and
+    MBPP need); True lets programs import what the evaluator's environment has (numpy & co.).
+    """
+
+    def __init__(self, workers: int = 2, site_packages: bool = False):
+        self.site_packages = site_packages
+        self._idle: "queue.Queue[subprocess.Popen]" = queue.Queue()
+        self._all: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+        for _ in range(max(1, workers)):
+            self._idle.put(self._start_server())
+        self.workers = max(1, workers)
+
+    def _start_server(self) -> subprocess.Popen:
+        flags = ["-I"] if self.site_packages else ["-I", "-S"]
+        server = subprocess.Popen([sys.executable, *flags, HARNESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=CHILD_ENV, start_new_session=True)
+        with self._lock:
+            self._all.append(server)
+        return server
+
+    def run(self, solution: str, tests: str, limits: Limits = Limits()) -> Verdict:
+        """Run `solution` then `tests` (code that raises on failure)."""
+        server = self._idle.get()
+        try:
+            with _uid_slot() as uid:
+                spec = {"nonce": secrets.token_hex(16), "solution": solution, "tests": tests, "uid": uid,
+                        "keep_read_search": KEEP_READ_SEARCH and uid is not None, "env": CHILD_ENV,
+                        "timeout_s": limits.timeout_s, "output_cap": limits.output_cap,
+                        "limits": {"cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_mb": limits.memory_mb,
+                                   "file_size_mb": limits.file_size_mb, "open_files": limits.open_files,
+                                   "processes": limits.processes}}
+                answer = _ask(server, spec, limits.timeout_s + 30)
+        except (OSError, ValueError, TimeoutError) as e:  # the server itself broke: replace it
+            _stop(server)
+            server = self._start_server()
+            return Verdict("error", f"sandbox server failed: {e}")
+        finally:
+            self._idle.put(server)
+        if "fault" in answer:
+            return Verdict("error", f"sandbox fault: {answer['fault']}")
+        verdict = _judge(answer["message"], answer["returncode"], answer["timed_out"], limits)
+        verdict.seconds = round(answer["seconds"], 4)
+        verdict.stdout, verdict.stderr = answer["stdout"], answer["stderr"]
+        return verdict
+
+    def run_batch(self, pairs: Sequence[tuple[str, str]], limits: Limits = Limits(),
+                  progress: bool = False) -> list[Verdict]:
+        """Many (solution, tests) pairs, `workers` at a time, results in input order. One runaway holds
+        one worker for its own timeout and never stalls the others."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            futures = [pool.submit(self.run, s, t, limits) for s, t in pairs]
+            if progress:
+                from tqdm import tqdm
+
+                for f in tqdm(futures, total=len(futures), desc="sandbox", unit="prog"):
+                    f.result()
+            return [f.result() for f in futures]
+
+    def close(self) -> None:
+        with self._lock:
+            servers, self._all = self._all, []
+        for server in servers:
+            _stop(server)
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_program(solution: str, tests: str, limits: Limits = Limits()) -> Verdict:
-    """Run `solution` then `tests` (code that raises on failure) in the sandbox."""
-    start = time.monotonic()
-    with _uid_slot() as uid, _sandbox_dir(uid) as workdir:
-        out_path, err_path = Path(workdir) / ".stdout", Path(workdir) / ".stderr"
-        read_fd, write_fd = os.pipe()
-        nonce = secrets.token_hex(16)
-        spec = {"nonce": nonce, "solution": solution, "tests": tests, "uid": uid, "result_fd": write_fd,
-                "keep_read_search": KEEP_READ_SEARCH and uid is not None,
-                "limits": {"cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_mb": limits.memory_mb,
-                           "file_size_mb": limits.file_size_mb, "open_files": limits.open_files,
-                           "processes": limits.processes}}
-        timed_out = False
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), HARNESS], stdin=subprocess.PIPE, stdout=out, stderr=err,
-                    cwd=workdir, env={**CHILD_ENV, "HOME": workdir, "TMPDIR": workdir},
-                    pass_fds=(write_fd,), start_new_session=True,
-                )
-            finally:
-                os.close(write_fd)
-            try:
-                proc.stdin.write(json.dumps(spec).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_all(proc.pid)
-            proc.wait()
-        message = _read_result(read_fd, nonce)
-        verdict = _judge(message, proc.returncode, timed_out, limits)
-        verdict.stdout = _head(out_path, limits.output_cap)
-        verdict.stderr = _head(err_path, limits.output_cap)
-    verdict.seconds = round(time.monotonic() - start, 4)
-    return verdict
+    """One program in a one-off sandbox (start-up included; keep a `Sandbox` for many)."""
+    with Sandbox(workers=1) as sandbox:
+        return sandbox.run(solution, tests, limits)
 
 
 def run_batch(pairs: Sequence[tuple[str, str]], limits: Limits = Limits(), workers: int = 2,
               progress: bool = False) -> list[Verdict]:
-    """Run many (solution, tests) pairs on a bounded pool; one runaway never stalls the others beyond
-    its own timeout. Results come back in input order."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(run_program, s, t, limits) for s, t in pairs]
-        if progress:
-            from tqdm import tqdm
-
-            for _ in tqdm(futures, total=len(futures), desc="sandbox", unit="prog"):
-                _.result()
-        return [f.result() for f in futures]
+    with Sandbox(workers=workers) as sandbox:
+        return sandbox.run_batch(pairs, limits, progress)
 
 
 # -- internals --------------------------------------------------------------------------------------
@@ -146,38 +179,6 @@ def _judge(message: Optional[str], returncode: int, timed_out: bool, limits: Lim
     if returncode == 0:
         return Verdict("failed", "exited before the tests completed")
     return Verdict("failed", f"exit code {returncode} before the tests completed")
-
-
-def _read_result(fd: int, nonce: str) -> Optional[str]:
-    """The harness's message, if any. Non-blocking: a writer that escaped cannot hang us."""
-    os.set_blocking(fd, False)
-    chunks = []
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > 1 << 20:
-                break
-    except BlockingIOError:
-        pass
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    tag = nonce.encode() + b" "
-    at = data.rfind(tag)
-    if at < 0:
-        return None
-    return data[at + len(tag):].split(b"\n", 1)[0].decode("utf-8", "replace")
-
-
-def _kill_all(pid: int) -> None:
-    """Kill the harness's process group; the PID namespace takes everything else down with it."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _private_path(paths: Sequence[str]) -> bool:
@@ -217,20 +218,22 @@ def _uid_slot() -> Iterator[Optional[int]]:
     raise RuntimeError(f"all {UID_SLOTS} sandbox uids from {UID_BASE} are in use")
 
 
-@contextmanager
-def _sandbox_dir(uid: Optional[int]) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="scoder-sbx-")
-    try:
-        if uid is not None:
-            os.chown(path, uid, uid)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def _ask(server: subprocess.Popen, spec: dict, timeout: float) -> dict:
+    data = json.dumps(spec).encode()
+    server.stdin.write(struct.pack("!I", len(data)) + data)
+    server.stdin.flush()
+    if not select.select([server.stdout], [], [], timeout)[0]:
+        raise TimeoutError(f"no answer in {timeout:.0f}s")
+    header = server.stdout.read(4)
+    if len(header) < 4:
+        raise OSError("sandbox server exited")
+    return json.loads(server.stdout.read(struct.unpack("!I", header)[0]))
 
 
-def _head(path: Path, cap: int) -> str:
+def _stop(server: subprocess.Popen) -> None:
     try:
-        with open(path, "rb") as f:
-            return f.read(cap).decode("utf-8", "replace")
-    except OSError:
-        return ""
+        server.stdin.close()
+        server.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        server.kill()
+        server.wait()
