@@ -22,8 +22,8 @@ test: setup  ## the whole suite (what CI runs)
 test-fast: setup  ## the unit tier: no Ray, no vLLM, no model builds
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
-	$(BIN)/python bench/seeds.py
+bench: setup  ## every benchmark in bench/ (each prints its measured ratios)
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean-runs:
 	rm -rf runs
