@@ -24,10 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage in order, resuming a run with the same run.id", epilog=EPILOG)
     _config_args(p)
 
-    from scoder_ray.loop import STAGES
+    from scoder_ray.loop import EXTRA_STAGES, STAGES
 
     p = sub.add_parser("stage", help="run one stage", epilog=EPILOG)
-    p.add_argument("name", choices=list(STAGES), help="the stage to run")
+    names = [n for s in (*STAGES, *EXTRA_STAGES) for n in (s, s.replace("_", "-"))]
+    p.add_argument("name", choices=names, metavar="{" + ",".join(s.replace("_", "-") for s in (*STAGES, *EXTRA_STAGES)) + "}",
+                   help="the stage to run")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is done")
     _config_args(p)
 
@@ -91,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         if args.command == "stage":
-            done = loop.run_stage(cfg, args.name, force=args.force)
+            done = loop.run_stage(cfg, args.name.replace("-", "_"), force=args.force)
             print(json.dumps(done, indent=2, sort_keys=True, default=str))
         else:
             loop.run(cfg)

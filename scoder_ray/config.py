@@ -99,20 +99,52 @@ class SampleConf:
 
 
 @dataclass
+class LoraConf:
+    enabled: bool = False
+    r: int = 128  # LESS's warm-up recipe: r=128, alpha=512 on q/k/v/o
+    alpha: int = 512
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    export_merged: bool = False  # also write the base model with the adapter merged in
+
+
+@dataclass
 class TrainConf:
+    """One training job on Ray Train + DeepSpeed: full fine-tuning, or LoRA when `lora.enabled`."""
+    data: Optional[str] = None  # train on this Parquet/JSONL file or folder instead of the stage's input
     num_workers: int = 2
-    gpus_per_worker: int = 0
+    gpus_per_worker: int = 0  # 0: CPU workers (gloo, torch AdamW); >0: nccl, DeepSpeed fused Adam
     zero_stage: int = 2
-    cpu_offload: bool = False
+    cpu_offload: bool = False  # ZeRO-Offload of optimizer states (and parameters on stage 3)
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # sequences per worker per micro-step
     grad_accum: int = 1
     lr: float = 2e-5
-    lr_schedule: str = "cosine"  # cosine | linear | constant
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after linear warm-up
     warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
     epochs: int = 2
-    max_len: int = 1024
-    num_checkpoints: int = 2  # M: checkpoints kept for multi-checkpoint sampling
+    max_steps: int = 0  # > 0: exactly this many optimizer steps (data cycles), overriding epochs
+    max_len: int = 1024  # tokens; longer rows are truncated (and counted)
+    packing: bool = False  # concatenate examples into max_len sequences
+    num_checkpoints: int = 2  # M exported checkpoints
+    checkpoint_at: str = "epochs"  # epochs: end of each of the last M epochs; steps: M evenly spaced steps
+    resume_every: int = 0  # also save resumable state every this many steps (0: only at exports)
+    max_failures: int = 2  # worker-group restarts before the stage fails
+    lora: LoraConf = field(default_factory=LoraConf)
+
+
+def _warmup_defaults() -> TrainConf:
+    # LESS: a short LoRA warm-up, a checkpoint per epoch; its Adam moments make gradients optimizer-aware.
+    return TrainConf(epochs=4, num_checkpoints=4, lr=2e-5, warmup_ratio=0.03, lr_schedule="linear",
+                     lora=LoraConf(enabled=True))
+
+
+@dataclass
+class TrainSection:
+    synthesizer: TrainConf = field(default_factory=TrainConf)
+    scoder: TrainConf = field(default_factory=lambda: TrainConf(epochs=3, num_checkpoints=1))
+    warmup: TrainConf = field(default_factory=_warmup_defaults)
 
 
 @dataclass
@@ -130,7 +162,7 @@ class Config:
     engine: EngineConf = field(default_factory=EngineConf)
     seeds: SeedsConf = field(default_factory=SeedsConf)
     sample: SampleConf = field(default_factory=SampleConf)
-    train: TrainConf = field(default_factory=TrainConf)
+    train: TrainSection = field(default_factory=TrainSection)
     loop: LoopConf = field(default_factory=LoopConf)
 
 
@@ -198,12 +230,6 @@ def validate(cfg: Config) -> None:
         "seeds.decontam_ngram": cfg.seeds.decontam_ngram,
         "sample.samples_per_seed": cfg.sample.samples_per_seed,
         "sample.max_tokens": cfg.sample.max_tokens,
-        "train.num_workers": cfg.train.num_workers,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.epochs": cfg.train.epochs,
-        "train.max_len": cfg.train.max_len,
-        "train.num_checkpoints": cfg.train.num_checkpoints,
         "loop.final_dataset_size": cfg.loop.final_dataset_size,
     }
     for key, value in positive.items():
@@ -213,7 +239,6 @@ def validate(cfg: Config) -> None:
         "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
         "engine.kv_cache_gib": cfg.engine.kv_cache_gib,
         "seeds.max_snippets": cfg.seeds.max_snippets,
-        "train.gpus_per_worker": cfg.train.gpus_per_worker,
         "loop.iterations": cfg.loop.iterations,
         "models.tiny_seed": cfg.models.tiny_seed,
     }
@@ -224,13 +249,8 @@ def validate(cfg: Config) -> None:
                        "seeds.decontam_threshold": cfg.seeds.decontam_threshold,
                        "sample.top_p": cfg.sample.top_p}.items():
         _check(0.0 < value <= 1.0, key, "a number in (0, 1]", value)
-    _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "a number in [0, 1)", cfg.train.warmup_ratio)
-    _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "a number in (0, 1]", cfg.engine.gpu_memory_utilization)
-    _check(cfg.sample.temperature >= 0, "sample.temperature", "a number >= 0", cfg.sample.temperature)
-    _check(cfg.train.lr > 0, "train.lr", "a number > 0", cfg.train.lr)
-    _check(cfg.train.zero_stage in (2, 3), "train.zero_stage", "2 or 3", cfg.train.zero_stage)
-    _check(cfg.train.precision in ("fp32", "bf16", "fp16"), "train.precision", "one of fp32, bf16, fp16", cfg.train.precision)
-    _check(cfg.train.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule", "one of cosine, linear, constant", cfg.train.lr_schedule)
+    for name in ("synthesizer", "scoder", "warmup"):
+        _validate_train(f"train.{name}", getattr(cfg.train, name))
     _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
     _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,
            "engine.tensor_parallel_size", f"<= engine.gpus_per_engine ({cfg.engine.gpus_per_engine})", cfg.engine.tensor_parallel_size)
@@ -241,6 +261,28 @@ def validate(cfg: Config) -> None:
                "(all but humaneval read the evalplus files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH)", bench)
     for key in ("synthesizer", "scorer", "scoder"):
         check_model_ref(f"models.{key}", getattr(cfg.models, key))
+
+
+def _validate_train(key: str, t: TrainConf) -> None:
+    for field_name in ("num_workers", "micro_batch_size", "grad_accum", "epochs", "max_len", "num_checkpoints"):
+        _check(getattr(t, field_name) > 0, f"{key}.{field_name}", "an integer > 0", getattr(t, field_name))
+    for field_name in ("gpus_per_worker", "max_steps", "resume_every", "max_failures", "weight_decay"):
+        _check(getattr(t, field_name) >= 0, f"{key}.{field_name}", "a number >= 0", getattr(t, field_name))
+    _check(t.lr > 0, f"{key}.lr", "a number > 0", t.lr)
+    _check(0.0 <= t.warmup_ratio < 1.0, f"{key}.warmup_ratio", "a number in [0, 1)", t.warmup_ratio)
+    _check(t.zero_stage in (2, 3), f"{key}.zero_stage", "2 or 3", t.zero_stage)
+    _check(t.precision in ("fp32", "bf16", "fp16"), f"{key}.precision", "one of fp32, bf16, fp16", t.precision)
+    _check(t.lr_schedule in ("cosine", "linear", "constant"), f"{key}.lr_schedule", "one of cosine, linear, constant", t.lr_schedule)
+    _check(t.checkpoint_at in ("epochs", "steps"), f"{key}.checkpoint_at", "epochs or steps", t.checkpoint_at)
+    _check(t.checkpoint_at == "steps" or t.max_steps > 0 or t.num_checkpoints <= t.epochs, f"{key}.num_checkpoints",
+           f"<= {key}.epochs ({t.epochs}) with checkpoint_at=epochs", t.num_checkpoints)
+    _check(t.gpus_per_worker > 0 or t.precision == "fp32", f"{key}.precision",
+           "fp32 on CPU workers (gpus_per_worker=0): this CPU path has no bf16/fp16 kernels worth using", t.precision)
+    if t.lora.enabled:
+        _check(t.lora.r > 0 and t.lora.alpha > 0, f"{key}.lora.r", "r > 0 and alpha > 0", t.lora.r)
+        _check(bool(t.lora.target_modules), f"{key}.lora.target_modules", "at least one module name", t.lora.target_modules)
+    if t.data is not None and "://" not in t.data:
+        _check(Path(t.data).expanduser().exists(), f"{key}.data", "an existing Parquet/JSONL file or folder", t.data)
 
 
 def check_model_ref(key: str, ref: str) -> None:

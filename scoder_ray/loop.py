@@ -11,18 +11,27 @@ from scoder_ray.config import Config
 from scoder_ray.ray_env import init_ray
 from scoder_ray.seeds import run_seeds
 from scoder_ray.store import RunStore
+from scoder_ray.train.stage import run_train
 
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
-STAGES: dict[str, StageFn] = {"seeds": run_seeds}
+STAGES: dict[str, StageFn] = {
+    "seeds": run_seeds,
+    "train_synthesizer": lambda cfg, store, force: run_train(cfg, store, "train_synthesizer", force),
+}
+# Stages runnable alone (`scoder-ray stage NAME`) that the loop reaches later, not in this order.
+EXTRA_STAGES: dict[str, StageFn] = {
+    "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
+}
 
 
 def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    stages = {**STAGES, **EXTRA_STAGES}
+    if name not in stages:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(stages)}")
     store = RunStore.for_config(cfg)
     store.write_config(cfg)
     init_ray(cfg.ray)
-    return STAGES[name](cfg, store, force)
+    return stages[name](cfg, store, force)
 
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ def test_defaults_load_and_match_the_schema():
     cfg = load_config()
     assert isinstance(cfg, Config)
     assert cfg.seeds.sources == ["stdlib"]
-    assert cfg.train.zero_stage == 2
+    assert cfg.train.synthesizer.zero_stage == 2 and cfg.train.warmup.lora.enabled
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "paper-7b"])
@@ -22,8 +22,9 @@ def test_paper_preset_is_gpu_scale():
     cfg = load_config("paper-7b")
     assert cfg.models.synthesizer == "hf:Qwen/Qwen2.5-Coder-7B-Instruct"
     assert cfg.models.scoder == "hf:deepseek-ai/deepseek-coder-6.7b-base"
-    assert (cfg.train.zero_stage, cfg.train.precision, cfg.engine.dtype) == (3, "bf16", "bfloat16")
-    assert cfg.train.gpus_per_worker >= 1 and cfg.engine.gpus_per_engine >= 1
+    t = cfg.train.synthesizer
+    assert (t.zero_stage, t.precision, cfg.engine.dtype) == (3, "bf16", "bfloat16")
+    assert t.gpus_per_worker >= 1 and cfg.engine.gpus_per_engine >= 1
     assert cfg.loop.final_dataset_size == 60000
 
 
@@ -40,10 +41,13 @@ def test_overrides_apply_with_types():
         (["seeds.nope=1"], "unknown config key 'seeds.nope'"),
         (["nope.x=1"], "unknown config key 'nope'"),
         (["seeds.max_lines=abc"], "seeds.max_lines"),
-        (["train.epochs=-1"], "train.epochs: -1 is not allowed; expected an integer > 0"),
+        (["train.synthesizer.epochs=-1"], "train.synthesizer.epochs: -1 is not allowed; expected an integer > 0"),
+        (["train.warmup.lora.r=0"], "train.warmup.lora.r"),
+        (["train.scoder.precision=bf16"], "train.scoder.precision"),
+        (["train.synthesizer.data=/no/such/file.parquet"], "train.synthesizer.data"),
         (["loop.iterations=-2"], "loop.iterations"),
-        (["train.zero_stage=1"], "train.zero_stage: 1 is not allowed; expected 2 or 3"),
-        (["train.precision=fp8"], "train.precision"),
+        (["train.synthesizer.zero_stage=1"], "train.synthesizer.zero_stage: 1 is not allowed; expected 2 or 3"),
+        (["train.scoder.precision=fp8"], "train.scoder.precision"),
         (["seeds.near_dup_threshold=1.5"], "seeds.near_dup_threshold"),
         (["seeds.min_lines=50", "seeds.max_lines=10"], "seeds.max_lines"),
         (["models.synthesizer=/no/such/model"], "models.synthesizer: model path '/no/such/model' does not exist"),
@@ -78,11 +82,12 @@ def test_digest_is_stable_and_sensitive():
     assert digest(a.seeds) == digest(load_config("tiny").seeds)
     assert digest(a.seeds) != digest(b.seeds)
     assert digest(a.train) == digest(b.train)
+    assert digest(a.train.synthesizer) != digest(load_config("tiny", ["train.synthesizer.lr=0.5"]).train.synthesizer)
 
 
 def test_cli_reports_bad_config_before_any_work(capsys):
-    assert main(["stage", "seeds", "--preset", "tiny", "train.epochs=-1"]) == 2
-    assert "train.epochs: -1 is not allowed" in capsys.readouterr().err
+    assert main(["stage", "seeds", "--preset", "tiny", "train.synthesizer.epochs=-1"]) == 2
+    assert "train.synthesizer.epochs: -1 is not allowed" in capsys.readouterr().err
 
 
 def test_cli_config_prints_resolved_yaml(capsys):

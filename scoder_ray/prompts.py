@@ -1,0 +1,105 @@
+"""Prompt templates and the completion parser: one place, shared by training and generation.
+
+The synthesizer sees a seed snippet and answers in a fixed layout that `parse_sample` reads back:
+
+    ### Problem
+    <a self-contained problem statement>
+
+    ### Solution
+    ```python
+    <a complete Python solution>
+    ```
+
+The SCoder model sees a problem and answers with one fenced Python block.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from typing import Optional
+
+SYNTH_INSTRUCTION = (
+    "Below is a code snippet. Create a new, self-contained Python programming problem inspired by it, "
+    "and write a correct, complete solution.\n\n"
+    "Snippet:\n```python\n{snippet}\n```\n\n"
+    "Answer in exactly this layout:\n"
+    "### Problem\n<the problem statement>\n\n"
+    "### Solution\n```python\n<the solution>\n```"
+)
+SCODER_INSTRUCTION = "{problem}"
+PROBLEM_HEADER = "### Problem"
+SOLUTION_HEADER = "### Solution"
+
+
+def synthesizer_prompt(snippet: str) -> str:
+    """The user message that asks for a (problem, solution) pair inspired by `snippet`."""
+    return SYNTH_INSTRUCTION.format(snippet=snippet.strip("\n"))
+
+
+def synthesizer_response(problem: str, solution: str) -> str:
+    """The target layout the synthesizer learns to write (and `parse_sample` reads)."""
+    return f"{PROBLEM_HEADER}\n{problem.strip()}\n\n{SOLUTION_HEADER}\n```python\n{solution.strip()}\n```"
+
+
+def scoder_prompt(problem: str) -> str:
+    return SCODER_INSTRUCTION.format(problem=problem.strip())
+
+
+def scoder_response(solution: str) -> str:
+    return f"```python\n{solution.strip()}\n```"
+
+
+def chat(user: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}]
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+_SECTIONS = re.compile(r"^#{2,4}\s*Problem\s*:?\s*$(?P<problem>.*?)^#{2,4}\s*Solution\s*:?\s*$(?P<solution>.*)",
+                       re.MULTILINE | re.DOTALL | re.IGNORECASE)
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(?P<code>.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)
+
+
+def parse_sample(text: str, snippet: Optional[str] = None) -> tuple[str, str, str]:
+    """(problem, solution, reason) from a synthesizer completion; reason is '' when it parses.
+
+    Rejected: no Problem/Solution sections, an empty problem, a solution without a closed code fence,
+    an empty solution, a solution that is not valid Python, a problem that restates the snippet.
+    """
+    m = _SECTIONS.search(text)
+    if not m:
+        return "", "", "missing_sections"
+    problem = m.group("problem").strip()
+    if not problem:
+        return "", "", "empty_problem"
+    body = m.group("solution")
+    fence = _FENCE.search(body)
+    if not fence:
+        return problem, "", "unterminated_code" if "```" in body else "missing_code"
+    solution = fence.group("code").strip("\n")
+    if not solution.strip():
+        return problem, "", "empty_solution"
+    try:
+        ast.parse(solution)
+    except (SyntaxError, ValueError):
+        return problem, solution, "solution_syntax_error"
+    if snippet and restates(problem, snippet):
+        return problem, solution, "problem_restates_snippet"
+    return problem, solution, ""
+
+
+def restates(problem: str, snippet: str, threshold: float = 0.6) -> bool:
+    """Whether the problem is mostly the snippet's own code lines pasted back."""
+    lines = {line.strip() for line in snippet.splitlines() if len(line.strip()) > 8}
+    if not lines:
+        return False
+    found = sum(1 for line in lines if line in problem)
+    return found / len(lines) >= threshold
+
+
+def parse_solution(text: str) -> tuple[str, str]:
+    """(code, reason) from a SCoder completion: the first fenced block, or the whole text if none."""
+    fence = _FENCE.search(text)
+    code = fence.group("code") if fence else text
+    if not code.strip():
+        return "", "empty_solution"
+    return code, ""

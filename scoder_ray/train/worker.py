@@ -1,0 +1,265 @@
+"""The per-worker training loop (runs inside Ray Train's TorchTrainer workers) on DeepSpeed ZeRO.
+
+Ray Train has set up the process group (gloo on CPU, nccl on GPU); `deepspeed.initialize` reuses it.
+Each optimizer step sees the examples `Schedule` assigns it, so a worker group restarted from the last
+reported checkpoint redoes exactly the steps after it: the run ends with the configured step count.
+
+At each of the M export steps rank 0 writes `ckpt_XX/` into the stage output: a plain HF model folder
+(full fine-tuning; ZeRO-3 shards are gathered first) or a PEFT adapter folder (LoRA), plus, for LoRA,
+the Adam moments in optimizer/ (see MOMENTS_FORMAT), and export_check/probe.safetensors: the training
+model's logits on a probe sequence, which the exported folder must reproduce. `checkpoints.json` lists them with their step and the mean
+learning rate of the interval each closes; `metrics.jsonl` holds per-step loss, lr, tokens/s, step time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+MOMENTS_FORMAT = """Adam moments of a LoRA run, in each checkpoint's optimizer/ folder:
+  exp_avg.safetensors     first moment m, one tensor per trainable parameter
+  exp_avg_sq.safetensors  second moment v, same keys
+  optimizer.json          {"step": optimizer steps taken, "betas": [b1, b2], "eps": eps, "lr": last lr}
+Keys are exactly the keys of the checkpoint's adapter_model.safetensors (PEFT's names, adapter name
+removed), so moments and adapter weights cannot be mismatched (cf. princeton-nlp/LESS#10). Moments are
+fp32, as the optimizer holds them (bias correction not applied).
+"""
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    conf = config["train"]
+    on_gpu = conf["gpus_per_worker"] > 0
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _skip_shm_comm_op()
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scoder_ray.train.data import Schedule, collate, lr_lambda, read_examples
+
+    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf["precision"], torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    lora = conf["lora"]
+    if lora["enabled"]:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                 target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+    if on_gpu:
+        model.gradient_checkpointing_enable()
+        if lora["enabled"]:
+            model.enable_input_require_grads()
+
+    examples = read_examples(config["tokenized_uri"], conf["packing"], conf["max_len"])
+    sched = Schedule(len(examples), world, conf["micro_batch_size"], conf["grad_accum"], conf["epochs"],
+                     conf["max_steps"], config["seed"])
+    total = sched.total_steps
+    exports = sched.checkpoint_steps(conf["num_checkpoints"], conf["checkpoint_at"])
+    config["probe_ids"] = list(examples[0][0][:32])
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    betas, eps = (0.9, 0.999), 1e-8
+    ds_config = deepspeed_config(conf, world, betas, eps)
+    schedule_fn = lr_lambda(total, conf["warmup_ratio"], conf["lr_schedule"])
+    if on_gpu:  # DeepSpeed's fused Adam (or its CPU Adam when offloading), built from the config
+        optimizer = None
+        lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn)  # noqa: E731
+    else:  # a torch optimizer: DeepSpeed's own CPU ops would JIT-compile for minutes (SETUP.md)
+        optimizer = torch.optim.AdamW(trainable, lr=conf["lr"], betas=betas, eps=eps, weight_decay=conf["weight_decay"])
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn)
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config)
+
+    state = {"step": 0, "history": [], "exports": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group: continue after the last reported step
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="state")
+            with open(os.path.join(d, "train_state.json")) as f:
+                state = json.load(f)
+    out_uri = config["out_uri"]
+
+    for step in range(state["step"], total):
+        start = time.perf_counter()
+        lr = lr_scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, tokens)
+        for micro in range(conf["grad_accum"]):
+            batch = collate([examples[i] for i in sched.indices(step, micro, rank)], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+        torch.distributed.all_reduce(loss_sum)
+        seconds = time.perf_counter() - start
+        metrics = {"step": step + 1, "loss": loss_sum[0].item() / (world * conf["grad_accum"]), "lr": lr,
+                   "tokens_per_s": loss_sum[1].item() / seconds, "step_time_s": seconds, "epoch": step // sched.steps_per_epoch}
+        state["history"].append(metrics)
+        state["step"] = step + 1
+        is_export = step + 1 in exports
+        if is_export:
+            name = f"ckpt_{exports.index(step + 1) + 1:02d}"
+            _export(engine, model, tokenizer, conf, config, f"{out_uri}/{name}", rank, betas, eps, lr)
+            start_step = state["exports"][-1]["step"] if state["exports"] else 0
+            lrs = [h["lr"] for h in state["history"] if start_step < h["step"] <= step + 1]
+            state["exports"].append({"name": name, "step": step + 1, "mean_lr": sum(lrs) / len(lrs)})
+        if is_export or (conf["resume_every"] and (step + 1) % conf["resume_every"] == 0):
+            with tempfile.TemporaryDirectory(prefix="scoder-train-") as d:
+                engine.save_checkpoint(d, tag="state")
+                if rank == 0:
+                    with open(os.path.join(d, "train_state.json"), "w") as f:
+                        json.dump(state, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    if rank == 0:
+        _write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
+        _write_text(f"{out_uri}/checkpoints.json", json.dumps(
+            {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
+             "checkpoints": state["exports"]}, indent=2))
+
+
+def deepspeed_config(conf: dict[str, Any], world: int, betas: tuple[float, float], eps: float) -> dict[str, Any]:
+    on_gpu = conf["gpus_per_worker"] > 0
+    zero: dict[str, Any] = {"stage": conf["zero_stage"], "contiguous_gradients": True, "overlap_comm": on_gpu,
+                            "stage3_gather_16bit_weights_on_model_save": True}
+    if conf["cpu_offload"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+        if conf["zero_stage"] == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": conf["micro_batch_size"],
+        "gradient_accumulation_steps": conf["grad_accum"],
+        "train_batch_size": conf["micro_batch_size"] * conf["grad_accum"] * world,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": conf["precision"] == "bf16"},
+        "fp16": {"enabled": conf["precision"] == "fp16"},
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if on_gpu:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": conf["lr"], "betas": list(betas), "eps": eps,
+                                                        "weight_decay": conf["weight_decay"]}}
+    return cfg
+
+
+def _export(engine, model, tokenizer, conf, config, uri: str, rank: int, betas, eps, lr) -> None:
+    """Write one checkpoint folder. Collective: every rank must call it (ZeRO gathers)."""
+    import torch
+
+    lora = conf["lora"]["enabled"]
+    # The training model's logits on a probe sequence, kept with the export: loading the folder in
+    # transformers or vLLM must reproduce them (tests check this; so can users).
+    probe = torch.as_tensor([config["probe_ids"]], device=engine.device)
+    engine.eval()
+    with torch.no_grad():
+        probe_logits = engine(input_ids=probe).logits[0].float().cpu()
+    engine.train()
+    if conf["zero_stage"] == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0, layer by layer
+    else:
+        state_dict = model.state_dict() if rank == 0 else None
+    moments = _gather_moments(model) if lora else None
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="scoder-export-") as d:
+        state_dict = {k: v.detach().to("cpu").clone() for k, v in state_dict.items()}
+        if getattr(model.config, "tie_word_embeddings", False) and not lora:
+            state_dict.pop("lm_head.weight", None)  # ZeRO-3 gathers the tied copy too
+        model.save_pretrained(d, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(d)
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.join(d, "export_check"))  # a subfolder: vLLM loads every top-level *.safetensors
+        save_file({"input_ids": probe[0].cpu().contiguous(), "logits": probe_logits.contiguous()},
+                  os.path.join(d, "export_check", "probe.safetensors"))
+        if lora:
+            save_moments(os.path.join(d, "optimizer"), moments, optimizer_step=engine.global_steps, betas=betas, eps=eps, lr=lr)
+            if conf["lora"]["export_merged"]:
+                _save_merged(config["model_path"], d, os.path.join(d, "merged"), tokenizer)
+        _upload_dir(d, uri)
+
+
+def _gather_moments(model) -> dict[str, dict[str, Any]]:
+    """{adapter key: {"exp_avg", "exp_avg_sq"}} on rank 0 (None elsewhere). Collective."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        pair = {k: safe_get_full_optimizer_state(param, k) for k in ("exp_avg", "exp_avg_sq")}
+        if dist.get_rank() == 0:
+            out[adapter_key(name)] = {k: v.detach().float().cpu().clone() for k, v in pair.items()}
+    return out
+
+
+def adapter_key(param_name: str, adapter_name: str = "default") -> str:
+    """The key PEFT gives a trainable parameter in adapter_model.safetensors (adapter name removed)."""
+    return param_name.replace(f".{adapter_name}.", ".")
+
+
+def save_moments(folder: str, moments: dict[str, dict[str, Any]], optimizer_step: int, betas, eps: float, lr: float) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    for kind in ("exp_avg", "exp_avg_sq"):
+        save_file({k: v[kind].contiguous() for k, v in moments.items()}, os.path.join(folder, f"{kind}.safetensors"))
+    with open(os.path.join(folder, "optimizer.json"), "w") as f:
+        json.dump({"step": optimizer_step, "betas": list(betas), "eps": eps, "lr": lr, "format": MOMENTS_FORMAT}, f, indent=2)
+
+
+def _save_merged(base_path: str, adapter_dir: str, out: str, tokenizer) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed builds a C++ shared-memory comm op at start-up (~60 s of JIT on CPU) that gloo never
+    uses; replace the builder on the real `deepspeed.comm.torch` module (SETUP.md)."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
+def _upload_dir(local: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)  # a re-export after a restart replaces the earlier one
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = _filesystem(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+

@@ -1,0 +1,217 @@
+"""Training on Ray Train + DeepSpeed (2 CPU workers, gloo) with the tiny model and real code."""
+import ast
+import json
+import os
+import signal
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from scoder_ray.config import load_config
+from scoder_ray.train.data import IGNORE, collate, encode, prompt_response
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def train_rows(tmp_path_factory) -> str:
+    """64 real (snippet, problem, solution) rows: documented stdlib functions and their docstrings."""
+    rows = []
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        src = f.read_text(errors="ignore")
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for n in tree.body:
+            if isinstance(n, ast.FunctionDef) and ast.get_docstring(n) and 4 <= n.end_lineno - n.lineno <= 14:
+                code = "\n".join(src.splitlines()[n.lineno - 1:n.end_lineno])
+                rows.append({"snippet": code, "problem": f"Write `{n.name}`: {ast.get_docstring(n).splitlines()[0]}",
+                             "solution": code})
+        if len(rows) >= 64:
+            break
+    path = tmp_path_factory.mktemp("data") / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:64]), path)
+    return str(path)
+
+
+def tiny_cfg(tmp_path, tiny_model_dir, *overrides):
+    return load_config("tiny", [f"run.root={tmp_path}", "run.id=t", f"models.synthesizer={tiny_model_dir}",
+                                f"models.scoder={tiny_model_dir}", *overrides])
+
+
+def run(cfg, stage="train_synthesizer", data=None):
+    from scoder_ray.store import RunStore
+    from scoder_ray.train.stage import run_train
+
+    store = RunStore.for_config(cfg)
+    return run_train(cfg, store, stage, data=data), store
+
+
+def assert_export_reproduces_training_logits(folder: Path, probe_folder: Path = None):
+    from transformers import AutoModelForCausalLM
+
+    probe = load_file((probe_folder or folder) / "export_check" / "probe.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(probe["input_ids"][None]).logits[0]
+    # fp32 on CPU on both sides: the same weights give the same logits to float rounding.
+    assert torch.allclose(logits, probe["logits"], atol=1e-5), (logits - probe["logits"]).abs().max()
+    return probe
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_path, tiny_model_dir, train_rows,
+                                                                 zero_stage, request):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, f"train.synthesizer.zero_stage={zero_stage}",
+                   "train.synthesizer.epochs=4", "train.synthesizer.num_checkpoints=2")
+    done, store = run(cfg, data=train_rows)
+    out = Path(store.path("train_synthesizer"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, done["total_steps"] + 1))
+    first, last = sum(m["loss"] for m in metrics[:3]) / 3, sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in metrics)
+    ckpts = done["checkpoints"]
+    assert [c["name"] for c in ckpts] == ["ckpt_01", "ckpt_02"]
+    assert [c["step"] for c in ckpts] == [done["total_steps"] * 3 // 4, done["total_steps"]]  # ends of epochs 3, 4
+    assert ckpts[0]["mean_lr"] > ckpts[1]["mean_lr"] > 0  # cosine decay: the later interval has lower lr
+    assert done["truncated"] >= 0 and done["rows"] + done["dropped_no_response"] == 64
+    for c in ckpts:
+        probe = assert_export_reproduces_training_logits(out / c["name"])
+    if zero_stage == 3:  # the consolidated ZeRO-3 export also runs in vLLM, with the same log-probs
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from scoder_ray.config import EngineConf
+        from scoder_ray.generate.engine import make_llm, shutdown_llm
+
+        llm = make_llm(EngineConf(max_model_len=256), str(out / "ckpt_02"))
+        try:
+            ids = probe["input_ids"].tolist()
+            res = llm.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(max_tokens=1, prompt_logprobs=0),
+                               use_tqdm=False)[0]
+        finally:
+            shutdown_llm(llm)
+        expected = torch.log_softmax(probe["logits"], -1)
+        for pos in range(1, len(ids)):
+            got = res.prompt_logprobs[pos][ids[pos]].logprob
+            assert abs(got - expected[pos - 1, ids[pos]].item()) < 1e-3
+    # The stage went through the run store: a rerun does nothing.
+    again, _ = run(cfg, data=train_rows)
+    assert again["skipped"]
+
+
+def test_lora_warmup_saves_adapters_and_moments_with_matching_keys(ray_local, tmp_path, tiny_model_dir, train_rows):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.lora.enabled=true", "train.synthesizer.lora.r=8",
+                   "train.synthesizer.lora.alpha=32", "train.synthesizer.epochs=2", "train.synthesizer.lora.export_merged=true")
+    done, store = run(cfg, data=train_rows)
+    out = Path(store.path("train_synthesizer"))
+    for c in done["checkpoints"]:
+        folder = out / c["name"]
+        adapter = set(safe_open(folder / "adapter_model.safetensors", "pt").keys())
+        assert adapter and all("lora_" in k for k in adapter)
+        for kind in ("exp_avg", "exp_avg_sq"):
+            moments = safe_open(folder / "optimizer" / f"{kind}.safetensors", "pt")
+            assert set(moments.keys()) == adapter  # exactly the adapter's names: no LESS#10 mismatch
+            weights = safe_open(folder / "adapter_model.safetensors", "pt")
+            for k in adapter:
+                assert moments.get_tensor(k).shape == weights.get_tensor(k).shape
+        assert any(safe_open(folder / "optimizer" / "exp_avg_sq.safetensors", "pt").get_tensor(k).abs().sum() > 0 for k in adapter)
+        opt = json.loads((folder / "optimizer" / "optimizer.json").read_text())
+        assert opt["step"] == c["step"] and opt["betas"] == [0.9, 0.999] and opt["eps"] == 1e-8
+        # The adapter on the base model reproduces the training model; so does the merged export.
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        probe = load_file(folder / "export_check" / "probe.safetensors")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+        with torch.no_grad():
+            assert torch.allclose(model(probe["input_ids"][None]).logits[0], probe["logits"], atol=1e-5)
+        assert_export_reproduces_training_logits(folder / "merged", probe_folder=folder)
+
+
+def test_response_only_labels_on_a_real_batch(tiny_model_dir, train_rows):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = pq.read_table(train_rows).to_pylist()[:3]
+    examples = []
+    for row in rows:
+        prompt, response = prompt_response(row, "synthesizer")
+        ids, labels, _ = encode(tok, prompt, response, 4096)
+        prompt_len = len(tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        assert labels[:prompt_len] == [IGNORE] * prompt_len
+        assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[prompt_len:-1]) == response
+        examples.append((ids, labels))
+    batch = collate(examples, tok.pad_token_id)
+    for row, (ids, labels) in enumerate(examples):
+        assert (batch["labels"][row, len(ids):] == IGNORE).all() and batch["attention_mask"][row].sum() == len(ids)
+
+
+def test_killed_worker_is_replaced_and_steps_are_exact(ray_local, tmp_path, tiny_model_dir, train_rows):
+    """SIGKILL one training worker after the first resumable checkpoint: the group restarts from it and
+    the run ends with exactly max_steps steps and the same weights as an uninterrupted run."""
+    steps = ["train.synthesizer.max_steps=24", "train.synthesizer.resume_every=4", "train.synthesizer.checkpoint_at=steps",
+             "train.synthesizer.num_checkpoints=1"]
+    cfg = tiny_cfg(tmp_path / "killed", tiny_model_dir, *steps)
+    storage = tmp_path / "killed" / "t" / "_ray_train"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(storage.glob("*/checkpoint_*")):
+                workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    done, store = run(cfg, data=train_rows)
+    thread.join(timeout=1)
+    assert killed, "no worker was killed"
+    assert done["total_steps"] == 24 and done["checkpoints"][-1]["step"] == 24
+    metrics = [json.loads(line) for line in (Path(store.path("train_synthesizer")) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 25))
+
+    clean, clean_store = run(tiny_cfg(tmp_path / "clean", tiny_model_dir, *steps), data=train_rows)
+    a = load_file(Path(store.path("train_synthesizer")) / "ckpt_01" / "model.safetensors")
+    b = load_file(Path(clean_store.path("train_synthesizer")) / "ckpt_01" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bad_input_fails_before_workers_start(ray_local, tmp_path, tiny_model_dir, train_rows):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"snippet": pa.array([], pa.string()), "problem": pa.array([], pa.string()),
+                             "solution": pa.array([], pa.string())}), empty)
+    no_response = tmp_path / "no_solution.parquet"
+    pq.write_table(pa.table({"snippet": ["def f(): pass"], "problem": ["p"]}), no_response)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir)
+    start = time.time()
+    with pytest.raises(ValueError, match="the training data is empty"):
+        run(cfg, data=str(empty))
+    with pytest.raises(ValueError, match="lack column\\(s\\) solution for the synthesizer format"):
+        run(cfg, data=str(no_response))
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        run(tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.micro_batch_size=64"), data=train_rows)
+    with pytest.raises(ValueError, match="run the final stage first"):
+        run(cfg, stage="train_scoder")
+    assert time.time() - start < 60 and not (tmp_path / "t" / "_ray_train").exists()
+    from scoder_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="models.synthesizer: model path '/no/such/model' does not exist"):
+        tiny_cfg(tmp_path, "/no/such/model")
