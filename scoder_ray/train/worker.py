@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from scoder_ray.store import write_text
     from scoder_ray.train.data import Schedule, collate, lr_lambda, read_examples
 
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
@@ -101,9 +103,13 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.step()
             loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
         torch.distributed.all_reduce(loss_sum)
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         seconds = time.perf_counter() - start
         metrics = {"step": step + 1, "loss": loss_sum[0].item() / (world * conf["grad_accum"]), "lr": lr,
-                   "tokens_per_s": loss_sum[1].item() / seconds, "step_time_s": seconds, "epoch": step // sched.steps_per_epoch}
+                   "tokens": int(loss_sum[1].item()), "tokens_per_s": loss_sum[1].item() / seconds,
+                   "step_time_s": seconds, "epoch": step // sched.steps_per_epoch,
+                   "peak_rss_gib_max_worker": round(peak.item(), 3)}
         state["history"].append(metrics)
         state["step"] = step + 1
         is_export = step + 1 in exports
@@ -124,8 +130,8 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     if rank == 0:
-        _write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
-        _write_text(f"{out_uri}/checkpoints.json", json.dumps(
+        write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
+        write_text(f"{out_uri}/checkpoints.json", json.dumps(
             {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
              "checkpoints": state["exports"]}, indent=2))
 
@@ -240,26 +246,13 @@ def _skip_shm_comm_op() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def _filesystem(uri: str):
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
-
-
 def _upload_dir(local: str, uri: str) -> None:
     import pyarrow.fs as pafs
 
-    fs, path = _filesystem(uri)
+    from scoder_ray.store import filesystem
+
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)  # a re-export after a restart replaces the earlier one
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def _write_text(uri: str, text: str) -> None:
-    fs, path = _filesystem(uri)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-

