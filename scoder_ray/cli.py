@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo the stage even if it is done")
     _config_args(p)
 
+    p = sub.add_parser("fit-weights", help="fit the aspect weights w on labelled candidates", epilog=EPILOG,
+                       description="Fits w (non-negative ridge least squares) so that w . aspects predicts overall "
+                       "0-9 labels, from --labels FILE (JSONL/Parquet: cand_id, label) or the teacher's judgements.")
+    p.add_argument("--labels", help="label file; without it the teacher labels --num-labels candidates")
+    p.add_argument("--num-labels", type=int, default=200)
+    p.add_argument("--iteration", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    _config_args(p)
+
     p = sub.add_parser("status", help="the stages of a run directory, their state and counts")
     p.add_argument("run_dir", help="e.g. runs/tiny (a local path or s3://... URI)")
     p.add_argument("--json", action="store_true", help="print the _DONE.json records as JSON")
@@ -92,6 +101,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from scoder_ray import loop
 
     try:
+        if args.command == "fit-weights":
+            from scoder_ray.score.stage import run_fit_weights
+            from scoder_ray.store import RunStore
+
+            store = RunStore.for_config(cfg)
+            done = run_fit_weights(cfg, store, args.labels, args.iteration, args.num_labels, force=args.force)
+            print(json.dumps({k: done[k] for k in ("weights", "heldout_spearman", "rows", "labels")}, indent=2))
+            return 0
         if args.command == "stage":
             done = loop.run_stage(cfg, args.name.replace("-", "_"), force=args.force)
             print(json.dumps(done, indent=2, sort_keys=True, default=str))

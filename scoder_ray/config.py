@@ -110,6 +110,38 @@ class SampleConf:
 
 
 @dataclass
+class AspectConf:
+    name: str = "???"
+    rubric: str = "???"
+
+
+def _default_aspects() -> list[AspectConf]:
+    return [
+        AspectConf("consistency", "The solution solves exactly the problem as stated, no more and no less."),
+        AspectConf("relevance", "The problem is inspired by the seed snippet (its domain or technique) without copying it."),
+        AspectConf("difficulty", "The problem needs real reasoning or an algorithm: 0 is trivial, 9 is very hard."),
+        AspectConf("correctness", "The solution is correct, handles edge cases and would pass thorough tests."),
+        AspectConf("clarity", "The problem statement is clear, self-contained and unambiguous."),
+    ]
+
+
+@dataclass
+class ScoreConf:
+    """Multi-aspect scoring. `execution` (9 if the solution and the examples it states run, else 0) is one
+    more aspect; the score is sum_z w_z * x_z with w >= 0, sum(w) = 1, so it stays on the 0-9 scale."""
+    aspects: list[AspectConf] = field(default_factory=_default_aspects)
+    weights: dict[str, float] = field(default_factory=dict)  # empty: equal weights (until fit-weights runs)
+    max_tokens: int = 64
+    exec_filter: bool = True  # drop candidates whose solution does not run
+    exec_timeout_s: float = 5.0
+    exec_workers: int = 2
+    top_k: int = 1  # kept per seed, over all checkpoints and samples
+    threshold: float = 0.0  # minimal score to be kept
+    near_dup_threshold: float = 0.9  # MinHash Jaccard between candidates (problem + solution) of one seed
+    ridge: float = 1.0  # L2 strength of the weight fit
+
+
+@dataclass
 class LoraConf:
     enabled: bool = False
     r: int = 128  # LESS's warm-up recipe: r=128, alpha=512 on q/k/v/o
@@ -173,6 +205,7 @@ class Config:
     engine: EngineConf = field(default_factory=EngineConf)
     seeds: SeedsConf = field(default_factory=SeedsConf)
     sample: SampleConf = field(default_factory=SampleConf)
+    score: ScoreConf = field(default_factory=ScoreConf)
     train: TrainSection = field(default_factory=TrainSection)
     loop: LoopConf = field(default_factory=LoopConf)
 
@@ -269,6 +302,7 @@ def validate(cfg: Config) -> None:
         _check(0.0 < value <= 1.0, key, "a number in (0, 1]", value)
     for name in ("synthesizer", "scoder", "warmup"):
         _validate_train(f"train.{name}", getattr(cfg.train, name))
+    _validate_score(cfg.score)
     _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
     _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,
            "engine.tensor_parallel_size", f"<= engine.gpus_per_engine ({cfg.engine.gpus_per_engine})", cfg.engine.tensor_parallel_size)
@@ -279,6 +313,22 @@ def validate(cfg: Config) -> None:
                "(all but humaneval read the evalplus files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH)", bench)
     for key in ("synthesizer", "scorer", "scoder"):
         check_model_ref(f"models.{key}", getattr(cfg.models, key))
+
+
+def _validate_score(sc: ScoreConf) -> None:
+    names = [a.name for a in sc.aspects]
+    _check(bool(names) and all(n.isidentifier() for n in names) and len(set(names)) == len(names) and "execution" not in names,
+           "score.aspects", "a non-empty list of unique identifier names (not `execution`) with rubrics", names)
+    for key, w in sc.weights.items():
+        _check(key in names + ["execution"], f"score.weights.{key}", f"one of the aspects: {', '.join(names + ['execution'])}", key)
+        _check(w >= 0, f"score.weights.{key}", "a weight >= 0", w)
+    _check(not sc.weights or sum(sc.weights.values()) > 0, "score.weights", "at least one weight > 0", sc.weights)
+    for key in ("max_tokens", "top_k", "exec_workers"):
+        _check(getattr(sc, key) > 0, f"score.{key}", "an integer > 0", getattr(sc, key))
+    _check(sc.exec_timeout_s > 0, "score.exec_timeout_s", "a number > 0", sc.exec_timeout_s)
+    _check(0 <= sc.threshold <= 9, "score.threshold", "a number in [0, 9]", sc.threshold)
+    _check(0 < sc.near_dup_threshold <= 1, "score.near_dup_threshold", "a number in (0, 1]", sc.near_dup_threshold)
+    _check(sc.ridge >= 0, "score.ridge", "a number >= 0", sc.ridge)
 
 
 def _validate_train(key: str, t: TrainConf) -> None:

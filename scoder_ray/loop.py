@@ -11,6 +11,7 @@ from scoder_ray.config import Config
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.sample import run_sample
 from scoder_ray.ray_env import init_ray
+from scoder_ray.score.stage import run_rank, run_score
 from scoder_ray.seeds import run_seeds
 from scoder_ray.store import RunStore
 from scoder_ray.train.stage import run_train
@@ -24,6 +25,8 @@ STAGES: dict[str, StageFn] = {
 # Stages runnable alone (`scoder-ray stage NAME`) that the loop reaches later, not in this order.
 EXTRA_STAGES: dict[str, StageFn] = {
     "sample": lambda cfg, store, force: run_sample(cfg, store, 1, force=force),
+    "score": lambda cfg, store, force: run_score(cfg, store, 1, force=force),
+    "rank": lambda cfg, store, force: run_rank(cfg, store, 1, force=force),
     "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
 }
 

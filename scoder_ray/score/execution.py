@@ -1,0 +1,49 @@
+"""The execution aspect: a candidate's solution, and the examples its problem states, run in the sandbox.
+
+Examples are the `assert ...` lines of the problem statement (inside or outside code fences) that
+compile on their own; the solution itself runs as a module (its own asserts and `__main__` block too).
+Verdict `passed` scores 9, anything else 0; with `score.exec_filter` a failing candidate is not kept.
+"""
+from __future__ import annotations
+
+import ast
+import re
+
+import numpy as np
+
+from scoder_ray.evaluate.sandbox import Limits, Sandbox
+
+_ASSERT = re.compile(r"^\s*(?:>>>\s*)?(assert\b.+)$", re.MULTILINE)
+
+
+def stated_examples(problem: str) -> str:
+    """The problem's `assert` lines that are valid Python, as test code ('' if none)."""
+    lines = []
+    for m in _ASSERT.finditer(problem):
+        line = m.group(1).strip().rstrip("`")
+        try:
+            ast.parse(line)
+        except SyntaxError:
+            continue
+        lines.append(line)
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+_SANDBOXES: dict[tuple[float, int], tuple[Sandbox, Limits]] = {}
+
+
+def execute_batch(batch: dict[str, np.ndarray], timeout_s: float, workers: int) -> dict[str, np.ndarray]:
+    """Ray Data task function: adds `exec_verdict` and `exec_reason`. A task, not an actor, so it never
+    holds a CPU that the stage's readers need; the worker process keeps its warm sandbox between tasks."""
+    key = (timeout_s, workers)
+    if key not in _SANDBOXES:
+        # site_packages: generated code may import numpy & co.
+        _SANDBOXES[key] = (Sandbox(workers=workers, site_packages=True),
+                           Limits(timeout_s=timeout_s, cpu_seconds=max(1, int(timeout_s))))
+    sandbox, limits = _SANDBOXES[key]
+    pairs = [(sol, stated_examples(prob)) for sol, prob in zip(batch["solution"], batch["problem"])]
+    verdicts = sandbox.run_batch(pairs, limits)
+    result = dict(batch)
+    result["exec_verdict"] = np.array([v.status for v in verdicts], dtype=object)
+    result["exec_reason"] = np.array([v.reason[:200] for v in verdicts], dtype=object)
+    return result

@@ -1,0 +1,178 @@
+"""Scoring stages.
+
+- `iter_TT/score`: every parsed candidate gets `aspect_<name>` (0-9, the scorer LLM on vLLM actors),
+  `exec_verdict` / `exec_reason` (the sandbox). The expensive part, independent of the weights.
+- `iter_TT/rank`: score = w . x with the fitted weights (the run's `weights` stage) or the configured
+  ones, then per-seed selection (select.py): adds `score`, `selected`, `drop_reason`.
+- `weights`: `scoder-ray fit-weights` fits w on labelled candidates (a label file, or the teacher's
+  overall 0-9 judgements) and reports the held-out rank correlation.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from scoder_ray.config import Config
+from scoder_ray.generate.sample import engine_actor_options
+from scoder_ray.score.aspects import Scorer
+from scoder_ray.score.execution import execute_batch
+from scoder_ray.score.select import feature_names, features, select_group
+from scoder_ray.score.weights import cross_validated_spearman, fit_weights, weight_vector
+from scoder_ray.store import RunStore, filesystem, write_text
+from scoder_ray.tiny import resolve_model
+
+WEIGHTS_STAGE = "weights"
+
+
+def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = False) -> dict[str, Any]:
+    import ray
+
+    upstream = f"iter_{iteration:02d}/sample"
+    done = store.read_done(upstream)
+    if done is None:
+        raise ValueError(f"scoring needs candidates: run {upstream} first")
+    model_path = resolve_model(cfg.models.scorer, cfg.models.cache_dir, cfg.models.tiny_seed)
+
+    def produce(tmp: str) -> dict[str, Any]:
+        cands = ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"])
+        scored = cands.map_batches(
+            Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
+                                           "seed": cfg.run.seed},
+            batch_size=cfg.sample.batch_size, concurrency=cfg.engine.num_engines, batch_format="numpy",
+            **engine_actor_options(cfg.engine))
+        executed = scored.map_batches(
+            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},
+            batch_size=32, num_cpus=1, batch_format="numpy")
+        executed.write_parquet(f"{tmp}/data")
+        names = [a.name for a in cfg.score.aspects]
+        stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
+            [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "ckpt"]).to_pandas()
+        return {"rows": len(stats), "candidates_in": done["rows"], "scorer": cfg.models.scorer,
+                "aspect_histograms": {n: _histogram(stats[f"aspect_{n}"]) for n in names},
+                "aspect_means_by_ckpt": {c: {n: round(float(g[f"aspect_{n}"][g[f"aspect_{n}"] >= 0].mean()), 3)
+                                             for n in names} for c, g in stats.groupby("ckpt")},
+                "parse_fallbacks": int(stats["aspects_fallback"].sum()),
+                "unparsed": int((stats[[f"aspect_{n}" for n in names]] < 0).any(axis=1).sum()),
+                "exec_verdicts": dict(Counter(stats["exec_verdict"]))}
+
+    sections = {"score.aspects": cfg.score.aspects, "score.max_tokens": cfg.score.max_tokens,
+                "score.exec_timeout_s": cfg.score.exec_timeout_s, "models.scorer": cfg.models.scorer,
+                "engine": cfg.engine, "run.seed": cfg.run.seed}
+    return store.run_stage(f"iter_{iteration:02d}/score", sections, {upstream: done["output_digest"]}, produce,
+                           force=force)
+
+
+def current_weights(cfg: Config, store: RunStore) -> tuple[np.ndarray, str]:
+    """(w over aspects + execution, where it came from): fitted if the run has them, else configured."""
+    names = feature_names(cfg.score)
+    fitted = store.read_done(WEIGHTS_STAGE)
+    if fitted and fitted.get("names") == names:
+        return np.array([fitted["weights"][n] for n in names]), "fitted"
+    return weight_vector(names, cfg.score.weights), "configured" if cfg.score.weights else "equal (not fitted)"
+
+
+def run_rank(cfg: Config, store: RunStore, iteration: int = 1, force: bool = False) -> dict[str, Any]:
+    import ray
+
+    upstream = f"iter_{iteration:02d}/score"
+    done = store.read_done(upstream)
+    if done is None:
+        raise ValueError(f"ranking needs scored candidates: run {upstream} first")
+    w, source = current_weights(cfg, store)
+
+    def produce(tmp: str) -> dict[str, Any]:
+        ranked = ray.data.read_parquet(store.uri(upstream) + "/data").groupby("seed_id").map_groups(
+            lambda g: select_group(g, cfg.score, w), batch_format="pandas")
+        ranked.write_parquet(f"{tmp}/data")
+        stats = ray.data.read_parquet(f"{tmp}/data").select_columns(["score", "selected", "drop_reason", "ckpt"]).to_pandas()
+        return {"rows": int(stats["selected"].sum()), "candidates": len(stats),
+                "weights": dict(zip(feature_names(cfg.score), map(float, w))), "weights_source": source,
+                "dropped": {k: int(v) for k, v in stats["drop_reason"][stats["drop_reason"] != ""].value_counts().items()},
+                "score_histogram_by_ckpt": {c: _histogram(g["score"].dropna().round().astype(int)) for c, g in stats.groupby("ckpt")},
+                "selected_by_ckpt": {c: int(g["selected"].sum()) for c, g in stats.groupby("ckpt")}}
+
+    sections = {"score.top_k": cfg.score.top_k, "score.threshold": cfg.score.threshold,
+                "score.exec_filter": cfg.score.exec_filter, "score.near_dup_threshold": cfg.score.near_dup_threshold}
+    inputs = {upstream: done["output_digest"], "weights": json.dumps([round(float(v), 6) for v in w])}
+    return store.run_stage(f"iter_{iteration:02d}/rank", sections, inputs, produce, force=force)
+
+
+def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = None, iteration: int = 1,
+                    num_labels: int = 200, force: bool = False) -> dict[str, Any]:
+    """Fit w on labelled candidates of `iter_TT/score`: from `labels_file` (JSONL/Parquet: cand_id, label
+    0-9) or, without one, the teacher's overall judgement of `num_labels` candidates."""
+    upstream = f"iter_{iteration:02d}/score"
+    done = store.read_done(upstream)
+    if done is None:
+        raise ValueError(f"fit-weights needs scored candidates: run {upstream} first")
+    fs, path = filesystem(store.uri(upstream) + "/data")
+    scored = pq.read_table(path, filesystem=fs).to_pandas()
+    names = feature_names(cfg.score)
+
+    def produce(tmp: str) -> dict[str, Any]:
+        labels = _read_labels(labels_file) if labels_file else _teacher_labels(cfg, scored, num_labels)
+        joined = scored.merge(labels, on="cand_id", how="inner")
+        unknown = sorted(set(labels["cand_id"]) - set(scored["cand_id"]))
+        if unknown:
+            raise ValueError(f"labels name {len(unknown)} cand_id(s) not among the scored candidates, e.g. {unknown[0]!r}")
+        joined = joined[(joined[[f"aspect_{a.name}" for a in cfg.score.aspects]] >= 0).all(axis=1)]
+        x, y = features(joined, cfg.score), joined["label"].to_numpy(dtype=float)
+        w = fit_weights(x, y, cfg.score.ridge)
+        rho = cross_validated_spearman(x, y, cfg.score.ridge, seed=cfg.run.seed)
+        write_text(f"{tmp}/weights.json", json.dumps({"names": names, "weights": dict(zip(names, map(float, w)))}, indent=2))
+        return {"rows": len(joined), "names": names, "weights": dict(zip(names, map(float, w))),
+                "heldout_spearman": round(rho, 4), "labels": labels_file or f"teacher:{cfg.teacher.model}",
+                "objective": "non-negative ridge least squares (scipy nnls), normalised to sum 1"}
+
+    inputs = {upstream: done["output_digest"], "labels": labels_file or f"teacher:{num_labels}"}
+    return store.run_stage(WEIGHTS_STAGE, {"score.aspects": cfg.score.aspects, "score.ridge": cfg.score.ridge},
+                           inputs, produce, force=force)
+
+
+def _read_labels(path: str) -> pd.DataFrame:
+    df = pq.read_table(path).to_pandas() if path.endswith(".parquet") else pd.read_json(path, lines=True)
+    missing = [c for c in ("cand_id", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (need cand_id and label 0-9)")
+    bad = df[(df["label"] < 0) | (df["label"] > 9)]
+    if len(bad):
+        raise ValueError(f"{path}: label {bad['label'].iat[0]!r} of {bad['cand_id'].iat[0]!r} is outside 0-9")
+    return df[["cand_id", "label"]]
+
+
+JUDGE_INSTRUCTION = """Rate the overall quality of this programming exercise (problem and solution) for training a
+code model, from 0 (useless) to 9 (excellent). Answer with the digit only.
+
+Problem:
+{problem}
+
+Solution:
+```python
+{solution}
+```"""
+
+
+def _teacher_labels(cfg: Config, scored: pd.DataFrame, n: int) -> pd.DataFrame:
+    from scoder_ray import prompts
+    from scoder_ray.generate.teacher import Teacher, completion_text, request_body
+
+    pick = scored.sort_values("cand_id").sample(n=min(n, len(scored)), random_state=cfg.run.seed)
+    bodies = [request_body(cfg.teacher, prompts.chat(JUDGE_INSTRUCTION.format(problem=p, solution=s)))
+              for p, s in zip(pick["problem"], pick["solution"])]
+    labels = []
+    for response in Teacher(cfg.teacher).run(bodies):
+        m = re.search(r"[0-9]", completion_text(response)[0])
+        labels.append(int(m.group()) if m else -1)
+    out = pd.DataFrame({"cand_id": pick["cand_id"].to_numpy(), "label": labels})
+    return out[out["label"] >= 0]
+
+
+def _histogram(values: pd.Series) -> dict[str, int]:
+    counts = Counter(int(v) for v in values if v >= 0)
+    return {str(k): counts.get(k, 0) for k in range(10)}

