@@ -191,6 +191,21 @@ class TrainSection:
 
 
 @dataclass
+class InfluenceConf:
+    """LESS-style defaults: 8192 projected dims, keep the top 5%, weight checkpoints by their mean lr."""
+    warmup_fraction: float = 0.05  # of the candidates, plus every teacher sample, for the LoRA warm-up
+    proj_dim: int = 8192
+    block_rows: int = 4096  # rows of the projection generated at a time (memory: block_rows x proj_dim)
+    batch_size: int = 8  # examples per vectorised gradient call
+    max_len: int = 1024  # tokens per example
+    aggregate: str = "mean"  # mean over reference samples, or max over them
+    keep_fraction: float = 0.05
+    keep_count: int = 0  # > 0: keep exactly this many instead of a fraction
+    num_actors: int = 1
+    gpus_per_actor: int = 0
+
+
+@dataclass
 class LoopConf:
     iterations: int = 2  # T
     final_dataset_size: int = 1000
@@ -207,6 +222,7 @@ class Config:
     sample: SampleConf = field(default_factory=SampleConf)
     score: ScoreConf = field(default_factory=ScoreConf)
     train: TrainSection = field(default_factory=TrainSection)
+    influence: InfluenceConf = field(default_factory=InfluenceConf)
     loop: LoopConf = field(default_factory=LoopConf)
 
 
@@ -303,6 +319,13 @@ def validate(cfg: Config) -> None:
     for name in ("synthesizer", "scoder", "warmup"):
         _validate_train(f"train.{name}", getattr(cfg.train, name))
     _validate_score(cfg.score)
+    inf = cfg.influence
+    for key in ("proj_dim", "block_rows", "batch_size", "max_len", "num_actors"):
+        _check(getattr(inf, key) > 0, f"influence.{key}", "an integer > 0", getattr(inf, key))
+    _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
+    _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
+    _check(inf.keep_count >= 0 and inf.gpus_per_actor >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
+    _check(inf.aggregate in ("mean", "max"), "influence.aggregate", "mean or max", inf.aggregate)
     _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
     _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,
            "engine.tensor_parallel_size", f"<= engine.gpus_per_engine ({cfg.engine.gpus_per_engine})", cfg.engine.tensor_parallel_size)

@@ -1,15 +1,13 @@
 """Training on Ray Train + DeepSpeed (2 CPU workers, gloo) with the tiny model and real code."""
-import ast
 import json
 import os
 import signal
-import sysconfig
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
+import pyarrow as pa  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,28 +18,6 @@ from scoder_ray.config import load_config
 from scoder_ray.train.data import IGNORE, collate, encode, prompt_response
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def train_rows(tmp_path_factory) -> str:
-    """64 real (snippet, problem, solution) rows: documented stdlib functions and their docstrings."""
-    rows = []
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        src = f.read_text(errors="ignore")
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        for n in tree.body:
-            if isinstance(n, ast.FunctionDef) and ast.get_docstring(n) and 4 <= n.end_lineno - n.lineno <= 14:
-                code = "\n".join(src.splitlines()[n.lineno - 1:n.end_lineno])
-                rows.append({"snippet": code, "problem": f"Write `{n.name}`: {ast.get_docstring(n).splitlines()[0]}",
-                             "solution": code})
-        if len(rows) >= 64:
-            break
-    path = tmp_path_factory.mktemp("data") / "train.parquet"
-    pq.write_table(pa.Table.from_pylist(rows[:64]), path)
-    return str(path)
 
 
 def tiny_cfg(tmp_path, tiny_model_dir, *overrides):

@@ -1,0 +1,186 @@
+"""Influence stages of iteration T (each through the run store):
+
+- `iter_TT/warmup`: a LoRA warm-up of the current synthesizer (train.warmup) on every teacher sample plus
+  a random `influence.warmup_fraction` of the selected candidates; K checkpoints with Adam moments.
+- `iter_TT/features/<ckpt>-<kind>`: projected gradient features of the candidates (Adam direction) or
+  the references (teacher samples, plain gradient) at one checkpoint, fp16, computed by a Ray Data pool
+  of `influence.num_actors` stateful actors. One store stage per shard: a rerun resumes at that grain.
+- `iter_TT/influence`: influence = sum_k lr_k * agg_ref cos(candidate_k, reference_k), agg = mean over
+  references (or max); the top `keep_fraction` (or `keep_count`) are kept. Rows keep their lineage and
+  add influence, rank, kept.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from scoder_ray.config import Config, InfluenceConf
+from scoder_ray.store import RunStore, filesystem, write_table
+from scoder_ray.train.data import encode, prompt_response
+
+
+class FeatureActor:
+    """Ray Data actor: model + LoRA + moments + projector for one checkpoint; rows -> (cand_id, feature)."""
+
+    def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str, conf: InfluenceConf, seed: int):
+        from transformers import AutoTokenizer
+
+        from scoder_ray.influence.features import GradientFeatures
+
+        device = "cuda" if conf.gpus_per_actor else "cpu"
+        self.kind, self.conf = kind, conf
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from scoder_ray.influence.features import to_batch
+
+        ids, labels = [], []
+        for i in range(len(batch["cand_id"])):
+            prompt, response = prompt_response({k: batch[k][i] for k in ("snippet", "problem", "solution")}, "synthesizer")
+            e_ids, e_labels, _ = encode(self.tokenizer, prompt, response, self.conf.max_len)
+            ids.append(e_ids)
+            labels.append(e_labels)
+        t = to_batch(ids, labels, self.tokenizer.pad_token_id)
+        feats = self.features.features(t["input_ids"], t["attention_mask"], t["labels"], self.kind)
+        return {"cand_id": batch["cand_id"], "feature": feats}
+
+
+def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
+                     conf: InfluenceConf, seed: int) -> int:
+    import ray
+
+    # Read first: the actors then hold every CPU they ask for without starving the readers.
+    ds = ray.data.read_parquet(rows_uri).select_columns(["cand_id", "snippet", "problem", "solution"]).materialize()
+    opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": 1}
+    feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
+                                                                "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
+                                                                "seed": seed},
+                           batch_size=conf.batch_size, concurrency=conf.num_actors, batch_format="numpy",
+                           max_restarts=3, max_task_retries=3, **opts)
+    feats.write_parquet(out_uri)
+    return ds.count()
+
+
+def read_features(uri: str) -> tuple[list[str], np.ndarray]:
+    fs, path = filesystem(uri)
+    table = pq.read_table(path, filesystem=fs)
+    ids = table.column("cand_id").to_pylist()
+    feats = np.stack([np.asarray(f, dtype=np.float32) for f in table.column("feature").to_pylist()]) if ids else \
+        np.zeros((0, 0), np.float32)
+    return ids, feats
+
+
+def influence_scores(cand: dict[str, np.ndarray], refs: dict[str, np.ndarray], lrs: dict[str, float],
+                     aggregate: str = "mean") -> np.ndarray:
+    """sum over checkpoints k of lr_k * agg_j cos(cand_k, ref_k_j). cand[k]: [N, d], refs[k]: [R, d]."""
+    total = None
+    for k, c in cand.items():
+        r = refs[k]
+        if len(r) == 0:
+            raise ValueError(f"checkpoint {k}: the reference set (teacher samples) is empty")
+        cn = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+        # mean of cosines = cos against the mean of the unit references: one vector, not an N x R matrix
+        sim = cn @ rn.mean(axis=0) if aggregate == "mean" else (cn @ rn.T).max(axis=1)
+        total = lrs[k] * sim if total is None else total + lrs[k] * sim
+    return total
+
+
+def keep_top(ids: list[str], scores: np.ndarray, conf: InfluenceConf) -> tuple[np.ndarray, np.ndarray]:
+    """(rank 1..N by influence, ties by cand_id; kept mask)."""
+    order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(1, len(ids) + 1)
+    n_keep = conf.keep_count or max(1, int(round(conf.keep_fraction * len(ids)))) if len(ids) else 0
+    return rank, rank <= n_keep
+
+
+def run_warmup(cfg: Config, store: RunStore, iteration: int, base_model: str, force: bool = False) -> dict[str, Any]:
+    """LoRA warm-up on teacher samples + a random fraction of the selected candidates."""
+    from scoder_ray.train.stage import train_model
+
+    rank_stage, teacher_stage = f"iter_{iteration:02d}/rank", "bootstrap"
+    rank_done, teacher_done = store.read_done(rank_stage), store.read_done(teacher_stage)
+    if rank_done is None or teacher_done is None:
+        raise ValueError(f"the warm-up needs {rank_stage} and {teacher_stage}: run them first")
+
+    def produce(tmp: str) -> dict[str, Any]:
+        fs, path = filesystem(store.uri(rank_stage) + "/data")
+        cands = pq.read_table(path, filesystem=fs, columns=["cand_id", "snippet", "problem", "solution", "selected"])
+        cands = cands.filter(pc.field("selected")).to_pylist()
+        pick = sorted(cands, key=lambda r: hashlib.sha1(f"{cfg.run.seed}:warmup:{r['cand_id']}".encode()).hexdigest())
+        pick = pick[:max(1, int(round(cfg.influence.warmup_fraction * len(pick))))] if pick else []
+        fs, path = filesystem(store.uri(teacher_stage) + "/data")
+        teacher = pq.read_table(path, filesystem=fs, columns=["snippet", "problem", "solution"]).to_pylist()
+        rows = [{k: r[k] for k in ("snippet", "problem", "solution")} for r in teacher + pick]
+        write_table(f"{tmp}/mix/part-0.parquet", pa.Table.from_pylist(rows))
+        summary = train_model(cfg.train.warmup, base_model, "synthesizer", f"{tmp}/mix", tmp, cfg, f"warmup-{iteration}")
+        return {**summary, "teacher_rows": len(teacher), "candidate_rows": len(pick)}
+
+    inputs = {rank_stage: rank_done["output_digest"], teacher_stage: teacher_done["output_digest"], "base": base_model}
+    return store.run_stage(f"iter_{iteration:02d}/warmup", {"train.warmup": cfg.train.warmup,
+                                                             "influence.warmup_fraction": cfg.influence.warmup_fraction},
+                           inputs, produce, force=force)
+
+
+def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str, force: bool = False) -> dict[str, Any]:
+    """Features for every warm-up checkpoint (candidates and references), then scores and the kept set."""
+    import os
+
+    it = f"iter_{iteration:02d}"
+    warm, rank_done, teacher_done = store.read_done(f"{it}/warmup"), store.read_done(f"{it}/rank"), store.read_done("bootstrap")
+    if warm is None or rank_done is None or teacher_done is None:
+        raise ValueError(f"influence needs {it}/warmup, {it}/rank and bootstrap: run them first")
+    # Candidates: the ones initial selection kept, as a Parquet shard of their own.
+    cand_stage = f"{it}/features/candidates"
+    store.run_stage(cand_stage, {}, {f"{it}/rank": rank_done["output_digest"]},
+                    lambda tmp: _selected(store, f"{it}/rank", tmp))
+    sources = {"candidate": store.uri(cand_stage) + "/data", "reference": store.uri("bootstrap") + "/data"}
+    conf = cfg.influence
+    feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
+    lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
+    for c in warm["checkpoints"]:
+        ckpt_dir = os.path.join(store.path(f"{it}/warmup"), c["name"])
+        for kind, uri in sources.items():
+            store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
+                            {"warmup": warm["output_digest"], "rows": uri},
+                            lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri: {"rows": compute_features(
+                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed)})
+
+    def produce(tmp: str) -> dict[str, Any]:
+        cand, refs, ids = {}, {}, None
+        for c in warm["checkpoints"]:
+            c_ids, c_feat = read_features(store.uri(f"{it}/features/{c['name']}-candidate") + "/data")
+            _, r_feat = read_features(store.uri(f"{it}/features/{c['name']}-reference") + "/data")
+            order = np.argsort(c_ids)
+            ids = [c_ids[i] for i in order]
+            cand[c["name"]], refs[c["name"]] = c_feat[order], r_feat
+        if not ids:
+            raise ValueError(f"{it}: no candidates survived initial selection; nothing to filter")
+        scores = influence_scores(cand, refs, lrs, conf.aggregate)
+        rank, kept = keep_top(ids, scores, conf)
+        fs, path = filesystem(store.uri(cand_stage) + "/data")
+        rows = {r["cand_id"]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
+        out = [{**rows[i], "influence": float(s), "rank": int(r), "kept": bool(k)} for i, s, r, k in zip(ids, scores, rank, kept)]
+        write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(out))
+        return {"rows": int(kept.sum()), "candidates": len(ids), "checkpoint_lrs": lrs, "aggregate": conf.aggregate,
+                "influence_quantiles": {q: float(np.quantile(scores, q)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)}}
+
+    inputs = {"warmup": warm["output_digest"], "rank": rank_done["output_digest"]}
+    sections = {"influence.keep_fraction": conf.keep_fraction, "influence.keep_count": conf.keep_count,
+                "influence.aggregate": conf.aggregate, **feat_sections}
+    return store.run_stage(f"{it}/influence", sections, inputs, produce, force=force)
+
+
+def _selected(store: RunStore, rank_stage: str, tmp: str) -> dict[str, Any]:
+    fs, path = filesystem(store.uri(rank_stage) + "/data")
+    table = pq.read_table(path, filesystem=fs)
+    table = table.filter(pc.field("selected"))
+    write_table(f"{tmp}/data/part-0.parquet", table)
+    return {"rows": table.num_rows}

@@ -1,0 +1,147 @@
+"""Influence features on a real LoRA warm-up checkpoint of the tiny model (trained by the training stage)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.stats import spearmanr
+
+from scoder_ray.config import load_config
+from scoder_ray.influence.features import GradientFeatures, MissingMomentsError, to_batch
+from scoder_ray.influence.stage import compute_features, influence_scores, keep_top, read_features
+from scoder_ray.train.data import encode, prompt_response
+
+pytestmark = pytest.mark.slow
+
+
+def examples(ckpt, rows, max_len=512):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids, labels = [], []
+    for r in rows:
+        e_ids, e_labels, _ = encode(tok, *prompt_response(r, "synthesizer"), max_len)
+        ids.append(e_ids)
+        labels.append(e_labels)
+    return to_batch(ids, labels, tok.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def rows(train_rows):
+    return pq.read_table(train_rows).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def feats(lora_run):
+    base, ckpts = lora_run
+    return GradientFeatures(base, ckpts[-1], "ckpt_02", dim=8192, run_seed=0)
+
+
+def test_vectorised_gradients_equal_a_per_example_loop(feats, rows, lora_run):
+    _, ckpts = lora_run
+    # Different lengths in one batch, right-padded to the longest.
+    batch = examples(ckpts[-1], [rows[i] for i in (2, 5, 9)], max_len=1024)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3 and all((batch["labels"][i] != -100).any() for i in range(3))
+    vec = feats.gradients(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    model = feats.model
+    named = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
+    for row, length in enumerate(lengths):
+        model.zero_grad()
+        for p in named.values():
+            p.requires_grad_(True)
+        out = model(input_ids=batch["input_ids"][row:row + 1, :length])
+        logits, lab = out.logits[0, :-1], batch["labels"][row, 1:length]
+        valid = lab != -100
+        loss = torch.nn.functional.cross_entropy(logits[valid], lab[valid])
+        grads = torch.autograd.grad(loss, [named[n] for n in feats.names])
+        loop = torch.cat([g.reshape(-1) for g in grads])
+        # Tolerance: fp32, relative 1e-4 of the largest entry (vmap and the loop sum in different orders).
+        assert torch.allclose(vec[row], loop, atol=1e-4 * loop.abs().max().item(), rtol=0)
+
+
+def test_adam_transform_matches_the_saved_moments(feats, lora_run, rows):
+    _, ckpts = lora_run
+    opt = Path(ckpts[-1]) / "optimizer"
+    m, v = load_file(opt / "exp_avg.safetensors"), load_file(opt / "exp_avg_sq.safetensors")
+    meta = json.loads((opt / "optimizer.json").read_text())
+    (b1, b2), eps = meta["betas"], meta["eps"]
+    g = torch.randn(2, feats.total)
+    direct = []
+    for row in g:
+        parts, at = [], 0
+        for name in sorted(m):
+            n = m[name].numel()
+            gi = row[at:at + n].reshape(m[name].shape)
+            parts.append(((b1 * m[name] + (1 - b1) * gi) / torch.sqrt(b2 * v[name] + (1 - b2) * gi ** 2 + eps)).reshape(-1))
+            at += n
+        direct.append(torch.cat(parts))
+    assert torch.allclose(feats.adam_direction(g), torch.stack(direct), rtol=1e-6, atol=1e-7)
+
+
+def test_projection_is_shared_and_preserves_cosine_ranking(feats, lora_run, rows):
+    base, ckpts = lora_run
+    other = GradientFeatures(base, ckpts[-1], "ckpt_02", dim=8192, run_seed=0, block_rows=1000)
+    assert torch.equal(feats.projector.matrix(), other.projector.matrix())  # another actor, other block size
+    assert not torch.equal(feats.projector.matrix()[:100], GradientFeatures(
+        base, ckpts[-1], "ckpt_01", dim=8192, run_seed=0).projector.matrix()[:100])  # per-checkpoint matrices
+    batch = examples(ckpts[-1], rows[:24])
+    g = feats.gradients(batch["input_ids"], batch["attention_mask"], batch["labels"]).detach()
+    p = feats.projector.project(g)
+    exact, projected = [], []
+    for i in range(len(g)):
+        for j in range(i + 1, len(g)):
+            exact.append(torch.nn.functional.cosine_similarity(g[i], g[j], dim=0).item())
+            projected.append(torch.nn.functional.cosine_similarity(p[i], p[j], dim=0).item())
+    rho = spearmanr(exact, projected).statistic
+    print(f"Spearman(exact cos, projected cos) at d=8192 over {len(exact)} pairs: {rho:.4f}")
+    assert rho > 0.95
+
+
+def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_run, rows, tmp_path):
+    base, ckpts = lora_run
+    data = tmp_path / "cands"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist([{**r, "cand_id": f"c{i:02d}"} for i, r in enumerate(rows[:12])]),
+                   data / "part-0.parquet")
+    conf = load_config("tiny", ["influence.proj_dim=512", "influence.batch_size=4", "influence.max_len=512"]).influence
+    results = []
+    for actors in (1, 2):
+        c = conf.__class__(**{**conf.__dict__, "num_actors": actors})
+        out = tmp_path / f"f{actors}"
+        compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0)
+        ids, f = read_features(str(out))
+        order = np.argsort(ids)
+        results.append(([ids[i] for i in order], f[order]))
+    assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+    refs = {"ckpt_02": results[0][1][:3]}
+    s1 = influence_scores({"ckpt_02": results[0][1]}, refs, {"ckpt_02": 1e-3})
+    s2 = influence_scores({"ckpt_02": results[1][1]}, refs, {"ckpt_02": 1e-3})
+    assert np.array_equal(s1, s2)
+    rank, kept = keep_top(results[0][0], s1, c.__class__(**{**c.__dict__, "keep_count": 3}))
+    assert kept.sum() == 3 and sorted(rank.tolist()) == list(range(1, 13))
+
+
+def test_bad_input_is_named(lora_run, tmp_path):
+    base, ckpts = lora_run
+    bare = tmp_path / "no-moments"
+    shutil.copytree(ckpts[-1], bare)
+    shutil.rmtree(bare / "optimizer")
+    with pytest.raises(MissingMomentsError, match="no Adam moments"):
+        GradientFeatures(base, str(bare), "x", dim=64, run_seed=0)
+    with pytest.raises(ValueError, match="the reference set \\(teacher samples\\) is empty"):
+        influence_scores({"k": np.ones((3, 8))}, {"k": np.zeros((0, 8))}, {"k": 1.0})
+
+
+def test_influence_aggregates_mean_and_max():
+    c = np.array([[1.0, 0.0], [0.0, 1.0]])
+    r = np.array([[1.0, 0.0], [1.0, 1.0]])
+    mean = influence_scores({"a": c}, {"a": r}, {"a": 2.0}, "mean")
+    mx = influence_scores({"a": c}, {"a": r}, {"a": 2.0}, "max")
+    assert np.allclose(mean, 2.0 * np.array([(1 + 2 ** -0.5) / 2, (0 + 2 ** -0.5) / 2]))
+    assert np.allclose(mx, 2.0 * np.array([1.0, 2 ** -0.5]))
