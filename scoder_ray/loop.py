@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from scoder_ray.config import Config
 from scoder_ray.generate.bootstrap import run_bootstrap
-from scoder_ray.generate.sample import run_sample
+from scoder_ray.generate.sample import current_synthesizer, run_sample
+from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import init_ray
 from scoder_ray.score.stage import run_rank, run_score
 from scoder_ray.seeds import run_seeds
@@ -27,6 +28,8 @@ EXTRA_STAGES: dict[str, StageFn] = {
     "sample": lambda cfg, store, force: run_sample(cfg, store, 1, force=force),
     "score": lambda cfg, store, force: run_score(cfg, store, 1, force=force),
     "rank": lambda cfg, store, force: run_rank(cfg, store, 1, force=force),
+    "warmup": lambda cfg, store, force: run_warmup(cfg, store, 1, current_synthesizer(store, 1), force=force),
+    "influence": lambda cfg, store, force: run_influence(cfg, store, 1, current_synthesizer(store, 1), force=force),
     "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
 }
 

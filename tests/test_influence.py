@@ -145,3 +145,43 @@ def test_influence_aggregates_mean_and_max():
     mx = influence_scores({"a": c}, {"a": r}, {"a": 2.0}, "max")
     assert np.allclose(mean, 2.0 * np.array([(1 + 2 ** -0.5) / 2, (0 + 2 ** -0.5) / 2]))
     assert np.allclose(mx, 2.0 * np.array([1.0, 2 ** -0.5]))
+
+
+def test_warmup_and_influence_stages_through_the_run_store(ray_local, tmp_path, tiny_model_dir, train_rows, rows):
+    """rank -> warmup (LoRA with moments) -> per-shard features -> influence, on real components."""
+    from scoder_ray.influence.stage import run_influence, run_warmup
+    from scoder_ray.score.stage import run_rank, run_score
+    from scoder_ray.store import RunStore
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"models.scorer={tiny_model_dir}", f"teacher.samples_file={train_rows}",
+                               "train.warmup.epochs=2", "train.warmup.num_checkpoints=2", "train.warmup.micro_batch_size=2",
+                               "influence.proj_dim=1024", "influence.warmup_fraction=0.5", "influence.keep_fraction=0.25",
+                               "influence.max_len=512", "score.exec_timeout_s=3"])
+    store = RunStore.for_config(cfg)
+    from scoder_ray.generate.bootstrap import run_bootstrap
+
+    run_bootstrap(cfg, store)
+    cands = [{"cand_id": f"c{i:02d}", "seed_id": f"s{i % 6}", "iteration": 1, "ckpt": "ckpt_01", "sample_idx": i // 6,
+              "snippet": r["snippet"], "problem": r["problem"], "solution": r["solution"], "raw": "", "parse_ok": True,
+              "reason": "", "tokens": 1, "truncated": False} for i, r in enumerate(rows[:12])]
+
+    def write(tmp):
+        Path(tmp, "data").mkdir()
+        pq.write_table(pa.Table.from_pylist(cands), f"{tmp}/data/part-0.parquet")
+        return {"rows": len(cands)}
+
+    store.run_stage("iter_01/sample", {}, {}, write)
+    run_score(cfg, store, 1)
+    ranked = run_rank(cfg, store, 1)
+    warm = run_warmup(cfg, store, 1, tiny_model_dir)
+    assert len(warm["checkpoints"]) == 2 and warm["candidate_rows"] >= 1 and warm["teacher_rows"] == 64
+    done = run_influence(cfg, store, 1, tiny_model_dir)
+    out = pq.read_table(Path(store.path("iter_01/influence")) / "data").to_pylist()
+    assert done["candidates"] == ranked["rows"] == len(out) and done["rows"] == max(1, round(0.25 * len(out)))
+    assert sorted(r["rank"] for r in out) == list(range(1, len(out) + 1))
+    assert all(r["kept"] == (r["rank"] <= done["rows"]) for r in out)
+    assert {r["cand_id"] for r in out} <= {c["cand_id"] for c in cands}
+    assert set(done["checkpoint_lrs"]) == {"ckpt_01", "ckpt_02"}
+    shards = [s.name for s in store.stages() if "/features/" in s.name]
+    assert len(shards) == 5 and all(s.state == "done" for s in store.stages())  # candidates + 2 ckpts x 2 kinds
+    assert run_influence(cfg, store, 1, tiny_model_dir)["skipped"]

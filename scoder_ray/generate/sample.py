@@ -162,3 +162,8 @@ def synthesizer_checkpoints(store: RunStore, iteration: int) -> list[tuple[str, 
     if done is None:
         raise ValueError(f"sampling for iteration {iteration} needs the synthesizer's checkpoints: run {stage} first")
     return [(c["name"], os.path.join(store.path(stage), c["name"])) for c in done["checkpoints"]]
+
+
+def current_synthesizer(store: RunStore, iteration: int) -> str:
+    """The model folder iteration `iteration` builds on: the last checkpoint of the synthesizer it samples."""
+    return synthesizer_checkpoints(store, iteration)[-1][1]

@@ -52,11 +52,15 @@ class FeatureActor:
 
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
-                     conf: InfluenceConf, seed: int) -> int:
+                     conf: InfluenceConf, seed: int, id_column: str = "cand_id") -> int:
+    """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id); returns the row count."""
     import ray
 
     # Read first: the actors then hold every CPU they ask for without starving the readers.
-    ds = ray.data.read_parquet(rows_uri).select_columns(["cand_id", "snippet", "problem", "solution"]).materialize()
+    ds = ray.data.read_parquet(rows_uri).select_columns([id_column, "snippet", "problem", "solution"])
+    if id_column != "cand_id":
+        ds = ds.rename_columns({id_column: "cand_id"})
+    ds = ds.materialize()
     opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": 1}
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
@@ -139,19 +143,20 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         raise ValueError(f"influence needs {it}/warmup, {it}/rank and bootstrap: run them first")
     # Candidates: the ones initial selection kept, as a Parquet shard of their own.
     cand_stage = f"{it}/features/candidates"
-    store.run_stage(cand_stage, {}, {f"{it}/rank": rank_done["output_digest"]},
-                    lambda tmp: _selected(store, f"{it}/rank", tmp))
-    sources = {"candidate": store.uri(cand_stage) + "/data", "reference": store.uri("bootstrap") + "/data"}
+    cand_done = store.run_stage(cand_stage, {}, {f"{it}/rank": rank_done["output_digest"]},
+                                lambda tmp: _selected(store, f"{it}/rank", tmp))
+    sources = {"candidate": (store.uri(cand_stage) + "/data", "cand_id", cand_done["output_digest"]),
+               "reference": (store.uri("bootstrap") + "/data", "seed_id", teacher_done["output_digest"])}
     conf = cfg.influence
     feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
     for c in warm["checkpoints"]:
         ckpt_dir = os.path.join(store.path(f"{it}/warmup"), c["name"])
-        for kind, uri in sources.items():
+        for kind, (uri, id_column, rows_digest) in sources.items():
             store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
-                            {"warmup": warm["output_digest"], "rows": uri},
-                            lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri: {"rows": compute_features(
-                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed)})
+                            {"warmup": warm["output_digest"], "rows": rows_digest},
+                            lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: {"rows": compute_features(
+                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, col)})
 
     def produce(tmp: str) -> dict[str, Any]:
         cand, refs, ids = {}, {}, None

@@ -1,0 +1,146 @@
+"""GPU checks for a lent H100/H200 (no Ray, no downloads; DeepSpeed and its pydantic/hjson carried as wheels).
+
+    PYTHONPATH=. python3 bench/gpu_check.py [--out DIR]
+
+1. Training step path (issue 4): a randomly initialised ~1.1B Llama, bf16, our `deepspeed_config` (ZeRO-2,
+   GPU path: DeepSpeed's fused Adam, gradient checkpointing as the worker enables it), one rank over NCCL.
+   Prints tokens/s and MFU (6 * params * tokens/s over the GPU's dense bf16 peak).
+2. Influence feature kernel (issue 7): the same Llama with LoRA r=128 on q/k/v/o, per-example gradients
+   (vmap), Adam transform and the d=8192 Rademacher projection generated on the GPU. Prints examples/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def llama_1b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+
+
+def train_check(micro: int, seq: int, steps: int) -> dict:
+    import deepspeed
+    from transformers import LlamaForCausalLM
+
+    from scoder_ray.train.data import lr_lambda
+    from scoder_ray.train.worker import deepspeed_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("nccl")
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_1b()).to(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.gradient_checkpointing_enable()
+    conf = {"gpus_per_worker": 1, "zero_stage": 2, "cpu_offload": False, "precision": "bf16", "micro_batch_size": micro,
+            "grad_accum": 1, "lr": 1e-4, "weight_decay": 0.0}
+    ds_cfg = deepspeed_config(conf, 1, (0.9, 0.999), 1e-8)
+    sched = lr_lambda(steps + 3, 0.0, "constant")
+    t0 = time.perf_counter()
+    optimizer_kind = "deepspeed FusedAdam"
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                               lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
+                                               config=ds_cfg)
+    except Exception as e:  # noqa: BLE001 - report and measure the step path with torch's fused AdamW instead
+        optimizer_kind = f"torch fused AdamW (FusedAdam failed: {type(e).__name__}: {str(e)[:200]})"
+        ds_cfg.pop("optimizer")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                               optimizer=opt, config=ds_cfg)
+    init_s = time.perf_counter() - t0
+    ids = torch.randint(0, 32000, (micro, seq), device="cuda")
+    for _ in range(3):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    tps = micro * seq * steps / dt
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+    out = {"gpu": name, "params": n_params, "micro_batch": micro, "seq": seq, "steps": steps, "optimizer": optimizer_kind,
+           "deepspeed_init_s": round(init_s, 1), "step_s": round(dt / steps, 3), "tokens_per_s": round(tps),
+           "mfu_6N": round(6 * n_params * tps / peak, 3), "loss_last": round(loss.item(), 3),
+           "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    del engine, model
+    torch.cuda.empty_cache()
+    return out
+
+
+def influence_check(batch: int, seq: int, batches: int, workdir: str) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from scoder_ray.influence.features import GradientFeatures
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    base_dir, ckpt_dir = os.path.join(workdir, "base"), os.path.join(workdir, "lora")
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_1b()).to(torch.bfloat16).save_pretrained(base_dir)
+    peft = get_peft_model(LlamaForCausalLM(llama_1b()), LoraConfig(r=128, lora_alpha=512, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    peft.save_pretrained(ckpt_dir)
+    os.makedirs(os.path.join(ckpt_dir, "optimizer"))
+    keys = {n.replace(".default.", "."): p for n, p in peft.named_parameters() if "lora_" in n}
+    save_file({k: torch.randn_like(p) * 1e-3 for k, p in keys.items()}, os.path.join(ckpt_dir, "optimizer", "exp_avg.safetensors"))
+    save_file({k: torch.rand_like(p) * 1e-6 for k, p in keys.items()}, os.path.join(ckpt_dir, "optimizer", "exp_avg_sq.safetensors"))
+    with open(os.path.join(ckpt_dir, "optimizer", "optimizer.json"), "w") as f:
+        json.dump({"step": 100, "betas": [0.9, 0.999], "eps": 1e-8, "lr": 2e-5}, f)
+    del peft
+    t0 = time.perf_counter()
+    feats = GradientFeatures(base_dir, ckpt_dir, "ckpt_01", dim=8192, run_seed=0, block_rows=4096, device="cuda")
+    load_s = time.perf_counter() - t0
+    ids = torch.randint(0, 32000, (batch, seq))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    feats.features(ids[:2], mask[:2], labels[:2], "candidate")  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batches):
+        f = feats.features(ids, mask, labels, "candidate")
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    # Where the time goes: gradients alone.
+    t = time.perf_counter()
+    feats.gradients(ids.cuda(), mask.cuda(), labels.cuda())
+    torch.cuda.synchronize()
+    grad_s = time.perf_counter() - t
+    return {"lora_params": feats.total, "proj_dim": 8192, "batch": batch, "seq": seq, "load_s": round(load_s, 1),
+            "examples_per_s": round(batch * batches / dt, 2), "batch_s": round(dt / batches, 2),
+            "gradient_share": round(grad_s / (dt / batches), 3), "feature_shape": list(f.shape),
+            "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--skip-train", action="store_true")
+    args = ap.parse_args()
+    result = {}
+    if not args.skip_train:
+        result["train"] = train_check(micro=8, seq=1024, steps=10)
+        print(json.dumps(result, indent=2), flush=True)
+    result["influence"] = influence_check(batch=16, seq=512, batches=2, workdir="/tmp/scoder-gpu")
+    print(json.dumps(result, indent=2), flush=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
