@@ -2,10 +2,9 @@
 
 For a LoRA checkpoint with parameters theta and the warm-up's Adam moments (m, v, betas b1, b2, eps):
 
-- per-example gradient g_i of the example's mean response-token loss w.r.t. the LoRA parameters,
-  computed for many examples at once with `torch.func.vmap(grad(...))`; each example is a batch of one
-  inside vmap, right-padded (causal attention never looks ahead) with label -100 on padding, so g_i
-  does not depend on batch-mates;
+- per-example gradient g_i of the example's mean response-token loss w.r.t. the LoRA parameters, for
+  a whole padded batch from one backward pass (see `GradientFeatures.gradients`); g_i does not depend
+  on its batch-mates or on padding;
 - candidates (training data) use the Adam update direction, exactly as LESS computes it:
       m' = b1 * m + (1 - b1) * g,   v' = b2 * v + (1 - b2) * g**2,   u = m' / sqrt(v' + eps)
   (eps inside the square root, no bias correction: a per-checkpoint scalar that cosine ignores);
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,35 +75,58 @@ class GradientFeatures:
         self.total = sum(self.sizes)
         self.dim = dim
         self.projector = Projector(self.total, dim, run_seed, ckpt_name, block_rows, device, cache_mb)
-        # Full names inside the PEFT model, for functional_call.
-        self.full_names = {n.replace(".default.", "."): n for n, _ in self.model.named_parameters() if "lora_" in n}
+        # The Linear module holding each LoRA factor: its inputs and output gradients give per-example gradients.
+        modules = dict(self.model.named_modules())
+        self.modules = {n.replace(".default.", "."): modules[n.rsplit(".", 1)[0]]
+                        for n, _ in self.model.named_parameters() if "lora_" in n}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for n, p in self.model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
         self.betas, self.eps = tuple(self.meta["betas"]), float(self.meta["eps"])
         self.m_flat = torch.cat([self.moments[n][0].reshape(-1) for n in self.names])
         self.v_flat = torch.cat([self.moments[n][1].reshape(-1) for n in self.names])
 
     def gradients(self, input_ids, attention_mask, labels):
-        """[B, P] per-example gradients (flattened in sorted-name order), vectorised with torch.func."""
+        """[B, P] per-example gradients (flattened in sorted-name order) from ONE batched backward pass.
+
+        A LoRA factor is a Linear layer W (out x in); the gradient of example b is
+        sum_t grad_out[b, t] (x) input[b, t]. Hooks record every LoRA layer's input and output gradient, and
+        an einsum assembles the per-example gradients (the Opacus technique). The batch loss is the sum of
+        each example's own mean response-token loss, so example b's gradient is exactly its own. Right
+        padding is inert: causal attention never lets a real token see it, and padded labels are -100,
+        so output gradients at padded positions are zero and no attention mask is needed.
+        """
         torch = _torch()
-        from torch.func import functional_call, grad, vmap
-
-        model, full = self.model, self.full_names
-        fixed = {k: v for k, v in model.named_parameters() if "lora_" not in k}
-        fixed.update(dict(model.named_buffers()))
-
-        def loss_fn(lora: dict, ids, mask, lab):
-            # No attention mask inside vmap (transformers' mask helpers branch on its values). Right padding
-            # under causal attention cannot reach the real tokens, and padded labels are -100, so the loss
-            # and its gradient are those of the unpadded example.
-            params = {**fixed, **{full[k]: v for k, v in lora.items()}}
-            logits = functional_call(model, params, (ids[None],)).logits[0]
-            shift_logits, shift_labels = logits[:-1], lab[1:]
-            valid = shift_labels != -100
-            losses = torch.nn.functional.cross_entropy(shift_logits, shift_labels.clamp(min=0), reduction="none")
-            return (losses * valid).sum() / valid.sum().clamp(min=1)
-
-        lora = {n: self.params[n] for n in self.names}
-        grads = vmap(grad(loss_fn), in_dims=(None, 0, 0, 0))(lora, input_ids, attention_mask, labels)
-        return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in self.names], dim=1)
+        device = self.device
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        inputs: dict[str, Any] = {}
+        grads_out: dict[str, Any] = {}
+        handles = []
+        for key in self.names:
+            module = self.modules[key]
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, key=key: inputs.__setitem__(key, args[0].detach())))
+            handles.append(module.register_full_backward_hook(
+                lambda mod, g_in, g_out, key=key: grads_out.__setitem__(key, g_out[0].detach())))
+        try:
+            self.model.zero_grad(set_to_none=True)
+            logits = self.model(input_ids=input_ids).logits
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            valid = (shift_labels != -100).float()
+            losses = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0),
+                                                       reduction="none")
+            per_example = (losses * valid).sum(1) / valid.sum(1).clamp(min=1)
+            with warnings.catch_warnings():  # "no inputs require gradients": by design, only LoRA weights do
+                warnings.simplefilter("ignore", UserWarning)
+                per_example.sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        parts = [torch.einsum("bto,bti->boi", grads_out[k], inputs[k]).reshape(input_ids.shape[0], -1)
+                 for k in self.names]
+        return torch.cat(parts, dim=1)
 
     def adam_direction(self, g):
         """LESS's Adam update direction from the checkpoint's moments (see the module docstring)."""
@@ -135,7 +157,8 @@ class Projector:
         self.block_rows = self.chunks_per_block * self.CHUNK
         self.base = int.from_bytes(hashlib.sha256(f"{run_seed}:{ckpt}".encode()).digest()[:6], "big")
         self.n_blocks = -(-total // self.block_rows)
-        self.cache: Optional[list] = [] if total * dim <= cache_mb * 2**20 else None  # int8 signs, if they fit
+        # Blocks are kept ready for the matmul (fp32) when the whole matrix fits in cache_mb.
+        self.cache: Optional[list] = [] if total * dim * 4 <= cache_mb * 2**20 else None
 
     def _chunk(self, c: int):
         torch = _torch()
@@ -150,7 +173,7 @@ class Projector:
             return self.cache[b]
         first = b * self.chunks_per_block
         last = min(first + self.chunks_per_block, -(-self.total // self.CHUNK))
-        signs = torch.cat([self._chunk(c) for c in range(first, last)])
+        signs = torch.cat([self._chunk(c) for c in range(first, last)]).float()
         if self.cache is not None and b == len(self.cache):
             self.cache.append(signs)
         return signs
@@ -158,7 +181,7 @@ class Projector:
     def matrix(self):
         """The whole R (for tests and small models)."""
         torch = _torch()
-        return torch.cat([self.block(b) for b in range(self.n_blocks)]).float()
+        return torch.cat([self.block(b) for b in range(self.n_blocks)])
 
     def project(self, x):
         torch = _torch()
@@ -166,7 +189,7 @@ class Projector:
         for b in range(self.n_blocks):
             lo = b * self.block_rows
             block = self.block(b)
-            out += x[:, lo:lo + block.shape[0]].float() @ block.float()
+            out += x[:, lo:lo + block.shape[0]].float() @ block
         return out / self.dim ** 0.5
 
 
