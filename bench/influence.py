@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +23,6 @@ import numpy as np
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class PeakRSS:
@@ -78,10 +76,10 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
     from scipy.stats import spearmanr
-    from train import stdlib_rows
     from transformers import AutoTokenizer
 
     from scoder_ray.config import load_config
+    from scoder_ray.seeds import documented_functions
     from scoder_ray.influence.features import GradientFeatures, to_batch
     from scoder_ray.influence.stage import influence_scores
     from scoder_ray.store import RunStore
@@ -90,7 +88,7 @@ def main() -> None:
     from scoder_ray.train.stage import run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-influence-"))
-    rows = stdlib_rows(args.candidates + args.references)
+    rows = documented_functions(args.candidates + args.references)
     pq.write_table(pa.Table.from_pylist(rows), tmp / "rows.parquet")
     cfg = load_config("tiny", [f"run.root={tmp}", "run.id=bench", "train.synthesizer.lora.enabled=true",
                                "train.synthesizer.lora.r=8", "train.synthesizer.lora.alpha=32", "train.synthesizer.epochs=1",

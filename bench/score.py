@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -29,12 +27,12 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-    from train import stdlib_rows
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     from scoder_ray import prompts
     from scoder_ray.config import load_config
+    from scoder_ray.seeds import documented_functions
     from scoder_ray.generate.engine import make_llm, shutdown_llm
     from scoder_ray.ray_env import init_ray
     from scoder_ray.score.aspects import aspect_regex, scorer_prompt
@@ -48,7 +46,7 @@ def main() -> None:
     store = RunStore.for_config(cfg)
     rows = [{"cand_id": f"c{i:04d}", "seed_id": f"s{i}", "iteration": 1, "ckpt": "ckpt_01", "sample_idx": 0,
              "snippet": r["snippet"], "problem": r["problem"], "solution": r["solution"], "raw": "", "parse_ok": True,
-             "reason": "", "tokens": 0, "truncated": False} for i, r in enumerate(stdlib_rows(args.candidates))]
+             "reason": "", "tokens": 0, "truncated": False} for i, r in enumerate(documented_functions(args.candidates))]
 
     def write(out):
         Path(out, "data").mkdir(parents=True)

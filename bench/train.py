@@ -10,31 +10,11 @@ goes (Ray and worker start-up, tokenization, steps, export), and peak RSS per pr
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import resource
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
-
-
-def stdlib_rows(n: int) -> list[dict]:
-    rows = []
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        src = f.read_text(errors="ignore")
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and 4 <= node.end_lineno - node.lineno <= 14:
-                code = "\n".join(src.splitlines()[node.lineno - 1:node.end_lineno])
-                rows.append({"snippet": code, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
-                             "solution": code})
-                if len(rows) == n:
-                    return rows
-    return rows
 
 
 def plain_loop(model_path: str, tokenized: str, steps: int, per_step: int, micro: int, lr: float, max_len: int) -> dict:
@@ -79,11 +59,12 @@ def main() -> None:
     import ray
 
     from scoder_ray.config import load_config
+    from scoder_ray.seeds import documented_functions
     from scoder_ray.store import RunStore
     from scoder_ray.train.stage import run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    pq.write_table(pa.Table.from_pylist(stdlib_rows(128)), tmp / "rows.parquet")
+    pq.write_table(pa.Table.from_pylist(documented_functions(128)), tmp / "rows.parquet")
     ref = "builtin:tiny" if args.model == "tiny" else "builtin:smollm2-135m"
     max_len = 512
     cfg = load_config("tiny", [f"run.root={tmp}", "run.id=bench", f"models.synthesizer={ref}",

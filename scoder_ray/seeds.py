@@ -294,3 +294,23 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
     n_kept = counts.pop("", 0)
     return {"rows": n_kept, "files": len(items), "candidates": len(candidates),
             "dropped": dict(sorted(counts.items())), "sources": list(conf.sources)}
+
+
+def documented_functions(n: int) -> list[dict[str, str]]:
+    """Up to `n` real (snippet, problem, solution) rows made offline from documented stdlib functions:
+    the problem is the docstring's first line, the solution the function. Test and benchmark data."""
+    rows = []
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        src = f.read_text(errors="ignore")
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and 4 <= node.end_lineno - node.lineno <= 14:
+                code = "\n".join(src.splitlines()[node.lineno - 1:node.end_lineno])
+                rows.append({"snippet": code, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
+                             "solution": code})
+                if len(rows) == n:
+                    return rows
+    return rows

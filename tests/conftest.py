@@ -4,10 +4,8 @@ Start-ups are the cost of this suite (Ray 5-9 s, a vLLM engine 15-100 s), so eac
 """
 from __future__ import annotations
 
-import ast
 import os
 import shutil
-import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -54,20 +52,9 @@ def tiny_llm(tiny_model_dir):
 @pytest.fixture(scope="session")
 def train_rows(tmp_path_factory) -> str:
     """64 real (snippet, problem, solution) rows: documented stdlib functions and their docstrings."""
-    rows = []
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        src = f.read_text(errors="ignore")
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        for n in tree.body:
-            if isinstance(n, ast.FunctionDef) and ast.get_docstring(n) and 4 <= n.end_lineno - n.lineno <= 14:
-                code = "\n".join(src.splitlines()[n.lineno - 1:n.end_lineno])
-                rows.append({"snippet": code, "problem": f"Write `{n.name}`: {ast.get_docstring(n).splitlines()[0]}",
-                             "solution": code})
-        if len(rows) >= 64:
-            break
+    from scoder_ray.seeds import documented_functions
+
+    rows = documented_functions(64)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
