@@ -77,7 +77,7 @@ def main() -> None:
     ray_start = time.perf_counter() - t0
     store = RunStore.for_config(cfg)
     t1 = time.perf_counter()
-    done = run_train(cfg, store, "train_synthesizer", data=str(tmp / "rows.parquet"))
+    run_train(cfg, store, "train_synthesizer", data=str(tmp / "rows.parquet"))
     stage_wall = time.perf_counter() - t1
     ray.shutdown()
     out = Path(store.path("train_synthesizer"))

@@ -238,3 +238,32 @@ def test_engine_that_cannot_start_fails_the_stage_with_its_reason(ray_local, tmp
     with pytest.raises(Exception, match="failed to start"):
         run_sample(cfg, store, 1, checkpoints=[("ckpt_01", str(broken))])
     assert time.time() - start < 180 and store.read_done("iter_01/sample") is None
+
+
+def test_fit_weights_from_the_teachers_judgements(ray_local, tmp_path, vllm_server, tiny_model_dir):
+    """`fit-weights` without a label file: the teacher (here the tiny model behind `vllm serve`) gives an
+    overall 0-9 judgement per candidate; w is fitted on those and saved with the run."""
+    from scoder_ray.score.stage import current_weights, run_fit_weights, run_score
+    from scoder_ray.seeds import documented_functions
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"models.scorer={tiny_model_dir}", f"teacher.base_url={vllm_server}/v1",
+                               f"teacher.cache_dir={tmp_path}/cache", "teacher.max_tokens=32", "score.exec_timeout_s=3"])
+    store = RunStore.for_config(cfg)
+    rows = [{"cand_id": f"c{i:02d}", "seed_id": f"s{i}", "iteration": 1, "ckpt": "ckpt_01", "sample_idx": 0, **r,
+             "raw": "", "parse_ok": True, "reason": "", "tokens": 1, "truncated": False}
+            for i, r in enumerate(documented_functions(16))]
+
+    def write(tmp):
+        Path(tmp, "data").mkdir()
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(rows), f"{tmp}/data/part-0.parquet")
+        return {"rows": len(rows)}
+
+    store.run_stage("iter_01/sample", {}, {}, write)
+    run_score(cfg, store, 1)
+    done = run_fit_weights(cfg, store, None, 1, num_labels=16)
+    assert done["labels"] == "teacher:teacher" and 7 <= done["rows"] <= 16
+    assert abs(sum(done["weights"].values()) - 1) < 1e-9 and min(done["weights"].values()) >= 0
+    w, source = current_weights(cfg, store)
+    assert source == "fitted" and len(w) == len(cfg.score.aspects) + 1

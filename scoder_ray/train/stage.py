@@ -45,7 +45,6 @@ def input_digest(uri: str) -> str:
 def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_uri: str, cfg: Config,
                 name: str) -> dict[str, Any]:
     """Fine-tune `model_ref` on `data_uri` rows into `out_uri`. Input problems fail before any worker starts."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
