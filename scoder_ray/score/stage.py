@@ -160,11 +160,13 @@ Solution:
 
 def _teacher_labels(cfg: Config, scored: pd.DataFrame, n: int) -> pd.DataFrame:
     from scoder_ray import prompts
+    from scoder_ray.generate.bootstrap import derived_seed
     from scoder_ray.generate.teacher import Teacher, completion_text, request_body
 
     pick = scored.sort_values("cand_id").sample(n=min(n, len(scored)), random_state=cfg.run.seed)
-    bodies = [request_body(cfg.teacher, prompts.chat(JUDGE_INSTRUCTION.format(problem=p, solution=s)))
-              for p, s in zip(pick["problem"], pick["solution"])]
+    bodies = [request_body(cfg.teacher, prompts.chat(JUDGE_INSTRUCTION.format(problem=p, solution=s)),
+                           seed=derived_seed(cfg.run.seed, "judge", c))
+              for p, s, c in zip(pick["problem"], pick["solution"], pick["cand_id"])]
     labels = []
     for response in Teacher(cfg.teacher).run(bodies):
         m = re.search(r"[0-9]", completion_text(response)[0])
