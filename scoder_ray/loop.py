@@ -18,13 +18,13 @@ from scoder_ray.store import RunStore
 from scoder_ray.train.stage import run_train
 
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
-STAGES: dict[str, StageFn] = {
-    "seeds": run_seeds,
+# What `scoder-ray run` chains today. The driver over bootstrap -> T iterations -> final synthesis ->
+# SCoder training -> evaluation (issue 8) comes next; until then the later stages run alone.
+STAGES: dict[str, StageFn] = {"seeds": run_seeds}
+# Stages runnable alone (`scoder-ray stage NAME`).
+EXTRA_STAGES: dict[str, StageFn] = {
     "bootstrap": run_bootstrap,
     "train_synthesizer": lambda cfg, store, force: run_train(cfg, store, "train_synthesizer", force),
-}
-# Stages runnable alone (`scoder-ray stage NAME`) that the loop reaches later, not in this order.
-EXTRA_STAGES: dict[str, StageFn] = {
     "sample": lambda cfg, store, force: run_sample(cfg, store, 1, force=force),
     "score": lambda cfg, store, force: run_score(cfg, store, 1, force=force),
     "rank": lambda cfg, store, force: run_rank(cfg, store, 1, force=force),
