@@ -4,7 +4,8 @@
 
 A real LoRA warm-up checkpoint of the tiny model is trained first (the training stage, 2 workers).
 Then, on the same candidates, references (teacher-like rows), d and projection matrix:
-- ours: `GradientFeatures.features` — vmap'd per-example gradients, Adam transform, block projection;
+- ours: `GradientFeatures.features_of` — length-sorted batches, per-example gradients from one backward
+  (output head on response tokens only), Adam transform, block projection;
 - LESS-style: one example at a time — forward, backward, flatten, the same Adam transform, one dense
   projection matrix multiply.
 Prints examples/s of each, the ratio (goal >= 3 on CPU), peak RSS during each phase, and the Spearman
@@ -44,18 +45,16 @@ class PeakRSS:
         self.thread.join()
 
 
-def less_reference(feats, batch, kind: str, matrix: torch.Tensor) -> np.ndarray:
+def less_reference(feats, examples, kind: str, matrix: torch.Tensor) -> np.ndarray:
     """Batch size 1: forward, backward, flatten, Adam transform, dense projection."""
     model = feats.model
     named = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
     for p in named.values():
         p.requires_grad_(True)
     out = []
-    for row in range(batch["input_ids"].shape[0]):
-        length = int(batch["attention_mask"][row].sum())
-        ids, lab = batch["input_ids"][row:row + 1, :length], batch["labels"][row:row + 1, :length]
+    for ids, labels in examples:
         model.zero_grad()
-        loss = model(input_ids=ids, labels=lab).loss
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
         loss.backward()
         g = torch.cat([named[n].grad.reshape(-1) for n in feats.names])
         if kind == "candidate":
@@ -69,7 +68,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=64)
     ap.add_argument("--references", type=int, default=8)
     ap.add_argument("--dim", type=int, default=8192)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--proj-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = ap.parse_args()
 
     import pyarrow as pa
@@ -80,7 +80,7 @@ def main() -> None:
 
     from scoder_ray.config import load_config
     from scoder_ray.seeds import documented_functions
-    from scoder_ray.influence.features import GradientFeatures, to_batch
+    from scoder_ray.influence.features import GradientFeatures
     from scoder_ray.influence.stage import influence_scores
     from scoder_ray.store import RunStore
     from scoder_ray.tiny import resolve_model
@@ -100,32 +100,30 @@ def main() -> None:
     base = resolve_model(cfg.models.synthesizer, cfg.models.cache_dir)
     tok = AutoTokenizer.from_pretrained(ckpt)
 
-    def batches(part):
-        encoded = [encode(tok, *prompt_response(r, "synthesizer"), 512) for r in part]
-        for i in range(0, len(encoded), args.batch):
-            chunk = encoded[i:i + args.batch]
-            yield to_batch([e[0] for e in chunk], [e[1] for e in chunk], tok.pad_token_id)
+    def encoded(part):
+        return [encode(tok, *prompt_response(r, "synthesizer"), 512)[:2] for r in part]
 
-    cands, refs = rows[:args.candidates], rows[args.candidates:]
-    feats = GradientFeatures(base, ckpt, "ckpt_01", dim=args.dim, run_seed=0)
+    cands, refs = encoded(rows[:args.candidates]), encoded(rows[args.candidates:])
+    feats = GradientFeatures(base, ckpt, "ckpt_01", dim=args.dim, run_seed=0, proj_dtype=args.proj_dtype)
     matrix = feats.projector.matrix()  # the same R for both, materialised once for the reference
-    feats.features(*next(batches(cands[:2])).values(), "candidate")  # warm-up (first vmap trace)
+    feats.features_of(cands[:2], "candidate", tok.pad_token_id, args.batch)  # warm-up
 
     with PeakRSS() as ours_mem:
         t = time.perf_counter()
-        ours_c = np.concatenate([feats.features(b["input_ids"], b["attention_mask"], b["labels"], "candidate") for b in batches(cands)])
+        ours_c = feats.features_of(cands, "candidate", tok.pad_token_id, args.batch)
         ours_s = time.perf_counter() - t
-    ours_r = np.concatenate([feats.features(b["input_ids"], b["attention_mask"], b["labels"], "reference") for b in batches(refs)])
+    ours_r = feats.features_of(refs, "reference", tok.pad_token_id, args.batch)
     with PeakRSS() as ref_mem:
         t = time.perf_counter()
-        ref_c = np.concatenate([less_reference(feats, b, "candidate", matrix) for b in batches(cands)])
+        ref_c = less_reference(feats, cands, "candidate", matrix)
         ref_s = time.perf_counter() - t
-    ref_r = np.concatenate([less_reference(feats, b, "reference", matrix) for b in batches(refs)])
+    ref_r = less_reference(feats, refs, "reference", matrix)
 
     ours = influence_scores({"k": ours_c.astype(np.float32)}, {"k": ours_r.astype(np.float32)}, {"k": 1.0})
     theirs = influence_scores({"k": ref_c}, {"k": ref_r}, {"k": 1.0})
     print(json.dumps({
         "candidates": len(cands), "references": len(refs), "lora_params": feats.total, "proj_dim": args.dim,
+        "proj_dtype": str(feats.projector.dtype), "batch": args.batch,
         "ours_examples_per_s": round(len(cands) / ours_s, 2), "less_examples_per_s": round(len(cands) / ref_s, 2),
         "ratio_ours_over_less": round(ref_s / ours_s, 2),
         "peak_rss_gib": {"ours": round(ours_mem.peak / 2**30, 2), "less": round(ref_mem.peak / 2**30, 2)},

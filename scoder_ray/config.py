@@ -196,7 +196,9 @@ class InfluenceConf:
     warmup_fraction: float = 0.05  # of the candidates, plus every teacher sample, for the LoRA warm-up
     proj_dim: int = 8192
     block_rows: int = 4096  # rows of the projection generated at a time (memory: block_rows x proj_dim)
+    proj_dtype: str = "auto"  # projection products: auto (bfloat16 where native), bfloat16 or float32
     batch_size: int = 8  # examples per vectorised gradient call
+    sort_window: int = 64  # rows per actor call, sorted by length so gradient calls pad little
     max_len: int = 1024  # tokens per example
     aggregate: str = "mean"  # mean over reference samples, or max over them
     keep_fraction: float = 0.05
@@ -320,11 +322,13 @@ def validate(cfg: Config) -> None:
         _validate_train(f"train.{name}", getattr(cfg.train, name))
     _validate_score(cfg.score)
     inf = cfg.influence
-    for key in ("proj_dim", "block_rows", "batch_size", "max_len", "num_actors"):
+    for key in ("proj_dim", "block_rows", "batch_size", "sort_window", "max_len", "num_actors"):
         _check(getattr(inf, key) > 0, f"influence.{key}", "an integer > 0", getattr(inf, key))
     _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
     _check(inf.keep_count >= 0 and inf.gpus_per_actor >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
+    _check(inf.proj_dtype in ("auto", "float32", "bfloat16"), "influence.proj_dtype", "auto, float32 or bfloat16",
+           inf.proj_dtype)
     _check(inf.aggregate in ("mean", "max"), "influence.aggregate", "mean or max", inf.aggregate)
     _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
     _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,

@@ -48,6 +48,7 @@ def test_vectorised_gradients_equal_a_per_example_loop(feats, rows, lora_run):
     batch = examples(ckpts[-1], [rows[i] for i in (2, 5, 9)], max_len=1024)
     lengths = batch["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) == 3 and all((batch["labels"][i] != -100).any() for i in range(3))
+    assert feats.head_only_on_response  # the loop below runs the full model's logits
     vec = feats.gradients(batch["input_ids"], batch["attention_mask"], batch["labels"])
     model = feats.model
     named = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
@@ -63,6 +64,21 @@ def test_vectorised_gradients_equal_a_per_example_loop(feats, rows, lora_run):
         loop = torch.cat([g.reshape(-1) for g in grads])
         # Tolerance: fp32, relative 1e-4 of the largest entry (vmap and the loop sum in different orders).
         assert torch.allclose(vec[row], loop, atol=1e-4 * loop.abs().max().item(), rtol=0)
+
+
+def test_length_sorted_features_keep_the_input_order(feats, lora_run, rows):
+    base, ckpts = lora_run
+    batch = examples(ckpts[-1], rows[:10])
+    whole = feats.features(batch["input_ids"], batch["attention_mask"], batch["labels"], "candidate").astype(np.float32)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths != sorted(lengths)  # the sort changes the order, so the scatter back is exercised
+    listed = [(batch["input_ids"][i, :n].tolist(), batch["labels"][i, :n].tolist()) for i, n in enumerate(lengths)]
+    sorted_fp32 = feats.features_of(listed, "candidate", pad_id=0, batch_size=3, buffer_mb=1).astype(np.float32)
+    assert np.allclose(sorted_fp32, whole, rtol=0, atol=2e-3 * np.abs(whole).max())
+    bf16 = GradientFeatures(base, ckpts[-1], "ckpt_02", dim=8192, run_seed=0, proj_dtype="bfloat16")
+    rounded = bf16.features_of(listed, "candidate", pad_id=0, batch_size=4).astype(np.float32)
+    cos = (rounded * whole).sum(1) / np.linalg.norm(rounded, axis=1) / np.linalg.norm(whole, axis=1)
+    assert cos.min() > 0.999  # bfloat16 products move a feature far less than the projection's own error
 
 
 def test_adam_transform_matches_the_saved_moments(feats, lora_run, rows):

@@ -35,19 +35,16 @@ class FeatureActor:
         device = "cuda" if conf.gpus_per_actor else "cpu"
         self.kind, self.conf = kind, conf
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device)
+        self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device,
+                                         proj_dtype=conf.proj_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from scoder_ray.influence.features import to_batch
-
-        ids, labels = [], []
+        examples = []
         for i in range(len(batch["cand_id"])):
             prompt, response = prompt_response({k: batch[k][i] for k in ("snippet", "problem", "solution")}, "synthesizer")
-            e_ids, e_labels, _ = encode(self.tokenizer, prompt, response, self.conf.max_len)
-            ids.append(e_ids)
-            labels.append(e_labels)
-        t = to_batch(ids, labels, self.tokenizer.pad_token_id)
-        feats = self.features.features(t["input_ids"], t["attention_mask"], t["labels"], self.kind)
+            ids, labels, _ = encode(self.tokenizer, prompt, response, self.conf.max_len)
+            examples.append((ids, labels))
+        feats = self.features.features_of(examples, self.kind, self.tokenizer.pad_token_id, self.conf.batch_size)
         return {"cand_id": batch["cand_id"], "feature": feats}
 
 
@@ -65,7 +62,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
                                                                 "seed": seed},
-                           batch_size=conf.batch_size, concurrency=conf.num_actors, batch_format="numpy",
+                           batch_size=conf.sort_window, concurrency=conf.num_actors, batch_format="numpy",
                            max_restarts=3, max_task_retries=3, **opts)
     feats.write_parquet(out_uri)
     return ds.count()
