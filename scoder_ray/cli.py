@@ -24,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage in order, resuming a run with the same run.id", epilog=EPILOG)
     _config_args(p)
 
-    from scoder_ray.loop import EXTRA_STAGES, STAGES
+    from scoder_ray.loop import STAGES
 
     p = sub.add_parser("stage", help="run one stage", epilog=EPILOG)
-    names = [n for s in (*STAGES, *EXTRA_STAGES) for n in (s, s.replace("_", "-"))]
-    p.add_argument("name", choices=names, metavar="{" + ",".join(s.replace("_", "-") for s in (*STAGES, *EXTRA_STAGES)) + "}",
+    names = [n for s in STAGES for n in (s, s.replace("_", "-"))]
+    p.add_argument("name", choices=names, metavar="{" + ",".join(s.replace("_", "-") for s in STAGES) + "}",
                    help="the stage to run")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is done")
     _config_args(p)
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the stages of a run directory, their state and counts")
     p.add_argument("run_dir", help="e.g. runs/tiny (a local path or s3://... URI)")
     p.add_argument("--json", action="store_true", help="print the _DONE.json records as JSON")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and tables of every stage")
+    p.add_argument("run_dir", help="e.g. runs/demo")
 
     p = sub.add_parser("config", help="print the resolved configuration", epilog=EPILOG)
     _config_args(p)
@@ -82,6 +85,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "status":
             return _status(args.run_dir, args.json)
+        if args.command == "report":
+            from scoder_ray.report import write_report
+            from scoder_ray.store import RunStore
+
+            print(write_report(RunStore.open(args.run_dir)))
+            return 0
         if args.command == "evaluate-samples":
             return _evaluate_samples(args)
         cfg = load_config(args.preset, args.overrides)

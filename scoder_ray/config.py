@@ -38,6 +38,9 @@ class RayConf:
     num_cpus: Optional[int] = None  # local instance only; None = all cores
     object_store_gib: Optional[float] = None  # local instance only; None = Ray's 30% of RAM
     include_dashboard: bool = True
+    # The cluster this config runs on (cluster/*.yaml, relative to the repository or absolute): every GPU
+    # request is checked against its node types when the config loads.
+    cluster_config: Optional[str] = None
 
 
 @dataclass
@@ -210,7 +213,26 @@ class InfluenceConf:
 @dataclass
 class LoopConf:
     iterations: int = 2  # T
+    # Retrain the synthesizer each iteration from `base` (models.synthesizer) on teacher + every sample
+    # kept so far (the default: no drift compounds across iterations), or from the `previous` synthesizer.
+    retrain_from: str = "base"
+    retrain_epochs: int = 0  # 0: train.synthesizer.epochs; continuing from `previous` usually needs fewer
     final_dataset_size: int = 1000
+    final_samples_per_seed: int = 0  # 0: enough to reach final_dataset_size from the seed pool
+
+
+@dataclass
+class EvaluateConf:
+    """The SCoder model (and its base, for comparison) on code benchmarks, run in the sandbox."""
+    benchmarks: list[str] = field(default_factory=lambda: ["humaneval"])
+    problems: dict[str, str] = field(default_factory=dict)  # benchmark -> release file (evalplus formats)
+    limit: int = 0  # first N problems of each benchmark (0: all)
+    num_samples: int = 1  # completions per problem (pass@k needs n >= k)
+    temperature: float = 0.0  # greedy for pass@1; 0.8 with num_samples >= 10 for pass@10
+    max_tokens: int = 512
+    timeout_s: float = 10.0
+    workers: int = 2
+    compare_base: bool = True  # also evaluate models.scoder before fine-tuning
 
 
 @dataclass
@@ -226,6 +248,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     influence: InfluenceConf = field(default_factory=InfluenceConf)
     loop: LoopConf = field(default_factory=LoopConf)
+    evaluate: EvaluateConf = field(default_factory=EvaluateConf)
 
 
 def presets() -> list[str]:
@@ -271,6 +294,17 @@ def _merge(layers: list[DictConfig]) -> DictConfig:
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{e.full_key}: {msg}") from None
+
+
+def _check_cluster(cfg: Config) -> None:
+    from scoder_ray.cluster import fit_problems, node_types
+
+    path = Path(cfg.ray.cluster_config).expanduser()
+    path = path if path.is_absolute() else CONF_DIR.parent / path
+    _check(path.is_file(), "ray.cluster_config", "a Ray autoscaler YAML or KubeRay manifest (cluster/*.yaml)",
+           cfg.ray.cluster_config)
+    for key, problem in fit_problems(cfg, node_types(str(path))):
+        raise ConfigError(f"{key}: does not fit ray.cluster_config={cfg.ray.cluster_config}: {problem}")
 
 
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -327,6 +361,17 @@ def validate(cfg: Config) -> None:
     _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
     _check(inf.keep_count >= 0 and inf.gpus_per_actor >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
+    _check(cfg.loop.iterations >= 0, "loop.iterations", "an integer >= 0", cfg.loop.iterations)
+    if cfg.ray.cluster_config:
+        _check_cluster(cfg)
+    _check(cfg.loop.retrain_epochs >= 0, "loop.retrain_epochs", "an integer >= 0", cfg.loop.retrain_epochs)
+    _check(cfg.loop.retrain_from in ("base", "previous"), "loop.retrain_from", "base or previous", cfg.loop.retrain_from)
+    ev = cfg.evaluate
+    for b in ev.benchmarks:
+        _check(b in BENCHMARKS, "evaluate.benchmarks", f"a list of {', '.join(BENCHMARKS)}", b)
+    for key in ("num_samples", "max_tokens", "workers"):
+        _check(getattr(ev, key) > 0, f"evaluate.{key}", "an integer > 0", getattr(ev, key))
+    _check(ev.limit >= 0, "evaluate.limit", "an integer >= 0", ev.limit)
     _check(inf.proj_dtype in ("auto", "float32", "bfloat16"), "influence.proj_dtype", "auto, float32 or bfloat16",
            inf.proj_dtype)
     _check(inf.aggregate in ("mean", "max"), "influence.aggregate", "mean or max", inf.aggregate)

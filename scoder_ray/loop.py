@@ -1,55 +1,122 @@
-"""The driver: runs the stages in order, each through the run store, so a rerun resumes.
+"""The driver: seeds -> bootstrap -> train synthesizer -> T x (sample -> score -> rank -> warm-up ->
+influence -> train data -> retrain) -> final synthesis -> train SCoder -> evaluate -> report.
 
-Ray does the heavy lifting inside stages; the driver only passes configs and reads `_DONE.json`s.
-Later stages (bootstrap, train, sample, score, influence, select, evaluate) register here.
+Every step is a stage of the run store, so `scoder-ray run` on an interrupted run resumes where it
+stopped (finished stages with unchanged config and inputs are skipped), and every random choice
+derives from run.seed: a run killed at any point and restarted ends with the same dataset digest.
+Ray does the heavy lifting inside the stages; the driver passes configs and reads `_DONE.json`s.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from scoder_ray.config import Config
+from scoder_ray.evaluate.stage import run_evaluate
 from scoder_ray.generate.bootstrap import run_bootstrap
+from scoder_ray.generate.final import run_final
 from scoder_ray.generate.sample import current_synthesizer, run_sample
 from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import init_ray
 from scoder_ray.score.stage import run_rank, run_score
 from scoder_ray.seeds import run_seeds
 from scoder_ray.store import RunStore
-from scoder_ray.train.stage import run_train
+from scoder_ray.train.stage import run_retrain, run_train, run_train_data
 
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
-# What `scoder-ray run` chains today. The driver over bootstrap -> T iterations -> final synthesis ->
-# SCoder training -> evaluation (issue 8) comes next; until then the later stages run alone.
-STAGES: dict[str, StageFn] = {"seeds": run_seeds}
-# Stages runnable alone (`scoder-ray stage NAME`).
-EXTRA_STAGES: dict[str, StageFn] = {
+
+
+def _warmup(t: int) -> StageFn:
+    def run(cfg: Config, store: RunStore, force: bool) -> dict[str, Any]:
+        rank = store.read_done(f"iter_{t:02d}/rank")
+        if rank is not None and rank["rows"] == 0:  # nothing to filter: influence writes an empty kept set
+            return {"rows": 0, "skipped": True, "note": "no candidate survived selection"}
+        return run_warmup(cfg, store, t, current_synthesizer(store, t), force=force)
+    return run
+
+
+def _influence(t: int) -> StageFn:
+    return lambda cfg, store, force: run_influence(cfg, store, t, current_synthesizer(store, t)
+                                                   if store.read_done(f"iter_{t:02d}/warmup") else "", force=force)
+
+
+def iteration_stages(t: int) -> dict[str, StageFn]:
+    it = f"iter_{t:02d}"
+    return {
+        f"{it}/sample": lambda cfg, store, force: run_sample(cfg, store, t, force=force),
+        f"{it}/score": lambda cfg, store, force: run_score(cfg, store, t, force=force),
+        f"{it}/rank": lambda cfg, store, force: run_rank(cfg, store, t, force=force),
+        f"{it}/warmup": _warmup(t),
+        f"{it}/influence": _influence(t),
+        f"{it}/train_data": lambda cfg, store, force: run_train_data(cfg, store, t, force=force),
+        f"{it}/train": lambda cfg, store, force: run_retrain(cfg, store, t, force=force),
+    }
+
+
+def plan(cfg: Config) -> dict[str, StageFn]:
+    """Every stage of the loop, in order."""
+    stages: dict[str, StageFn] = {
+        "seeds": run_seeds,
+        "bootstrap": run_bootstrap,
+        "train_synthesizer": lambda cfg, store, force: run_train(cfg, store, "train_synthesizer", force),
+    }
+    for t in range(1, cfg.loop.iterations + 1):
+        stages.update(iteration_stages(t))
+    stages.update({
+        "final": run_final,
+        "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
+        "evaluate": run_evaluate,
+    })
+    return stages
+
+
+# Stages runnable alone (`scoder-ray stage NAME`), iteration-scoped ones for iteration 1
+# (`scoder-ray stage sample` = iter_01/sample; later iterations run inside `scoder-ray run`).
+STAGES: dict[str, StageFn] = {
+    "seeds": run_seeds,
     "bootstrap": run_bootstrap,
     "train_synthesizer": lambda cfg, store, force: run_train(cfg, store, "train_synthesizer", force),
-    "sample": lambda cfg, store, force: run_sample(cfg, store, 1, force=force),
-    "score": lambda cfg, store, force: run_score(cfg, store, 1, force=force),
-    "rank": lambda cfg, store, force: run_rank(cfg, store, 1, force=force),
-    "warmup": lambda cfg, store, force: run_warmup(cfg, store, 1, current_synthesizer(store, 1), force=force),
-    "influence": lambda cfg, store, force: run_influence(cfg, store, 1, current_synthesizer(store, 1), force=force),
+    **{name.split("/", 1)[1]: fn for name, fn in iteration_stages(1).items()},
+    "final": run_final,
     "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
+    "evaluate": run_evaluate,
 }
 
 
 def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
-    stages = {**STAGES, **EXTRA_STAGES}
-    if name not in stages:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(stages)}")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     store = RunStore.for_config(cfg)
     store.write_config(cfg)
     init_ray(cfg.ray)
-    return stages[name](cfg, store, force)
+    return STAGES[name](cfg, store, force)
 
 
-def run(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Every stage in order; finished stages with unchanged inputs are skipped."""
-    results = {}
-    for name in STAGES:
-        done = run_stage(cfg, name)
+def run(cfg: Config, report: bool = True) -> dict[str, dict[str, Any]]:
+    """Every stage of the loop in order; finished stages with unchanged inputs are skipped."""
+    from scoder_ray.metrics import LoopMetrics
+
+    store = RunStore.for_config(cfg)
+    store.write_config(cfg)
+    init_ray(cfg.ray)
+    stages = plan(cfg)
+    metrics = LoopMetrics(cfg.run.id, len(stages))
+    results: dict[str, dict[str, Any]] = {}
+    started = time.time()
+    for i, (name, fn) in enumerate(stages.items()):
+        print(f"[scoder-ray] [{i + 1}/{len(stages)}] {name} ...", flush=True)
+        done = fn(cfg, store, False)
         results[name] = done
-        verb = "skipped (already done)" if done.get("skipped") else f"done in {done['seconds']:.1f}s"
-        print(f"[scoder-ray] stage {name}: {verb}, {done['rows']} rows", flush=True)
+        metrics.record(name, done, i)
+        verb = "skipped (already done)" if done.get("skipped") else f"done in {done.get('seconds', 0):.1f}s"
+        print(f"[scoder-ray] [{i + 1}/{len(stages)}] {name}: {verb}, {done.get('rows', 0)} rows "
+              f"({time.time() - started:.0f}s elapsed)", flush=True)
+    final = results.get("final", {})
+    if final.get("dataset_digest"):
+        print(f"[scoder-ray] final dataset: {final['rows']} samples, digest {final['dataset_digest']}", flush=True)
+    if report:
+        from scoder_ray.report import write_report
+
+        path = write_report(store)
+        print(f"[scoder-ray] report: {path}", flush=True)
     return results

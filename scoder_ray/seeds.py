@@ -47,7 +47,7 @@ def source_files(sources: list[str]) -> list[dict[str, str]]:
     """Every input file as {source, path (relative to its source), abs}, in a stable order."""
     items = []
     for src in sources:
-        root = Path(sysconfig.get_paths()["stdlib"]) if src == "stdlib" else Path(src).expanduser()
+        root = Path(sysconfig.get_paths()["stdlib"]) if src == "stdlib" else Path(resolve_rows_file(src)).expanduser()
         if root.is_file():
             if root.suffix not in RECORD_SUFFIXES + (".py",):
                 raise ValueError(f"seeds.sources: {src!r} is not a folder, .py, .jsonl or .parquet file")
@@ -294,6 +294,28 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
     n_kept = counts.pop("", 0)
     return {"rows": n_kept, "files": len(items), "candidates": len(candidates),
             "dropped": dict(sorted(counts.items())), "sources": list(conf.sources)}
+
+
+BUILTIN_ROWS = "builtin:stdlib-documented"
+
+
+def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> str:
+    """`builtin:stdlib-documented[:N]` -> a JSONL file of N (default 64) `documented_functions` rows, written
+    once (atomically) under cache_dir; any other value is returned as is. The tiny preset uses it as both
+    its seed pool and its stand-in teacher samples, so a 1M-parameter model can learn to answer its seeds."""
+    if not ref.startswith(BUILTIN_ROWS):
+        return ref
+    count = ref[len(BUILTIN_ROWS):].lstrip(":")
+    if count and not count.isdigit():
+        raise ValueError(f"{ref!r}: expected {BUILTIN_ROWS} or {BUILTIN_ROWS}:N")
+    n = int(count or 64)
+    path = Path(cache_dir).expanduser() / f"stdlib-documented-{n}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in documented_functions(n)))
+        os.replace(tmp, path)
+    return str(path)
 
 
 def documented_functions(n: int) -> list[dict[str, str]]:

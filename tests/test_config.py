@@ -11,7 +11,7 @@ def test_defaults_load_and_match_the_schema():
     assert cfg.train.synthesizer.zero_stage == 2 and cfg.train.warmup.lora.enabled
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo", "paper-7b"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-loop", "demo", "paper-7b"])
 def test_every_preset_validates(preset):
     assert preset in presets()
     cfg = load_config(preset)
@@ -68,7 +68,7 @@ def test_unknown_key_error_lists_allowed_keys():
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="preset 'nope' does not exist; available: demo, paper-7b, tiny"):
+    with pytest.raises(ConfigError, match="preset 'nope' does not exist; available: demo, paper-7b, tiny, tiny-loop"):
         load_config("nope")
 
 

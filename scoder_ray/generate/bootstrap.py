@@ -41,10 +41,12 @@ def pick_seeds(store: RunStore, n: int, run_seed: int) -> list[dict[str, str]]:
 def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
     conf = cfg.teacher
     if conf.samples_file:
+        from scoder_ray.seeds import resolve_rows_file
         from scoder_ray.train.stage import input_digest
 
-        inputs = {"samples_file": input_digest(conf.samples_file)}
-        produce = lambda tmp: _from_file(conf.samples_file, tmp)  # noqa: E731
+        path = resolve_rows_file(conf.samples_file)
+        inputs = {"samples_file": input_digest(path)}
+        produce = lambda tmp: _from_file(path, tmp)  # noqa: E731
     else:
         seeds = store.read_done("seeds")
         if seeds is None:

@@ -103,9 +103,10 @@ def engine_actor_options(engine: EngineConf) -> dict[str, Any]:
     return opts
 
 
-def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str) -> int:
-    """Write N candidates per seed from one checkpoint; returns the number of rows written."""
-    n = cfg.sample.samples_per_seed
+def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str,
+                      n: Optional[int] = None) -> int:
+    """Write n (default N) candidates per seed from one checkpoint; returns n."""
+    n = n or cfg.sample.samples_per_seed
     rows = seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed))
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
@@ -128,7 +129,8 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
     if checkpoints is None:
         checkpoints = synthesizer_checkpoints(store, iteration)
     stage = f"iter_{iteration:02d}/sample"
-    inputs = {"seeds": seeds_done["output_digest"], "checkpoints": ",".join(f"{n}={p}" for n, p in checkpoints)}
+    inputs = {"seeds": seeds_done["output_digest"], "checkpoints": ",".join(f"{n}={p}" for n, p in checkpoints),
+              "synthesizer": synthesizer_digest(store, iteration)}
 
     def produce(tmp: str) -> dict[str, Any]:
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"])
@@ -155,9 +157,19 @@ def _seed_subset(store: RunStore, n: int, run_seed: int, iteration: int) -> list
     return pick_seeds(store, n, run_seed + 1000 * iteration)
 
 
+def synthesizer_stage(iteration: int) -> str:
+    """The training stage whose checkpoints iteration `iteration` samples from."""
+    return "train_synthesizer" if iteration == 1 else f"iter_{iteration - 1:02d}/train"
+
+
+def synthesizer_digest(store: RunStore, iteration: int) -> str:
+    done = store.read_done(synthesizer_stage(iteration))
+    return done["output_digest"] if done else ""
+
+
 def synthesizer_checkpoints(store: RunStore, iteration: int) -> list[tuple[str, str]]:
     """The M checkpoints of the synthesizer that iteration `iteration` samples from."""
-    stage = "train_synthesizer" if iteration == 1 else f"iter_{iteration - 1:02d}/train"
+    stage = synthesizer_stage(iteration)
     done = store.read_done(stage)
     if done is None:
         raise ValueError(f"sampling for iteration {iteration} needs the synthesizer's checkpoints: run {stage} first")

@@ -135,16 +135,22 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
     import os
 
     it = f"iter_{iteration:02d}"
-    warm, rank_done, teacher_done = store.read_done(f"{it}/warmup"), store.read_done(f"{it}/rank"), store.read_done("bootstrap")
-    if warm is None or rank_done is None or teacher_done is None:
-        raise ValueError(f"influence needs {it}/warmup, {it}/rank and bootstrap: run them first")
+    rank_done = store.read_done(f"{it}/rank")
+    if rank_done is None:
+        raise ValueError(f"influence needs {it}/rank: run it first")
     # Candidates: the ones initial selection kept, as a Parquet shard of their own.
     cand_stage = f"{it}/features/candidates"
     cand_done = store.run_stage(cand_stage, {}, {f"{it}/rank": rank_done["output_digest"]},
                                 lambda tmp: _selected(store, f"{it}/rank", tmp))
+    conf = cfg.influence
+    if cand_done["rows"] == 0:  # nothing survived selection: an empty kept set, no warm-up needed
+        return store.run_stage(f"{it}/influence", {}, {"rank": rank_done["output_digest"]},
+                               lambda tmp: _empty_influence(store, cand_stage, tmp), force=force)
+    warm, teacher_done = store.read_done(f"{it}/warmup"), store.read_done("bootstrap")
+    if warm is None or teacher_done is None:
+        raise ValueError(f"influence needs {it}/warmup and bootstrap: run them first")
     sources = {"candidate": (store.uri(cand_stage) + "/data", "cand_id", cand_done["output_digest"]),
                "reference": (store.uri("bootstrap") + "/data", "seed_id", teacher_done["output_digest"])}
-    conf = cfg.influence
     feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
     for c in warm["checkpoints"]:
@@ -178,6 +184,15 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
     sections = {"influence.keep_fraction": conf.keep_fraction, "influence.keep_count": conf.keep_count,
                 "influence.aggregate": conf.aggregate, **feat_sections}
     return store.run_stage(f"{it}/influence", sections, inputs, produce, force=force)
+
+
+def _empty_influence(store: RunStore, cand_stage: str, tmp: str) -> dict[str, Any]:
+    fs, path = filesystem(store.uri(cand_stage) + "/data")
+    table = pq.read_table(path, filesystem=fs)
+    for name, typ in (("influence", pa.float64()), ("rank", pa.int64()), ("kept", pa.bool_())):
+        table = table.append_column(name, pa.array([], type=typ))
+    write_table(f"{tmp}/data/part-0.parquet", table)
+    return {"rows": 0, "candidates": 0, "note": "no candidate survived initial selection"}
 
 
 def _selected(store: RunStore, rank_stage: str, tmp: str) -> dict[str, Any]:

@@ -68,6 +68,11 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
              cfg.run.seed).check(data_uri)
 
     use_gpu = conf.gpus_per_worker > 0
+    # One Ray Train run per attempt of the stage (the attempt's tmp folder is in the name): worker failures
+    # resume inside it, but a new attempt (a rerun after the driver died, --force, a changed config) starts
+    # clean instead of resuming a run whose exports were in an attempt folder that no longer exists.
+    attempt = out_uri.rstrip("/").rsplit(".tmp-", 1)[-1][:8]
+    run_name = f"{cfg.run.id}-{name.replace('/', '-')}-{attempt}"
     # Ray Train's controller takes one report per worker per poll (default every 2 s) and `report`
     # blocks until then: per-step metrics would cap training at one step per poll. Poll faster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -78,7 +83,7 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
         scaling_config=ScalingConfig(num_workers=conf.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": conf.gpus_per_worker} if use_gpu else {"CPU": 1}),
         run_config=RunConfig(
-            name=f"{cfg.run.id}-{name.replace('/', '-')}",
+            name=run_name,
             storage_path=_train_storage(cfg),
             failure_config=FailureConfig(max_failures=conf.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # resumable state only; exports live in the stage
@@ -88,10 +93,19 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     result = trainer.fit()
     if result.error:
         raise result.error
+    _delete_tree(f"{_train_storage(cfg)}/{run_name}")  # resumable state of a finished run: no longer needed
     done = json.loads(read_text(f"{out_uri}/checkpoints.json"))
     return {"rows": n_train, "input_rows": n_rows, "truncated": int(stats["truncated"].sum()),
             "dropped_no_response": int(stats["no_response"].sum()), "model": model_ref, "lora": conf.lora.enabled,
             "total_steps": done["total_steps"], "checkpoints": done["checkpoints"], "format": fmt}
+
+
+def _delete_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def _train_storage(cfg: Config) -> str:
@@ -116,3 +130,63 @@ def run_train(cfg: Config, store: RunStore, stage: str, force: bool = False, dat
         data_uri, inputs = store.uri(upstream) + "/data", {upstream: done["output_digest"]}
     return store.run_stage(stage, {f"train.{section}": conf, "models": cfg.models, "run.seed": cfg.run.seed}, inputs,
                            lambda tmp: train_model(conf, model_ref, fmt, data_uri, tmp, cfg, stage), force=force)
+
+
+def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = False) -> dict[str, Any]:
+    """`iter_TT/train_data`: the teacher samples plus every candidate kept by influence in iterations 1..T."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from scoder_ray.store import write_table
+
+    sources = ["bootstrap"] + [f"iter_{t:02d}/influence" for t in range(1, iteration + 1)]
+    dones = {s: store.read_done(s) for s in sources}
+    missing = [s for s, d in dones.items() if d is None]
+    if missing:
+        raise ValueError(f"iter_{iteration:02d}/train_data needs {', '.join(missing)}: run them first")
+
+    def produce(tmp: str) -> dict[str, Any]:
+        rows, counts = [], {}
+        for s in sources:
+            fs, path = filesystem(store.uri(s) + "/data")
+            table = pq.read_table(path, filesystem=fs)
+            if "kept" in table.column_names:
+                table = table.filter(pc.field("kept"))
+            origin = "teacher" if s == "bootstrap" else s.split("/")[0]
+            part = [{"snippet": r["snippet"], "problem": r["problem"], "solution": r["solution"], "origin": origin}
+                    for r in table.select(["snippet", "problem", "solution"]).to_pylist()]
+            counts[origin] = len(part)
+            rows += part
+        rows.sort(key=lambda r: (r["origin"] != "teacher", r["origin"], r["problem"], r["solution"]))
+        write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=pa.schema(
+            [(c, pa.string()) for c in ("snippet", "problem", "solution", "origin")])))
+        return {"rows": len(rows), "by_origin": counts}
+
+    return store.run_stage(f"iter_{iteration:02d}/train_data", {}, {s: d["output_digest"] for s, d in dones.items()},
+                           produce, force=force)
+
+
+def run_retrain(cfg: Config, store: RunStore, iteration: int, force: bool = False) -> dict[str, Any]:
+    """`iter_TT/train`: the next synthesizer, from the base model (loop.retrain_from=base) or the one this
+    iteration sampled from (previous), on `iter_TT/train_data`; its checkpoints feed iteration T+1."""
+    from dataclasses import replace
+
+    from scoder_ray.generate.sample import current_synthesizer, synthesizer_digest
+
+    data_stage = f"iter_{iteration:02d}/train_data"
+    data = store.read_done(data_stage)
+    if data is None:
+        raise ValueError(f"iter_{iteration:02d}/train needs {data_stage}: run it first")
+    conf = cfg.train.synthesizer
+    conf = replace(conf, epochs=cfg.loop.retrain_epochs or conf.epochs, data=None)
+    previous = cfg.loop.retrain_from == "previous"
+    model_ref = current_synthesizer(store, iteration) if previous else cfg.models.synthesizer
+    inputs = {data_stage: data["output_digest"], "from": cfg.loop.retrain_from,
+              "previous": synthesizer_digest(store, iteration) if previous else ""}
+    stage = f"iter_{iteration:02d}/train"
+    sections = {"train.synthesizer": cfg.train.synthesizer, "loop.retrain_epochs": cfg.loop.retrain_epochs,
+                "models": cfg.models, "run.seed": cfg.run.seed}
+    return store.run_stage(stage, sections, inputs,
+                           lambda tmp: train_model(conf, model_ref, "synthesizer", store.uri(data_stage) + "/data", tmp,
+                                                   cfg, stage), force=force)

@@ -1,0 +1,69 @@
+"""What a cluster config offers, and whether a preset fits it: checked before any compute starts.
+
+Reads a Ray autoscaler YAML (`available_node_types`) or a KubeRay manifest (`RayCluster` worker groups)
+into node types {name: GPUs, CPUs, max nodes}, then checks every GPU request of the config: one engine,
+one training worker or one influence actor must fit on a single node type, and a whole engine pool or
+training job must fit in the GPUs the cluster can scale to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    gpus: int
+    cpus: int
+    max_nodes: int
+
+
+def _int(value: Any) -> int:
+    return int(float(str(value).strip('"'))) if value not in (None, "") else 0
+
+
+def node_types(path: str) -> list[NodeType]:
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    types = []
+    for doc in docs:
+        if "available_node_types" in doc:  # Ray autoscaler
+            head = doc.get("head_node_type")
+            for name, t in doc["available_node_types"].items():
+                res = t.get("resources") or {}
+                types.append(NodeType(name, _int(res.get("GPU")), _int(res.get("CPU")),
+                                      1 if name == head else _int(t.get("max_workers", doc.get("max_workers", 0)))))
+        elif doc.get("kind") == "RayCluster":
+            spec = doc["spec"]
+            head = spec["headGroupSpec"]
+            types.append(NodeType("head", _int(head.get("rayStartParams", {}).get("num-gpus")), 0, 1))
+            for g in spec.get("workerGroupSpecs", []):
+                limits = g["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+                gpus = _int(g.get("rayStartParams", {}).get("num-gpus", limits.get("nvidia.com/gpu")))
+                types.append(NodeType(g["groupName"], gpus, _int(limits.get("cpu")), _int(g.get("maxReplicas"))))
+    if not types:
+        raise ValueError(f"{path}: neither a Ray autoscaler config (available_node_types) nor a KubeRay RayCluster")
+    return types
+
+
+def fit_problems(cfg, types: list[NodeType]) -> list[tuple[str, str]]:
+    """(config key, problem) for every GPU request the node types cannot serve."""
+    most = max(t.gpus for t in types)
+    total = sum(t.gpus * t.max_nodes for t in types)
+    offer = ", ".join(f"{t.name}: {t.gpus} GPU x {t.max_nodes}" for t in types)
+    problems = []
+    requests = {"engine.gpus_per_engine": (cfg.engine.gpus_per_engine, cfg.engine.num_engines),
+                "influence.gpus_per_actor": (cfg.influence.gpus_per_actor, cfg.influence.num_actors)}
+    for name in ("synthesizer", "scoder", "warmup"):
+        t = getattr(cfg.train, name)
+        requests[f"train.{name}.gpus_per_worker"] = (t.gpus_per_worker, t.num_workers)
+    for key, (per_unit, units) in requests.items():
+        if per_unit > most:
+            problems.append((key, f"{per_unit} GPUs on one node, but the largest node type has {most} ({offer})"))
+        elif per_unit * units > total:
+            problems.append((key, f"{units} x {per_unit} = {per_unit * units} GPUs at once, but the cluster scales "
+                                  f"to {total} ({offer})"))
+    return problems

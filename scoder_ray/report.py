@@ -1,0 +1,151 @@
+"""`scoder-ray report RUN_DIR`: one self-contained report.html (PNG plots inlined) from the run store.
+
+Per iteration: candidates, parse rate, aspect score distributions, influence distribution, kept counts;
+synthesizer loss curves; stage durations and tokens/s; the final dataset and pass@k of the SCoder model
+beside its base; the run's config and lineage (where the kept samples came from).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any, Optional
+
+from scoder_ray.store import RunStore, filesystem, read_text, write_text
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read_parquet(store: RunStore, stage: str, columns: Optional[list[str]] = None):
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(store.uri(stage) + "/data")
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+    except (FileNotFoundError, OSError, KeyError):
+        return None
+
+
+def _metrics(store: RunStore, stage: str) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in read_text(store.uri(stage) + "/metrics.jsonl").splitlines() if line]
+    except (FileNotFoundError, OSError):
+        return []
+
+
+def build(store: RunStore) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dones = {s.name: s.done for s in store.stages() if s.done}
+    iterations = sorted({n.split("/")[0] for n in dones if n.startswith("iter_")})
+    parts = [f"<h1>scoder-ray run {html.escape(store.base.rsplit('/', 1)[-1])}</h1>"]
+
+    # -- overview: stage durations and throughput
+    names = [n for n in dones if "/features/" not in n]
+    rows = []
+    for n in names:
+        d = dones[n]
+        tps = f"{d['tokens'] / d['seconds']:.0f}" if d.get("tokens") and d.get("seconds") else ""
+        rows.append([n, d.get("rows", ""), f"{d.get('seconds', 0):.1f}", tps, d.get("started_at", "")])
+    parts.append("<h2>Stages</h2>" + _table(rows, ["stage", "rows out", "seconds", "tokens/s", "started"]))
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(names))))
+    ax.barh(names[::-1], [dones[n].get("seconds", 0) for n in names[::-1]], color="#4c72b0")
+    ax.set_xlabel("seconds")
+    ax.set_title("stage durations")
+    parts.append(_png(fig))
+
+    # -- per iteration
+    if iterations:
+        parts.append("<h2>Iterations</h2>")
+        rows = []
+        for it in iterations:
+            s, r, inf = dones.get(f"{it}/sample", {}), dones.get(f"{it}/rank", {}), dones.get(f"{it}/influence", {})
+            rows.append([it, s.get("rows", ""), s.get("parse_rate", ""), dones.get(f"{it}/score", {}).get("rows", ""),
+                         r.get("rows", ""), inf.get("rows", ""), dones.get(f"{it}/train_data", {}).get("rows", "")])
+        parts.append(_table(rows, ["iteration", "candidates", "parse rate", "scored", "selected", "kept (influence)",
+                                   "training rows"]))
+        for it in iterations:
+            scored = _read_parquet(store, f"{it}/score")
+            aspects = [c for c in scored.columns if c.startswith("aspect_") and c != "aspects_fallback"] if scored is not None else []
+            infl = _read_parquet(store, f"{it}/influence", ["influence", "kept"])
+            cols = len(aspects) + (1 if infl is not None and len(infl) else 0)
+            if not cols:
+                continue
+            fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.4), squeeze=False)
+            for ax, a in zip(axes[0], aspects):
+                vals = scored[a][scored[a] >= 0]
+                ax.hist(vals, bins=range(11), color="#55a868", align="left")
+                ax.set_title(a.replace("aspect_", ""), fontsize=9)
+            if infl is not None and len(infl):
+                ax = axes[0][-1]
+                ax.hist([infl["influence"][~infl["kept"]], infl["influence"][infl["kept"]]], bins=20, stacked=True,
+                        color=["#bbbbbb", "#c44e52"], label=["dropped", "kept"])
+                ax.set_title("influence", fontsize=9)
+                ax.legend(fontsize=7)
+            fig.suptitle(f"{it}: aspect scores (0-9) and influence", fontsize=10)
+            parts.append(_png(fig))
+
+    # -- training curves
+    train_stages = [n for n in dones if n in ("train_synthesizer", "train_scoder") or n.endswith(("/train", "/warmup"))]
+    curves = {n: _metrics(store, n) for n in train_stages}
+    curves = {n: m for n, m in curves.items() if m}
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for n, m in curves.items():
+            ax.plot([x["step"] for x in m], [x["loss"] for x in m], label=n)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title("training loss")
+        parts.append("<h2>Training</h2>" + _png(fig))
+
+    # -- final dataset, evaluation, lineage
+    final = dones.get("final")
+    if final:
+        parts.append("<h2>Final dataset</h2>" + _table(
+            [[final["rows"], final.get("target"), final.get("generated"), final.get("parse_rate"), final.get("duplicates"),
+              final.get("dataset_digest", "")]], ["samples", "target", "generated", "parse rate", "duplicates", "digest"]))
+    ev = dones.get("evaluate")
+    if ev:
+        rows = [[model, bench, ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))]
+                for model, by_bench in ev["results"].items() for bench, scores in by_bench.items()]
+        parts.append("<h2>Evaluation</h2>" + _table(rows, ["model", "benchmark", "pass@k"]) +
+                     f"<p>{ev.get('num_samples')} sample(s) per problem, temperature {ev.get('temperature')}, "
+                     f"limit {ev.get('limit') or 'none'}.</p>")
+    lineage = [[it, json.dumps(dones[f"{it}/train_data"].get("by_origin", {}))] for it in iterations
+               if f"{it}/train_data" in dones]
+    if lineage:
+        parts.append("<h2>Lineage</h2>" + _table(lineage, ["iteration", "training rows by origin"]))
+    try:
+        config = read_text(store.uri("config.yaml"))
+    except (FileNotFoundError, OSError):
+        config = ""
+    parts.append(f"<h2>Config</h2><pre>{html.escape(config)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}pre{background:#f6f6f6;padding:1em;font-size:12px}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>scoder-ray report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def write_report(store: RunStore) -> str:
+    """Write `<run>/report.html`; returns its URI."""
+    uri = store.uri("report.html")
+    write_text(uri, build(store))
+    return uri
