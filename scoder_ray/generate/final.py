@@ -52,7 +52,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
     def produce(tmp: str) -> dict[str, Any]:
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"])
         sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n)
-        raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok"]).to_pandas()
+        raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "engine_start_s"]).to_pandas()
         parsed = raw[raw["parse_ok"]].sort_values("cand_id")
         unique = parsed.drop_duplicates(["problem", "solution"])
         rows = unique[COLUMNS].head(cfg.loop.final_dataset_size).to_dict("records")
@@ -64,7 +64,8 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
                 "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
                 "duplicates": len(parsed) - len(unique), "tokens": int(raw["tokens"].sum()),
-                "synthesizer": path, "dataset_digest": dataset_digest(rows)}
+                "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
+                "dataset_digest": dataset_digest(rows)}
 
     sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "engine": cfg.engine,
                 "run.seed": cfg.run.seed}

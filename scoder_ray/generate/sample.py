@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -41,11 +42,21 @@ class EngineActor:
         from scoder_ray.generate.engine import make_llm
 
         self.error: Optional[str] = None
+        started = time.perf_counter()
         try:
             self.llm = make_llm(engine, model_path, seed)
             self.tokenizer = self.llm.get_tokenizer()
         except Exception as e:  # noqa: BLE001 - reported on the first batch, with the cause
             self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e}"
+        self.start_s: Optional[float] = time.perf_counter() - started
+
+    def startup_column(self, n: int) -> np.ndarray:
+        """`engine_start_s`: this engine's start-up time on the first row it returns, 0 after, so a stage
+        can tell Ray/engine overhead from generation (bench/loop.py)."""
+        col = np.zeros(n)
+        if self.start_s is not None and n:
+            col[0], self.start_s = self.start_s, None
+        return col
 
     def check(self) -> None:
         if self.error:
@@ -83,6 +94,7 @@ class Sampler(EngineActor):
         out_batch = {k: v for k, v in batch.items() if k != "sampling_seed"}
         out_batch.update({k: np.array(v, dtype=object if k in ("problem", "solution", "raw", "reason") else None)
                           for k, v in cols.items()})
+        out_batch["engine_start_s"] = self.startup_column(len(outputs))
         return out_batch
 
 
@@ -140,12 +152,13 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
         for name, path in checkpoints:
             sample_checkpoint(cfg, seeds, iteration, name, path, tmp)
         out = ray.data.read_parquet(f"{tmp}/data")
-        stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt"]).to_pandas()
+        stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt", "engine_start_s"]).to_pandas()
         return {"rows": len(stats), "checkpoints": [n for n, _ in checkpoints],
                 "samples_per_seed": cfg.sample.samples_per_seed, "parse_rate": round(float(stats["parse_ok"].mean()), 4),
                 "parse_rate_by_ckpt": {k: round(float(v), 4) for k, v in stats.groupby("ckpt")["parse_ok"].mean().items()},
                 "rejected": {k: int(v) for k, v in stats["reason"][stats["reason"] != ""].value_counts().items()},
-                "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum())}
+                "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum()),
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2)}
 
     sections = {"sample": cfg.sample, "engine": cfg.engine, "run.seed": cfg.run.seed}
     return store.run_stage(stage, sections, inputs, produce, force=force)

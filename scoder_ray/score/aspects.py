@@ -99,4 +99,5 @@ class Scorer(EngineActor):
         result.update({k: np.array(v, dtype=np.int64) for k, v in cols.items()})
         result["aspects_fallback"] = np.array(fallback)
         result["scorer_raw"] = np.array(raw, dtype=object)
+        result["engine_start_s"] = self.startup_column(len(outputs))
         return result

@@ -52,14 +52,15 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
         executed.write_parquet(f"{tmp}/data")
         names = [a.name for a in cfg.score.aspects]
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
-            [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "ckpt"]).to_pandas()
+            [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "ckpt", "engine_start_s"]).to_pandas()
         return {"rows": len(stats), "candidates_in": done["rows"], "scorer": cfg.models.scorer,
                 "aspect_histograms": {n: _histogram(stats[f"aspect_{n}"]) for n in names},
                 "aspect_means_by_ckpt": {c: {n: round(float(g[f"aspect_{n}"][g[f"aspect_{n}"] >= 0].mean()), 3)
                                              for n in names} for c, g in stats.groupby("ckpt")},
                 "parse_fallbacks": int(stats["aspects_fallback"].sum()),
                 "unparsed": int((stats[[f"aspect_{n}" for n in names]] < 0).any(axis=1).sum()),
-                "exec_verdicts": dict(Counter(stats["exec_verdict"]))}
+                "exec_verdicts": dict(Counter(stats["exec_verdict"])),
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2)}
 
     sections = {"score.aspects": cfg.score.aspects, "score.max_tokens": cfg.score.max_tokens,
                 "score.exec_timeout_s": cfg.score.exec_timeout_s, "models.scorer": cfg.models.scorer,

@@ -158,7 +158,7 @@ def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = F
                     for r in table.select(["snippet", "problem", "solution"]).to_pylist()]
             counts[origin] = len(part)
             rows += part
-        rows.sort(key=lambda r: (r["origin"] != "teacher", r["origin"], r["problem"], r["solution"]))
+        rows.sort(key=lambda r: (r["origin"] != "teacher", r["origin"], r["problem"], r["solution"], r["snippet"]))
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=pa.schema(
             [(c, pa.string()) for c in ("snippet", "problem", "solution", "origin")])))
         return {"rows": len(rows), "by_origin": counts}

@@ -52,11 +52,13 @@ def train_loop(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
     lora = conf["lora"]
+    torch.manual_seed(config["seed"])  # the adapter's initial weights: the same on every rank and every run
     if lora["enabled"]:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                  target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+    torch.manual_seed(config["seed"] * 1000 + rank)  # dropout: reproducible, different data-parallel ranks differ
     if on_gpu:
         model.gradient_checkpointing_enable()
         if lora["enabled"]:
