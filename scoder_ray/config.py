@@ -70,6 +70,9 @@ class TeacherConf:
     price_out_per_mtok: float = 0.0
     cache_dir: str = "~/.cache/scoder-ray/teacher"  # responses by request digest: never pay twice
     samples_file: Optional[str] = None  # superior samples you already have (JSONL/Parquet: problem, solution[, snippet])
+    # vLLM-served teachers only: guided decoding to the sample layout (vLLM's `structured_outputs` request
+    # field; other APIs reject it). For weak stand-in teachers such as the demo's.
+    constrain_layout: bool = False
 
 
 @dataclass
@@ -110,6 +113,7 @@ class SampleConf:
     temperature: float = 0.8
     top_p: float = 0.95
     max_tokens: int = 512
+    constrain_layout: bool = False  # guided decoding to the sample layout (prompts.LAYOUT_REGEX): for weak synthesizers
 
 
 @dataclass

@@ -27,6 +27,10 @@ SYNTH_INSTRUCTION = (
     "### Solution\n```python\n<the solution>\n```"
 )
 SCODER_INSTRUCTION = "{problem}"
+# The layout as a regex, for guided decoding (`teacher.constrain_layout`, `sample.constrain_layout`): a weak
+# model then always writes the two sections and a closed fence; whether the code is valid Python is still
+# for `parse_sample` to judge.
+LAYOUT_REGEX = r"### Problem\n[^#`]+\n\n### Solution\n```python\n[^`]+\n```"
 PROBLEM_HEADER = "### Problem"
 SOLUTION_HEADER = "### Solution"
 

@@ -61,7 +61,8 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
     conf = cfg.teacher
     seeds = pick_seeds(store, conf.num_seeds, cfg.run.seed)
     bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(s["snippet"])),
-                           seed=derived_seed(cfg.run.seed, "teacher", s["seed_id"])) for s in seeds]
+                           seed=derived_seed(cfg.run.seed, "teacher", s["seed_id"]), layout=conf.constrain_layout)
+              for s in seeds]
     teacher = Teacher(conf)
     responses = teacher.run(bodies)
     rows = []

@@ -2,8 +2,8 @@
 
 `final/data/part-0.parquet`: cand_id, seed_id, snippet, problem, solution, tokens — the parseable samples,
 exact duplicates removed, in cand_id order, cut to `loop.final_dataset_size`. Samples per seed are
-`loop.final_samples_per_seed`, or enough to reach the size from the seed pool at the parse rate the
-last iteration measured (x1.25 for headroom). `dataset_digest` (printed at the end of every run) is
+`loop.final_samples_per_seed`, or enough to reach the size at the parse rate the last iteration measured
+(x1.25 for headroom), on as many distinct seeds (chosen by hash of the run seed) as that needs. `dataset_digest` (printed at the end of every run) is
 the SHA-256 of the sorted (problem, solution) rows: equal digests, equal datasets.
 """
 from __future__ import annotations
@@ -31,12 +31,17 @@ def dataset_digest(rows: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def samples_per_seed(cfg: Config, store: RunStore, n_seeds: int) -> int:
-    if cfg.loop.final_samples_per_seed:
-        return cfg.loop.final_samples_per_seed
+def final_plan(cfg: Config, store: RunStore, n_seeds: int) -> tuple[int, int]:
+    """(seeds to use, samples per seed): enough for final_dataset_size at the last measured parse rate
+    (x1.25 headroom), spread over as many distinct seeds as the pool has before repeating any."""
     last = store.read_done(f"iter_{cfg.loop.iterations:02d}/sample") if cfg.loop.iterations else None
     parse_rate = max(0.05, last["parse_rate"]) if last else 0.5
-    return max(1, math.ceil(1.25 * cfg.loop.final_dataset_size / max(1, n_seeds) / parse_rate))
+    needed = math.ceil(1.25 * cfg.loop.final_dataset_size / parse_rate)
+    if cfg.loop.final_samples_per_seed:
+        per_seed = cfg.loop.final_samples_per_seed
+        return min(n_seeds, math.ceil(needed / per_seed)), per_seed
+    per_seed = max(1, math.ceil(needed / max(1, n_seeds)))
+    return min(n_seeds, math.ceil(needed / per_seed)), per_seed
 
 
 def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
@@ -47,10 +52,14 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         raise ValueError("final synthesis needs the seed pool: run the seeds stage first")
     iteration = cfg.loop.iterations + 1  # the synthesizer after the last iteration
     name, path = synthesizer_checkpoints(store, iteration)[-1]
-    n = samples_per_seed(cfg, store, seeds_done["rows"])
+    n_seeds, n = final_plan(cfg, store, seeds_done["rows"])
 
     def produce(tmp: str) -> dict[str, Any]:
-        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"])
+        from scoder_ray.generate.bootstrap import pick_seeds
+
+        chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
+        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"]).filter(
+            lambda r: r["seed_id"] in chosen)
         sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n)
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "engine_start_s"]).to_pandas()
         parsed = raw[raw["parse_ok"]].sort_values("cand_id")
@@ -62,12 +71,12 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         schema = pa.schema([(c, pa.int64() if c == "tokens" else pa.string()) for c in COLUMNS])
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=schema))
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
-                "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
+                "seeds": n_seeds, "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
                 "duplicates": len(parsed) - len(unique), "tokens": int(raw["tokens"].sum()),
                 "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
                 "dataset_digest": dataset_digest(rows)}
 
     sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "engine": cfg.engine,
                 "run.seed": cfg.run.seed}
-    inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "samples_per_seed": str(n)}
+    inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "plan": f"{n_seeds}x{n}"}
     return store.run_stage(STAGE, sections, inputs, produce, force=force)

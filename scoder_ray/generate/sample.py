@@ -77,8 +77,14 @@ class Sampler(EngineActor):
         from vllm import SamplingParams
 
         texts = self.chat_prompts([prompts.synthesizer_prompt(s) for s in batch["snippet"]])
+        guided = None
+        if self.sample.constrain_layout:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            guided = StructuredOutputsParams(regex=prompts.LAYOUT_REGEX)
         params = [SamplingParams(temperature=self.sample.temperature, top_p=self.sample.top_p,
-                                 max_tokens=self.sample.max_tokens, seed=int(s)) for s in batch["sampling_seed"]]
+                                 max_tokens=self.sample.max_tokens, seed=int(s), structured_outputs=guided)
+                  for s in batch["sampling_seed"]]
         outputs = self.llm.generate(texts, params, use_tqdm=False)
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):

@@ -43,11 +43,17 @@ class Usage:
         return (self.prompt_tokens * conf.price_in_per_mtok + self.completion_tokens * conf.price_out_per_mtok) / 1e6
 
 
-def request_body(conf: TeacherConf, messages: list[dict[str, str]], seed: Optional[int] = None) -> dict[str, Any]:
+def request_body(conf: TeacherConf, messages: list[dict[str, str]], seed: Optional[int] = None,
+                 layout: bool = False) -> dict[str, Any]:
+    """A chat completion request; `layout` adds vLLM's guided decoding to the sample layout."""
     body: dict[str, Any] = {"model": conf.model, "messages": messages, "temperature": conf.temperature,
                             "max_tokens": conf.max_tokens}
     if seed is not None:
         body["seed"] = seed
+    if layout:
+        from scoder_ray.prompts import LAYOUT_REGEX
+
+        body["structured_outputs"] = {"regex": LAYOUT_REGEX}
     return body
 
 
