@@ -87,8 +87,13 @@ def job_run(tmp_path_factory):
                                 "--", *entry], env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True,
                                timeout=120)
         out["wrong_submit"] = (wrong.returncode, wrong.stdout + wrong.stderr)
-        sub = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait", f"--runtime-env-json={renv}",
-                              "--", *entry], env=env, capture_output=True, text=True, timeout=300)
+        for _ in range(30):  # a fresh head takes a few seconds to register its job agent
+            sub = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait",
+                                  f"--runtime-env-json={renv}", "--", *entry], env=env, capture_output=True, text=True,
+                                 timeout=300)
+            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(5)
         assert sub.returncode == 0, sub.stdout + sub.stderr
         job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group()
         deadline = time.time() + 30 * 60
