@@ -73,6 +73,10 @@ def job_run(tmp_path_factory):
     dash, metrics = free_port(), free_port()
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+                    # own agent ports: the defaults (52365, ...) belong to any other Ray on this machine, such as
+                    # the suite's `ray_local`, and a head without its job agent refuses every submission
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}",
                     "--num-cpus=2", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     address = f"http://127.0.0.1:{dash}"
