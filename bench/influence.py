@@ -1,20 +1,26 @@
-"""Influence features: our vectorised kernel against a faithful LESS-style reference, same everything.
+"""Influence features: our feature stage and its kernel against a faithful LESS-style reference, same everything.
 
-    .venv/bin/python bench/influence.py [--candidates 64] [--dim 8192] [--batch 8]
+    .venv/bin/python bench/influence.py [--candidates 256] [--dim 8192] [--batch 4] [--actors N]
 
 A real LoRA warm-up checkpoint of the tiny model is trained first (the training stage, 2 workers).
 Then, on the same candidates, references (teacher-like rows), d and projection matrix:
-- ours: `GradientFeatures.features_of` — length-sorted batches, per-example gradients from one backward
-  (output head on response tokens only), Adam transform, block projection;
 - LESS-style: one example at a time — forward, backward, flatten, the same Adam transform, one dense
-  projection matrix multiply.
-Prints examples/s of each, the ratio (goal >= 3 on CPU), peak RSS during each phase, and the Spearman
-correlation between the two influence score lists (goal >= 0.99).
+  projection matrix multiply — in this process with every core as torch threads;
+- ours, the kernel: `GradientFeatures.features_of` in this process with the same threads — length-sorted
+  batches, per-example gradients from one backward (output head on response tokens only), Adam
+  transform, block projection;
+- ours, the stage as users run it: `compute_features` (Ray Data over N FeatureActors, default one per
+  core with one thread each, one block of candidates each): its examples/s while the actors work, and
+  its fixed costs (read, actor start-up with imports, model and projection matrix, write) apart.
+Prints examples/s of each, the ratios to LESS (goal >= 3 on CPU), peak RSS of each (the stage: all its
+actors together), and the Spearman correlation between the influence score lists (goal >= 0.99).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import tempfile
 import threading
 import time
@@ -27,13 +33,30 @@ import torch
 
 
 class PeakRSS:
+    """Peak resident memory, sampled every 20 ms: of this process, or summed over the processes whose command
+    line contains `match` (Ray actors)."""
+
+    def __init__(self, match: str = ""):
+        self.match = match
+
+    def rss(self) -> int:
+        if not self.match:
+            return psutil.Process().memory_info().rss
+        total = 0
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if self.match in " ".join(proc.info["cmdline"] or []):
+                    total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
     def __enter__(self):
         self.peak, self.stop = 0, threading.Event()
-        proc = psutil.Process()
 
         def watch():
             while not self.stop.is_set():
-                self.peak = max(self.peak, proc.memory_info().rss)
+                self.peak = max(self.peak, self.rss())
                 time.sleep(0.02)
 
         self.thread = threading.Thread(target=watch, daemon=True)
@@ -65,10 +88,11 @@ def less_reference(feats, examples, kind: str, matrix: torch.Tensor) -> np.ndarr
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--candidates", type=int, default=64)
+    ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--references", type=int, default=8)
     ap.add_argument("--dim", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--actors", type=int, default=os.cpu_count(), help="feature actors of the stage, one core each")
     ap.add_argument("--proj-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = ap.parse_args()
 
@@ -81,7 +105,7 @@ def main() -> None:
     from scoder_ray.config import load_config
     from scoder_ray.seeds import documented_functions
     from scoder_ray.influence.features import GradientFeatures
-    from scoder_ray.influence.stage import influence_scores
+    from scoder_ray.influence.stage import compute_features, influence_scores, read_features
     from scoder_ray.store import RunStore
     from scoder_ray.tiny import resolve_model
     from scoder_ray.train.data import encode, prompt_response
@@ -99,9 +123,10 @@ def main() -> None:
     ckpt = str(Path(RunStore.for_config(cfg).path("train_synthesizer")) / done["checkpoints"][-1]["name"])
     base = resolve_model(cfg.models.synthesizer, cfg.models.cache_dir)
     tok = AutoTokenizer.from_pretrained(ckpt)
+    max_len = 512
 
     def encoded(part):
-        return [encode(tok, *prompt_response(r, "synthesizer"), 512)[:2] for r in part]
+        return [encode(tok, *prompt_response(r, "synthesizer"), max_len)[:2] for r in part]
 
     cands, refs = encoded(rows[:args.candidates]), encoded(rows[args.candidates:])
     feats = GradientFeatures(base, ckpt, "ckpt_01", dim=args.dim, run_seed=0, proj_dtype=args.proj_dtype)
@@ -118,16 +143,49 @@ def main() -> None:
         ref_c = less_reference(feats, cands, "candidate", matrix)
         ref_s = time.perf_counter() - t
     ref_r = less_reference(feats, refs, "reference", matrix)
+    threads, lora_params = torch.get_num_threads(), feats.total
+    del feats, matrix
 
-    ours = influence_scores({"k": ours_c.astype(np.float32)}, {"k": ours_r.astype(np.float32)}, {"k": 1.0})
-    theirs = influence_scores({"k": ref_c}, {"k": ref_r}, {"k": 1.0})
+    # The stage: the same candidates through Ray Data and the feature actors, as `iter_TT/influence` runs them.
+    (tmp / "cands").mkdir()
+    pq.write_table(pa.Table.from_pylist([{**r, "cand_id": f"c{i:05d}"} for i, r in enumerate(rows[:args.candidates])]),
+                   tmp / "cands" / "part-0.parquet")
+    conf = dataclasses.replace(cfg.influence, proj_dim=args.dim, batch_size=args.batch, max_len=max_len,
+                               proj_dtype=args.proj_dtype, num_actors=args.actors, cpus_per_actor=1,
+                               sort_window=-(-args.candidates // args.actors))
+    ray.init(num_cpus=args.actors, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
+    with PeakRSS("FeatureActor") as stage_mem:
+        t = time.perf_counter()
+        done = compute_features(str(tmp / "cands"), str(tmp / "feats"), base, ckpt, "ckpt_01", "candidate", conf, seed=0)
+        stage_s = time.perf_counter() - t
+    ray.shutdown()
+    ids, stage_c = read_features(str(tmp / "feats"))
+    stage_c = stage_c[np.argsort(ids)]
+    # Work: the actors' time in calls, side by side when each actor took one of the `actors` blocks
+    # (else counted as serial); the rest of the wall time is fixed cost (read, actor start-up, write).
+    worked = int((pq.read_table(tmp / "feats", columns=["actor_start_s"]).column("actor_start_s").to_numpy() > 0).sum())
+    stage_work_s = done["actor_busy_s"] / (args.actors if worked == args.actors else 1)
+
+    def scores(c, r):
+        return influence_scores({"k": c.astype(np.float32)}, {"k": r.astype(np.float32)}, {"k": 1.0})
+
+    less = scores(ref_c, ref_r)
     print(json.dumps({
-        "candidates": len(cands), "references": len(refs), "lora_params": feats.total, "proj_dim": args.dim,
-        "proj_dtype": str(feats.projector.dtype), "batch": args.batch,
-        "ours_examples_per_s": round(len(cands) / ours_s, 2), "less_examples_per_s": round(len(cands) / ref_s, 2),
-        "ratio_ours_over_less": round(ref_s / ours_s, 2),
-        "peak_rss_gib": {"ours": round(ours_mem.peak / 2**30, 2), "less": round(ref_mem.peak / 2**30, 2)},
-        "spearman_scores": round(float(spearmanr(ours, theirs).statistic), 5),
+        "candidates": len(cands), "references": len(refs), "lora_params": lora_params,
+        "proj_dim": args.dim, "proj_dtype": args.proj_dtype, "batch": args.batch, "cpus": os.cpu_count(),
+        "less_examples_per_s": round(len(cands) / ref_s, 2), "less_threads": threads,
+        "kernel_examples_per_s": round(len(cands) / ours_s, 2), "kernel_threads": threads,
+        "kernel_ratio_over_less": round(ref_s / ours_s, 2),
+        "stage_actors": args.actors, "stage_actors_that_worked": worked, "stage_threads_per_actor": 1, "stage_wall_s": round(stage_s, 2),
+        "stage_actor_start_s_each": round(done["actor_start_s"] / args.actors, 2),
+        "stage_fixed_s": round(stage_s - stage_work_s, 2),
+        "stage_examples_per_s_working": round(len(cands) / stage_work_s, 2),
+        "stage_ratio_over_less": round(ref_s / stage_work_s, 2),
+        "stage_examples_per_s_wall": round(len(cands) / stage_s, 2),
+        "peak_rss_gib": {"less": round(ref_mem.peak / 2**30, 2), "kernel": round(ours_mem.peak / 2**30, 2),
+                         "stage_all_actors": round(stage_mem.peak / 2**30, 2)},
+        "spearman_scores": {"kernel_vs_less": round(float(spearmanr(scores(ours_c, ours_r), less).statistic), 5),
+                            "stage_vs_less": round(float(spearmanr(scores(stage_c, ours_r), less).statistic), 5)},
     }, indent=2))
 
 

