@@ -22,3 +22,12 @@ def init_ray(conf: RayConf) -> None:
             )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs, same row order: resumed runs match
+
+
+def in_blocks(ds, rows_per_block: int):
+    """`ds` materialised as blocks of at most `rows_per_block` rows, one actor call each (map with
+    batch_size=None). Ray Data hands an actor pool whole blocks, so data read from one file (one block)
+    would feed one engine or feature actor while the rest idle. Materialised before the actors start:
+    the repartition (an all-to-all step) must not wait for CPUs the actors hold."""
+    ds = ds.materialize()
+    return ds.repartition(max(1, -(-ds.count() // rows_per_block))).materialize()

@@ -24,6 +24,7 @@ import numpy as np
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, SampleConf
 from scoder_ray.generate.bootstrap import derived_seed
+from scoder_ray.ray_env import in_blocks
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
 
@@ -125,11 +126,11 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
                       n: Optional[int] = None) -> int:
     """Write n (default N) candidates per seed from one checkpoint; returns n."""
     n = n or cfg.sample.samples_per_seed
-    rows = seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed))
+    rows = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
                                         "seed": cfg.run.seed},
-        batch_size=cfg.sample.batch_size, concurrency=cfg.engine.num_engines, batch_format="numpy",
+        batch_size=None, concurrency=cfg.engine.num_engines, batch_format="numpy",
         **engine_actor_options(cfg.engine))
     out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
     return n

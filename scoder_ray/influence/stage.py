@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf
+from scoder_ray.ray_env import in_blocks
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
 
@@ -76,12 +77,10 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     ds = ds.select_columns([id_column, "snippet", "problem", "solution"])
     if id_column != "cand_id":
         ds = ds.rename_columns({id_column: "cand_id"})
-    ds = ds.materialize()
+    # One block per actor call, of at most sort_window rows: the calls spread over the actors, and since
+    # the blocks depend only on the data, every example meets the same batch-mates however many actors.
+    ds = in_blocks(ds, conf.sort_window)
     rows = ds.count()
-    # One block per actor call, of at most sort_window rows: the calls spread over the actors (a single
-    # file is otherwise a single block, handed whole to one actor), and since the blocks depend only on
-    # the data, every example meets the same batch-mates however many actors there are.
-    ds = ds.repartition(max(1, -(-rows // conf.sort_window))).materialize()  # before the actors take the CPUs
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
     opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": conf.cpus_per_actor}
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray.config import Config
 from scoder_ray.generate.sample import engine_actor_options
+from scoder_ray.ray_env import in_blocks
 from scoder_ray.score.aspects import Scorer
 from scoder_ray.score.execution import execute_batch
 from scoder_ray.score.select import feature_names, features, select_group
@@ -40,11 +41,12 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
     model_path = resolve_model(cfg.models.scorer, cfg.models.cache_dir, cfg.models.tiny_seed)
 
     def produce(tmp: str) -> dict[str, Any]:
-        cands = ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"])
+        cands = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
+                          cfg.sample.batch_size)
         scored = cands.map_batches(
             Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
                                            "seed": cfg.run.seed},
-            batch_size=cfg.sample.batch_size, concurrency=cfg.engine.num_engines, batch_format="numpy",
+            batch_size=None, concurrency=cfg.engine.num_engines, batch_format="numpy",
             **engine_actor_options(cfg.engine))
         executed = scored.map_batches(
             execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},
