@@ -29,15 +29,17 @@ def main() -> None:
     from scoder_ray import prompts
     from scoder_ray.config import load_config
     from scoder_ray.generate.engine import make_llm, shutdown_llm
-    from scoder_ray.generate.sample import expand, run_sample
+    from scoder_ray.generate.sample import expand, run_sample, sampling_params
     from scoder_ray.ray_env import init_ray
     from scoder_ray.seeds import run_seeds, seeds_uri
     from scoder_ray.store import RunStore
     from scoder_ray.tiny import resolve_model
 
     tmp = tempfile.mkdtemp(prefix="bench-gen-")
+    # Every seed on both sides (the demo preset samples a subset of seeds per iteration).
     cfg = load_config(args.model, [f"run.root={tmp}", "run.id=bench", f"seeds.max_snippets={args.seeds}",
-                                   f"sample.samples_per_seed={args.n}", f"sample.max_tokens={args.max_tokens}",
+                                   "sample.num_seeds=0", f"sample.samples_per_seed={args.n}",
+                                   f"sample.max_tokens={args.max_tokens}",
                                    "ray.include_dashboard=false"])
     model_path = resolve_model(cfg.models.synthesizer, cfg.models.cache_dir, cfg.models.tiny_seed)
     init_ray(cfg.ray)
@@ -50,16 +52,13 @@ def main() -> None:
 
     seeds = pq.read_table(seeds_uri(store).replace("file://", "")).to_pylist()
     rows = [r for s in seeds for r in expand(s, 1, "ckpt_01", args.n, cfg.run.seed)]
-    from vllm import SamplingParams
-
     t = time.perf_counter()
     llm = make_llm(cfg.engine, model_path, cfg.run.seed)
     engine_start = time.perf_counter() - t
     tok = llm.get_tokenizer()
     texts = [tok.apply_chat_template(prompts.chat(prompts.synthesizer_prompt(r["snippet"])), tokenize=False,
                                      add_generation_prompt=True) for r in rows]
-    params = [SamplingParams(temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
-                             max_tokens=cfg.sample.max_tokens, seed=r["sampling_seed"]) for r in rows]
+    params = sampling_params(cfg.sample, [r["sampling_seed"] for r in rows])  # the stage's own, guided decoding included
     llm.generate(texts[:4], params[:4], use_tqdm=False)  # warm-up
     t = time.perf_counter()
     outs = llm.generate(texts, params, use_tqdm=False)

@@ -75,18 +75,8 @@ class Sampler(EngineActor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
-        from vllm import SamplingParams
-
         texts = self.chat_prompts([prompts.synthesizer_prompt(s) for s in batch["snippet"]])
-        guided = None
-        if self.sample.constrain_layout:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            guided = StructuredOutputsParams(regex=prompts.LAYOUT_REGEX)
-        params = [SamplingParams(temperature=self.sample.temperature, top_p=self.sample.top_p,
-                                 max_tokens=self.sample.max_tokens, seed=int(s), structured_outputs=guided)
-                  for s in batch["sampling_seed"]]
-        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        outputs = self.llm.generate(texts, sampling_params(self.sample, batch["sampling_seed"]), use_tqdm=False)
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):
             completion = out.outputs[0]
@@ -103,6 +93,19 @@ class Sampler(EngineActor):
                           for k, v in cols.items()})
         out_batch["engine_start_s"] = self.startup_column(len(outputs))
         return out_batch
+
+
+def sampling_params(sample: SampleConf, seeds) -> list:
+    """One seeded `SamplingParams` per candidate (guided to the sample layout with sample.constrain_layout)."""
+    from vllm import SamplingParams
+
+    guided = None
+    if sample.constrain_layout:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        guided = StructuredOutputsParams(regex=prompts.LAYOUT_REGEX)
+    return [SamplingParams(temperature=sample.temperature, top_p=sample.top_p, max_tokens=sample.max_tokens,
+                           seed=int(s), structured_outputs=guided) for s in seeds]
 
 
 def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int) -> list[dict[str, Any]]:
