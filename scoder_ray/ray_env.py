@@ -28,6 +28,8 @@ def in_blocks(ds, rows_per_block: int):
     """`ds` materialised as blocks of at most `rows_per_block` rows, one actor call each (map with
     batch_size=None). Ray Data hands an actor pool whole blocks, so data read from one file (one block)
     would feed one engine or feature actor while the rest idle. Materialised before the actors start:
-    the repartition (an all-to-all step) must not wait for CPUs the actors hold."""
+    the repartition (an all-to-all step) must not wait for CPUs the actors hold. Rows keep their input
+    order, so the blocks, and each row's batch-mates, are the same on every run."""
+    ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
     return ds.repartition(max(1, -(-ds.count() // rows_per_block))).materialize()

@@ -231,8 +231,8 @@ class Projector:
         rows = min(self.CHUNK, self.total - c * self.CHUNK)
         # Generated where it is used (Philox on GPU): the same R for every actor on the same kind of device.
         # One random byte gives 8 signs through a 256-row lookup table: 8x fewer draws and no arithmetic on
-        # the big matrix (4.7x faster than one draw per sign on CPU). Regenerating R is most of the cost
-        # when it is too large to cache (big LoRA adapters).
+        # the big matrix (4.7x faster than one draw per sign on CPU). R too large to cache (big adapters)
+        # is regenerated per pass, which dominated the GPU kernel's time (issue 7).
         gen = torch.Generator(device=self.device).manual_seed(self.base + c)
         n = rows * self.dim
         draws = torch.randint(0, 256, (-(-n // 8),), generator=gen, dtype=torch.int64, device=self.device)

@@ -71,10 +71,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     actor_start_s, actor_busy_s}: the actors' start-up and time in calls, summed over actors."""
     import ray
 
-    # Read first: the actors then hold every CPU they ask for without starving the readers.
-    ds = ray.data.read_parquet(rows_uri)
-    ds.context.execution_options.preserve_order = True  # file order in, the same blocks every run
-    ds = ds.select_columns([id_column, "snippet", "problem", "solution"])
+    ds = ray.data.read_parquet(rows_uri).select_columns([id_column, "snippet", "problem", "solution"])
     if id_column != "cand_id":
         ds = ds.rename_columns({id_column: "cand_id"})
     # One block per actor call, of at most sort_window rows: the calls spread over the actors, and since
