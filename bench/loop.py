@@ -5,7 +5,8 @@
 Runs `scoder-ray run` for the preset in a fresh run directory (or reads an existing one: --run-dir), then
 prints one row per stage: seconds, share of the total, overhead (vLLM engine start-ups for generation
 stages, model load + projection matrix for influence actors, everything but optimizer steps for training
-stages) and work, tokens and tokens/s of work; then per-iteration totals. The README's "Scaling" section derives its estimate from these numbers.
+stages) and work, tokens and tokens/s of work; then per-iteration totals. The README's "Scaling" section
+derives its estimate from these numbers.
 """
 from __future__ import annotations
 
