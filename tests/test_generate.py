@@ -152,9 +152,10 @@ def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
 
 def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_path, tiny_model_dir):
     results = []
-    for run_id in ("a", "b"):
+    for run_id, engines in (("a", 1), ("b", 2)):  # the same candidates however many engines write them
         cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=6",
-                                   "sample.samples_per_seed=2", "sample.max_tokens=24", "sample.batch_size=8"])
+                                   "sample.samples_per_seed=2", "sample.max_tokens=24", "sample.batch_size=8",
+                                   f"engine.num_engines={engines}"])
         store = RunStore.for_config(cfg)
         run_seeds(cfg, store)
         done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir), ("ckpt_02", tiny_model_dir)])

@@ -153,10 +153,11 @@ def test_tiny_loop_end_to_end_as_a_job(job_run):
 def test_progress_counters_reach_the_metrics_endpoint(job_run):
     # Ray exports application metrics with its own `ray_` prefix (and `_total` on counters).
     lines = [line for scrape in job_run["scrapes"] for line in scrape if not line.startswith("#")]
-    seen = {re.sub(r"^ray_", "", line.split("{")[0]) for line in lines}
+    named = [(re.sub(r"^ray_", "", line.split("{")[0]), line) for line in lines]
+    seen = {name for name, _ in named}
     assert {"scoder_ray_stage_rows_out", "scoder_ray_loop_progress", "scoder_ray_stage_seconds",
             "scoder_ray_stages_done_total"} <= seen, seen
-    rows_out = [line for line in lines if re.sub(r"^ray_", "", line.split("{")[0]) == "scoder_ray_stage_rows_out"]
+    rows_out = [line for name, line in named if name == "scoder_ray_stage_rows_out"]
     assert any('stage="iter_01/sample"' in line and 'run="job"' in line for line in rows_out)
 
 

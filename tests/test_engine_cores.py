@@ -1,0 +1,46 @@
+"""CPU engines claim their own cores (engine.pin_to_free_cores): real processes, real flocks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+CLAIM = ("import json, sys, os; from scoder_ray.generate.engine import pin_to_free_cores; "
+         "cores = pin_to_free_cores(int(sys.argv[1]), sys.argv[2]); "
+         "print(json.dumps([cores, sorted(os.sched_getaffinity(0))]), flush=True); sys.stdin.read()")
+
+
+def claim(n: int, lock_dir) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CLAIM, str(n), str(lock_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def answer(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
+    cores, affinity = json.loads(proc.stdout.readline())
+    return cores, affinity
+
+
+def release(proc: subprocess.Popen) -> None:
+    proc.communicate("")
+
+
+def test_engines_get_disjoint_cores_and_a_dead_engines_cores_come_back(tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    first = claim(1, tmp_path)
+    held, affinity = answer(first)
+    assert held == affinity == [allowed[0]]  # pinned: vLLM binds its threads to exactly these
+
+    everything = claim(len(allowed), tmp_path)
+    assert answer(everything) == ([], allowed)  # not enough free: unpinned rather than sharing a core
+    release(everything)
+
+    rest = claim(len(allowed) - 1, tmp_path) if len(allowed) > 1 else None
+    if rest:
+        assert answer(rest)[0] == allowed[1:]
+        release(rest)
+
+    first.send_signal(signal.SIGKILL)  # a killed engine actor: the kernel drops its locks
+    first.wait()
+    again = claim(len(allowed), tmp_path)
+    assert answer(again) == (allowed, allowed)
+    release(again)
