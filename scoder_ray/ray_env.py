@@ -33,3 +33,12 @@ def in_blocks(ds, rows_per_block: int):
     ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
     return ds.repartition(max(1, -(-ds.count() // rows_per_block))).materialize()
+
+
+def one_block_each(actors: int):
+    """An actor pool that gives each actor one block (of `in_blocks`) at a time: with more in flight, the
+    first actor up queued every block while the rest were still starting (2 engines, 2 blocks: both on
+    one). The actor works through a block in one call, so the gap between blocks is all this costs."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)

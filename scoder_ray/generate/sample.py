@@ -24,7 +24,7 @@ import numpy as np
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, SampleConf
 from scoder_ray.generate.bootstrap import derived_seed
-from scoder_ray.ray_env import in_blocks
+from scoder_ray.ray_env import in_blocks, one_block_each
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
 
@@ -118,14 +118,8 @@ def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int
 
 def engine_actor_options(engine: EngineConf) -> dict[str, Any]:
     """Pool, resources and restart policy for the engine actors of a `map_batches`."""
-    import ray
-
-    opts: dict[str, Any] = {
-        # One block in flight per engine: otherwise the first engine up queues every block while the
-        # others are still starting (measured: 2 engines, 2 blocks, both on one engine). vLLM batches
-        # within a block, so the idle gap between blocks is all this costs.
-        "compute": ray.data.ActorPoolStrategy(size=engine.num_engines, max_tasks_in_flight_per_actor=1),
-        "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
+    opts: dict[str, Any] = {"compute": one_block_each(engine.num_engines),
+                            "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
     if engine.gpus_per_engine:
         opts["num_gpus"] = engine.gpus_per_engine
     else:

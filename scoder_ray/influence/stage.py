@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf
-from scoder_ray.ray_env import in_blocks
+from scoder_ray.ray_env import in_blocks, one_block_each
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
 
@@ -84,8 +84,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
                                                                 "seed": seed, "stage_started": time.time()},
                            batch_size=None, batch_format="numpy",
-                           # One call in flight per actor: the first actor up must not queue every block.
-                           compute=ray.data.ActorPoolStrategy(size=conf.num_actors, max_tasks_in_flight_per_actor=1),
+                           compute=one_block_each(conf.num_actors),
                            max_restarts=3, max_task_retries=3, **opts)
     feats.write_parquet(out_uri)
     done: dict[str, Any] = {"rows": rows, "actor_start_s": 0.0, "actor_busy_s": 0.0}
