@@ -123,8 +123,7 @@ def engine_actor_options(engine: EngineConf) -> dict[str, Any]:
     if engine.gpus_per_engine:
         opts["num_gpus"] = engine.gpus_per_engine
     else:
-        opts["num_cpus"] = engine.cpus_per_engine
-        opts["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(max(1, engine.kv_cache_gib))}}
+        opts["num_cpus"] = engine.cpus_per_engine  # (make_llm sets the engine's environment in the actor)
     return opts
 
 
