@@ -156,7 +156,7 @@ def main() -> None:
     ray.init(num_cpus=args.actors, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     with PeakRSS("FeatureActor") as stage_mem:
         t = time.perf_counter()
-        done = compute_features(str(tmp / "cands"), str(tmp / "feats"), base, ckpt, "ckpt_01", "candidate", conf, seed=0)
+        done = compute_features(str(tmp / "cands"), str(tmp / "feats"), base, ckpt, "ckpt_01", "candidate", conf, seed=0, models=cfg.models)
         stage_s = time.perf_counter() - t
     ray.shutdown()
     ids, stage_c = read_features(str(tmp / "feats"))

@@ -112,10 +112,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "fit-weights":
             from scoder_ray.score.stage import run_fit_weights
-            from scoder_ray.store import RunStore
 
-            store = RunStore.for_config(cfg)
-            done = run_fit_weights(cfg, store, args.labels, args.iteration, args.num_labels, force=args.force)
+            store = loop.open_run(cfg)
+            try:
+                done = run_fit_weights(cfg, store, args.labels, args.iteration, args.num_labels, force=args.force)
+            finally:
+                store.lease.release()
             print(json.dumps({k: done[k] for k in ("weights", "heldout_spearman", "rows", "labels")}, indent=2))
             return 0
         if args.command == "stage":
@@ -147,12 +149,19 @@ def _evaluate_samples(args: argparse.Namespace) -> int:
 def _status(run_dir: str, as_json: bool) -> int:
     from scoder_ray.store import RunStore
 
+    from scoder_ray.store import describe, holder_alive
+
     store = RunStore.open(run_dir)
     cfg = store.read_config()
     states = store.stages()
+    lease = store.read_lease()
     if as_json:
-        print(json.dumps({s.name: {"state": s.state, **(s.done or {})} for s in states}, indent=2, default=str))
+        out = {s.name: {"state": s.state, **(s.done or {})} for s in states}
+        print(json.dumps({**out, "_lease": lease} if lease else out, indent=2, default=str))
         return 0
+    if lease:
+        alive = holder_alive(lease, cfg.run.lease_ttl_s if cfg else 90.0)
+        print(f"lease: {'held' if alive else 'left by a driver that is gone'} — {describe(lease)}")
     if not states:
         print(f"{run_dir}: no stages yet")
         return 0

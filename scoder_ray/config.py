@@ -27,9 +27,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConf:
-    root: str = "runs"  # local path or a pyarrow filesystem URI (s3://bucket/prefix, gs://...)
-    id: str = "default"  # runs/<id>/ holds the state; a rerun with the same id resumes
+    # Where the run's state lives: a local path, or an object-store URI (s3://bucket/prefix, gs://...).
+    # On a Ray cluster of more than one node a local path must be a mount present at the same path on
+    # every node (NFS, Lustre, EFS, Filestore) and declared so with run.shared=true.
+    root: str = "runs"
+    id: str = "default"  # <root>/<id>/ holds the state; a rerun with the same id resumes
     seed: int = 0  # every random choice derives from it (and record ids)
+    shared: bool = False  # run.root is a local path mounted at the same place on every node
+    # S3-compatible stores (MinIO, Ceph): the endpoint, overriding $AWS_ENDPOINT_URL. Credentials are
+    # never config: they come from the provider's standard chain (environment, instance profile, ...).
+    endpoint_url: Optional[str] = None
+    lease_ttl_s: float = 90.0  # a driver's lease on the run whose heartbeat is older than this is taken over
 
 
 @dataclass
@@ -47,7 +55,8 @@ class RayConf:
 class ModelsConf:
     # A model is `builtin:tiny` / `builtin:smollm2-135m` (built offline by `scoder-ray models prepare`),
     # `hf:ORG/NAME` (a hub id, fetched by the cluster's nodes), or a local HF folder.
-    cache_dir: str = "~/.cache/scoder-ray"
+    cache_dir: str = "~/.cache/scoder-ray"  # per node: builtin models, and run models copied from the run root
+    node_cache_gib: float = 200.0  # bound on the copies of run models per node (least recently used evicted)
     synthesizer: str = "builtin:tiny"
     scorer: str = "builtin:tiny"
     scoder: str = "builtin:tiny"
@@ -374,6 +383,7 @@ def validate(cfg: Config) -> None:
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
     _check(inf.keep_count >= 0 and inf.gpus_per_actor >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
     _check(cfg.loop.iterations >= 0, "loop.iterations", "an integer >= 0", cfg.loop.iterations)
+    _validate_run(cfg)
     if cfg.ray.cluster_config:
         _check_cluster(cfg)
     _check(cfg.loop.retrain_epochs >= 0, "loop.retrain_epochs", "an integer >= 0", cfg.loop.retrain_epochs)
@@ -401,6 +411,22 @@ def validate(cfg: Config) -> None:
                "(all but humaneval read the evalplus files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH)", bench)
     for key in ("synthesizer", "scorer", "scoder"):
         check_model_ref(f"models.{key}", getattr(cfg.models, key))
+
+
+ROOT_SCHEMES = ("s3", "gs", "gcs")
+
+
+def _validate_run(cfg: Config) -> None:
+    run = cfg.run
+    scheme = run.root.split("://", 1)[0] if "://" in run.root else ""
+    _check(scheme in ("",) + ROOT_SCHEMES, "run.root", "a local path or s3://, gs:// URI", run.root)
+    _check(not (scheme and run.shared), "run.shared", "false for an object-store root (it is shared already)", run.shared)
+    _check(bool(run.id) and "/" not in run.id and run.id not in (".", ".."), "run.id", "a name without '/'", run.id)
+    if run.endpoint_url is not None:
+        _check(run.endpoint_url.startswith(("http://", "https://")), "run.endpoint_url", "an http:// or https:// URL",
+               run.endpoint_url)
+    _check(run.lease_ttl_s >= 10, "run.lease_ttl_s", "a number of seconds >= 10", run.lease_ttl_s)
+    _check(cfg.models.node_cache_gib > 0, "models.node_cache_gib", "a number > 0", cfg.models.node_cache_gib)
 
 
 def _validate_score(sc: ScoreConf) -> None:

@@ -17,7 +17,7 @@ from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.final import run_final
 from scoder_ray.generate.sample import current_synthesizer, run_sample
 from scoder_ray.influence.stage import run_influence, run_warmup
-from scoder_ray.ray_env import init_ray
+from scoder_ray.ray_env import apply_endpoint, check_run_root, init_ray
 from scoder_ray.score.stage import run_rank, run_score
 from scoder_ray.seeds import run_seeds
 from scoder_ray.store import RunStore
@@ -83,22 +83,41 @@ STAGES: dict[str, StageFn] = {
 }
 
 
+def open_run(cfg: Config) -> RunStore:
+    """Ray up, the run root checked for this cluster, the run's lease taken, config.yaml written: what
+    every driver does before its first stage."""
+    import ray
+
+    init_ray(cfg.ray, apply_endpoint(cfg))
+    check_run_root(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+    store = RunStore.for_config(cfg)
+    store.acquire_lease(cfg.run.lease_ttl_s)
+    store.write_config(cfg)
+    return store
+
+
 def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    store = RunStore.for_config(cfg)
-    store.write_config(cfg)
-    init_ray(cfg.ray)
-    return STAGES[name](cfg, store, force)
+    store = open_run(cfg)
+    try:
+        return STAGES[name](cfg, store, force)
+    finally:
+        store.lease.release()
 
 
 def run(cfg: Config, report: bool = True) -> dict[str, dict[str, Any]]:
     """Every stage of the loop in order; finished stages with unchanged inputs are skipped."""
+    store = open_run(cfg)
+    try:
+        return _run(cfg, store, report)
+    finally:
+        store.lease.release()
+
+
+def _run(cfg: Config, store: RunStore, report: bool) -> dict[str, dict[str, Any]]:
     from scoder_ray.metrics import LoopMetrics
 
-    store = RunStore.for_config(cfg)
-    store.write_config(cfg)
-    init_ray(cfg.ray)
     stages = plan(cfg)
     metrics = LoopMetrics(cfg.run.id, len(stages))
     results: dict[str, dict[str, Any]] = {}

@@ -12,7 +12,7 @@ import io
 import json
 from typing import Any, Optional
 
-from scoder_ray.store import RunStore, filesystem, read_text, write_text
+from scoder_ray.store import RunStore, StoreError, filesystem, read_text, write_text
 
 
 def _png(fig) -> str:
@@ -36,14 +36,14 @@ def _read_parquet(store: RunStore, stage: str, columns: Optional[list[str]] = No
     fs, path = filesystem(store.uri(stage) + "/data")
     try:
         return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
-    except (FileNotFoundError, OSError, KeyError):
+    except (FileNotFoundError, OSError, KeyError, StoreError):
         return None
 
 
 def _metrics(store: RunStore, stage: str) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in read_text(store.uri(stage) + "/metrics.jsonl").splitlines() if line]
-    except (FileNotFoundError, OSError):
+    except (FileNotFoundError, OSError, StoreError):
         return []
 
 
@@ -135,7 +135,7 @@ def build(store: RunStore) -> str:
     if lineage:
         parts.append("<h2>Lineage</h2>" + _table(lineage, ["iteration", "training rows by origin"]))
     try:
-        config = read_text(store.uri("config.yaml"))
+        config = read_text(store.file_uri("config.yaml"))
     except (FileNotFoundError, OSError):
         config = ""
     parts.append(f"<h2>Config</h2><pre>{html.escape(config)}</pre>")
@@ -146,6 +146,6 @@ def build(store: RunStore) -> str:
 
 def write_report(store: RunStore) -> str:
     """Write `<run>/report.html`; returns its URI."""
-    uri = store.uri("report.html")
+    uri = store.file_uri("report.html")
     write_text(uri, build(store))
     return uri

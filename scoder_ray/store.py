@@ -1,20 +1,24 @@
-"""The run directory is the state: one folder per stage, written atomically, with a `_DONE.json`.
+"""The run directory is the state: one folder per stage, committed by a `_DONE.json` written last.
 
-    <root>/<run_id>/config.yaml            resolved config (older versions kept as config.<n>.yaml)
-    <root>/<run_id>/<stage>/...            the stage's output (Parquet files or a model folder)
-    <root>/<run_id>/<stage>/_DONE.json     written last: key, counts, timings, input and config digests
+    <root>/<run_id>/config.yaml                       resolved config (older versions kept as config.<n>.yaml)
+    <root>/<run_id>/_LEASE.json                       the driver that holds the run (host, pid, Ray job)
+    <root>/<run_id>/<stage>/<attempt>/...             one attempt's output (Parquet files or model folders)
+    <root>/<run_id>/<stage>/_DONE.json                written last: which attempt, key, counts, timings
 
-A stage writes into `<stage>.tmp-<token>/`, which is renamed to `<stage>/` when complete; `_DONE.json`
-is written after the rename, so a folder without it never counts (on object stores, where a rename is a
-copy, the marker written last is what makes it safe). A rerun skips a stage whose `_DONE.json` key —
-a digest of its config section and its inputs' digests — matches, and redoes it otherwise.
-`root` is a local path or any pyarrow filesystem URI (s3://, gs://); the code path is the same.
+`root` is a local path or an object-store URI (s3://, gs://): object stores cannot rename folders, so
+nothing is renamed. A stage writes into a fresh attempt folder; when it is complete (every file fsync'd
+on local disks) `_DONE.json` names it, and that write is the commit: readers read only the attempt a
+`_DONE.json` names (`uri(stage)`), and attempts it does not name are deleted. A rerun skips a stage
+whose key — a digest of its config sections and its inputs' digests — matches, and redoes it otherwise.
+One driver at a time holds a lease on the run (`RunLease`), so no driver deletes another's attempt.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -24,7 +28,12 @@ import pyarrow.fs as pafs
 from scoder_ray.config import Config, config_from_dict, digest, to_yaml
 
 DONE = "_DONE.json"
-TMP_MARK = ".tmp-"
+LEASE = "_LEASE.json"
+ATTEMPT = "attempt-"
+
+
+class StoreError(ValueError):
+    """A run directory that cannot be used as asked (held by another driver, unreadable state)."""
 
 
 @dataclass
@@ -35,11 +44,16 @@ class StageState:
 
 
 class RunStore:
-    def __init__(self, root: str, run_id: str):
+    def __init__(self, root: str, run_id: str, create: bool = True):
+        self.root = root
         self.fs, base = filesystem(root)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self._prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
         self.base = f"{base.rstrip('/')}/{run_id}"
-        self.fs.create_dir(self.base, recursive=True)
+        self.run_id = run_id
+        self.lease: Optional[RunLease] = None
+        if create:
+            self.fs.create_dir(self.base, recursive=True)
 
     @classmethod
     def for_config(cls, cfg: Config) -> "RunStore":
@@ -47,18 +61,36 @@ class RunStore:
 
     @classmethod
     def open(cls, run_dir: str) -> "RunStore":
-        """A store for an existing run directory (`scoder-ray status RUN_DIR`)."""
+        """A store for an existing run directory (`scoder-ray status RUN_DIR`); refuses one that is not a run."""
         root, run_id = run_dir.rstrip("/").rsplit("/", 1) if "/" in run_dir.rstrip("/") else (".", run_dir)
-        return cls(root, run_id)
+        store = cls(root, run_id, create=False)
+        if not store._exists(f"{store.base}/config.yaml"):
+            raise StoreError(f"{run_dir}: not a run directory (no config.yaml)")
+        return store
 
     # -- paths ------------------------------------------------------------------------------------
-    def path(self, stage: str) -> str:
-        """Filesystem path of a stage folder (for pyarrow; no scheme)."""
+    def stage_dir(self, stage: str) -> str:
+        """Filesystem path (no scheme) of a stage's folder: its attempts and its `_DONE.json`."""
         return f"{self.base}/{stage}"
 
+    def path(self, stage: str) -> str:
+        """Filesystem path (no scheme) of the committed attempt of a stage: where its files are."""
+        done = self.read_done(stage)
+        if done is None:
+            raise StoreError(f"stage {stage!r} of {self.uri_of(self.base)} is not done")
+        attempt = done.get("attempt")
+        return f"{self.stage_dir(stage)}/{attempt}" if attempt else self.stage_dir(stage)
+
     def uri(self, stage: str) -> str:
-        """Full URI of a stage folder, for Ray Data readers and writers."""
-        return self._prefix + self.path(stage)
+        """Full URI (local path or s3://...) of the committed attempt of a stage, for readers."""
+        return self.uri_of(self.path(stage))
+
+    def file_uri(self, name: str) -> str:
+        """Full URI of a file at the run's top level (config.yaml, report.html)."""
+        return self.uri_of(f"{self.base}/{name}")
+
+    def uri_of(self, path: str) -> str:
+        return self._prefix + path
 
     # -- config -----------------------------------------------------------------------------------
     def write_config(self, cfg: Config) -> None:
@@ -72,7 +104,7 @@ class RunStore:
             n = 1
             while self._exists(f"{self.base}/config.{n}.yaml"):
                 n += 1
-            self.fs.move(path, f"{self.base}/config.{n}.yaml")
+            self._write_text_atomic(f"{self.base}/config.{n}.yaml", old)
         self._write_text_atomic(path, text)
 
     def read_config(self) -> Optional[Config]:
@@ -83,8 +115,14 @@ class RunStore:
 
     # -- stages -----------------------------------------------------------------------------------
     def read_done(self, stage: str) -> Optional[dict[str, Any]]:
-        text = self._read_text(f"{self.path(stage)}/{DONE}")
-        return None if text is None else json.loads(text)
+        path = f"{self.stage_dir(stage)}/{DONE}"
+        text = self._read_text(path)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{self.uri_of(path)} is corrupt ({e}); delete it to redo stage {stage!r}") from None
 
     def stage_key(self, config_sections: dict[str, Any], inputs: dict[str, str]) -> str:
         return digest({"config": {k: digest(v) for k, v in config_sections.items()}, "inputs": inputs})
@@ -93,8 +131,7 @@ class RunStore:
         done = self.read_done(stage)
         if done is not None:
             return StageState(stage, "done" if key is None or done["key"] == key else "stale", done)
-        partial = self._exists(self.path(stage)) or bool(self._tmp_dirs(stage))
-        return StageState(stage, "partial" if partial else "missing")
+        return StageState(stage, "partial" if self._attempts(stage) else "missing")
 
     def run_stage(
         self,
@@ -104,7 +141,7 @@ class RunStore:
         produce: Callable[[str], dict[str, Any]],
         force: bool = False,
     ) -> dict[str, Any]:
-        """Run `produce(tmp_uri) -> summary` unless the stage is already done with the same key.
+        """Run `produce(attempt_uri) -> summary` unless the stage is already done with the same key.
 
         `summary` must hold `rows` (the output's row count); everything in it lands in `_DONE.json`.
         Returns the `_DONE.json` content (the old one when skipped).
@@ -113,43 +150,46 @@ class RunStore:
         current = self.state(stage, key)
         if current.state == "done" and not force:
             return {**current.done, "skipped": True}  # type: ignore[dict-item]
-        for tmp in self._tmp_dirs(stage):  # leftovers of an interrupted attempt
-            self.fs.delete_dir(tmp)
-        tmp = f"{self.path(stage)}{TMP_MARK}{secrets.token_hex(4)}"
-        self.fs.create_dir(tmp, recursive=True)
+        keep = (current.done or {}).get("attempt")
+        self._collect(stage, keep)  # leftovers of interrupted attempts (the lease says no one else writes them)
+        attempt = f"{ATTEMPT}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+        out = f"{self.stage_dir(stage)}/{attempt}"
+        self.fs.create_dir(out, recursive=True)
         started = time.time()
-        summary = produce(self._prefix + tmp)
+        summary = produce(self.uri_of(out))
         if "rows" not in summary:
             raise ValueError(f"stage {stage!r} returned no row count")
-        final = self.path(stage)
-        if self._exists(final):  # stale: drop the marker first so a crash below leaves nothing that counts
-            if self._exists(f"{final}/{DONE}"):
-                self.fs.delete_file(f"{final}/{DONE}")
-            self.fs.delete_dir(final)
-        self.fs.move(tmp, final)
+        if self.local:
+            _fsync_tree(out)
+        if self.lease is not None:
+            self.lease.check()  # a driver that lost its lease must not commit over the new holder's work
         done = {
             "stage": stage,
             "key": key,
+            "attempt": attempt,
             "config_digests": {k: digest(v) for k, v in config_sections.items()},
             "inputs": inputs,
             "output_digest": digest({"key": key, "rows": summary["rows"]}),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - started, 3),
             **summary,
         }
-        self._write_text_atomic(f"{final}/{DONE}", json.dumps(done, indent=2, sort_keys=True, default=str))
+        self._write_text_atomic(f"{self.stage_dir(stage)}/{DONE}", json.dumps(done, indent=2, sort_keys=True, default=str))
+        self._collect(stage, attempt)  # the attempt it replaced
         return done
 
     def stages(self) -> list[StageState]:
-        """Every stage folder under the run, finished or not, in path order."""
+        """Every stage under the run, finished or not, in path order."""
         names: set[str] = set()
         selector = pafs.FileSelector(self.base, recursive=True, allow_not_found=True)
         for info in self.fs.get_file_info(selector):
             rel = info.path[len(self.base) + 1:]
             if info.type == pafs.FileType.File and rel.endswith("/" + DONE):
                 names.add(rel[: -len(DONE) - 1])
-            elif info.type == pafs.FileType.Directory and TMP_MARK in rel.rsplit("/", 1)[-1]:
-                names.add(rel.split(TMP_MARK, 1)[0])
+            elif info.type == pafs.FileType.Directory and "/" in rel and rel.rsplit("/", 1)[1].startswith(ATTEMPT):
+                names.add(rel.rsplit("/", 1)[0])
+        names = {n for n in names if not any(part.startswith(ATTEMPT) for part in n.split("/"))}
         return [self.state(n) for n in sorted(names)]
 
     def stale_sections(self, state: StageState, cfg: Config) -> list[str]:
@@ -158,31 +198,155 @@ class RunStore:
             return []
         return [k for k, d in state.done.get("config_digests", {}).items() if digest(_select(cfg, k)) != d]
 
+    # -- lease ------------------------------------------------------------------------------------
+    def acquire_lease(self, ttl_s: float = 90.0) -> "RunLease":
+        self.lease = RunLease(self, ttl_s)
+        self.lease.acquire()
+        return self.lease
+
+    def read_lease(self) -> Optional[dict[str, Any]]:
+        text = self._read_text(f"{self.base}/{LEASE}")
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:
+            return None
+
     # -- small file helpers -----------------------------------------------------------------------
     def _exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    def _tmp_dirs(self, stage: str) -> list[str]:
-        parent, name = self.path(stage).rsplit("/", 1)
-        selector = pafs.FileSelector(parent, allow_not_found=True)
+    def _attempts(self, stage: str) -> list[str]:
+        selector = pafs.FileSelector(self.stage_dir(stage), allow_not_found=True)
         return [i.path for i in self.fs.get_file_info(selector)
-                if i.type == pafs.FileType.Directory and i.base_name.startswith(name + TMP_MARK)]
+                if i.type == pafs.FileType.Directory and i.base_name.startswith(ATTEMPT)]
+
+    def _collect(self, stage: str, keep: Optional[str]) -> None:
+        """Delete a stage's attempts other than `keep`."""
+        for path in self._attempts(stage):
+            if path.rsplit("/", 1)[1] != keep:
+                self.fs.delete_dir(path)
 
     def _read_text(self, path: str) -> Optional[str]:
-        if not self._exists(path):
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read().decode()
+        except FileNotFoundError:
             return None
-        with self.fs.open_input_stream(path) as f:
-            return f.read().decode()
 
     def _write_text_atomic(self, path: str, text: str) -> None:
-        tmp = f"{path}{TMP_MARK}{secrets.token_hex(4)}"
-        with self.fs.open_output_stream(tmp) as f:
+        if not self.local:  # an object PUT is atomic: readers see the old object or the new one
+            with self.fs.open_output_stream(path) as f:
+                f.write(text.encode())
+            return
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
             f.write(text.encode())
-        self.fs.move(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+
+
+class RunLease:
+    """One driver per run: `_LEASE.json` names the holder (host, pid, process start, Ray job) and a
+    heartbeat it refreshes every ttl/3 seconds from a thread. A second driver is refused while the holder
+    is alive; a lease whose holder is gone (same host, process dead) or whose heartbeat is older than the
+    ttl is taken over. Object stores give no compare-and-swap through Arrow, so acquiring writes, waits
+    and reads back: two drivers starting within that window cannot both keep the lease."""
+
+    def __init__(self, store: RunStore, ttl_s: float):
+        import psutil
+
+        self.store, self.ttl_s = store, ttl_s
+        self.path = f"{store.base}/{LEASE}"
+        me = psutil.Process()
+        self.record = {"token": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
+                       "process_started": me.create_time(), "ray_job": ray_job_label(),
+                       "acquired_at": time.time(), "heartbeat": time.time()}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.lost: Optional[str] = None
+
+    def acquire(self) -> None:
+        held = self.store.read_lease()
+        if held and held.get("token") != self.record["token"] and holder_alive(held, self.ttl_s):
+            raise StoreError(f"run {self.store.uri_of(self.store.base)} is held by another driver: {describe(held)}. "
+                             f"Wait for it, stop it (ray job stop ...), or use another run.id")
+        self._write()
+        time.sleep(min(2.0, self.ttl_s / 30))
+        now = self.store.read_lease()
+        if not now or now.get("token") != self.record["token"]:
+            raise StoreError(f"run {self.store.uri_of(self.store.base)} was taken by another driver starting at the "
+                             f"same time: {describe(now or {})}")
+        self._thread = threading.Thread(target=self._beat, name="scoder-ray-lease", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        if self.lost:
+            raise StoreError(self.lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        held = self.store.read_lease()
+        if held and held.get("token") == self.record["token"]:
+            self.store.fs.delete_file(self.path)
+
+    def _write(self) -> None:
+        self.record["heartbeat"] = time.time()
+        self.store._write_text_atomic(self.path, json.dumps(self.record, indent=2))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3) and self._beat_once():
+            pass
+
+    def _beat_once(self) -> bool:
+        """Refresh the heartbeat; False (and `lost` set) when another driver holds the lease now."""
+        held = self.store.read_lease()
+        if held and held.get("token") != self.record["token"]:
+            self.lost = f"this driver's lease on {self.store.uri_of(self.store.base)} was taken over by {describe(held)}"
+            print(f"[scoder-ray] {self.lost}", flush=True)
+            return False
+        try:
+            self._write()
+        except OSError as e:  # a store hiccup: the next beat retries before the ttl runs out
+            print(f"[scoder-ray] lease heartbeat failed: {e}", flush=True)
+        return True
+
+
+def holder_alive(held: dict[str, Any], ttl_s: float) -> bool:
+    """False when the holder's process is gone (same host) or its heartbeat is older than `ttl_s`."""
+    import psutil
+
+    if time.time() - float(held.get("heartbeat", 0)) > ttl_s:
+        return False
+    if held.get("host") == socket.gethostname():
+        try:
+            return abs(psutil.Process(int(held["pid"])).create_time() - float(held["process_started"])) < 1.0
+        except (psutil.NoSuchProcess, KeyError, ValueError):
+            return False
+    return True
+
+
+def describe(held: dict[str, Any]) -> str:
+    age = time.time() - float(held.get("heartbeat", 0))
+    return (f"host {held.get('host')}, pid {held.get('pid')}, Ray job {held.get('ray_job') or '-'}, "
+            f"heartbeat {age:.0f}s ago")
+
+
+def ray_job_label() -> str:
+    """The submission id of a `ray job submit` driver (from the job config Ray gives it), else ''."""
+    text = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not text:
+        return ""
+    try:
+        return str(json.loads(text).get("metadata", {}).get("job_submission_id", ""))
+    except (json.JSONDecodeError, AttributeError):
+        return ""
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path) for a local path or a URI such as s3://bucket/key."""
+    """(pyarrow filesystem, path) for a local path or a URI such as s3://bucket/key. S3-compatible
+    endpoints come from $AWS_ENDPOINT_URL (set from run.endpoint_url), credentials from AWS's chain."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -208,6 +372,27 @@ def write_table(uri: str, table) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file and folder under a local path: a commit marker written after it never names
+    data that a power cut could still take back."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _select(cfg: Config, dotted: str) -> Any:

@@ -79,3 +79,59 @@ def lora_run(ray_local, tmp_path_factory, tiny_model_dir, train_rows):
     store = RunStore.for_config(cfg)
     done = run_train(cfg, store, "train_synthesizer", data=train_rows)
     return tiny_model_dir, [str(Path(store.path("train_synthesizer")) / c["name"]) for c in done["checkpoints"]]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1, with one bucket. Yields the
+    environment a client needs ($AWS_ENDPOINT_URL and dummy credentials), which is also set in this process
+    for the session: every Arrow filesystem made from an s3:// URI reaches it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = str(Path(sys.executable).with_name("moto_server"))
+    log = open(tempfile.mkstemp(prefix="moto-", suffix=".log")[1], "w")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto_server did not start on {url}; see {log.name}")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri("s3://scoder-test?allow_bucket_creation=true")
+    fs.create_dir("scoder-test")
+    try:
+        yield {"env": env, "bucket": "scoder-test", "url": url}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_root(request, tmp_path):
+    """A run root on local disk and on the S3 server: store tests run on both."""
+    if request.param == "local":
+        return str(tmp_path)
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server['bucket']}/{tmp_path.name}-{os.getpid()}"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
-from scoder_ray.config import load_config
+from scoder_ray.config import ModelsConf, load_config
 from scoder_ray.influence.features import GradientFeatures, MissingMomentsError, to_batch
 from scoder_ray.influence.stage import compute_features, influence_scores, keep_top, read_features
 from scoder_ray.train.data import encode, prompt_response
@@ -147,7 +147,7 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
     for actors in (1, 2):
         c = conf.__class__(**{**conf.__dict__, "num_actors": actors})
         out = tmp_path / f"f{actors}"
-        done = compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0)
+        done = compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0, models=ModelsConf())
         assert done["rows"] == 12 and done["actor_start_s"] > 0 and done["actor_busy_s"] > 0  # start-up, work apart
         ids, f = read_features(str(out))
         order = np.argsort(ids)

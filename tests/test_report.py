@@ -17,7 +17,7 @@ def test_dataset_digest_depends_on_content_not_order():
 
 def test_report_has_plots_tables_and_config(tmp_path):
     store = RunStore(str(tmp_path), "r")
-    write_text(store.uri("config.yaml"), "run:\n  id: r\n")
+    write_text(store.file_uri("config.yaml"), "run:\n  id: r\n")
 
     def scored(tmp):
         write_table(f"{tmp}/data/part-0.parquet", pa.table({"cand_id": ["a", "b"], "aspect_clarity": [3, 7],

@@ -1,3 +1,5 @@
+"""The run store on a local root and on a real S3-compatible server (moto, started by `s3_server`):
+commits without renaming folders, attempts, resume after a kill, the driver lease, status."""
 import json
 import os
 import signal
@@ -7,123 +9,221 @@ import textwrap
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from scoder_ray.cli import main
 from scoder_ray.config import load_config
-from scoder_ray.store import DONE, RunStore
+from scoder_ray.store import ATTEMPT, DONE, LEASE, RunStore, StoreError, filesystem, write_table, write_text
 
 
 def write_rows(n):
-    def produce(tmp_uri):
-        os.makedirs(f"{tmp_uri}/data")
-        pq.write_table(pa.table({"x": list(range(n))}), f"{tmp_uri}/data/part-0.parquet")
+    def produce(uri):
+        write_table(f"{uri}/data/part-0.parquet", pa.table({"x": list(range(n))}))
         return {"rows": n}
     return produce
 
 
-def test_stage_runs_once_then_skips(tmp_path):
-    store = RunStore(str(tmp_path), "r")
+def read_rows(store, stage) -> int:
+    fs, path = filesystem(store.uri(stage) + "/data")
+    return pq.read_table(path, filesystem=fs).num_rows
+
+
+def listing(store, sub="") -> list[str]:
+    """Names directly under the run (or a folder of it)."""
+    sel = pafs.FileSelector(f"{store.base}/{sub}".rstrip("/"), allow_not_found=True)
+    return sorted(i.base_name for i in store.fs.get_file_info(sel))
+
+
+def test_stage_runs_once_then_skips(run_root):
+    store = RunStore(run_root, "r")
     cfg = load_config("tiny")
     calls = []
 
-    def produce(tmp):
-        calls.append(tmp)
-        return write_rows(3)(tmp)
+    def produce(uri):
+        calls.append(uri)
+        return write_rows(3)(uri)
 
     first = store.run_stage("s", {"seeds": cfg.seeds}, {"in": "a"}, produce)
-    assert first["rows"] == 3 and "skipped" not in first
+    assert first["rows"] == 3 and "skipped" not in first and first["attempt"].startswith(ATTEMPT)
     second = store.run_stage("s", {"seeds": cfg.seeds}, {"in": "a"}, produce)
     assert second["skipped"] and second["key"] == first["key"] and len(calls) == 1
-    assert pq.read_table(tmp_path / "r" / "s" / "data").num_rows == 3
-    assert not [p for p in os.listdir(tmp_path / "r") if ".tmp-" in p]
+    assert read_rows(store, "s") == 3
+    assert listing(store, "s") == sorted([DONE, first["attempt"]])
+    assert store.uri("s") == calls[0]  # readers read exactly what the producer wrote, under its scheme
+    assert calls[0].startswith("s3://") == run_root.startswith("s3://")
 
 
 @pytest.mark.parametrize("change", ["config", "inputs"])
-def test_stale_stage_is_redone(tmp_path, change):
-    store = RunStore(str(tmp_path), "r")
+def test_stale_stage_is_redone(run_root, change):
+    store = RunStore(run_root, "r")
     cfg = load_config("tiny")
-    store.run_stage("s", {"seeds": cfg.seeds}, {"in": "a"}, write_rows(3))
+    old = store.run_stage("s", {"seeds": cfg.seeds}, {"in": "a"}, write_rows(3))
     assert store.state("s", store.stage_key({"seeds": cfg.seeds}, {"in": "a"})).state == "done"
     cfg2 = load_config("tiny", ["seeds.max_lines=39"]) if change == "config" else cfg
     inputs2 = {"in": "b"} if change == "inputs" else {"in": "a"}
     assert store.state("s", store.stage_key({"seeds": cfg2.seeds}, inputs2)).state == "stale"
     again = store.run_stage("s", {"seeds": cfg2.seeds}, inputs2, write_rows(5))
-    assert "skipped" not in again and again["rows"] == 5
-    assert pq.read_table(tmp_path / "r" / "s" / "data").num_rows == 5  # no leftover of the old output
+    assert "skipped" not in again and again["rows"] == 5 and again["attempt"] != old["attempt"]
+    assert read_rows(store, "s") == 5
+    assert listing(store, "s") == sorted([DONE, again["attempt"]])  # the old attempt is collected
 
 
-def test_nested_stage_names(tmp_path):
-    store = RunStore(str(tmp_path), "r")
+def test_nested_stage_names(run_root):
+    store = RunStore(run_root, "r")
     store.run_stage("iter_01/sample", {}, {}, write_rows(2))
-    assert [s.name for s in store.stages()] == ["iter_01/sample"]
-    assert (tmp_path / "r" / "iter_01" / "sample" / DONE).is_file()
+    store.run_stage("iter_01/features/ckpt_01-candidate", {}, {}, write_rows(2))
+    assert [s.name for s in store.stages()] == ["iter_01/features/ckpt_01-candidate", "iter_01/sample"]
+    assert DONE in listing(store, "iter_01/sample")
 
 
-def test_a_failing_stage_leaves_nothing_that_counts(tmp_path):
-    store = RunStore(str(tmp_path), "r")
+def test_a_failing_stage_leaves_nothing_that_counts(run_root):
+    store = RunStore(run_root, "r")
 
-    def boom(tmp):
-        write_rows(1)(tmp)
+    def boom(uri):
+        write_rows(1)(uri)
         raise RuntimeError("bad row")
 
     with pytest.raises(RuntimeError):
         store.run_stage("s", {}, {}, boom)
     assert store.state("s").state == "partial" and store.read_done("s") is None
-    assert store.run_stage("s", {}, {}, write_rows(2))["rows"] == 2
-    assert not [p for p in os.listdir(tmp_path / "r") if ".tmp-" in p]
+    with pytest.raises(StoreError, match="not done"):
+        store.uri("s")
+    done = store.run_stage("s", {}, {}, write_rows(2))
+    assert done["rows"] == 2 and listing(store, "s") == sorted([DONE, done["attempt"]])
 
 
-def test_stage_killed_mid_write_is_redone(tmp_path):
-    """SIGKILL while the stage writes: no _DONE.json, no final folder; the rerun completes cleanly."""
+def test_stage_killed_mid_write_is_redone(run_root, tmp_path):
+    """SIGKILL while the stage writes its files: no _DONE.json; the rerun completes and collects the attempt."""
     script = textwrap.dedent(f"""
-        import os, time, pyarrow as pa, pyarrow.parquet as pq
-        from scoder_ray.store import RunStore
-        def produce(tmp):
-            os.makedirs(tmp + "/data")
-            pq.write_table(pa.table({{"x": [1]}}), tmp + "/data/part-0.parquet")
+        import time, pyarrow as pa
+        from scoder_ray.store import RunStore, write_table
+        def produce(uri):
+            write_table(uri + "/data/part-0.parquet", pa.table({{"x": [1]}}))
             open({str(tmp_path / 'started')!r}, "w").close()
             time.sleep(60)
-            return {{"rows": 1}}
-        RunStore({str(tmp_path)!r}, "r").run_stage("s", {{}}, {{}}, produce)
+            write_table(uri + "/data/part-1.parquet", pa.table({{"x": [2]}}))
+            return {{"rows": 2}}
+        RunStore({run_root!r}, "r").run_stage("s", {{}}, {{}}, produce)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 30
+    proc = subprocess.Popen([sys.executable, "-c", script])  # inherits $AWS_ENDPOINT_URL from s3_server
+    deadline = time.time() + 60
     while not (tmp_path / "started").exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    store = RunStore(str(tmp_path), "r")
-    assert store.read_done("s") is None and not (tmp_path / "r" / "s").exists()
-    assert store.state("s").state == "partial"
+    store = RunStore(run_root, "r")
+    assert store.read_done("s") is None and store.state("s").state == "partial"
     assert [s.state for s in store.stages()] == ["partial"]
     done = store.run_stage("s", {}, {}, write_rows(4))
-    assert done["rows"] == 4 and store.state("s").state == "done"
-    assert sorted(os.listdir(tmp_path / "r")) == ["s"]
+    assert done["rows"] == 4 and store.state("s").state == "done" and read_rows(store, "s") == 4
+    assert listing(store, "s") == sorted([DONE, done["attempt"]])
 
 
-def test_config_written_once_and_history_kept(tmp_path):
-    store = RunStore(str(tmp_path), "r")
+def test_config_written_once_and_history_kept(run_root):
+    store = RunStore(run_root, "r")
     store.write_config(load_config("tiny"))
     store.write_config(load_config("tiny"))
-    assert sorted(os.listdir(tmp_path / "r")) == ["config.yaml"]
+    assert listing(store) == ["config.yaml"]
     store.write_config(load_config("tiny", ["seeds.max_lines=30"]))
-    assert sorted(os.listdir(tmp_path / "r")) == ["config.1.yaml", "config.yaml"]
+    assert listing(store) == ["config.1.yaml", "config.yaml"]
     assert store.read_config().seeds.max_lines == 30
 
 
-def test_status_command_shows_states_and_staleness(tmp_path, capsys):
+def test_status_command_shows_states_and_staleness(run_root, capsys):
     cfg = load_config("tiny")
-    store = RunStore(str(tmp_path), "r")
+    store = RunStore(run_root, "r")
     store.write_config(cfg)
     store.run_stage("seeds", {"seeds": cfg.seeds, "run.seed": cfg.run.seed}, {}, write_rows(7))
-    assert main(["status", str(tmp_path / "r")]) == 0
+    run_dir = f"{run_root}/r"
+    assert main(["status", run_dir]) == 0
     out = capsys.readouterr().out
     assert "seeds" in out and "done" in out and " 7 " in out
     store.write_config(load_config("tiny", ["run.seed=5"]))
-    assert main(["status", str(tmp_path / "r"), "--json"]) == 0
+    assert main(["status", run_dir, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["seeds"]["rows"] == 7
-    assert main(["status", str(tmp_path / "r")]) == 0
+    assert main(["status", run_dir]) == 0
     assert "config changed: run.seed" in capsys.readouterr().out
+
+
+def test_status_and_report_refuse_what_is_not_a_run(run_root, capsys):
+    assert main(["status", f"{run_root}/no-such-run"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["report", f"{run_root}/no-such-run"]) == 2
+    fs, path = filesystem(f"{run_root}/no-such-run")
+    assert fs.get_file_info(path).type == pafs.FileType.NotFound  # nothing was created
+
+
+def test_a_corrupt_done_file_is_named(run_root):
+    store = RunStore(run_root, "r")
+    store.run_stage("s", {}, {}, write_rows(1))
+    write_text(store.uri_of(f"{store.stage_dir('s')}/{DONE}"), "{trunc")
+    with pytest.raises(StoreError, match=r"r/s/_DONE\.json is corrupt"):
+        store.state("s")
+
+
+HOLDER = """
+import sys, time
+from scoder_ray.store import RunStore
+store = RunStore(sys.argv[1], "r")
+store.acquire_lease(ttl_s=float(sys.argv[2]))
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lease(run_root: str, ttl: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, run_root, str(ttl)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_driver_is_refused_naming_the_holder(run_root, capsys):
+    holder = hold_lease(run_root, 60)
+    try:
+        with pytest.raises(StoreError, match=rf"held by another driver: host \S+, pid {holder.pid}, Ray job -"):
+            RunStore(run_root, "r").acquire_lease(ttl_s=60)
+        store = RunStore(run_root, "r")
+        store.write_config(load_config("tiny"))
+        assert main(["status", f"{run_root}/r"]) == 0
+        assert f"lease: held — host" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lease_left_by_a_dead_driver_is_taken_over(run_root):
+    holder = hold_lease(run_root, 60)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    store = RunStore(run_root, "r")
+    lease = store.acquire_lease(ttl_s=60)  # same host, the holder's process is gone: no wait for the ttl
+    assert store.read_lease()["pid"] == os.getpid()
+    lease.release()
+    assert LEASE not in listing(store)
+
+
+def test_a_lease_whose_heartbeat_stopped_is_taken_over(run_root):
+    """A holder on another host cannot be checked by pid: its heartbeat ages past the ttl instead."""
+    store = RunStore(run_root, "r")
+    write_text(store.file_uri(LEASE), json.dumps({"token": "x", "host": "another-node", "pid": 1, "process_started": 0,
+                                                  "ray_job": "raysubmit_old", "heartbeat": time.time() - 5}))
+    with pytest.raises(StoreError, match="raysubmit_old"):
+        RunStore(run_root, "r").acquire_lease(ttl_s=60)
+    write_text(store.file_uri(LEASE), json.dumps({"token": "x", "host": "another-node", "pid": 1, "process_started": 0,
+                                                  "ray_job": "raysubmit_old", "heartbeat": time.time() - 61}))
+    lease = RunStore(run_root, "r").acquire_lease(ttl_s=60)
+    lease.release()
+
+
+def test_a_driver_that_lost_its_lease_does_not_commit(run_root):
+    store = RunStore(run_root, "r")
+    lease = store.acquire_lease(ttl_s=30)
+    write_text(store.file_uri(LEASE), json.dumps({"token": "other", "host": "n2", "pid": 9, "heartbeat": time.time()}))
+    lease._stop.set()
+    lease._beat_once()  # what the heartbeat thread does every ttl/3
+    with pytest.raises(StoreError, match="taken over by host n2"):
+        store.run_stage("s", {}, {}, write_rows(1))
+    assert store.read_done("s") is None

@@ -15,20 +15,19 @@ from typing import Any, Optional
 import numpy as np
 
 from scoder_ray import prompts
-from scoder_ray.config import Config, EngineConf, EvaluateConf
+from scoder_ray.config import Config, EngineConf, EvaluateConf, ModelsConf
 from scoder_ray.generate.bootstrap import derived_seed
 from scoder_ray.generate.sample import EngineActor, engine_actor_options
 from scoder_ray.ray_env import in_blocks
 from scoder_ray.store import RunStore, write_text
-from scoder_ray.tiny import resolve_model
 
 STAGE = "evaluate"
 INSTRUCTION = "Complete this Python function. Answer with the whole function in one Python code block.\n\n```python\n{prompt}```"
 
 
 class Completer(EngineActor):
-    def __init__(self, model_path: str, engine: EngineConf, conf: EvaluateConf, seed: int):
-        super().__init__(model_path, engine, seed)
+    def __init__(self, model_path: str, engine: EngineConf, conf: EvaluateConf, seed: int, models: ModelsConf):
+        super().__init__(model_path, engine, seed, models)
         self.conf = conf
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,7 +67,8 @@ def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> tup
              "sampling_seed": derived_seed(cfg.run.seed, "eval", p.task_id, i)}
             for p in problems for i in range(conf.num_samples)]
     ds = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size).map_batches(
-        Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed},
+        Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed,
+                                              "models": cfg.models},
         batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
     out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
     tmp = f"{out_path}.tmp-{os.getpid()}"
@@ -90,8 +90,8 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         raise ValueError("evaluate needs the SCoder model: run train_scoder first")
     models: dict[str, str] = {}
     if cfg.evaluate.compare_base:
-        models["base"] = resolve_model(cfg.models.scoder, cfg.models.cache_dir, cfg.models.tiny_seed)
-    models["scoder"] = model_dir or os.path.join(store.path("train_scoder"), trained["checkpoints"][-1]["name"])
+        models["base"] = cfg.models.scoder  # resolved on the engines' nodes (model_cache.local_model)
+    models["scoder"] = model_dir or f"{store.uri('train_scoder')}/{trained['checkpoints'][-1]['name']}"
     ks = [k for k in (1, 10, 100) if k <= cfg.evaluate.num_samples]
 
     def produce(tmp: str) -> dict[str, Any]:

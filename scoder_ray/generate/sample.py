@@ -15,14 +15,13 @@ solution, raw, parse_ok, reason, tokens, truncated (cut at sample.max_tokens).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Any, Optional
 
 import numpy as np
 
 from scoder_ray import prompts
-from scoder_ray.config import Config, EngineConf, SampleConf
+from scoder_ray.config import Config, EngineConf, ModelsConf, SampleConf
 from scoder_ray.generate.bootstrap import derived_seed
 from scoder_ray.ray_env import in_blocks, one_block_each
 from scoder_ray.seeds import seeds_uri
@@ -39,15 +38,16 @@ class EngineActor:
     """Holds one vLLM engine. Construction errors are kept and raised on the first batch, so the stage
     fails with the engine's own message rather than restarting a broken actor forever."""
 
-    def __init__(self, model_path: str, engine: EngineConf, seed: int):
+    def __init__(self, model_path: str, engine: EngineConf, seed: int, models: ModelsConf):
         from scoder_ray.generate.engine import make_llm, pin_to_free_cores
+        from scoder_ray.model_cache import local_model
 
         self.error: Optional[str] = None
         started = time.perf_counter()
         if not engine.gpus_per_engine:
             pin_to_free_cores(engine.cpus_per_engine)  # before vLLM starts: its processes inherit the affinity
-        try:
-            self.llm = make_llm(engine, model_path, seed)
+        try:  # the model folder on this node (a copy from the run root, or built here): see model_cache
+            self.llm = make_llm(engine, local_model(model_path, models), seed)
             self.tokenizer = self.llm.get_tokenizer()
         except Exception as e:  # noqa: BLE001 - reported on the first batch, with the cause
             self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e}"
@@ -71,8 +71,8 @@ class EngineActor:
 
 
 class Sampler(EngineActor):
-    def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int):
-        super().__init__(model_path, engine, seed)
+    def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int, models: ModelsConf):
+        super().__init__(model_path, engine, seed, models)
         self.sample = sample
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -134,7 +134,7 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
     rows = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
-                                        "seed": cfg.run.seed},
+                                        "seed": cfg.run.seed, "models": cfg.models},
         batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
     out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
     return n
@@ -197,9 +197,9 @@ def synthesizer_checkpoints(store: RunStore, iteration: int) -> list[tuple[str, 
     done = store.read_done(stage)
     if done is None:
         raise ValueError(f"sampling for iteration {iteration} needs the synthesizer's checkpoints: run {stage} first")
-    return [(c["name"], os.path.join(store.path(stage), c["name"])) for c in done["checkpoints"]]
+    return [(c["name"], f"{store.uri(stage)}/{c['name']}") for c in done["checkpoints"]]
 
 
 def current_synthesizer(store: RunStore, iteration: int) -> str:
-    """The model folder iteration `iteration` builds on: the last checkpoint of the synthesizer it samples."""
+    """The model folder (URI) iteration `iteration` builds on: the last checkpoint of the synthesizer it samples."""
     return synthesizer_checkpoints(store, iteration)[-1][1]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from scoder_ray.config import Config, InfluenceConf
+from scoder_ray.config import Config, InfluenceConf, ModelsConf
 from scoder_ray.ray_env import in_blocks, one_block_each
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
@@ -30,17 +30,19 @@ class FeatureActor:
     """Ray Data actor: model + LoRA + moments + projector for one checkpoint; rows -> (cand_id, feature)."""
 
     def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str, conf: InfluenceConf, seed: int,
-                 stage_started: float = 0.0):
+                 models: ModelsConf, stage_started: float = 0.0):
         import psutil
         from transformers import AutoTokenizer
 
         from scoder_ray.influence.features import GradientFeatures
+        from scoder_ray.model_cache import local_model
 
         # Start-up counts from this worker's birth (Python and torch imports), or from the stage's start
         # when Ray hands the actor a worker it had started before.
         started = max(psutil.Process().create_time(), stage_started)
         device = "cuda" if conf.gpus_per_actor else "cpu"
         self.kind, self.conf = kind, conf
+        base_model, ckpt_dir = local_model(base_model, models), local_model(ckpt_dir, models)  # on this node
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device,
                                          proj_dtype=conf.proj_dtype, model_dtype=conf.model_dtype)
@@ -66,7 +68,7 @@ class FeatureActor:
 
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
-                     conf: InfluenceConf, seed: int, id_column: str = "cand_id") -> dict[str, Any]:
+                     conf: InfluenceConf, seed: int, models: ModelsConf, id_column: str = "cand_id") -> dict[str, Any]:
     """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id). Returns {rows,
     actor_start_s, actor_busy_s}: the actors' start-up and time in calls, summed over actors."""
     import ray
@@ -82,7 +84,8 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": conf.cpus_per_actor}
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
-                                                                "seed": seed, "stage_started": time.time()},
+                                                                "seed": seed, "models": models,
+                                                                "stage_started": time.time()},
                            batch_size=None, batch_format="numpy",
                            compute=one_block_each(conf.num_actors),
                            max_restarts=3, max_task_retries=3, **opts)
@@ -159,7 +162,6 @@ def run_warmup(cfg: Config, store: RunStore, iteration: int, base_model: str, fo
 
 def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str, force: bool = False) -> dict[str, Any]:
     """Features for every warm-up checkpoint (candidates and references), then scores and the kept set."""
-    import os
 
     it = f"iter_{iteration:02d}"
     rank_done = store.read_done(f"{it}/rank")
@@ -181,12 +183,12 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
     feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
     for c in warm["checkpoints"]:
-        ckpt_dir = os.path.join(store.path(f"{it}/warmup"), c["name"])
+        ckpt_dir = f"{store.uri(f'{it}/warmup')}/{c['name']}"
         for kind, (uri, id_column, rows_digest) in sources.items():
             store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
                             {"warmup": warm["output_digest"], "rows": rows_digest},
                             lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: compute_features(
-                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, col))
+                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, cfg.models, col))
 
     def produce(tmp: str) -> dict[str, Any]:
         cand, refs, ids = {}, {}, None

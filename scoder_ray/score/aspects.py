@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from scoder_ray.config import AspectConf, EngineConf, ScoreConf
+from scoder_ray.config import AspectConf, EngineConf, ModelsConf, ScoreConf
 from scoder_ray.generate.sample import EngineActor
 
 SCORER_INSTRUCTION = """You are reviewing a synthetic programming exercise written from a seed code snippet.
@@ -70,8 +70,8 @@ def parse_aspects(text: str, names: list[str]) -> tuple[Optional[dict[str, int]]
 class Scorer(EngineActor):
     """A vLLM engine actor that adds `aspect_<name>` columns (-1 where unparseable) and `aspects_fallback`."""
 
-    def __init__(self, model_path: str, engine: EngineConf, score: ScoreConf, seed: int):
-        super().__init__(model_path, engine, seed)
+    def __init__(self, model_path: str, engine: EngineConf, score: ScoreConf, seed: int, models: ModelsConf):
+        super().__init__(model_path, engine, seed, models)
         self.score = score
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

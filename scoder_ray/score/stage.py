@@ -26,7 +26,6 @@ from scoder_ray.score.execution import execute_batch
 from scoder_ray.score.select import feature_names, features, select_group
 from scoder_ray.score.weights import cross_validated_spearman, fit_weights, weight_vector
 from scoder_ray.store import RunStore, filesystem, write_text
-from scoder_ray.tiny import resolve_model
 
 WEIGHTS_STAGE = "weights"
 
@@ -38,14 +37,14 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
     done = store.read_done(upstream)
     if done is None:
         raise ValueError(f"scoring needs candidates: run {upstream} first")
-    model_path = resolve_model(cfg.models.scorer, cfg.models.cache_dir, cfg.models.tiny_seed)
+    model_path = cfg.models.scorer  # resolved on the engines' nodes (model_cache.local_model)
 
     def produce(tmp: str) -> dict[str, Any]:
         cands = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
                           cfg.sample.batch_size)
         scored = cands.map_batches(
             Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
-                                           "seed": cfg.run.seed},
+                                           "seed": cfg.run.seed, "models": cfg.models},
             batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
         executed = scored.map_batches(
             execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},

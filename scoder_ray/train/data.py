@@ -51,8 +51,13 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[in
     return ids[:max_len], labels[:max_len], truncated
 
 
-def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_len: int) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: rows -> input_ids, labels, n_tokens, truncated, no_response."""
+def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_len: int, models=None) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: rows -> input_ids, labels, n_tokens, truncated, no_response.
+    `model_path`: a model reference, resolved on the node the task runs on when `models` is given."""
+    if models is not None:
+        from scoder_ray.model_cache import local_model
+
+        model_path = local_model(model_path, models)
     tokenizer = _tokenizer(model_path)
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0

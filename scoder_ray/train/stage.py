@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 from scoder_ray.config import Config, TrainConf, to_dict
 from scoder_ray.store import RunStore, filesystem, read_text
-from scoder_ray.tiny import resolve_model
 from scoder_ray.train.data import Schedule, check_columns, tokenize_batch
 
 STAGES = {"train_synthesizer": ("synthesizer", "synthesizer"), "train_scoder": ("scoder", "scoder")}
@@ -50,14 +49,16 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
 
     from scoder_ray.train.worker import train_loop
 
-    model_path = resolve_model(model_ref, cfg.models.cache_dir, cfg.models.tiny_seed)
     rows = read_rows(data_uri)
     check_columns(rows.schema().names, fmt, data_uri)
     n_rows = rows.count()
     if n_rows == 0:
         raise ValueError(f"{data_uri}: the training data is empty")
 
-    tokenized = rows.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "fmt": fmt, "max_len": conf.max_len},
+    # The model is a reference (builtin:, hf:, a run-root URI or a local folder) that every task and worker
+    # resolves on its own node (model_cache.local_model): no path of the driver's node is assumed elsewhere.
+    tokenized = rows.map_batches(tokenize_batch, fn_kwargs={"model_path": model_ref, "fmt": fmt, "max_len": conf.max_len,
+                                                            "models": cfg.models},
                                  batch_format="numpy").materialize()
     usable = tokenized.filter(lambda r: not r["no_response"]).select_columns(["input_ids", "labels", "n_tokens"])
     usable.write_parquet(f"{out_uri}/tokenized")
@@ -68,17 +69,17 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
              cfg.run.seed).check(data_uri)
 
     use_gpu = conf.gpus_per_worker > 0
-    # One Ray Train run per attempt of the stage (the attempt's tmp folder is in the name): worker failures
+    # One Ray Train run per attempt of the stage (the attempt's folder is in the name): worker failures
     # resume inside it, but a new attempt (a rerun after the driver died, --force, a changed config) starts
     # clean instead of resuming a run whose exports were in an attempt folder that no longer exists.
-    attempt = out_uri.rstrip("/").rsplit(".tmp-", 1)[-1][:8]
+    attempt = out_uri.rstrip("/").rsplit("-", 1)[-1][:8]
     run_name = f"{cfg.run.id}-{name.replace('/', '-')}-{attempt}"
     # Ray Train's controller takes one report per worker per poll (default every 2 s) and `report`
     # blocks until then: per-step metrics would cap training at one step per poll. Poll faster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": to_dict(conf), "model_path": model_path, "seed": cfg.run.seed,
+        train_loop_config={"train": to_dict(conf), "model_ref": model_ref, "models": cfg.models, "seed": cfg.run.seed,
                            "tokenized_uri": f"{out_uri}/tokenized", "out_uri": out_uri},
         scaling_config=ScalingConfig(num_workers=conf.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": conf.gpus_per_worker} if use_gpu else {"CPU": 1}),
@@ -109,6 +110,8 @@ def _delete_tree(uri: str) -> None:
 
 
 def _train_storage(cfg: Config) -> str:
+    """Ray Train's storage_path: inside the run root, so a worker group restarted on any node resumes from
+    the checkpoint there (an object store, or a local root on one machine or a shared mount)."""
     root = cfg.run.root if "://" in cfg.run.root else os.path.abspath(os.path.expanduser(cfg.run.root))
     return f"{root}/{cfg.run.id}/_ray_train"
 

@@ -47,6 +47,9 @@ def train_loop(config: dict[str, Any]) -> None:
     from scoder_ray.store import write_text
     from scoder_ray.train.data import Schedule, collate, lr_lambda, read_examples
 
+    from scoder_ray.model_cache import local_model
+
+    config["model_path"] = local_model(config["model_ref"], config["models"])  # on this worker's node
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf["precision"], torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
