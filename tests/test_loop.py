@@ -1,10 +1,15 @@
 """The whole loop on the tiny-loop preset (T=2), end to end, as users run it on a cluster:
 
-- submitted with `ray job submit` to a local head started by `ray start --head` on 127.0.0.1 with token
-  authentication on; a request without the token (or with a wrong one) is refused;
+- a two-node Ray cluster on one machine that shares nothing but the network: a token-auth head
+  (`ray start --head` on 127.0.0.1, 0 CPUs: it runs the driver only) and a worker node joined with
+  `ray start --address` inside its own mount namespace (a private tmpfs over /tmp and the caches), where
+  every engine, training worker and feature actor runs; the run root is a real S3 server (moto);
+- the loop submitted with `ray job submit`; a request without the token (or with a wrong one) is refused;
+- the first job's driver is SIGKILLed while a stage writes its files and the resubmitted job resumes from
+  the object store; a training worker on the worker node is SIGKILLed and resumes from its checkpoint there;
 - the driver's progress counters reach the head's Prometheus metrics endpoint;
-- a second run, its driver SIGKILLed at two different stages and restarted each time, ends with the
-  same final dataset (digest) as the uninterrupted job.
+- a second run on a local root and a local Ray, its driver SIGKILLed at two different stages and restarted
+  each time, ends with the same final dataset (digest) as the two-node job on S3.
 """
 from __future__ import annotations
 
@@ -61,67 +66,192 @@ def http_status(url: str, headers: dict[str, str]) -> int:
         return e.code
 
 
+def ns_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def kill_namespace(ns: str) -> None:
+    """Every process of one mount namespace: the worker node and nothing else."""
+    for p in psutil.process_iter():
+        try:
+            if ns_of(p.pid) == ns:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, PermissionError):
+            pass
+
+
+# The worker node's shell: a private tmpfs over /tmp (the head's temp dir and session files, the job's
+# working directory, HOME and the caches under it) and over the user's ~/.cache; only the code itself
+# (the repository and its venv, if they live under /tmp) is mounted back, read-only.
+WORKER_NODE = r"""
+set -e
+mount -t tmpfs tmpfs /mnt
+i=0
+for keep in $KEEP; do
+  mkdir -p /mnt/keep$i && mount --bind "$keep" /mnt/keep$i && i=$((i+1))
+done
+mount -t tmpfs tmpfs /tmp
+[ -d "$USER_CACHE" ] && mount -t tmpfs tmpfs "$USER_CACHE"
+i=0
+for keep in $KEEP; do
+  mkdir -p "$keep" && mount --move /mnt/keep$i "$keep" && mount -o remount,bind,ro "$keep" && i=$((i+1))
+done
+mkdir -p "$HOME"
+exec "$RAY" start --block "$@"
+"""
+
+
 @pytest.fixture(scope="module")
-def job_run(tmp_path_factory):
-    """A token-auth head, the tiny loop submitted to it, metrics scraped while it runs."""
+def cluster(tmp_path_factory, s3_server):
+    """Two Ray nodes on one machine that share nothing but the network: a token-auth head with 0 CPUs (so
+    the driver is all it runs) and a worker node with the 2 CPUs, in its own mount namespace, where every
+    engine, training worker, tokenizer task and feature actor runs. The run root is the S3 server."""
     temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token of the user's gets read or written
-    runs = tmp_path_factory.mktemp("runs")
     token = secrets.token_hex(16)
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {**os.environ, **s3_server["env"], "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
-    dash, metrics = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    dash, metrics, gcs = free_port(), free_port(), free_port()
+    agent_ports = lambda: [f"--dashboard-agent-listen-port={free_port()}",  # noqa: E731 - the defaults (52365,
+                           f"--dashboard-agent-grpc-port={free_port()}",     # ...) belong to any other Ray here,
+                           f"--runtime-env-agent-port={free_port()}"]        # such as the suite's `ray_local`
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-                    # own agent ports: the defaults (52365, ...) belong to any other Ray on this machine, such as
-                    # the suite's `ray_local`, and a head without its job agent refuses every submission
-                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                    f"--runtime-env-agent-port={free_port()}",
-                    "--num-cpus=2", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}",
+                    *agent_ports(), "--num-cpus=0", "--object-store-memory=500000000", f"--temp-dir={temp_dir}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    keep = sorted({p for p in (str(ROOT), os.path.realpath(sys.prefix)) if p.startswith("/tmp/")})
+    keep = [p for p in keep if not any(p != q and p.startswith(q + "/") for q in keep)]
+    worker_env = {**env, "KEEP": " ".join(keep), "RAY": RAY,
+                  "USER_CACHE": os.path.join(os.path.expanduser("~"), ".cache")}
+    worker = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", WORKER_NODE, "worker",
+         f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--object-store-memory=1000000000", f"--temp-dir=/tmp/rayw-{secrets.token_hex(4)}",
+         f"--metrics-export-port={free_port()}", *agent_ports(), "--disable-usage-stats"],
+        env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    out = {"token": token, "address": address, "runs": runs, "scrapes": []}
     try:
-        out["no_token_status"] = http_status(f"{address}/api/jobs/", {})
-        out["wrong_token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": "Bearer nope"})
-        out["token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
-        entry = [sys.executable, "jobs/run_loop.py", "--preset", "tiny-loop", f"run.root={runs}", "run.id=job"]
-        renv = json.dumps({"working_dir": str(ROOT), "excludes": [".whl", ".venv", "runs", ".git"]})
-        wrong = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait", f"--runtime-env-json={renv}",
-                                "--", *entry], env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True,
-                               timeout=120)
-        out["wrong_submit"] = (wrong.returncode, wrong.stdout + wrong.stderr)
-        for _ in range(30):  # a fresh head takes a few seconds to register its job agent
-            sub = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait",
-                                  f"--runtime-env-json={renv}", "--", *entry], env=env, capture_output=True, text=True,
-                                 timeout=300)
-            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+        deadline = time.time() + 120
+        while True:
+            nodes = subprocess.run([RAY, "list", "nodes", f"--address={address}", "--format=json"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            alive = [n for n in json.loads(nodes.stdout or "[]") if n.get("state") == "ALIVE"] if nodes.returncode == 0 else []
+            if len(alive) == 2:
                 break
-            time.sleep(5)
-        assert sub.returncode == 0, sub.stdout + sub.stderr
-        job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group()
-        deadline = time.time() + 30 * 60
-        status = ""
-        while time.time() < deadline:
-            time.sleep(10)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
-                    text = r.read().decode()
-                out["scrapes"].append([line for line in text.splitlines() if "scoder_ray_" in line])
-            except OSError:
-                pass
-            status = http_json(f"{address}/api/jobs/{job_id}", token)["status"]
-            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                break
-        logs = subprocess.run([RAY, "job", "logs", f"--address={address}", job_id], env=env, capture_output=True,
-                              text=True, timeout=120)
-        out["status"], out["logs"] = status, logs.stdout
-        yield out
+            assert worker.poll() is None, worker.stdout.read()
+            assert time.time() < deadline, f"the worker node did not join: {nodes.stdout}{nodes.stderr}"
+            time.sleep(2)
+        yield {"env": env, "address": address, "metrics": metrics, "token": token, "home": home,
+               "nodes": alive, "worker": worker, "worker_ns": ns_of(worker.pid)}
     finally:
+        kill_namespace(ns_of(worker.pid))
         kill_ray_under(temp_dir)
 
 
-@pytest.mark.timeout(2400)  # the fixture runs the whole tiny loop (~11 min on 2 cores)
+def submit(cluster: dict, entry: list[str], env: dict[str, str] | None = None) -> str:
+    renv = json.dumps({"working_dir": str(ROOT), "excludes": [".whl", ".venv", "runs", ".git"]})
+    for _ in range(30):  # a fresh head takes a few seconds to register its job agent
+        sub = subprocess.run([RAY, "job", "submit", f"--address={cluster['address']}", "--no-wait",
+                              f"--runtime-env-json={renv}", "--", *entry], env=env or cluster["env"],
+                             capture_output=True, text=True, timeout=300)
+        if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+            break
+        time.sleep(5)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    return re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group()
+
+
+def s3_files(uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    from scoder_ray.store import filesystem
+
+    fs, path = filesystem(uri)
+    return [i.path[len(path) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            if i.type == pafs.FileType.File]
+
+
+def wait_job(cluster: dict, job_id: str, out: dict, during=None, timeout: float = 30 * 60) -> str:
+    """Poll the job until it ends, scraping the head's metrics and calling `during()` every second."""
+    deadline, status, last_scrape = time.time() + timeout, "", 0.0
+    while time.time() < deadline:
+        time.sleep(1)
+        if during:
+            during()
+        if time.time() - last_scrape < 10:
+            continue
+        last_scrape = time.time()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics']}/metrics", timeout=10) as r:
+                out["scrapes"].append([line for line in r.read().decode().splitlines() if "scoder_ray_" in line])
+        except OSError:
+            pass
+        status = http_json(f"{cluster['address']}/api/jobs/{job_id}", cluster["token"])["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+    return status
+
+
+def job_logs(cluster: dict, job_id: str) -> str:
+    return subprocess.run([RAY, "job", "logs", f"--address={cluster['address']}", job_id], env=cluster["env"],
+                          capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.fixture(scope="module")
+def job_run(cluster, s3_server):
+    """The tiny loop submitted to the two-node cluster with its state on S3. The first job's driver is
+    SIGKILLed while iter_01/sample is writing its files (some exist, no _DONE.json); the resubmitted job
+    resumes from the object store, and one of its training workers (on the worker node) is SIGKILLed
+    during train_scoder after a resumable checkpoint reached the object store."""
+    from scoder_ray.store import read_text
+
+    root = f"s3://{s3_server['bucket']}/cluster"
+    run = f"{root}/job"
+    address, token = cluster["address"], cluster["token"]
+    out = {"token": token, "address": address, "root": root, "run": run, "scrapes": [], "killed": {}}
+    out["no_token_status"] = http_status(f"{address}/api/jobs/", {})
+    out["wrong_token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": "Bearer nope"})
+    out["token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
+    entry = [sys.executable, "jobs/run_loop.py", "--preset", "tiny-loop", f"run.root={root}", "run.id=job",
+             "train.scoder.resume_every=2"]
+    wrong = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait", "--", *entry],
+                           env={**cluster["env"], "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True, timeout=120)
+    out["wrong_submit"] = (wrong.returncode, wrong.stdout + wrong.stderr)
+
+    def kill_driver_mid_write():
+        if out["killed"].get("driver"):
+            return
+        files = s3_files(f"{run}/iter_01/sample")
+        if "_DONE.json" not in files and any(f.endswith(".parquet") for f in files):
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "jobs/run_loop.py" in cmd and "run.id=job" in cmd:  # the entrypoint (and its shell)
+                    p.kill()
+                    out["killed"]["driver"] = {"pid": p.pid, "files_then": files}
+
+    first = submit(cluster, entry)
+    out["first_status"] = wait_job(cluster, first, out, during=kill_driver_mid_write)
+    out["first_logs"] = job_logs(cluster, first)
+
+    def kill_training_worker():
+        if out["killed"].get("train_worker"):
+            return
+        if not any("/checkpoint_" in f for f in s3_files(f"{run}/_ray_train") if "train_scoder" in f):
+            return
+        for p in psutil.process_iter(["cmdline"]):
+            if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                out["killed"]["train_worker"] = {"pid": p.pid, "on_worker_node": ns_of(p.pid) == cluster["worker_ns"]}
+                p.kill()
+                return
+
+    second = submit(cluster, entry)
+    out["status"] = wait_job(cluster, second, out, during=kill_training_worker)
+    out["logs"] = job_logs(cluster, second)
+    out["done"] = lambda stage: json.loads(read_text(f"{run}/{stage}/_DONE.json"))
+    yield out
+
+
+@pytest.mark.timeout(3000)  # the fixture runs the whole tiny loop, once killed (~15 min on 2 cores)
 def test_job_submit_needs_the_token(job_run):
     assert job_run["no_token_status"] == 401 and job_run["wrong_token_status"] in (401, 403)
     assert job_run["token_status"] == 200
@@ -129,24 +259,49 @@ def test_job_submit_needs_the_token(job_run):
     assert code != 0 and re.search(r"401|403|[Uu]nauthori[sz]ed|[Aa]uthentication|[Ff]orbidden", text), text[-2000:]
 
 
-def test_tiny_loop_end_to_end_as_a_job(job_run):
+def test_the_cluster_shares_no_files(cluster):
+    """The worker node cannot see the head's temp dir, the test's HOME, or anything else under /tmp."""
+    assert [n["node_ip"] for n in cluster["nodes"]] == ["127.0.0.1", "127.0.0.1"]
+    worker_root = f"/proc/{cluster['worker'].pid}/root"
+    assert os.path.isdir(cluster["home"]) and not os.path.exists(worker_root + str(cluster["home"]))
+    assert os.path.isfile(worker_root + sys.executable)  # the code itself is there
+
+
+def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
+    from scoder_ray.store import read_text
+
+    done = job_run["done"]
+    killed = job_run["killed"]
+    assert killed.get("driver"), "the first job's driver was never killed while iter_01/sample was writing"
+    assert job_run["first_status"] == "FAILED" and "final dataset" not in job_run["first_logs"]
     assert "SUCCEEDED" in job_run["status"], job_run["logs"][-5000:]
-    run = Path(job_run["runs"]) / "job"
-    final = json.loads((run / "final" / "_DONE.json").read_text())
-    assert f"digest {final['dataset_digest']}" in job_run["logs"]
+    logs = job_run["logs"]
+    for stage in ("seeds", "bootstrap", "train_synthesizer"):  # resumed from the object store
+        assert f"{stage}: skipped (already done)" in logs, logs[-5000:]
+    assert "iter_01/sample: done" in logs  # the killed attempt redone, its files collected
+    sample = done("iter_01/sample")
+    assert all(f.startswith(sample["attempt"]) or f == "_DONE.json" for f in s3_files(f"{job_run['run']}/iter_01/sample"))
+    assert killed.get("train_worker", {}).get("on_worker_node"), killed  # resumed from the checkpoint on S3
+    scoder = done("train_scoder")
+    metrics = read_text(f"{job_run['run']}/train_scoder/{scoder['attempt']}/metrics.jsonl").splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == list(range(1, scoder["total_steps"] + 1))
+
+    final = done("final")
+    assert f"digest {final['dataset_digest']}" in logs
     assert final["rows"] > 0 and final["parse_rate"] > 0
+    seeds = done("seeds")["rows"]
     for t in (1, 2):  # candidates flowed through every filter of both iterations
-        it = run / f"iter_{t:02d}"
-        sample = json.loads((it / "sample" / "_DONE.json").read_text())
-        assert sample["rows"] == 2 * 2 * json.loads((run / "seeds" / "_DONE.json").read_text())["rows"]  # M x N x seeds
-        kept = json.loads((it / "influence" / "_DONE.json").read_text())
-        assert 0 < kept["rows"] <= json.loads((it / "rank" / "_DONE.json").read_text())["rows"]
-        data = json.loads((it / "train_data" / "_DONE.json").read_text())
-        assert data["by_origin"]["teacher"] == 64 and data["by_origin"][f"iter_{t:02d}"] == kept["rows"]
-        assert (it / "train" / "ckpt_02" / "config.json").is_file()
-    ev = json.loads((run / "evaluate" / "_DONE.json").read_text())
+        it = f"iter_{t:02d}"
+        assert done(f"{it}/sample")["rows"] == 2 * 2 * seeds  # M x N x seeds
+        kept = done(f"{it}/influence")
+        assert 0 < kept["rows"] <= done(f"{it}/rank")["rows"]
+        data = done(f"{it}/train_data")
+        assert data["by_origin"]["teacher"] == 64 and data["by_origin"][it] == kept["rows"]
+        train = done(f"{it}/train")
+        assert "config.json" in s3_files(f"{job_run['run']}/{it}/train/{train['attempt']}/ckpt_02")
+    ev = done("evaluate")
     assert set(ev["results"]) == {"base", "scoder"} and "pass@1" in ev["results"]["scoder"]["humaneval"]
-    report = (run / "report.html").read_text()
+    report = read_text(f"{job_run['run']}/report.html")
     assert report.count("data:image/png;base64,") >= 4 and "Evaluation" in report and "iter_02" in report
 
 
@@ -191,5 +346,4 @@ def test_killed_twice_and_resumed_gives_the_same_dataset(job_run, tmp_path):
     third = run_until(args, env, kill_at=None)
     assert "iter_02/sample: skipped (already done)" in third
     digest = re.search(r"final dataset: \d+ samples, digest ([0-9a-f]{64})", third).group(1)
-    reference = json.loads((Path(job_run["runs"]) / "job" / "final" / "_DONE.json").read_text())["dataset_digest"]
-    assert digest == reference
+    assert digest == job_run["done"]("final")["dataset_digest"]  # local root, one node == S3 root, two nodes

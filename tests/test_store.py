@@ -188,7 +188,7 @@ def test_a_second_driver_is_refused_naming_the_holder(run_root, capsys):
         store = RunStore(run_root, "r")
         store.write_config(load_config("tiny"))
         assert main(["status", f"{run_root}/r"]) == 0
-        assert f"lease: held — host" in capsys.readouterr().out
+        assert "lease: held — host" in capsys.readouterr().out
     finally:
         holder.kill()
         holder.wait()
