@@ -111,16 +111,26 @@ def cut_text(text: str, source: str, path: str, conf: SeedsConf) -> list[dict]:
     return rows or [_row(source, path, 0, 0, "", "no_functions")]
 
 
-def cut_file(item: dict[str, Any], conf: SeedsConf) -> list[dict]:
-    """One input file -> rows. Record files (.jsonl/.parquet) yield the snippets of each record."""
-    source, path = item["source"], item["path"]
+def with_contents(item: dict[str, Any], conf: SeedsConf) -> dict[str, Any]:
+    """The item with its file's bytes (`data`) and `size`, read where the path exists (the driver's node):
+    the tasks that cut snippets may run on any node of the cluster."""
     size = os.path.getsize(item["abs"])
+    keep = size <= conf.max_file_bytes or item["path"].endswith(RECORD_SUFFIXES)
+    return {**item, "size": size, "data": Path(item["abs"]).read_bytes() if keep else b""}
+
+
+def cut_file(item: dict[str, Any], conf: SeedsConf) -> list[dict]:
+    """One input file (with its bytes, see `with_contents`) -> rows. Record files (.jsonl/.parquet) yield
+    the snippets of each record."""
+    if "data" not in item:
+        item = with_contents(item, conf)
+    source, path, size = item["source"], item["path"], item["size"]
     if size > conf.max_file_bytes and not path.endswith(RECORD_SUFFIXES):
         return [_row(source, path, 0, 0, "", "too_large", f"{size} bytes")]
     if path.endswith(RECORD_SUFFIXES):
-        return [r for i, text in enumerate(_read_records(item["abs"]))
+        return [r for i, text in enumerate(_read_records(item["abs"], item["data"]))
                 for r in _cut_record(text, source, f"{path}#{i}", conf)]
-    data = Path(item["abs"]).read_bytes()
+    data = item["data"]
     if b"\0" in data:
         return [_row(source, path, 0, 0, "", "binary")]
     try:
@@ -138,28 +148,29 @@ def _cut_record(text: Any, source: str, path: str, conf: SeedsConf) -> list[dict
     return cut_text(text, source, path, conf)
 
 
-def _read_records(path: str) -> Iterator[Any]:
+def _read_records(path: str, data: bytes) -> Iterator[Any]:
+    """Records of a .parquet/.jsonl file's bytes (`path` names it in errors)."""
     if path.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data))
         column = next((c for c in TEXT_COLUMNS if c in table.column_names), None)
         if column is None:
             raise ValueError(f"{path}: no code column; expected one of {TEXT_COLUMNS}, found {table.column_names}")
         yield from table.column(column).to_pylist()
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            column = next((c for c in TEXT_COLUMNS if c in record), None)
-            if column is None:
-                raise ValueError(f"{path}:{lineno}: no code field; expected one of {TEXT_COLUMNS}")
-            yield record[column]
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        column = next((c for c in TEXT_COLUMNS if c in record), None)
+        if column is None:
+            raise ValueError(f"{path}:{lineno}: no code field; expected one of {TEXT_COLUMNS}")
+        yield record[column]
 
 
 # -- features for dedup and decontamination ---------------------------------------------------------
@@ -259,7 +270,7 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
 
     blocks = max(1, min(len(items), 4 * int(ray.cluster_resources().get("CPU", 1))))
     featured = (
-        ray.data.from_items(items, override_num_blocks=blocks)
+        ray.data.from_items([with_contents(it, conf) for it in items], override_num_blocks=blocks)
         .flat_map(lambda it: cut_file(it, conf))
         .map_batches(featurize, fn_kwargs={"conf": conf, "index": index}, batch_format="numpy")
         .materialize()

@@ -86,38 +86,13 @@ def s3_server():
     """A real S3-compatible server (moto's standalone server) on 127.0.0.1, with one bucket. Yields the
     environment a client needs ($AWS_ENDPOINT_URL and dummy credentials), which is also set in this process
     for the session: every Arrow filesystem made from an s3:// URI reaches it."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from scoder_ray import s3_local
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = str(Path(sys.executable).with_name("moto_server"))
-    log = open(tempfile.mkstemp(prefix="moto-", suffix=".log")[1], "w")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"moto_server did not start on {url}; see {log.name}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    proc, env = s3_local.start(buckets=("scoder-test",))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import pyarrow.fs as pafs
-
-    fs, _ = pafs.FileSystem.from_uri("s3://scoder-test?allow_bucket_creation=true")
-    fs.create_dir("scoder-test")
     try:
-        yield {"env": env, "bucket": "scoder-test", "url": url}
+        yield {"env": env, "bucket": "scoder-test", "url": env["AWS_ENDPOINT_URL"]}
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -19,11 +19,15 @@ DEFAULT_INPUT = {"train_synthesizer": "bootstrap", "train_scoder": "final"}
 
 
 def read_rows(uri: str):
-    """A Ray Dataset over Parquet or JSONL rows (a file or a folder)."""
+    """A Ray Dataset over Parquet or JSONL rows (a file or a folder). A local path is read here, on the
+    driver's node, where it exists: Ray Data's read tasks may run on any node of the cluster."""
+    import pyarrow.dataset as pads
     import ray
 
     jsonl = uri.endswith((".jsonl", ".json", ".jsonl.gz")) or (os.path.isdir(uri) and any(
         f.endswith(".jsonl") for f in os.listdir(uri)))
+    if "://" not in uri:
+        return ray.data.from_arrow(pads.dataset(uri, format="json" if jsonl else "parquet").to_table())
     return ray.data.read_json(uri) if jsonl else ray.data.read_parquet(uri)
 
 
