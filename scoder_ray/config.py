@@ -468,8 +468,11 @@ def _validate_train(key: str, t: TrainConf) -> None:
 
 
 def check_model_ref(key: str, ref: str) -> None:
-    allowed = "builtin:" + "|".join(BUILTIN_MODELS) + ", hf:ORG/NAME, or an existing local model folder"
-    if ref.startswith("builtin:"):
+    allowed = ("builtin:" + "|".join(BUILTIN_MODELS) + ", hf:ORG/NAME, an s3:// or gs:// model folder, or an "
+               "existing local model folder")
+    if "://" in ref:
+        _check(ref.split("://", 1)[0] in ROOT_SCHEMES, key, allowed, ref)
+    elif ref.startswith("builtin:"):
         _check(ref.split(":", 1)[1] in BUILTIN_MODELS, key, allowed, ref)
     elif ref.startswith("hf:"):
         _check(ref.count("/") == 1 and all(ref[3:].split("/")), key, allowed, ref)

@@ -49,12 +49,11 @@ def start(port: int = 0, buckets: tuple[str, ...] = ()) -> tuple[subprocess.Pope
 
 
 def create_bucket(bucket: str, env: dict[str, str]) -> None:
-    import pyarrow.fs as pafs
+    import boto3  # moto's own dependency; its sockets are the calling thread's (Arrow's use an I/O pool)
 
-    fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
-                           secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"],
-                           allow_bucket_creation=True)
-    fs.create_dir(bucket)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                 region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket=bucket)
 
 
 def main() -> int:

@@ -13,6 +13,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import json
 import os
 import re
@@ -20,8 +23,10 @@ import secrets
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +34,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from scoder_ray import s3_local
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,15 +108,52 @@ exec "$RAY" start --block "$@"
 """
 
 
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def private_network():
+    """This test process (its main thread, and every process it starts meanwhile) in a new network
+    namespace with only a loopback interface, so every Ray node advertises 127.0.0.1 (outside one, Ray
+    advertises the machine's own address whatever --node-ip-address says) and no traffic leaves it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET): the two-node cluster test needs root")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`
+            flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, struct.pack("16sH14x", b"lo", 0)))[1]
+            fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 0x1))
+        yield
+    finally:
+        libc.setns(original, CLONE_NEWNET)
+        os.close(original)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_server):
-    """Two Ray nodes on one machine that share nothing but the network: a token-auth head with 0 CPUs (so
-    the driver is all it runs) and a worker node with the 2 CPUs, in its own mount namespace, where every
-    engine, training worker, tokenizer task and feature actor runs. The run root is the S3 server."""
+def cluster(tmp_path_factory):
+    """Two Ray nodes on one machine that share nothing but a private loopback network: a token-auth head
+    with 0 CPUs (so the driver is all it runs) and a worker node with the 2 CPUs, in its own mount
+    namespace, where every engine, training worker, tokenizer task and feature actor runs; and an S3
+    server (moto) for the run root, whose variables this process uses meanwhile."""
+    with private_network():
+        proc, s3_env = s3_local.start(buckets=("scoder-test",))
+        saved = {k: os.environ.get(k) for k in s3_env}
+        os.environ.update(s3_env)
+        try:
+            yield from _two_nodes(tmp_path_factory, s3_env)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _two_nodes(tmp_path_factory, s3_env: dict[str, str]):
     temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token of the user's gets read or written
     token = secrets.token_hex(16)
-    env = {**os.environ, **s3_server["env"], "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {**os.environ, **s3_env, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     dash, metrics, gcs = free_port(), free_port(), free_port()
     agent_ports = lambda: [f"--dashboard-agent-listen-port={free_port()}",  # noqa: E731 - the defaults (52365,
@@ -161,14 +205,24 @@ def submit(cluster: dict, entry: list[str], env: dict[str, str] | None = None) -
     return re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group()
 
 
+# This process reaches the S3 server with boto3, whose sockets belong to the calling thread: Arrow's I/O
+# threads may have been started in the machine's own network namespace by earlier tests.
+def s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+
 def s3_files(uri: str) -> list[str]:
-    import pyarrow.fs as pafs
+    """Keys under an s3:// folder, relative to it."""
+    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+    return [o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", [])]
 
-    from scoder_ray.store import filesystem
 
-    fs, path = filesystem(uri)
-    return [i.path[len(path) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            if i.type == pafs.FileType.File]
+def s3_text(uri: str) -> str:
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
 def wait_job(cluster: dict, job_id: str, out: dict, during=None, timeout: float = 30 * 60) -> str:
@@ -198,14 +252,12 @@ def job_logs(cluster: dict, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def job_run(cluster, s3_server):
+def job_run(cluster):
     """The tiny loop submitted to the two-node cluster with its state on S3. The first job's driver is
     SIGKILLed while iter_01/sample is writing its files (some exist, no _DONE.json); the resubmitted job
     resumes from the object store, and one of its training workers (on the worker node) is SIGKILLed
     during train_scoder after a resumable checkpoint reached the object store."""
-    from scoder_ray.store import read_text
-
-    root = f"s3://{s3_server['bucket']}/cluster"
+    root = "s3://scoder-test/cluster"
     run = f"{root}/job"
     address, token = cluster["address"], cluster["token"]
     out = {"token": token, "address": address, "root": root, "run": run, "scrapes": [], "killed": {}}
@@ -213,7 +265,7 @@ def job_run(cluster, s3_server):
     out["wrong_token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": "Bearer nope"})
     out["token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
     entry = [sys.executable, "jobs/run_loop.py", "--preset", "tiny-loop", f"run.root={root}", "run.id=job",
-             "train.scoder.resume_every=2"]
+             "train.scoder.resume_every=2", "train.scoder.epochs=3"]
     wrong = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait", "--", *entry],
                            env={**cluster["env"], "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True, timeout=120)
     out["wrong_submit"] = (wrong.returncode, wrong.stdout + wrong.stderr)
@@ -233,21 +285,24 @@ def job_run(cluster, s3_server):
     out["first_status"] = wait_job(cluster, first, out, during=kill_driver_mid_write)
     out["first_logs"] = job_logs(cluster, first)
 
-    def kill_training_worker():
-        if out["killed"].get("train_worker"):
-            return
-        if not any("/checkpoint_" in f for f in s3_files(f"{run}/_ray_train") if "train_scoder" in f):
-            return
-        for p in psutil.process_iter(["cmdline"]):
-            if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                out["killed"]["train_worker"] = {"pid": p.pid, "on_worker_node": ns_of(p.pid) == cluster["worker_ns"]}
-                p.kill()
-                return
+    def kill_training_worker():  # polls fast: train_scoder's steps take a fraction of a second each
+        deadline = time.time() + 40 * 60
+        while time.time() < deadline and not out.get("status"):
+            if any("/checkpoint_" in f for f in s3_files(f"{run}/_ray_train") if "train_scoder" in f):
+                for p in psutil.process_iter(["cmdline"]):
+                    if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                        out["killed"]["train_worker"] = {"pid": p.pid, "on_worker_node": ns_of(p.pid) == cluster["worker_ns"]}
+                        p.kill()
+                        return
+            time.sleep(0.1)
 
     second = submit(cluster, entry)
-    out["status"] = wait_job(cluster, second, out, during=kill_training_worker)
+    killer = threading.Thread(target=kill_training_worker, daemon=True)
+    killer.start()
+    out["status"] = wait_job(cluster, second, out)
+    killer.join(timeout=5)
     out["logs"] = job_logs(cluster, second)
-    out["done"] = lambda stage: json.loads(read_text(f"{run}/{stage}/_DONE.json"))
+    out["done"] = lambda stage: json.loads(s3_text(f"{run}/{stage}/_DONE.json"))
     yield out
 
 
@@ -268,8 +323,6 @@ def test_the_cluster_shares_no_files(cluster):
 
 
 def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
-    from scoder_ray.store import read_text
-
     done = job_run["done"]
     killed = job_run["killed"]
     assert killed.get("driver"), "the first job's driver was never killed while iter_01/sample was writing"
@@ -283,7 +336,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert all(f.startswith(sample["attempt"]) or f == "_DONE.json" for f in s3_files(f"{job_run['run']}/iter_01/sample"))
     assert killed.get("train_worker", {}).get("on_worker_node"), killed  # resumed from the checkpoint on S3
     scoder = done("train_scoder")
-    metrics = read_text(f"{job_run['run']}/train_scoder/{scoder['attempt']}/metrics.jsonl").splitlines()
+    metrics = s3_text(f"{job_run['run']}/train_scoder/{scoder['attempt']}/metrics.jsonl").splitlines()
     assert [json.loads(m)["step"] for m in metrics] == list(range(1, scoder["total_steps"] + 1))
 
     final = done("final")
@@ -301,7 +354,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
         assert "config.json" in s3_files(f"{job_run['run']}/{it}/train/{train['attempt']}/ckpt_02")
     ev = done("evaluate")
     assert set(ev["results"]) == {"base", "scoder"} and "pass@1" in ev["results"]["scoder"]["humaneval"]
-    report = read_text(f"{job_run['run']}/report.html")
+    report = s3_text(f"{job_run['run']}/report.html")
     assert report.count("data:image/png;base64,") >= 4 and "Evaluation" in report and "iter_02" in report
 
 
@@ -347,3 +400,14 @@ def test_killed_twice_and_resumed_gives_the_same_dataset(job_run, tmp_path):
     assert "iter_02/sample: skipped (already done)" in third
     digest = re.search(r"final dataset: \d+ samples, digest ([0-9a-f]{64})", third).group(1)
     assert digest == job_run["done"]("final")["dataset_digest"]  # local root, one node == S3 root, two nodes
+
+
+def test_a_local_root_is_refused_on_two_nodes(cluster, tmp_path):
+    """Before any work: the job fails naming run.root and what to set, and creates nothing."""
+    entry = [sys.executable, "jobs/run_loop.py", "--preset", "tiny-loop", f"run.root={tmp_path}", "run.id=local"]
+    job = submit(cluster, entry)
+    status = wait_job(cluster, job, {"scrapes": []}, timeout=600)
+    logs = job_logs(cluster, job)
+    assert status == "FAILED", logs[-3000:]
+    assert f"run.root={tmp_path}: a local path, but this Ray cluster has 2 nodes" in logs and "run.shared=true" in logs
+    assert "Traceback" not in logs and not (tmp_path / "local").exists()
