@@ -85,6 +85,8 @@ def _download(uri: str, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(dest, ignore_errors=True)  # an earlier copy that never completed
     started = time.time()
+    for info in infos:  # Arrow creates no local folders on its own
+        (tmp / info.path[len(path.rstrip("/")) + 1:]).parent.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
                     use_threads=True)
     for info in infos:  # every file, with its size: a cut-off copy is never renamed into place

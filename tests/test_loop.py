@@ -185,7 +185,7 @@ def _two_nodes(tmp_path_factory, s3_env: dict[str, str]):
             assert worker.poll() is None, worker.stdout.read()
             assert time.time() < deadline, f"the worker node did not join: {nodes.stdout}{nodes.stderr}"
             time.sleep(2)
-        yield {"env": env, "address": address, "metrics": metrics, "token": token, "home": home,
+        yield {"env": env, "address": address, "metrics": metrics, "token": token, "home": home, "temp_dir": temp_dir,
                "nodes": alive, "worker": worker, "worker_ns": ns_of(worker.pid)}
     finally:
         kill_namespace(ns_of(worker.pid))
@@ -260,7 +260,8 @@ def job_run(cluster):
     root = "s3://scoder-test/cluster"
     run = f"{root}/job"
     address, token = cluster["address"], cluster["token"]
-    out = {"token": token, "address": address, "root": root, "run": run, "scrapes": [], "killed": {}}
+    out = {"token": token, "address": address, "root": root, "run": run, "scrapes": [], "killed": {},
+           "worker_pid": cluster["worker"].pid, "home": str(cluster["home"])}
     out["no_token_status"] = http_status(f"{address}/api/jobs/", {})
     out["wrong_token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": "Bearer nope"})
     out["token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
@@ -317,8 +318,10 @@ def test_job_submit_needs_the_token(job_run):
 def test_the_cluster_shares_no_files(cluster):
     """The worker node cannot see the head's temp dir, the test's HOME, or anything else under /tmp."""
     assert [n["node_ip"] for n in cluster["nodes"]] == ["127.0.0.1", "127.0.0.1"]
-    worker_root = f"/proc/{cluster['worker'].pid}/root"
-    assert os.path.isdir(cluster["home"]) and not os.path.exists(worker_root + str(cluster["home"]))
+    worker_root = f"/proc/{cluster['worker'].pid}/root"  # the worker node's view of the filesystem
+    marker = Path(cluster["home"]) / "written-on-the-head"
+    marker.write_text("x")
+    assert not os.path.exists(worker_root + str(marker)) and not os.path.exists(worker_root + cluster["temp_dir"])
     assert os.path.isfile(worker_root + sys.executable)  # the code itself is there
 
 
@@ -335,6 +338,11 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     sample = done("iter_01/sample")
     assert all(f.startswith(sample["attempt"]) or f == "_DONE.json" for f in s3_files(f"{job_run['run']}/iter_01/sample"))
     assert killed.get("train_worker", {}).get("on_worker_node"), killed  # resumed from the checkpoint on S3
+    assert "Attempting to start training worker group" in logs
+    # Models reached the worker node through its own cache (copies from S3), never through the head's disk.
+    cache = f"/proc/{job_run['worker_pid']}/root{job_run['home']}/.cache/scoder-ray"
+    assert os.listdir(f"{cache}/node-models") and os.path.isdir(f"{cache}/models/tiny-seed0")
+    assert not os.path.exists(f"{job_run['home']}/.cache/scoder-ray/node-models")
     scoder = done("train_scoder")
     metrics = s3_text(f"{job_run['run']}/train_scoder/{scoder['attempt']}/metrics.jsonl").splitlines()
     assert [json.loads(m)["step"] for m in metrics] == list(range(1, scoder["total_steps"] + 1))
