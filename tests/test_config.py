@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from scoder_ray.cli import main
@@ -101,3 +103,26 @@ def test_cli_reports_bad_config_before_any_work(capsys):
 def test_cli_config_prints_resolved_yaml(capsys):
     assert main(["config", "--preset", "tiny", "seeds.max_lines=42"]) == 0
     assert "max_lines: 42" in capsys.readouterr().out
+
+
+def test_run_root_checks_before_any_work(monkeypatch):
+    from scoder_ray.ray_env import apply_endpoint, check_run_root
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    cfg = load_config("tiny", ["run.root=runs"])
+    check_run_root(cfg, alive_nodes=1)  # one machine: a local root is fine
+    with pytest.raises(ConfigError, match=r"run.root=runs: a local path, but this Ray cluster has 3 nodes.*run.shared=true"):
+        check_run_root(cfg, alive_nodes=3)
+    check_run_root(load_config("tiny", ["run.root=/mnt/nfs/runs", "run.shared=true"]), alive_nodes=3)
+    check_run_root(load_config("tiny", ["run.root=s3://b/runs"]), alive_nodes=3)
+    # inside `ray job submit` (Ray gives the driver its job config in this variable)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {}}, "metadata": {}}')
+    with pytest.raises(ConfigError, match="relative path inside `ray job submit`"):
+        check_run_root(cfg, alive_nodes=1)
+    s3 = load_config("tiny", ["run.root=s3://b/runs", "run.endpoint_url=http://minio:9000"])
+    with pytest.raises(ConfigError, match="run.endpoint_url=http://minio:9000: this job's workers would not see it"):
+        apply_endpoint(s3)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       '{"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000"}}}')
+    assert apply_endpoint(s3) == {"AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert os.environ["AWS_ENDPOINT_URL"] == "http://minio:9000"  # monkeypatch restores the variable after

@@ -338,7 +338,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     sample = done("iter_01/sample")
     assert all(f.startswith(sample["attempt"]) or f == "_DONE.json" for f in s3_files(f"{job_run['run']}/iter_01/sample"))
     assert killed.get("train_worker", {}).get("on_worker_node"), killed  # resumed from the checkpoint on S3
-    assert "Attempting to start training worker group" in logs
+    assert re.search(r"training resumes after step \d+ of \d+ from scoder-test/cluster/job/_ray_train/job-train_scoder", logs)
     # Models reached the worker node through its own cache (copies from S3), never through the head's disk.
     cache = f"/proc/{job_run['worker_pid']}/root{job_run['home']}/.cache/scoder-ray"
     assert os.listdir(f"{cache}/node-models") and os.path.isdir(f"{cache}/models/tiny-seed0")

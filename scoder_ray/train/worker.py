@@ -94,6 +94,9 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.load_checkpoint(d, tag="state")
             with open(os.path.join(d, "train_state.json")) as f:
                 state = json.load(f)
+        if rank == 0:
+            print(f"[scoder-ray] training resumes after step {state['step']} of {total} from {checkpoint.path}",
+                  flush=True)
     out_uri = config["out_uri"]
 
     for step in range(state["step"], total):
