@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,6 +191,8 @@ def _two_nodes(tmp_path_factory, s3_env: dict[str, str]):
     finally:
         kill_namespace(ns_of(worker.pid))
         kill_ray_under(temp_dir)
+        time.sleep(1)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(cluster: dict, entry: list[str], env: dict[str, str] | None = None) -> str:
@@ -247,8 +250,8 @@ def wait_job(cluster: dict, job_id: str, out: dict, during=None, timeout: float 
 
 
 def job_logs(cluster: dict, job_id: str) -> str:
-    return subprocess.run([RAY, "job", "logs", f"--address={cluster['address']}", job_id], env=cluster["env"],
-                          capture_output=True, text=True, timeout=120).stdout
+    """The driver's whole log, from the head's log folder (`ray job logs` returns only its tail)."""
+    return Path(f"{cluster['temp_dir']}/session_latest/logs/job-driver-{job_id}.log").read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -285,11 +288,15 @@ def job_run(cluster):
     first = submit(cluster, entry)
     out["first_status"] = wait_job(cluster, first, out, during=kill_driver_mid_write)
     out["first_logs"] = job_logs(cluster, first)
+    out["first_done"] = {s: json.loads(s3_text(f"{run}/{s}/_DONE.json")) for s in ("seeds", "bootstrap", "train_synthesizer")}
 
     def kill_training_worker():  # polls fast: train_scoder's steps take a fraction of a second each
         deadline = time.time() + 40 * 60
         while time.time() < deadline and not out.get("status"):
-            if any("/checkpoint_" in f for f in s3_files(f"{run}/_ray_train") if "train_scoder" in f):
+            # A checkpoint counts once Ray Train's controller registered it (its snapshot names it); one
+            # merely uploaded when the worker dies is not resumed from.
+            if any(f.endswith("/checkpoint_manager_snapshot.json") and "train_scoder" in f
+                   for f in s3_files(f"{run}/_ray_train")):
                 for p in psutil.process_iter(["cmdline"]):
                     if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
                         out["killed"]["train_worker"] = {"pid": p.pid, "on_worker_node": ns_of(p.pid) == cluster["worker_ns"]}
@@ -332,10 +339,11 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert job_run["first_status"] == "FAILED" and "final dataset" not in job_run["first_logs"]
     assert "SUCCEEDED" in job_run["status"], job_run["logs"][-5000:]
     logs = job_run["logs"]
-    for stage in ("seeds", "bootstrap", "train_synthesizer"):  # resumed from the object store
-        assert f"{stage}: skipped (already done)" in logs, logs[-5000:]
+    for stage, before in job_run["first_done"].items():  # resumed from the object store
+        assert f"{stage}: skipped (already done)" in logs and done(stage)["attempt"] == before["attempt"], stage
     assert "iter_01/sample: done" in logs  # the killed attempt redone, its files collected
     sample = done("iter_01/sample")
+    assert not any(f.startswith(sample["attempt"]) for f in killed["driver"]["files_then"])
     assert all(f.startswith(sample["attempt"]) or f == "_DONE.json" for f in s3_files(f"{job_run['run']}/iter_01/sample"))
     assert killed.get("train_worker", {}).get("on_worker_node"), killed  # resumed from the checkpoint on S3
     assert re.search(r"training resumes after step \d+ of \d+ from scoder-test/cluster/job/_ray_train/job-train_scoder", logs)

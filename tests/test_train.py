@@ -148,7 +148,7 @@ def test_killed_worker_is_replaced_and_steps_are_exact(ray_local, tmp_path, tiny
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if list(storage.glob("*/checkpoint_*")):
+            if list(storage.glob("*/checkpoint_manager_snapshot.json")):  # a checkpoint Ray Train registered
                 workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)

@@ -96,7 +96,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 state = json.load(f)
         if rank == 0:
             print(f"[scoder-ray] training resumes after step {state['step']} of {total} from {checkpoint.path}",
-                  flush=True)
+                  file=sys.stderr, flush=True)
     out_uri = config["out_uri"]
 
     for step in range(state["step"], total):
