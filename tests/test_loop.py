@@ -223,9 +223,13 @@ def s3_files(uri: str) -> list[str]:
     return [o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", [])]
 
 
-def s3_text(uri: str) -> str:
+def s3_bytes(uri: str) -> bytes:
     bucket, key = uri[len("s3://"):].split("/", 1)
-    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_text(uri: str) -> str:
+    return s3_bytes(uri).decode()
 
 
 def wait_job(cluster: dict, job_id: str, out: dict, during=None, timeout: float = 30 * 60) -> str:
@@ -370,6 +374,11 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
         assert "config.json" in s3_files(f"{job_run['run']}/{it}/train/{train['attempt']}/ckpt_02")
     ev = done("evaluate")
     assert set(ev["results"]) == {"base", "scoder"} and "pass@1" in ev["results"]["scoder"]["humaneval"]
+    # The object store's credentials reached every node through its environment, and nothing wrote them down.
+    secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in logs and secret not in job_run["first_logs"]
+    for key in s3_files(job_run["run"]):
+        assert secret.encode() not in s3_bytes(f"{job_run['run']}/{key}"), key
     report = s3_text(f"{job_run['run']}/report.html")
     assert report.count("data:image/png;base64,") >= 4 and "Evaluation" in report and "iter_02" in report
 
