@@ -1,6 +1,11 @@
 """GPU checks for a lent H100/H200 (no Ray, no downloads; DeepSpeed and its pydantic/hjson carried as wheels).
 
-    PYTHONPATH=. python3 bench/gpu_check.py [--out DIR]
+    PYTHONPATH=. python3 bench/gpu_check.py [--out DIR] [--shape 1b|7b]
+
+`--shape 7b` (issues 19, 20): a randomly initialised 7B-shaped Llama (hidden 4096, 32 layers), built on the
+GPU in bf16; training with ZeRO-3 (goal: MFU >= 40%), and the feature kernel with LoRA r=128 on q/k/v/o
+(134M parameters) at 2048 tokens, printing examples/s and the share of time outside the gradients
+(the projection). Results are written after each part, so a run cut short keeps what it measured.
 
 1. Training step path (issue 4): a randomly initialised ~1.1B Llama, bf16, our `deepspeed_config` (ZeRO-2,
    GPU path: DeepSpeed's fused Adam, gradient checkpointing as the worker enables it), one rank over NCCL.
@@ -27,7 +32,28 @@ def llama_1b():
                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
 
 
-def train_check(micro: int, seq: int, steps: int) -> dict:
+def llama_7b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def on_gpu(config):
+    """A random model built directly on the GPU in bf16 (a 7B model built on the CPU takes minutes)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int = 2) -> dict:
     import deepspeed
     from transformers import LlamaForCausalLM
 
@@ -38,10 +64,10 @@ def train_check(micro: int, seq: int, steps: int) -> dict:
     torch.distributed.init_process_group("nccl")
     torch.cuda.set_device(0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_1b()).to(torch.bfloat16)
+    model = LlamaForCausalLM(llama_1b()).to(torch.bfloat16) if config is None else on_gpu(config)
     n_params = sum(p.numel() for p in model.parameters())
     model.gradient_checkpointing_enable()
-    conf = {"gpus_per_worker": 1, "zero_stage": 2, "cpu_offload": False, "precision": "bf16", "micro_batch_size": micro,
+    conf = {"gpus_per_worker": 1, "zero_stage": zero_stage, "cpu_offload": False, "precision": "bf16", "micro_batch_size": micro,
             "grad_accum": 1, "lr": 1e-4, "weight_decay": 0.0}
     ds_cfg = deepspeed_config(conf, 1, (0.9, 0.999), 1e-8)
     sched = lr_lambda(steps + 3, 0.0, "constant")
@@ -73,7 +99,7 @@ def train_check(micro: int, seq: int, steps: int) -> dict:
     tps = micro * seq * steps / dt
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
-    out = {"gpu": name, "params": n_params, "micro_batch": micro, "seq": seq, "steps": steps, "optimizer": optimizer_kind,
+    out = {"gpu": name, "params": n_params, "zero_stage": zero_stage, "micro_batch": micro, "seq": seq, "steps": steps, "optimizer": optimizer_kind,
            "deepspeed_init_s": round(init_s, 1), "step_s": round(dt / steps, 3), "tokens_per_s": round(tps),
            "mfu_6N": round(6 * n_params * tps / peak, 3), "loss_last": round(loss.item(), 3),
            "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
@@ -82,30 +108,35 @@ def train_check(micro: int, seq: int, steps: int) -> dict:
     return out
 
 
-def influence_check(batch: int, seq: int, batches: int, workdir: str) -> dict:
+def influence_check(batch: int, seq: int, batches: int, workdir: str, config=None) -> dict:
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
 
     from scoder_ray.influence.features import GradientFeatures
 
     torch.backends.cuda.matmul.allow_tf32 = True
     base_dir, ckpt_dir = os.path.join(workdir, "base"), os.path.join(workdir, "lora")
     torch.manual_seed(0)
-    LlamaForCausalLM(llama_1b()).to(torch.bfloat16).save_pretrained(base_dir)
-    peft = get_peft_model(LlamaForCausalLM(llama_1b()), LoraConfig(r=128, lora_alpha=512, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    config = config or llama_1b()
+    base = on_gpu(config)
+    t0 = time.perf_counter()
+    base.save_pretrained(base_dir)
+    save_s = time.perf_counter() - t0
+    peft = get_peft_model(base, LoraConfig(r=128, lora_alpha=512, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     peft.save_pretrained(ckpt_dir)
     os.makedirs(os.path.join(ckpt_dir, "optimizer"))
     keys = {n.replace(".default.", "."): p for n, p in peft.named_parameters() if "lora_" in n}
-    save_file({k: torch.randn_like(p) * 1e-3 for k, p in keys.items()}, os.path.join(ckpt_dir, "optimizer", "exp_avg.safetensors"))
-    save_file({k: torch.rand_like(p) * 1e-6 for k, p in keys.items()}, os.path.join(ckpt_dir, "optimizer", "exp_avg_sq.safetensors"))
+    save_file({k: (torch.randn_like(p) * 1e-3).float().cpu() for k, p in keys.items()}, os.path.join(ckpt_dir, "optimizer", "exp_avg.safetensors"))
+    save_file({k: (torch.rand_like(p) * 1e-6).float().cpu() for k, p in keys.items()}, os.path.join(ckpt_dir, "optimizer", "exp_avg_sq.safetensors"))
     with open(os.path.join(ckpt_dir, "optimizer", "optimizer.json"), "w") as f:
         json.dump({"step": 100, "betas": [0.9, 0.999], "eps": 1e-8, "lr": 2e-5}, f)
-    del peft
+    del peft, base
+    torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    feats = GradientFeatures(base_dir, ckpt_dir, "ckpt_01", dim=8192, run_seed=0, block_rows=4096, device="cuda")
+    feats = GradientFeatures(base_dir, ckpt_dir, "ckpt_01", dim=8192, run_seed=0, block_rows=4096, device="cuda",
+                             proj_dtype="auto", model_dtype="auto")
     load_s = time.perf_counter() - t0
-    ids = torch.randint(0, 32000, (batch, seq))
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, : seq // 2] = -100
@@ -121,7 +152,8 @@ def influence_check(batch: int, seq: int, batches: int, workdir: str) -> dict:
     feats.gradients(ids.cuda(), mask.cuda(), labels.cuda())
     torch.cuda.synchronize()
     grad_s = time.perf_counter() - t
-    return {"lora_params": feats.total, "proj_dim": 8192, "batch": batch, "seq": seq, "load_s": round(load_s, 1),
+    return {"lora_params": feats.total, "proj_dim": 8192, "batch": batch, "seq": seq, "save_s": round(save_s, 1),
+            "load_s": round(load_s, 1),
             "examples_per_s": round(batch * batches / dt, 2), "batch_s": round(dt / batches, 2),
             "gradient_share": round(grad_s / (dt / batches), 3), "feature_shape": list(f.shape),
             "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
@@ -131,15 +163,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--shape", choices=["1b", "7b"], default="1b")
     args = ap.parse_args()
     result = {}
-    if not args.skip_train:
-        result["train"] = train_check(micro=8, seq=1024, steps=10)
+
+    def save(part: str, fn) -> None:
+        try:
+            result[part] = fn()
+        except Exception as e:  # noqa: BLE001 - a failed part is reported; the next one still runs
+            result[part] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        torch.cuda.empty_cache()
         print(json.dumps(result, indent=2), flush=True)
-    result["influence"] = influence_check(batch=16, seq=512, batches=2, workdir="/tmp/scoder-gpu")
-    print(json.dumps(result, indent=2), flush=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        with open(os.path.join(args.out, f"gpu_check_{args.shape}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
+    big = args.shape == "7b"
+    # The feature kernel first: DeepSpeed's engine may keep GPU memory after training.
+    save("influence", lambda: influence_check(batch=4, seq=2048, batches=2, workdir="/tmp/scoder-gpu", config=llama_7b())
+         if big else influence_check(batch=16, seq=512, batches=2, workdir="/tmp/scoder-gpu"))
+    if not args.skip_train:
+        save("train", lambda: train_check(micro=2, seq=2048, steps=5, config=llama_7b(), zero_stage=3) if big
+             else train_check(micro=8, seq=1024, steps=10))
 
 
 if __name__ == "__main__":
