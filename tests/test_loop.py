@@ -217,10 +217,11 @@ def s3_client():
 
 
 def s3_files(uri: str) -> list[str]:
-    """Keys under an s3:// folder, relative to it."""
+    """Files under an s3:// folder, relative to it (not the empty "folder/" markers Arrow's create_dir puts)."""
     bucket, prefix = uri[len("s3://"):].split("/", 1)
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-    return [o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", [])]
+    return [o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", [])
+            if not o["Key"].endswith("/")]
 
 
 def s3_bytes(uri: str) -> bytes:
