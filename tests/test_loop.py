@@ -303,10 +303,13 @@ def job_run(cluster):
             if any(f.endswith("/checkpoint_manager_snapshot.json") and "train_scoder" in f
                    for f in s3_files(f"{run}/_ray_train")):
                 for p in psutil.process_iter(["cmdline"]):
-                    if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                        out["killed"]["train_worker"] = {"pid": p.pid, "on_worker_node": ns_of(p.pid) == cluster["worker_ns"]}
-                        p.kill()
-                        return
+                    try:  # a training worker of this cluster's worker node (not of any other Ray here)
+                        if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []) and ns_of(p.pid) == cluster["worker_ns"]:
+                            out["killed"]["train_worker"] = {"pid": p.pid, "on_worker_node": True}
+                            p.kill()
+                            return
+                    except (psutil.NoSuchProcess, FileNotFoundError):
+                        continue
             time.sleep(0.1)
 
     second = submit(cluster, entry)
