@@ -38,7 +38,7 @@ import pytest
 
 from scoder_ray import s3_local
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # a module fixture runs two whole loops
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 SCODER = str(Path(sys.executable).with_name("scoder-ray"))
