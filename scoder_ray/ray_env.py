@@ -53,15 +53,22 @@ def one_block_each(actors: int):
     return ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
 
 
-def job_runtime_env() -> Optional[dict[str, Any]]:
-    """The runtime_env of the `ray job submit` this driver runs in (None outside a submitted job)."""
+def job_config() -> Optional[dict[str, Any]]:
+    """The job config Ray gives the driver of a `ray job submit` (runtime_env, metadata); None outside one."""
     text = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not text:
         return None
     try:
-        return json.loads(text).get("runtime_env") or {}
-    except (json.JSONDecodeError, AttributeError):
+        config = json.loads(text)
+    except json.JSONDecodeError:
         return {}
+    return config if isinstance(config, dict) else {}
+
+
+def job_runtime_env() -> Optional[dict[str, Any]]:
+    """The runtime_env of the `ray job submit` this driver runs in (None outside a submitted job)."""
+    config = job_config()
+    return None if config is None else config.get("runtime_env") or {}
 
 
 def apply_endpoint(cfg: Config) -> dict[str, str]:

@@ -335,13 +335,9 @@ def describe(held: dict[str, Any]) -> str:
 
 def ray_job_label() -> str:
     """The submission id of a `ray job submit` driver (from the job config Ray gives it), else ''."""
-    text = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not text:
-        return ""
-    try:
-        return str(json.loads(text).get("metadata", {}).get("job_submission_id", ""))
-    except (json.JSONDecodeError, AttributeError):
-        return ""
+    from scoder_ray.ray_env import job_config
+
+    return str(((job_config() or {}).get("metadata") or {}).get("job_submission_id", ""))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
