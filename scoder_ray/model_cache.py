@@ -85,14 +85,14 @@ def _download(uri: str, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(dest, ignore_errors=True)  # an earlier copy that never completed
     started = time.time()
-    for info in infos:  # Arrow creates no local folders on its own
-        (tmp / info.path[len(path.rstrip("/")) + 1:]).parent.mkdir(parents=True, exist_ok=True)
+    files = [(tmp / info.path[len(path.rstrip("/")) + 1:], info.size) for info in infos]
+    for local, _ in files:  # Arrow creates no local folders on its own
+        local.parent.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
                     use_threads=True)
-    for info in infos:  # every file, with its size: a cut-off copy is never renamed into place
-        local = tmp / info.path[len(path.rstrip("/")) + 1:]
-        if not local.is_file() or local.stat().st_size != info.size:
-            raise OSError(f"copy of {uri} is incomplete: {local} (expected {info.size} bytes)")
+    for local, size in files:  # every file, with its size: a cut-off copy is never renamed into place
+        if not local.is_file() or local.stat().st_size != size:
+            raise OSError(f"copy of {uri} is incomplete: {local} (expected {size} bytes)")
     (tmp / ".complete").write_text(f"{uri}\n{sum(i.size for i in infos)} bytes in {time.time() - started:.1f}s\n")
     tmp.rename(dest)
 
