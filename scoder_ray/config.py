@@ -127,6 +127,26 @@ class SampleConf:
 
 
 @dataclass
+class QualityConf:
+    """Gates every teacher sample, candidate and final sample passes (quality.py), each drop named."""
+    min_problem_words: int = 6  # words outside code a problem statement needs
+    # Share of the solution's tokens found, in order, in the seed snippet at which it is a copy (>= 1.0: off).
+    max_seed_similarity: float = 0.9
+    check_definitions: bool = True  # a function the problem names must be defined (or imported) by the solution
+    # MinHash Jaccard (5-token shingles of problem + solution) at which a sample is a near duplicate: of another
+    # sample of the same output (final dataset, one iteration's kept set across seeds), and of a reference
+    # (teacher samples, samples kept by earlier iterations). >= 1.0: off.
+    near_dup_threshold: float = 0.8
+    reference_near_dup_threshold: float = 0.8
+    # Benchmarks no training sample may overlap (n-gram overlap, as the seed stage). mbpp and the `+` sets
+    # read the evalplus files named by evaluate.problems or MBPP_OVERRIDE_PATH / HUMANEVAL_OVERRIDE_PATH;
+    # without one they are skipped, and each stage's _DONE.json (`decontam.skipped`) says so.
+    decontam_benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "mbpp"])
+    decontam_ngram: int = 10
+    decontam_threshold: float = 0.5
+
+
+@dataclass
 class AspectConf:
     name: str = "???"
     rubric: str = "???"
@@ -156,6 +176,10 @@ class ScoreConf:
     threshold: float = 0.0  # minimal score to be kept
     near_dup_threshold: float = 0.9  # MinHash Jaccard between candidates (problem + solution) of one seed
     ridge: float = 1.0  # L2 strength of the weight fit
+    # A judge whose aspects are all near-constant (std < min_aspect_std) or all equal per candidate is degenerate:
+    # a warning in the console and the report, or with require_signal an error that stops the run.
+    min_aspect_std: float = 0.5
+    require_signal: bool = False
 
 
 @dataclass
@@ -236,6 +260,9 @@ class LoopConf:
     # kept so far (the default: no drift compounds across iterations), or from the `previous` synthesizer.
     retrain_from: str = "base"
     retrain_epochs: int = 0  # 0: train.synthesizer.epochs; continuing from `previous` usually needs fewer
+    # 0: train.synthesizer.lr. Continuing from `previous` with fresh Adam moments, the first steps move every
+    # weight by ~lr whatever its gradient, which can undo a fitted model: a lower rate keeps what it learned.
+    retrain_lr: float = 0.0
     final_dataset_size: int = 1000
     final_samples_per_seed: int = 0  # 0: enough to reach final_dataset_size from the seed pool
 
@@ -263,6 +290,7 @@ class Config:
     engine: EngineConf = field(default_factory=EngineConf)
     seeds: SeedsConf = field(default_factory=SeedsConf)
     sample: SampleConf = field(default_factory=SampleConf)
+    quality: QualityConf = field(default_factory=QualityConf)
     score: ScoreConf = field(default_factory=ScoreConf)
     train: TrainSection = field(default_factory=TrainSection)
     influence: InfluenceConf = field(default_factory=InfluenceConf)
@@ -386,6 +414,7 @@ def validate(cfg: Config) -> None:
     _validate_run(cfg)
     if cfg.ray.cluster_config:
         _check_cluster(cfg)
+    _check(cfg.loop.retrain_lr >= 0, "loop.retrain_lr", "a number >= 0 (0: train.synthesizer.lr)", cfg.loop.retrain_lr)
     _check(cfg.loop.retrain_epochs >= 0, "loop.retrain_epochs", "an integer >= 0", cfg.loop.retrain_epochs)
     _check(cfg.loop.retrain_from in ("base", "previous"), "loop.retrain_from", "base or previous", cfg.loop.retrain_from)
     ev = cfg.evaluate
@@ -409,6 +438,15 @@ def validate(cfg: Config) -> None:
     for bench in cfg.seeds.decontam_benchmarks:
         _check(bench in BENCHMARKS, "seeds.decontam_benchmarks", f"a list of: {', '.join(BENCHMARKS)} "
                "(all but humaneval read the evalplus files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH)", bench)
+    for bench in cfg.quality.decontam_benchmarks:
+        _check(bench in BENCHMARKS, "quality.decontam_benchmarks", f"a list of: {', '.join(BENCHMARKS)}", bench)
+    _check(cfg.quality.min_problem_words >= 0, "quality.min_problem_words", "an integer >= 0", cfg.quality.min_problem_words)
+    _check(0 < cfg.quality.max_seed_similarity, "quality.max_seed_similarity", "a share in (0, 1] (1: off)",
+           cfg.quality.max_seed_similarity)
+    _check(0 < cfg.quality.decontam_threshold <= 1, "quality.decontam_threshold", "a fraction in (0, 1]", cfg.quality.decontam_threshold)
+    for key in ("near_dup_threshold", "reference_near_dup_threshold"):
+        _check(0 < getattr(cfg.quality, key) <= 1, f"quality.{key}", "a Jaccard in (0, 1] (1: off)", getattr(cfg.quality, key))
+    _check(cfg.quality.decontam_ngram >= 3, "quality.decontam_ngram", "an integer >= 3", cfg.quality.decontam_ngram)
     for key in ("synthesizer", "scorer", "scoder"):
         check_model_ref(f"models.{key}", getattr(cfg.models, key))
 

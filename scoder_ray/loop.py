@@ -130,6 +130,8 @@ def _run(cfg: Config, store: RunStore, report: bool) -> dict[str, dict[str, Any]
         verb = "skipped (already done)" if done.get("skipped") else f"done in {done.get('seconds', 0):.1f}s"
         print(f"[scoder-ray] [{i + 1}/{len(stages)}] {name}: {verb}, {done.get('rows', 0)} rows "
               f"({time.time() - started:.0f}s elapsed)", flush=True)
+        for warning in done.get("warnings", []):
+            print(f"[scoder-ray] WARNING {name}: {warning}", flush=True)
     final = results.get("final", {})
     if final.get("dataset_digest"):
         print(f"[scoder-ray] final dataset: {final['rows']} samples, digest {final['dataset_digest']}", flush=True)

@@ -63,11 +63,12 @@ _SECTIONS = re.compile(r"^#{2,4}\s*Problem\s*:?\s*$(?P<problem>.*?)^#{2,4}\s*Sol
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(?P<code>.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)
 
 
-def parse_sample(text: str, snippet: Optional[str] = None) -> tuple[str, str, str]:
+def parse_sample(text: str, snippet: Optional[str] = None, quality=None, index=None) -> tuple[str, str, str]:
     """(problem, solution, reason) from a synthesizer completion; reason is '' when it parses.
 
     Rejected: no Problem/Solution sections, an empty problem, a solution without a closed code fence,
-    an empty solution, a solution that is not valid Python, a problem that restates the snippet.
+    an empty solution, a solution that is not valid Python, a problem that restates the snippet; with
+    `quality` (a QualityConf), every gate of quality.py (placeholders, echoes, seed copies...).
     """
     m = _SECTIONS.search(text)
     if not m:
@@ -88,6 +89,10 @@ def parse_sample(text: str, snippet: Optional[str] = None) -> tuple[str, str, st
         return problem, solution, "solution_syntax_error"
     if snippet and restates(problem, snippet):
         return problem, solution, "problem_restates_snippet"
+    if quality is not None:
+        from scoder_ray.quality import gate
+
+        return problem, solution, gate(problem, solution, snippet, quality, index)
     return problem, solution, ""
 
 

@@ -33,8 +33,8 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def _read_parquet(store: RunStore, stage: str, columns: Optional[list[str]] = None):
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(store.uri(stage) + "/data")
     try:
+        fs, path = filesystem(store.uri(stage) + "/data")
         return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
     except (FileNotFoundError, OSError, KeyError, StoreError):
         return None
@@ -47,6 +47,44 @@ def _metrics(store: RunStore, stage: str) -> list[dict[str, Any]]:
         return []
 
 
+def iteration_trend(store: RunStore, it: str, sample: dict, score: dict, influence: dict) -> dict[str, Any]:
+    """Acceptance (kept by influence / candidates written), execution pass rate and mean weighted score."""
+    verdicts = score.get("exec_verdicts", {})
+    ranked = _read_parquet(store, f"{it}/rank", ["score"])
+    mean = round(float(ranked["score"].dropna().mean()), 3) if ranked is not None and ranked["score"].notna().any() else ""
+    return {"parse_rate": sample.get("parse_rate", ""),
+            "acceptance_rate": round(influence["rows"] / sample["rows"], 4) if influence.get("rows") is not None and sample.get("rows") else "",
+            "exec_pass_rate": round(verdicts.get("passed", 0) / sum(verdicts.values()), 4) if verdicts else "",
+            "mean_score": mean, "mean_score_9": round(mean / 9, 4) if mean != "" else ""}
+
+
+def sample_rows(store: RunStore, stage: str, n: int = 3) -> str:
+    """A few accepted and a few rejected rows of a stage, with the reason each was dropped."""
+    import pyarrow.parquet as pq
+
+    def read(sub: str):
+        try:
+            fs, path = filesystem(f"{store.uri(stage)}/{sub}")
+            return pq.read_table(path, filesystem=fs).to_pandas()
+        except (FileNotFoundError, OSError, StoreError, ValueError):
+            return None
+
+    data, rejected = read("data"), read("rejected")
+    if data is not None and "parse_ok" in data.columns and rejected is None:  # sample stages keep both in data/
+        rejected, data = data[~data["parse_ok"]], data[data["parse_ok"]]
+    clip = lambda t, k=300: (t[:k] + " …") if isinstance(t, str) and len(t) > k else (t or "")  # noqa: E731
+    rows = []
+    for label, df in (("accepted", data), ("rejected", rejected)):
+        if df is None or not len(df):
+            continue
+        for _, r in df.head(n).iterrows():
+            rows.append([label, r.get("reason", "") if label == "rejected" else "", clip(r.get("problem")),
+                         clip(r.get("solution")), clip(r.get("raw", "")) if label == "rejected" and not r.get("problem") else ""])
+    if not rows:
+        return ""
+    return f"<h3>{html.escape(stage)}</h3>" + _table(rows, ["", "reason", "problem", "solution", "raw (when unparsed)"])
+
+
 def build(store: RunStore) -> str:
     import matplotlib
 
@@ -56,6 +94,10 @@ def build(store: RunStore) -> str:
     dones = {s.name: s.done for s in store.stages() if s.done}
     iterations = sorted({n.split("/")[0] for n in dones if n.startswith("iter_")})
     parts = [f"<h1>scoder-ray run {html.escape(store.base.rsplit('/', 1)[-1])}</h1>"]
+    warnings = [(n, w) for n, d in dones.items() for w in d.get("warnings", [])]
+    if warnings:  # first, in words: a green number must not hide them
+        parts.append("<div class='warn'><h2>Warnings</h2><ul>" + "".join(
+            f"<li><b>{html.escape(n)}</b>: {html.escape(w)}</li>" for n, w in warnings) + "</ul></div>")
 
     # -- overview: stage durations and throughput
     names = [n for n in dones if "/features/" not in n]
@@ -74,13 +116,26 @@ def build(store: RunStore) -> str:
     # -- per iteration
     if iterations:
         parts.append("<h2>Iterations</h2>")
-        rows = []
+        rows, trend = [], []
         for it in iterations:
             s, r, inf = dones.get(f"{it}/sample", {}), dones.get(f"{it}/rank", {}), dones.get(f"{it}/influence", {})
-            rows.append([it, s.get("rows", ""), s.get("parse_rate", ""), dones.get(f"{it}/score", {}).get("rows", ""),
-                         r.get("rows", ""), inf.get("rows", ""), dones.get(f"{it}/train_data", {}).get("rows", "")])
+            sc = dones.get(f"{it}/score", {})
+            t = iteration_trend(store, it, s, sc, inf)
+            trend.append(t)
+            judge = "degenerate" if sc.get("judge_signal", {}).get("degenerate") else "ok" if sc.get("judge_signal") else ""
+            rows.append([it, s.get("rows", ""), s.get("parse_rate", ""), sc.get("rows", ""), r.get("rows", ""),
+                         inf.get("rows", ""), t["acceptance_rate"], t["exec_pass_rate"], t["mean_score"], judge,
+                         dones.get(f"{it}/train_data", {}).get("rows", "")])
         parts.append(_table(rows, ["iteration", "candidates", "parse rate", "scored", "selected", "kept (influence)",
-                                   "training rows"]))
+                                   "acceptance rate", "exec pass rate", "mean score", "judge", "training rows"]))
+        if len(trend) > 1:
+            fig, ax = plt.subplots(figsize=(6, 2.8))
+            for key in ("parse_rate", "acceptance_rate", "exec_pass_rate", "mean_score_9"):
+                ax.plot(iterations, [t[key] if t[key] != "" else float("nan") for t in trend], marker="o", label=key)
+            ax.set_ylim(0, 1.05)
+            ax.legend(fontsize=7)
+            ax.set_title("per iteration (mean score / 9)")
+            parts.append(_png(fig))
         for it in iterations:
             scored = _read_parquet(store, f"{it}/score")
             aspects = [c for c in scored.columns if c.startswith("aspect_") and c != "aspects_fallback"] if scored is not None else []
@@ -102,6 +157,14 @@ def build(store: RunStore) -> str:
             fig.suptitle(f"{it}: aspect scores (0-9) and influence", fontsize=10, y=1.06)
             parts.append(_png(fig))
 
+    # -- the data itself: accepted and rejected rows with their reasons
+    examples = []
+    for stage in ["bootstrap"] + [f"{it}/sample" for it in iterations] + ["final"]:
+        if stage in dones:
+            examples.append(sample_rows(store, stage))
+    if any(examples):
+        parts.append("<h2>Samples</h2>" + "".join(e for e in examples if e))
+
     # -- training curves
     train_stages = [n for n in dones if n in ("train_synthesizer", "train_scoder") or n.endswith(("/train", "/warmup"))]
     curves = {n: _metrics(store, n) for n in train_stages}
@@ -122,7 +185,8 @@ def build(store: RunStore) -> str:
     if final:
         parts.append("<h2>Final dataset</h2>" + _table(
             [[final["rows"], final.get("target"), final.get("generated"), final.get("parse_rate"), final.get("duplicates"),
-              final.get("dataset_digest", "")]], ["samples", "target", "generated", "parse rate", "duplicates", "digest"]))
+              json.dumps(final.get("rejected", {})), final.get("dataset_digest", "")]],
+            ["samples", "target", "generated", "parse rate", "duplicates", "rejected (by reason)", "digest"]))
     ev = dones.get("evaluate")
     if ev:
         rows = [[model, bench, ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))]
@@ -140,7 +204,8 @@ def build(store: RunStore) -> str:
         config = ""
     parts.append(f"<h2>Config</h2><pre>{html.escape(config)}</pre>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}pre{background:#f6f6f6;padding:1em;font-size:12px}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top;white-space:pre-wrap}"
+             ".warn{border:2px solid #c44e52;background:#fff3f3;padding:0 1em}pre{background:#f6f6f6;padding:1em;font-size:12px}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>scoder-ray report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
 
 

@@ -320,7 +320,7 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     if count and not count.isdigit():
         raise ValueError(f"{ref!r}: expected {BUILTIN_ROWS} or {BUILTIN_ROWS}:N")
     n = int(count or 64)
-    path = Path(cache_dir).expanduser() / f"stdlib-documented-{n}.jsonl"
+    path = Path(cache_dir).expanduser() / f"stdlib-documented-v2-{n}.jsonl"  # v2: snippet = the previous function
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -330,8 +330,15 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
 
 
 def documented_functions(n: int) -> list[dict[str, str]]:
-    """Up to `n` real (snippet, problem, solution) rows made offline from documented stdlib functions:
-    the problem is the docstring's first line, the solution the function. Test and benchmark data."""
+    """Up to `n` real (snippet, problem, solution) rows made offline from documented stdlib functions: the
+    problem is the docstring's first line, the solution the function, and the snippet (the seed the sample
+    answers) the function just before it in the same module: same domain, different code, so a sample is
+    inspired by its seed without copying it. Rows that fail a quality gate (quality.py) are skipped.
+    Test and benchmark data, and the tiny-loop preset's seed pool and stand-in teacher samples."""
+    from scoder_ray.config import QualityConf
+    from scoder_ray.quality import gate, seed_similarity
+
+    conf = QualityConf()
     rows = []
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         src = f.read_text(errors="ignore")
@@ -339,11 +346,20 @@ def documented_functions(n: int) -> list[dict[str, str]]:
             tree = ast.parse(src)
         except SyntaxError:
             continue
+        lines, previous = src.splitlines(), None
         for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and 4 <= node.end_lineno - node.lineno <= 14:
-                code = "\n".join(src.splitlines()[node.lineno - 1:node.end_lineno])
-                rows.append({"snippet": code, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
-                             "solution": code})
-                if len(rows) == n:
-                    return rows
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            if (previous and isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
+                    and 4 <= node.end_lineno - node.lineno <= 14):
+                row = {"snippet": previous, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
+                       "solution": "\n".join(lines[node.lineno - 1:node.end_lineno])}
+                if (not gate(row["problem"], row["solution"], row["snippet"], conf)
+                        and seed_similarity(row["solution"], row["snippet"]) < 0.6):  # clearly not a copy
+                    rows.append(row)
+                    if len(rows) == n:
+                        return rows
+            size = node.end_lineno - start + 1
+            previous = "\n".join(lines[start - 1:node.end_lineno]) if 5 <= size <= 40 else None
     return rows

@@ -46,14 +46,14 @@ def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str
 
         path = resolve_rows_file(conf.samples_file)
         inputs = {"samples_file": input_digest(path)}
-        produce = lambda tmp: _from_file(path, tmp)  # noqa: E731
+        produce = lambda tmp: _from_file(path, tmp, cfg)  # noqa: E731
     else:
         seeds = store.read_done("seeds")
         if seeds is None:
             raise ValueError("bootstrap needs the seed pool: run the seeds stage first (or set teacher.samples_file)")
         inputs = {"seeds": seeds["output_digest"]}
         produce = lambda tmp: _from_teacher(cfg, store, tmp)  # noqa: E731
-    sections = {"teacher": conf, "run.seed": cfg.run.seed}
+    sections = {"teacher": conf, "quality": cfg.quality, "run.seed": cfg.run.seed}
     return store.run_stage(STAGE, sections, inputs, produce, force=force)
 
 
@@ -65,10 +65,11 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
               for s in seeds]
     teacher = Teacher(conf)
     responses = teacher.run(bodies)
+    index = _contamination_index(cfg)
     rows = []
     for seed, response in zip(seeds, responses):
         text, finish = completion_text(response)
-        problem, solution, reason = prompts.parse_sample(text, seed["snippet"])
+        problem, solution, reason = prompts.parse_sample(text, seed["snippet"], cfg.quality, index)
         if finish == "length" and reason:
             reason = f"max_tokens:{reason}"  # cut at teacher.max_tokens, and it shows
         usage = response.get("usage") or {}
@@ -82,11 +83,26 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
     summary["usage"] = {"requests_sent": u.requests, "cache_hits": u.cached, "retries": u.retries, "errors": u.errors,
                         "prompt_tokens_paid": u.prompt_tokens, "completion_tokens_paid": u.completion_tokens}
     summary["estimated_cost_usd"] = round(u.cost(conf), 4)
+    summary["decontam"] = _decontam_report(cfg)
     summary["teacher"] = {"base_url": conf.base_url, "model": conf.model}
     return summary
 
 
-def _from_file(path: str, out_uri: str) -> dict[str, Any]:
+def _contamination_index(cfg: Config):
+    from scoder_ray.quality import contamination_index
+
+    return contamination_index(cfg.quality, dict(cfg.evaluate.problems))
+
+
+def _decontam_report(cfg: Config) -> dict[str, Any]:
+    from scoder_ray.quality import decontam_report
+
+    return decontam_report(cfg.quality, dict(cfg.evaluate.problems))
+
+
+def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
+    from scoder_ray.quality import gate
+
     if path.endswith(".parquet"):
         table = pq.read_table(path)
     else:
@@ -96,6 +112,7 @@ def _from_file(path: str, out_uri: str) -> dict[str, Any]:
     missing = [c for c in ("problem", "solution") if c not in table.column_names]
     if missing:
         raise ValueError(f"teacher.samples_file {path}: missing column(s) {', '.join(missing)}")
+    index = _contamination_index(cfg)
     rows = []
     for i, r in enumerate(table.to_pylist()):
         problem, solution = (r.get("problem") or "").strip(), (r.get("solution") or "").strip()
@@ -105,12 +122,14 @@ def _from_file(path: str, out_uri: str) -> dict[str, Any]:
                 compile(solution, "solution.py", "exec")
             except (SyntaxError, ValueError):
                 reason = "solution_syntax_error"
+        reason = reason or gate(problem, solution, r.get("snippet"), cfg.quality, index)
         rows.append({"seed_id": r.get("seed_id") or hashlib.sha1(f"file:{i}:{problem}".encode()).hexdigest()[:16],
                      "snippet": r.get("snippet") or "", "problem": problem, "solution": solution, "raw": "",
                      "teacher": f"file:{path.rsplit('/', 1)[-1]}", "finish_reason": "", "prompt_tokens": 0,
                      "completion_tokens": 0, "parse_ok": not reason, "reason": reason})
     summary = _write(rows, out_uri)
     summary["usage"] = {"requests_sent": 0}
+    summary["decontam"] = _decontam_report(cfg)
     return summary
 
 
@@ -121,5 +140,8 @@ def _write(rows: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
     rejected = [r for r in rows if not r["parse_ok"]]
     write_table(f"{out_uri}/data/part-0.parquet", pa.Table.from_pylist(kept, schema=schema))
     write_table(f"{out_uri}/rejected/part-0.parquet", pa.Table.from_pylist(rejected, schema=schema))
+    reasons = dict(sorted(Counter(r["reason"] for r in rejected).items()))
+    warnings = ([f"only {len(kept)} of {len(rows)} teacher samples passed the parser and the quality gates: {reasons}"]
+                if len(kept) < len(rows) / 2 else [])
     return {"rows": len(kept), "requested": len(rows), "parse_rate": round(len(kept) / max(1, len(rows)), 4),
-            "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items()))}
+            "rejected": reasons, "warnings": warnings}

@@ -14,11 +14,12 @@ import math
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from scoder_ray.config import Config
 from scoder_ray.generate.sample import sample_checkpoint, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.seeds import seeds_uri
-from scoder_ray.store import RunStore, write_table
+from scoder_ray.store import RunStore, filesystem, write_table
 
 STAGE = "final"
 COLUMNS = ["cand_id", "seed_id", "snippet", "problem", "solution", "tokens"]
@@ -29,6 +30,42 @@ def dataset_digest(rows: list[dict[str, Any]]) -> str:
     for problem, solution in sorted((r["problem"], r["solution"]) for r in rows):
         h.update(json.dumps([problem, solution]).encode() + b"\n")
     return h.hexdigest()
+
+
+def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]]:
+    """The parsed samples that become the dataset, in cand_id order: exact duplicates, solutions that fail the
+    examples their problem states (sandbox), near duplicates of a teacher sample or of another sample are
+    dropped; `raw["reason"]` gets why. Returns (kept rows, counts for _DONE.json)."""
+    import ray
+
+    from scoder_ray.quality import near_duplicates
+    from scoder_ray.score.execution import execute_batch
+
+    parsed = raw[raw["parse_ok"]].sort_values("cand_id")
+    dup = parsed.duplicated(["problem", "solution"])
+    raw.loc[parsed.index[dup], "reason"] = "duplicate"
+    unique = parsed[~dup]
+    verdicts: dict[str, str] = {}
+    if len(unique):  # in Ray tasks: on a cluster the worker nodes run the sandboxes, not the driver's node
+        ran_ds = ray.data.from_pandas(unique[["cand_id", "problem", "solution"]].reset_index(drop=True)).map_batches(
+            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},
+            batch_size=32, num_cpus=1, batch_format="numpy")
+        out = ran_ds.select_columns(["cand_id", "exec_verdict"]).to_pandas()
+        verdicts = dict(zip(out["cand_id"], out["exec_verdict"]))
+    failed = [verdicts.get(c) != "passed" for c in unique["cand_id"]]
+    raw.loc[unique.index[failed], "reason"] = "exec_failed"
+    ran = unique[[not f for f in failed]]
+    fs, teacher_path = filesystem(store.uri("bootstrap") + "/data")
+    teacher = pq.read_table(teacher_path, filesystem=fs, columns=["problem", "solution"]).to_pylist()
+    near = near_duplicates([p + "\n" + s for p, s in zip(ran["problem"], ran["solution"])], cfg.quality.near_dup_threshold,
+                           [t["problem"] + "\n" + t["solution"] for t in teacher], cfg.quality.reference_near_dup_threshold)
+    for idx, reason in zip(ran.index, near):
+        if reason:
+            raw.loc[idx, "reason"] = reason.replace("of_reference", "of_teacher")
+    kept = ran[[not r for r in near]]
+    return kept, {"duplicates": int(dup.sum()), "exec_failed": int(sum(failed)),
+                  "near_duplicates": sum(1 for r in near if r == "near_duplicate"),
+                  "near_duplicates_of_teacher": sum(1 for r in near if r == "near_duplicate_of_reference")}
 
 
 def final_plan(cfg: Config, store: RunStore, n_seeds: int) -> tuple[int, int]:
@@ -56,27 +93,37 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
 
     def produce(tmp: str) -> dict[str, Any]:
         from scoder_ray.generate.bootstrap import pick_seeds
+        from scoder_ray.quality import decontam_report
 
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"]).filter(
             lambda r: r["seed_id"] in chosen)
         sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n)
-        raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "engine_start_s"]).to_pandas()
-        parsed = raw[raw["parse_ok"]].sort_values("cand_id")
-        unique = parsed.drop_duplicates(["problem", "solution"])
-        rows = unique[COLUMNS].head(cfg.loop.final_dataset_size).to_dict("records")
+        raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()
+        raw["reason"] = raw["reason"].astype(object)
+        kept, checks = final_filter(cfg, store, raw)
+        rows = kept[COLUMNS].head(cfg.loop.final_dataset_size).to_dict("records")
         if not rows:
-            raise ValueError(f"final synthesis: none of the {len(raw)} samples of {path} parsed; the synthesizer "
-                             "does not write the sample layout yet (train it longer, or check the teacher samples)")
+            reasons = raw["reason"][raw["reason"] != ""].value_counts().to_dict()
+            raise ValueError(f"final synthesis: none of the {len(raw)} samples of {path} passed the parser and the "
+                             f"quality gates ({reasons}); the synthesizer does not write usable samples yet (train it "
+                             "longer, check the teacher samples, or see quality.* in the config)")
+        write_table(f"{tmp}/rejected/part-0.parquet", pa.Table.from_pandas(
+            raw[raw["reason"] != ""][COLUMNS + ["reason"]], preserve_index=False))
         schema = pa.schema([(c, pa.int64() if c == "tokens" else pa.string()) for c in COLUMNS])
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=schema))
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
                 "seeds": n_seeds, "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
-                "duplicates": len(parsed) - len(unique), "tokens": int(raw["tokens"].sum()),
+                **checks,
+                "rejected": {k: int(v) for k, v in raw["reason"][raw["reason"] != ""].value_counts().items()},
+                "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems)), "tokens": int(raw["tokens"].sum()),
                 "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
-                "dataset_digest": dataset_digest(rows)}
+                "dataset_digest": dataset_digest(rows),
+                "warnings": [f"{len(rows)} of the {cfg.loop.final_dataset_size} samples asked for passed the parser "
+                             f"and the quality gates (generated {len(raw)})"] if len(rows) < cfg.loop.final_dataset_size else []}
 
-    sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "engine": cfg.engine,
+    sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "quality": cfg.quality,
+                "engine": cfg.engine,
                 "run.seed": cfg.run.seed}
     inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "plan": f"{n_seeds}x{n}"}
     return store.run_stage(STAGE, sections, inputs, produce, force=force)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from scoder_ray import prompts
-from scoder_ray.config import Config, EngineConf, ModelsConf, SampleConf
+from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
 from scoder_ray.generate.bootstrap import derived_seed
 from scoder_ray.ray_env import in_blocks, one_block_each
 from scoder_ray.seeds import seeds_uri
@@ -71,9 +71,14 @@ class EngineActor:
 
 
 class Sampler(EngineActor):
-    def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int, models: ModelsConf):
+    def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int, models: ModelsConf,
+                 quality: Optional[QualityConf] = None, decontam_texts: Optional[dict[str, str]] = None):
         super().__init__(model_path, engine, seed, models)
-        self.sample = sample
+        from scoder_ray.evaluate.decontam import NgramIndex
+
+        self.sample, self.quality = sample, quality
+        self.index = (NgramIndex(decontam_texts, n=quality.decontam_ngram, threshold=quality.decontam_threshold)
+                      if quality and decontam_texts else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
@@ -82,7 +87,7 @@ class Sampler(EngineActor):
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):
             completion = out.outputs[0]
-            problem, solution, reason = prompts.parse_sample(completion.text, snippet)
+            problem, solution, reason = prompts.parse_sample(completion.text, snippet, self.quality, self.index)
             cols["problem"].append(problem)
             cols["solution"].append(solution)
             cols["raw"].append(completion.text)
@@ -130,11 +135,15 @@ def engine_actor_options(engine: EngineConf) -> dict[str, Any]:
 def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str,
                       n: Optional[int] = None) -> int:
     """Write n (default N) candidates per seed from one checkpoint; returns n."""
+    from scoder_ray.quality import decontam_texts
+
     n = n or cfg.sample.samples_per_seed
+    texts, _ = decontam_texts(cfg.quality, dict(cfg.evaluate.problems))  # read here: the files may be on this node only
     rows = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
-                                        "seed": cfg.run.seed, "models": cfg.models},
+                                        "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
+                                        "decontam_texts": texts},
         batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
     out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
     return n
@@ -145,6 +154,8 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
     """`iter_TT/sample` through the run store. `checkpoints`: (name, model folder) pairs; by default the
     synthesizer's checkpoints from `train_synthesizer` (iteration 1) or `iter_{T-1}/train`."""
     import ray
+
+    from scoder_ray.quality import decontam_report
 
     seeds_done = store.read_done("seeds")
     if seeds_done is None:
@@ -169,9 +180,10 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
                 "parse_rate_by_ckpt": {k: round(float(v), 4) for k, v in stats.groupby("ckpt")["parse_ok"].mean().items()},
                 "rejected": {k: int(v) for k, v in stats["reason"][stats["reason"] != ""].value_counts().items()},
                 "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum()),
-                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2)}
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2),
+                "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems))}
 
-    sections = {"sample": cfg.sample, "engine": cfg.engine, "run.seed": cfg.run.seed}
+    sections = {"sample": cfg.sample, "quality": cfg.quality, "engine": cfg.engine, "run.seed": cfg.run.seed}
     return store.run_stage(stage, sections, inputs, produce, force=force)
 
 

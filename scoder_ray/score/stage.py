@@ -53,7 +53,13 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
         names = [a.name for a in cfg.score.aspects]
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
             [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "ckpt", "engine_start_s"]).to_pandas()
-        return {"rows": len(stats), "candidates_in": done["rows"], "scorer": cfg.models.scorer,
+        signal = judge_signal(stats, names, cfg.score.min_aspect_std)
+        if signal["degenerate"] and cfg.score.require_signal:
+            raise ValueError(f"iter_{iteration:02d}/score: the scorer {cfg.models.scorer} is a degenerate judge "
+                             f"({'; '.join(signal['problems'])}); its scores cannot rank candidates. Use a stronger "
+                             "models.scorer, or set score.require_signal=false to go on with a warning")
+        return {"rows": len(stats), "judge_signal": signal,
+                "warnings": [f"degenerate judge: {p}" for p in signal["problems"]] if signal["degenerate"] else [], "candidates_in": done["rows"], "scorer": cfg.models.scorer,
                 "aspect_histograms": {n: _histogram(stats[f"aspect_{n}"]) for n in names},
                 "aspect_means_by_ckpt": {c: {n: round(float(g[f"aspect_{n}"][g[f"aspect_{n}"] >= 0].mean()), 3)
                                              for n in names} for c, g in stats.groupby("ckpt")},
@@ -67,6 +73,30 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
                 "engine": cfg.engine, "run.seed": cfg.run.seed}
     return store.run_stage(f"iter_{iteration:02d}/score", sections, {upstream: done["output_digest"]}, produce,
                            force=force)
+
+
+def judge_signal(stats: pd.DataFrame, names: list[str], min_std: float) -> dict[str, Any]:
+    """Whether the scorer's aspect scores carry information: each aspect's spread (std over candidates), the
+    rank correlation between aspects, and the share of candidates given one value on every aspect. The judge is
+    degenerate when every aspect is near-constant (std < min_std) or 90% of candidates got all-equal aspects."""
+    cols = [f"aspect_{n}" for n in names]
+    valid = stats[cols][(stats[cols] >= 0).all(axis=1)]
+    std = {n: round(float(valid[f"aspect_{n}"].std(ddof=0)), 3) if len(valid) else 0.0 for n in names}
+    corr = valid.rank().corr() if len(valid) > 1 else None
+    pairs = {f"{a}~{b}": (None if corr is None or pd.isna(corr.at[f"aspect_{a}", f"aspect_{b}"])
+                         else round(float(corr.at[f"aspect_{a}", f"aspect_{b}"]), 3))
+             for i, a in enumerate(names) for b in names[i + 1:]}
+    equal = float((valid.nunique(axis=1) == 1).mean()) if len(valid) and len(names) > 1 else 0.0
+    flat = [n for n in names if std[n] < min_std]
+    problems = []
+    if len(valid) < 2:
+        problems.append(f"{len(valid)} candidate(s) with readable scores")
+    elif len(flat) == len(names):
+        problems.append(f"every aspect is near-constant (std < {min_std}: {std})")
+    if len(valid) >= 2 and equal >= 0.9:
+        problems.append(f"{equal:.0%} of candidates got the same score on every aspect")
+    return {"aspect_std": std, "aspect_rank_correlation": pairs, "all_aspects_equal_share": round(equal, 4),
+            "flat_aspects": flat, "degenerate": bool(problems), "problems": problems}
 
 
 def current_weights(cfg: Config, store: RunStore) -> tuple[np.ndarray, str]:
@@ -89,7 +119,10 @@ def run_rank(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fal
 
     def produce(tmp: str) -> dict[str, Any]:
         ranked = ray.data.read_parquet(store.uri(upstream) + "/data").groupby("seed_id").map_groups(
-            lambda g: select_group(g, cfg.score, w), batch_format="pandas")
+            lambda g: select_group(g, cfg.score, w), batch_format="pandas").materialize()
+        drops = cross_seed_near_duplicates(cfg, store, iteration, ranked)
+        if drops:
+            ranked = ranked.map_batches(_apply_drops, fn_kwargs={"drops": drops}, batch_format="pandas")
         ranked.write_parquet(f"{tmp}/data")
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(["score", "selected", "drop_reason", "ckpt"]).to_pandas()
         return {"rows": int(stats["selected"].sum()), "candidates": len(stats),
@@ -99,9 +132,49 @@ def run_rank(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fal
                 "selected_by_ckpt": {c: int(g["selected"].sum()) for c, g in stats.groupby("ckpt")}}
 
     sections = {"score.top_k": cfg.score.top_k, "score.threshold": cfg.score.threshold,
-                "score.exec_filter": cfg.score.exec_filter, "score.near_dup_threshold": cfg.score.near_dup_threshold}
-    inputs = {upstream: done["output_digest"], "weights": json.dumps([round(float(v), 6) for v in w])}
+                "score.exec_filter": cfg.score.exec_filter, "score.near_dup_threshold": cfg.score.near_dup_threshold,
+                "quality.near_dup_threshold": cfg.quality.near_dup_threshold,
+                "quality.reference_near_dup_threshold": cfg.quality.reference_near_dup_threshold}
+    inputs = {upstream: done["output_digest"], "weights": json.dumps([round(float(v), 6) for v in w]),
+              "reference": _reference_stage(store, iteration)}
     return store.run_stage(f"iter_{iteration:02d}/rank", sections, inputs, produce, force=force)
+
+
+def _reference_stage(store: RunStore, iteration: int) -> str:
+    """What this iteration's kept samples must not repeat: the teacher samples (bootstrap), and from
+    iteration 2 on, `iter_{T-1}/train_data` (the teacher samples plus every sample kept so far)."""
+    stage = f"iter_{iteration - 1:02d}/train_data" if iteration > 1 else "bootstrap"
+    done = store.read_done(stage)
+    return f"{stage}:{done['output_digest']}" if done else ""
+
+
+def cross_seed_near_duplicates(cfg: Config, store: RunStore, iteration: int, ranked) -> dict[str, str]:
+    """cand_id -> drop reason for selected candidates that are near duplicates of a better one of another
+    seed (`near_duplicate_across_seeds`) or of a teacher sample or an earlier iteration's kept sample
+    (`near_duplicate_of_earlier`). Best score first, so the better of two stays."""
+    from scoder_ray.quality import near_duplicates
+
+    sel = ranked.filter(lambda r: r["selected"]).select_columns(["cand_id", "problem", "solution", "score"]).to_pandas()
+    if sel.empty:
+        return {}
+    sel = sel.sort_values(["score", "cand_id"], ascending=[False, True])
+    reference: list[str] = []
+    ref = _reference_stage(store, iteration)
+    if ref:
+        fs, path = filesystem(store.uri(ref.split(":", 1)[0]) + "/data")
+        table = pq.read_table(path, filesystem=fs, columns=["problem", "solution"])
+        reference = [p + "\n" + s for p, s in zip(table.column("problem").to_pylist(), table.column("solution").to_pylist())]
+    near = near_duplicates([p + "\n" + s for p, s in zip(sel["problem"], sel["solution"])], cfg.quality.near_dup_threshold,
+                           reference, cfg.quality.reference_near_dup_threshold)
+    names = {"near_duplicate": "near_duplicate_across_seeds", "near_duplicate_of_reference": "near_duplicate_of_earlier"}
+    return {c: names[r] for c, r in zip(sel["cand_id"], near) if r}
+
+
+def _apply_drops(batch: pd.DataFrame, drops: dict[str, str]) -> pd.DataFrame:
+    hit = batch["cand_id"].map(drops).fillna("")
+    batch["drop_reason"] = batch["drop_reason"].where(hit == "", hit)
+    batch["selected"] = batch["selected"] & (hit == "")
+    return batch
 
 
 def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = None, iteration: int = 1,

@@ -186,13 +186,14 @@ def run_retrain(cfg: Config, store: RunStore, iteration: int, force: bool = Fals
     if data is None:
         raise ValueError(f"iter_{iteration:02d}/train needs {data_stage}: run it first")
     conf = cfg.train.synthesizer
-    conf = replace(conf, epochs=cfg.loop.retrain_epochs or conf.epochs, data=None)
+    conf = replace(conf, epochs=cfg.loop.retrain_epochs or conf.epochs, lr=cfg.loop.retrain_lr or conf.lr, data=None)
     previous = cfg.loop.retrain_from == "previous"
     model_ref = current_synthesizer(store, iteration) if previous else cfg.models.synthesizer
     inputs = {data_stage: data["output_digest"], "from": cfg.loop.retrain_from,
               "previous": synthesizer_digest(store, iteration) if previous else ""}
     stage = f"iter_{iteration:02d}/train"
     sections = {"train.synthesizer": cfg.train.synthesizer, "loop.retrain_epochs": cfg.loop.retrain_epochs,
+                "loop.retrain_lr": cfg.loop.retrain_lr,
                 "models": cfg.models, "run.seed": cfg.run.seed}
     return store.run_stage(stage, sections, inputs,
                            lambda tmp: train_model(conf, model_ref, "synthesizer", store.uri(data_stage) + "/data", tmp,

