@@ -180,6 +180,10 @@ class ScoreConf:
     # a warning in the console and the report, or with require_signal an error that stops the run.
     min_aspect_std: float = 0.5
     require_signal: bool = False
+    # Learn w inside `run` (a `weights` stage after iter_01/score): from a label file (JSONL/Parquet: cand_id,
+    # label 0-9) or, with teacher_labels > 0, the teacher's overall 0-9 judgement of that many candidates.
+    labels_file: Optional[str] = None
+    teacher_labels: int = 0
 
 
 @dataclass
@@ -468,6 +472,7 @@ def _validate_run(cfg: Config) -> None:
 
 
 def _validate_score(sc: ScoreConf) -> None:
+    _check(sc.teacher_labels >= 0, "score.teacher_labels", "an integer >= 0 (0: no teacher judgements)", sc.teacher_labels)
     names = [a.name for a in sc.aspects]
     _check(bool(names) and all(n.isidentifier() for n in names) and len(set(names)) == len(names) and "execution" not in names,
            "score.aspects", "a non-empty list of unique identifier names (not `execution`) with rubrics", names)

@@ -18,7 +18,7 @@ from scoder_ray.generate.final import run_final
 from scoder_ray.generate.sample import current_synthesizer, run_sample
 from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import apply_endpoint, check_run_root, init_ray
-from scoder_ray.score.stage import run_rank, run_score
+from scoder_ray.score.stage import WEIGHTS_STAGE, run_fit_weights, run_rank, run_score
 from scoder_ray.seeds import run_seeds
 from scoder_ray.store import RunStore
 from scoder_ray.train.stage import run_retrain, run_train, run_train_data
@@ -53,6 +53,10 @@ def iteration_stages(t: int) -> dict[str, StageFn]:
     }
 
 
+def _fit_weights(cfg: Config, store: RunStore, force: bool) -> dict[str, Any]:
+    return run_fit_weights(cfg, store, cfg.score.labels_file, 1, cfg.score.teacher_labels or 200, force=force)
+
+
 def plan(cfg: Config) -> dict[str, StageFn]:
     """Every stage of the loop, in order."""
     stages: dict[str, StageFn] = {
@@ -61,7 +65,10 @@ def plan(cfg: Config) -> dict[str, StageFn]:
         "train_synthesizer": lambda cfg, store, force: run_train(cfg, store, "train_synthesizer", force),
     }
     for t in range(1, cfg.loop.iterations + 1):
-        stages.update(iteration_stages(t))
+        for name, fn in iteration_stages(t).items():
+            stages[name] = fn
+            if name == "iter_01/score" and (cfg.score.labels_file or cfg.score.teacher_labels):
+                stages[WEIGHTS_STAGE] = _fit_weights  # w learned before the first ranking, used by every later one
     stages.update({
         "final": run_final,
         "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),

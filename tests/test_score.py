@@ -78,7 +78,12 @@ def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir)
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps({"cand_id": c, "label": int(v == "passed") * 8}) + "\n"
                               for c, v in zip(scored["cand_id"], scored["exec_verdict"])))
-    fitted = run_fit_weights(cfg, store, str(labels))
+    from scoder_ray.loop import plan
+
+    in_run = load_config("tiny", [f"run.root={tmp_path}", f"score.labels_file={labels}"])
+    stages = list(plan(in_run))  # with labels, `run` fits w between the first scoring and the first ranking
+    assert stages[stages.index("iter_01/score") + 1] == "weights" and "weights" not in plan(cfg)
+    fitted = plan(in_run)["weights"](in_run, store, False)
     assert fitted["weights"]["execution"] > 0.5 and fitted["rows"] == 12
     again = run_rank(cfg, store, 1)  # the fitted weights change the rank stage's inputs: it is redone
     assert "skipped" not in again and again["weights_source"] == "fitted"
@@ -93,6 +98,16 @@ def test_weight_fit_recovers_known_weights():
     assert np.abs(w - true).max() < 0.03  # tolerance: 0.03 per weight at noise sd 0.3 and 400 labels
     assert w.min() >= 0 and abs(w.sum() - 1) < 1e-9
     assert cross_validated_spearman(x, y) > 0.9
+
+
+def test_an_aspect_that_is_always_high_gets_no_weight():
+    """The fit has an intercept: a judge that rates one aspect 8-9 whatever the candidate does not win w."""
+    rng = np.random.default_rng(1)
+    informative = rng.integers(0, 10, size=300).astype(float)
+    always_high = rng.integers(8, 10, size=300).astype(float)
+    y = 0.5 * informative + 4 + rng.normal(0, 0.3, size=300)
+    w = fit_weights(np.stack([informative, always_high], axis=1), y, ridge=1.0)
+    assert w[0] > 0.95 and w[1] < 0.05
 
 
 def test_weight_fit_needs_more_labels_than_aspects():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from typing import Any, Optional
@@ -193,8 +194,9 @@ def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = N
         labels = _read_labels(labels_file) if labels_file else _teacher_labels(cfg, scored, num_labels)
         joined = scored.merge(labels, on="cand_id", how="inner")
         unknown = sorted(set(labels["cand_id"]) - set(scored["cand_id"]))
-        if unknown:
-            raise ValueError(f"labels name {len(unknown)} cand_id(s) not among the scored candidates, e.g. {unknown[0]!r}")
+        if unknown and joined.empty:  # labels made for another run (or its unparsed candidates only)
+            raise ValueError(f"labels name {len(unknown)} cand_id(s), none among the scored candidates of {upstream}, "
+                             f"e.g. {unknown[0]!r}")
         joined = joined[(joined[[f"aspect_{a.name}" for a in cfg.score.aspects]] >= 0).all(axis=1)]
         x, y = features(joined, cfg.score), joined["label"].to_numpy(dtype=float)
         w = fit_weights(x, y, cfg.score.ridge)
@@ -202,9 +204,15 @@ def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = N
         write_text(f"{tmp}/weights.json", json.dumps({"names": names, "weights": dict(zip(names, map(float, w)))}, indent=2))
         return {"rows": len(joined), "names": names, "weights": dict(zip(names, map(float, w))),
                 "heldout_spearman": round(rho, 4), "labels": labels_file or f"teacher:{cfg.teacher.model}",
-                "objective": "non-negative ridge least squares (scipy nnls), normalised to sum 1"}
+                "labels_unmatched": len(unknown),
+                "objective": "non-negative ridge least squares on centred data (scipy nnls), normalised to sum 1"}
 
-    inputs = {upstream: done["output_digest"], "labels": labels_file or f"teacher:{num_labels}"}
+    from scoder_ray.train.stage import input_digest
+
+    if labels_file and not os.path.isfile(labels_file):
+        raise ValueError(f"score.labels_file {labels_file}: no such file (JSONL/Parquet with cand_id and label 0-9)")
+    inputs = {upstream: done["output_digest"],
+              "labels": f"{labels_file}:{input_digest(labels_file)}" if labels_file else f"teacher:{num_labels}"}
     return store.run_stage(WEIGHTS_STAGE, {"score.aspects": cfg.score.aspects, "score.ridge": cfg.score.ridge},
                            inputs, produce, force=force)
 

@@ -1,9 +1,12 @@
 """Learning the aspect weights w from a small labelled set.
 
-Objective: non-negative ridge regression of the labels on the aspect vectors,
-    min_w ||X w - y||^2 + ridge * ||w||^2   subject to w >= 0,
-solved exactly by `scipy.optimize.nnls` on the system stacked with sqrt(ridge) * I (no intercept: a
-shift of every score changes no ranking), then normalised to sum 1 so the score stays on 0-9. Why:
+Objective: non-negative ridge regression of the centred labels on the centred aspect vectors (that is,
+with an intercept),
+    min_w ||(X - mean X) w - (y - mean y)||^2 + ridge * ||w||^2   subject to w >= 0,
+solved exactly by `scipy.optimize.nnls` on the system stacked with sqrt(ridge) * I, then normalised to
+sum 1 so the score stays on 0-9. Centring matters: without an intercept an aspect the judge always rates
+high (say 8 of 9, whatever the candidate) explains the labels' mean and takes a large share of w while
+telling candidates apart not at all. Why this fit:
 it is the simplest convex fit whose weights read as "how much each aspect counts", non-negativity
 keeps a noisy aspect from being used backwards, and the ridge term shares weight among correlated
 aspects instead of picking one arbitrarily. Quality is reported as the held-out Spearman rank
@@ -24,8 +27,8 @@ def fit_weights(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     n, z = x.shape
     if n < z + 1:
         raise ValueError(f"fitting {z} aspect weights needs at least {z + 1} labelled candidates, got {n}")
-    a = np.vstack([x, np.sqrt(ridge) * np.eye(z)])
-    b = np.concatenate([y, np.zeros(z)])
+    a = np.vstack([x - x.mean(axis=0), np.sqrt(ridge) * np.eye(z)])
+    b = np.concatenate([y - y.mean(), np.zeros(z)])
     w, _ = nnls(a, b)
     if w.sum() <= 0:
         raise ValueError("the labels are not explained by any aspect (all fitted weights are 0)")
