@@ -1,9 +1,13 @@
 """`make demo`: the whole loop on the demo preset, on this machine.
 
-A proprietary teacher is not reachable here, so a local `vllm serve` of SmolLM2-135M-Instruct (the demo's
-own model) STANDS IN for it: it answers the bootstrap requests through the same OpenAI-compatible client,
-cache and retries a real teacher gets, and is stopped as soon as the bootstrap samples are written. The
-numbers the demo prints show the machinery at small scale, not the quality a real teacher would give.
+A proprietary teacher is not reachable here. By default STAND-IN TEACHER SAMPLES take its place: 64 real
+(problem, solution) pairs made offline from documented stdlib functions (the problem is the docstring's first
+line), each answering the function before it in its module (`builtin:stdlib-documented`). A 135M model
+serving as the teacher wrote mostly the prompt's own placeholders and copies of the seed (measured: 8 of 14
+samples), which the quality gates now reject, so it is no longer the default. With `teacher.samples_file=`
+(empty) a local `vllm serve` of SmolLM2-135M-Instruct answers the bootstrap requests through the same
+OpenAI-compatible client, cache and retries a real teacher gets. Either way the demo shows the machinery at
+small scale, not the quality a real teacher would give.
 
     .venv/bin/python -m scoder_ray.demo [key=value ...]
 """
@@ -56,6 +60,14 @@ def main(overrides: list[str]) -> int:
     from scoder_ray import loop
     from scoder_ray.store import RunStore
 
+    cfg = load_config("demo", overrides)
+    if cfg.teacher.samples_file:
+        print("[scoder-ray] demo: STAND-IN TEACHER SAMPLES — 64 documented stdlib functions (problem: the docstring's "
+              "first line), each answering the function before it in its module; a real run asks teacher.base_url.",
+              flush=True)
+        loop.run(cfg)
+        print(f"[scoder-ray] demo finished: scoder-ray status {cfg.run.root}/{cfg.run.id}", flush=True)
+        return 0
     cfg = load_config("demo", [f"teacher.base_url=http://127.0.0.1:{PORT}/v1", "teacher.model=stand-in-teacher",
                                *overrides])
     store = RunStore.for_config(cfg)

@@ -308,37 +308,45 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
 
 
 BUILTIN_ROWS = "builtin:stdlib-documented"
+BUILTIN_COPY = "builtin:stdlib-documented-copy"
 
 
 def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> str:
     """`builtin:stdlib-documented[:N]` -> a JSONL file of N (default 64) `documented_functions` rows, written
-    once (atomically) under cache_dir; any other value is returned as is. The tiny preset uses it as both
-    its seed pool and its stand-in teacher samples, so a 1M-parameter model can learn to answer its seeds."""
+    once (atomically) under cache_dir; any other value is returned as is. `builtin:stdlib-documented-copy[:N]`:
+    the same kind of rows, each function its own seed (for the tiny-loop preset, whose 1M-parameter model can
+    learn to answer its seeds only by copying them; its copy gates are off)."""
     if not ref.startswith(BUILTIN_ROWS):
         return ref
-    count = ref[len(BUILTIN_ROWS):].lstrip(":")
-    if count and not count.isdigit():
-        raise ValueError(f"{ref!r}: expected {BUILTIN_ROWS} or {BUILTIN_ROWS}:N")
+    mode, rest = ("itself", ref[len(BUILTIN_COPY):]) if ref.startswith(BUILTIN_COPY) else ("previous", ref[len(BUILTIN_ROWS):])
+    count = rest.lstrip(":")
+    if (rest and not rest.startswith(":")) or (count and not count.isdigit()):
+        raise ValueError(f"{ref!r}: expected {BUILTIN_ROWS}[:N] or {BUILTIN_COPY}[:N]")
     n = int(count or 64)
-    path = Path(cache_dir).expanduser() / f"stdlib-documented-v2-{n}.jsonl"  # v2: snippet = the previous function
+    # v2: the seed is the function before it in its module (v1 rows, cached by older versions, were their own seed)
+    name = f"stdlib-documented-v2-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v2-{n}.jsonl"
+    path = Path(cache_dir).expanduser() / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in documented_functions(n)))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in documented_functions(n, seed=mode)))
         os.replace(tmp, path)
     return str(path)
 
 
-def documented_functions(n: int) -> list[dict[str, str]]:
+def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]:
     """Up to `n` real (snippet, problem, solution) rows made offline from documented stdlib functions: the
     problem is the docstring's first line, the solution the function, and the snippet (the seed the sample
-    answers) the function just before it in the same module: same domain, different code, so a sample is
-    inspired by its seed without copying it. Rows that fail a quality gate (quality.py) are skipped.
-    Test and benchmark data, and the tiny-loop preset's seed pool and stand-in teacher samples."""
+    answers) the function just before it in the same module (5-20 lines): same domain, different code, so a
+    sample is inspired by its seed without copying it. `seed="itself"`: the function is its own seed.
+    Rows that fail a quality gate (quality.py; the copy gate only for `previous`) are skipped.
+    Test and benchmark data, the demo's stand-in teacher samples, the tiny-loop preset's seeds and samples."""
     from scoder_ray.config import QualityConf
     from scoder_ray.quality import gate, seed_similarity
 
-    conf = QualityConf()
+    if seed not in ("previous", "itself"):
+        raise ValueError(f"seed={seed!r}: expected 'previous' or 'itself'")
+    conf = QualityConf(max_seed_similarity=1.0 if seed == "itself" else QualityConf.max_seed_similarity)
     rows = []
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         src = f.read_text(errors="ignore")
@@ -351,15 +359,16 @@ def documented_functions(n: int) -> list[dict[str, str]]:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             start = min([d.lineno for d in node.decorator_list] + [node.lineno])
-            if (previous and isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
+            code = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            snippet = code if seed == "itself" else previous
+            if (snippet and isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
                     and 4 <= node.end_lineno - node.lineno <= 14):
-                row = {"snippet": previous, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
-                       "solution": "\n".join(lines[node.lineno - 1:node.end_lineno])}
+                row = {"snippet": snippet, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
+                       "solution": code}
                 if (not gate(row["problem"], row["solution"], row["snippet"], conf)
-                        and seed_similarity(row["solution"], row["snippet"]) < 0.6):  # clearly not a copy
+                        and (seed == "itself" or seed_similarity(code, snippet) < 0.6)):  # clearly not a copy
                     rows.append(row)
                     if len(rows) == n:
                         return rows
-            size = node.end_lineno - start + 1
-            previous = "\n".join(lines[start - 1:node.end_lineno]) if 5 <= size <= 40 else None
+            previous = "\n".join(lines[start - 1:node.end_lineno]) if 5 <= node.end_lineno - start + 1 <= 20 else None
     return rows

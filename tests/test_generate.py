@@ -143,39 +143,46 @@ def test_bootstrap_fails_clearly_when_the_teacher_refuses(ray_local, tmp_path, v
 
 def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     samples = tmp_path / "mine.jsonl"
-    samples.write_text(json.dumps({"problem": "Add two numbers.", "solution": "def add(a, b):\n    return a + b"}) + "\n"
-                       + json.dumps({"problem": "Broken.", "solution": "def f(:\n"}) + "\n")
+    good = {"problem": "Write a function `add(a, b)` that returns the sum of two numbers.", "solution": "def add(a, b):\n    return a + b"}
+    samples.write_text("".join(json.dumps(r) + "\n" for r in [
+        good, {"problem": "Broken.", "solution": "def f(:\n"}, {"problem": "<the problem statement>", "solution": "x = 1"}]))
     cfg = load_config("tiny", [f"run.root={tmp_path}", f"teacher.samples_file={samples}"])
     done = run_bootstrap(cfg, RunStore.for_config(cfg))
-    assert done["rows"] == 1 and done["rejected"] == {"solution_syntax_error": 1} and done["usage"]["requests_sent"] == 0
+    assert done["rows"] == 1 and done["usage"]["requests_sent"] == 0
+    assert done["rejected"] == {"solution_syntax_error": 1, "placeholder": 1}  # the user's own samples are gated too
 
 
 def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_path, tiny_model_dir):
     results = []
-    for run_id, engines in (("a", 1), ("b", 2)):  # the same candidates however many engines write them
+    # The same candidates however many engines write them: run b writes ckpt_02's again with two engines
+    # (one checkpoint only: each engine start costs ~28 s here).
+    for run_id, engines, ckpts in (("a", 1, ("ckpt_01", "ckpt_02")), ("b", 2, ("ckpt_02",))):
         cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=6",
                                    "sample.samples_per_seed=2", "sample.max_tokens=24", "sample.batch_size=8",
                                    f"engine.num_engines={engines}"])
         store = RunStore.for_config(cfg)
         run_seeds(cfg, store)
-        done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir), ("ckpt_02", tiny_model_dir)])
+        checkpoints = [(c, tiny_model_dir) for c in ckpts]
+        done = run_sample(cfg, store, 1, checkpoints=checkpoints)
         rows = pq.read_table(Path(store.path("iter_01/sample")) / "data").to_pylist()
-        assert done["rows"] == len(rows) == 6 * 2 * 2
-        assert len({r["cand_id"] for r in rows}) == 24
+        assert done["rows"] == len(rows) == 6 * 2 * len(ckpts)
+        assert len({r["cand_id"] for r in rows}) == 12 * len(ckpts)
         seeds = {r["seed_id"] for r in pq.read_table(Path(store.path("seeds")) / "data").to_pylist()}
-        for ckpt in ("ckpt_01", "ckpt_02"):
+        for ckpt in ckpts:
             assert sorted((r["seed_id"], r["sample_idx"]) for r in rows if r["ckpt"] == ckpt) == \
                 sorted((s, i) for s in seeds for i in range(2))
         assert all(r["iteration"] == 1 and r["raw"] and r["tokens"] > 0 for r in rows)
         assert all(r["truncated"] == (r["tokens"] == 24) for r in rows)
         assert all(r["reason"] for r in rows if not r["parse_ok"])
-        results.append(sorted((r["cand_id"], r["raw"]) for r in rows))
-        assert run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir), ("ckpt_02", tiny_model_dir)])["skipped"]
+        results.append(sorted((r["cand_id"], r["raw"]) for r in rows if r["ckpt"] == "ckpt_02"))
+        assert run_sample(cfg, store, 1, checkpoints=checkpoints)["skipped"]
+        if run_id == "a":
+            # Each (checkpoint, seed, index) has its own sampling seed: the same weights under two checkpoint
+            # names still write different candidates.
+            raws = [r["raw"] for r in rows]
+            assert len(set(raws)) > len(raws) // 2
     assert results[0] == results[1]
-    # Each (checkpoint, seed, index) has its own sampling seed: the same weights under two checkpoint
-    # names still write different candidates.
-    raws = [raw for _, raw in results[0]]
-    assert len(set(raws)) > len(raws) // 2
+
 
 def test_killed_engine_actor_is_restarted_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):
     cfg = load_config("tiny", [f"run.root={tmp_path}", "seeds.max_snippets=24", "sample.samples_per_seed=2",

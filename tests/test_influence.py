@@ -190,7 +190,8 @@ def test_warmup_and_influence_stages_through_the_run_store(ray_local, tmp_path, 
     cfg = load_config("tiny", [f"run.root={tmp_path}", f"models.scorer={tiny_model_dir}", f"teacher.samples_file={train_rows}",
                                "train.warmup.epochs=2", "train.warmup.num_checkpoints=2", "train.warmup.micro_batch_size=2",
                                "influence.proj_dim=1024", "influence.warmup_fraction=0.5", "influence.keep_fraction=0.25",
-                               "influence.max_len=512", "score.exec_timeout_s=3"])
+                               "influence.max_len=512", "score.exec_timeout_s=3",
+                               "quality.reference_near_dup_threshold=1.0"])  # the candidates here ARE teacher rows
     store = RunStore.for_config(cfg)
     from scoder_ray.generate.bootstrap import run_bootstrap
 
