@@ -238,7 +238,10 @@ class TrainSection:
 @dataclass
 class InfluenceConf:
     """LESS-style defaults: 8192 projected dims, keep the top 5%, weight checkpoints by their mean lr."""
-    warmup_fraction: float = 0.05  # of the candidates, plus every teacher sample, for the LoRA warm-up
+    # The LoRA warm-up trains on this share of the selected candidates (at least warmup_min_rows of them), never
+    # on the teacher samples: those are the reference set (LESS: warm-up on 5% of the pool, targets held out).
+    warmup_fraction: float = 0.05
+    warmup_min_rows: int = 64
     proj_dim: int = 8192
     block_rows: int = 4096  # rows of the projection generated at a time (memory: block_rows x proj_dim)
     # Gradients gathered before one pass over R (too large to cache for big adapters, so each pass
@@ -283,6 +286,9 @@ class EvaluateConf:
     timeout_s: float = 10.0
     workers: int = 2
     compare_base: bool = True  # also evaluate models.scoder before fine-tuning
+    # How the base model is prompted: `completion` (the benchmark prompt continued, as base models such as
+    # DeepSeek-Coder-6.7B-Base are evaluated) or `chat` (its chat template, as the fine-tuned model always is).
+    base_prompt: str = "completion"
 
 
 @dataclass
@@ -412,6 +418,9 @@ def validate(cfg: Config) -> None:
                 "buffer_mb"):
         _check(getattr(inf, key) > 0, f"influence.{key}", "an integer > 0", getattr(inf, key))
     _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
+    _check(cfg.evaluate.base_prompt in ("completion", "chat"), "evaluate.base_prompt", "completion or chat",
+           cfg.evaluate.base_prompt)
+    _check(inf.warmup_min_rows >= 1, "influence.warmup_min_rows", "an integer >= 1", inf.warmup_min_rows)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
     _check(inf.keep_count >= 0 and inf.gpus_per_actor >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
     _check(cfg.loop.iterations >= 0, "loop.iterations", "an integer >= 0", cfg.loop.iterations)

@@ -209,7 +209,12 @@ def test_warmup_and_influence_stages_through_the_run_store(ray_local, tmp_path, 
     run_score(cfg, store, 1)
     ranked = run_rank(cfg, store, 1)
     warm = run_warmup(cfg, store, 1, tiny_model_dir)
-    assert len(warm["checkpoints"]) == 2 and warm["candidate_rows"] >= 1 and warm["teacher_rows"] == 64
+    assert len(warm["checkpoints"]) == 2 and warm["candidate_rows"] == ranked["rows"] and warm["teacher_rows"] == 0
+    # The reference set (the teacher samples) is held out of the warm-up: not among its inputs, not in its data.
+    assert set(store.read_done("iter_01/warmup")["inputs"]) == {"iter_01/rank", "base"}
+    mix = pq.read_table(Path(store.path("iter_01/warmup")) / "mix").to_pylist()
+    selected = pq.read_table(Path(store.path("iter_01/rank")) / "data").to_pandas().query("selected")["cand_id"]
+    assert sorted(r["cand_id"] for r in mix) == sorted(selected)
     done = run_influence(cfg, store, 1, tiny_model_dir)
     out = pq.read_table(Path(store.path("iter_01/influence")) / "data").to_pylist()
     assert done["candidates"] == ranked["rows"] == len(out) and done["rows"] == max(1, round(0.25 * len(out)))

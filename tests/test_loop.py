@@ -376,15 +376,21 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
         assert data["by_origin"]["teacher"] == 64 and data["by_origin"][it] == kept["rows"]
         train = done(f"{it}/train")
         assert "config.json" in s3_files(f"{job_run['run']}/{it}/train/{train['attempt']}/ckpt_02")
+        assert "degenerate" in done(f"{it}/score")["judge_signal"]  # the judge was checked
     ev = done("evaluate")
     assert set(ev["results"]) == {"base", "scoder"} and "pass@1" in ev["results"]["scoder"]["humaneval"]
+    assert ev["prompting"] == {"base": "completion", "scoder": "chat"}
+    # The final dataset went through every gate: what was dropped is counted, decontamination is on record.
+    assert final["decontam"]["checked"] == ["humaneval"] and "mbpp" in final["decontam"]["skipped"]
+    assert final["rows"] == min(final["target"], final["generated"] - sum(final["rejected"].values()))
     # The object store's credentials reached every node through its environment, and nothing wrote them down.
     secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
     assert secret not in logs and secret not in job_run["first_logs"]
     for key in s3_files(job_run["run"]):
         assert secret.encode() not in s3_bytes(f"{job_run['run']}/{key}"), key
     report = s3_text(f"{job_run['run']}/report.html")
-    assert report.count("data:image/png;base64,") >= 4 and "Evaluation" in report and "iter_02" in report
+    assert report.count("data:image/png;base64,") >= 5 and "Evaluation" in report and "iter_02" in report
+    assert "<h2>Samples</h2>" in report and "accepted" in report and "rejected" in report
 
 
 def test_progress_counters_reach_the_metrics_endpoint(job_run):

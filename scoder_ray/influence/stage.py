@@ -133,30 +133,32 @@ def keep_top(ids: list[str], scores: np.ndarray, conf: InfluenceConf) -> tuple[n
 
 
 def run_warmup(cfg: Config, store: RunStore, iteration: int, base_model: str, force: bool = False) -> dict[str, Any]:
-    """LoRA warm-up on teacher samples + a random fraction of the selected candidates."""
+    """LoRA warm-up on a random share of the selected candidates only (LESS: a warm-up on a slice of the
+    training pool; the teacher samples are the reference set the gradients are compared with, so they stay
+    out of it: a model warmed up on its reference set has near-zero gradients there)."""
     from scoder_ray.train.stage import train_model
 
-    rank_stage, teacher_stage = f"iter_{iteration:02d}/rank", "bootstrap"
-    rank_done, teacher_done = store.read_done(rank_stage), store.read_done(teacher_stage)
-    if rank_done is None or teacher_done is None:
-        raise ValueError(f"the warm-up needs {rank_stage} and {teacher_stage}: run them first")
+    rank_stage = f"iter_{iteration:02d}/rank"
+    rank_done = store.read_done(rank_stage)
+    if rank_done is None:
+        raise ValueError(f"the warm-up needs {rank_stage}: run it first")
 
     def produce(tmp: str) -> dict[str, Any]:
         fs, path = filesystem(store.uri(rank_stage) + "/data")
         cands = pq.read_table(path, filesystem=fs, columns=["cand_id", "snippet", "problem", "solution", "selected"])
         cands = cands.filter(pc.field("selected")).to_pylist()
         pick = sorted(cands, key=lambda r: hashlib.sha1(f"{cfg.run.seed}:warmup:{r['cand_id']}".encode()).hexdigest())
-        pick = pick[:max(1, int(round(cfg.influence.warmup_fraction * len(pick))))] if pick else []
-        fs, path = filesystem(store.uri(teacher_stage) + "/data")
-        teacher = pq.read_table(path, filesystem=fs, columns=["snippet", "problem", "solution"]).to_pylist()
-        rows = [{k: r[k] for k in ("snippet", "problem", "solution")} for r in teacher + pick]
+        share = int(round(cfg.influence.warmup_fraction * len(pick)))
+        pick = pick[:min(len(pick), max(share, cfg.influence.warmup_min_rows))]
+        rows = [{k: r[k] for k in ("cand_id", "snippet", "problem", "solution")} for r in pick]
         write_table(f"{tmp}/mix/part-0.parquet", pa.Table.from_pylist(rows))
         summary = train_model(cfg.train.warmup, base_model, "synthesizer", f"{tmp}/mix", tmp, cfg, f"warmup-{iteration}")
-        return {**summary, "teacher_rows": len(teacher), "candidate_rows": len(pick)}
+        return {**summary, "candidate_rows": len(pick), "teacher_rows": 0}
 
-    inputs = {rank_stage: rank_done["output_digest"], teacher_stage: teacher_done["output_digest"], "base": base_model}
+    inputs = {rank_stage: rank_done["output_digest"], "base": base_model}
     return store.run_stage(f"iter_{iteration:02d}/warmup", {"train.warmup": cfg.train.warmup,
-                                                             "influence.warmup_fraction": cfg.influence.warmup_fraction},
+                                                             "influence.warmup_fraction": cfg.influence.warmup_fraction,
+                                                             "influence.warmup_min_rows": cfg.influence.warmup_min_rows},
                            inputs, produce, force=force)
 
 
