@@ -69,6 +69,11 @@ def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir)
     assert done["exec_verdicts"] == {"passed": 6, "failed": 3, "timeout": 3}
     assert sum(done["aspect_histograms"]["clarity"].values()) == 12
 
+    # The three seeds got the same candidates: across seeds, the best one survives and the copies are dropped.
+    across = run_rank(cfg, store, 1)
+    assert across["rows"] == 1 and across["dropped"]["near_duplicate_across_seeds"] == 2
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"models.scorer={tiny_model_dir}", "score.exec_timeout_s=2",
+                               "quality.near_dup_threshold=1.0"])  # that check off: per-seed selection alone
     ranked_done = run_rank(cfg, store, 1)
     ranked = pq.read_table(Path(store.path("iter_01/rank")) / "data").to_pandas()
     assert ranked_done["weights_source"] == "equal (not fitted)" and ranked_done["rows"] == 3
@@ -80,7 +85,7 @@ def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir)
                               for c, v in zip(scored["cand_id"], scored["exec_verdict"])))
     from scoder_ray.loop import plan
 
-    in_run = load_config("tiny", [f"run.root={tmp_path}", f"score.labels_file={labels}"])
+    in_run = load_config("tiny", [f"run.root={tmp_path}", f"score.labels_file={labels}", "quality.near_dup_threshold=1.0"])
     stages = list(plan(in_run))  # with labels, `run` fits w between the first scoring and the first ranking
     assert stages[stages.index("iter_01/score") + 1] == "weights" and "weights" not in plan(cfg)
     fitted = plan(in_run)["weights"](in_run, store, False)
