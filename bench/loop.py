@@ -69,6 +69,14 @@ def main() -> None:
             "seeds", "bootstrap", "train_synthesizer") else "final + scoder + evaluate"
         groups[key] = groups.get(key, 0.0) + r["seconds"]
     print("\nper part: " + ", ".join(f"{k} {v:.0f}s" for k, v in groups.items()))
+    final = run / "final" / "_DONE.json"
+    if final.is_file():  # the data, not just the clock: what the final dataset holds
+        d = json.loads(final.read_text())
+        print("final dataset:", json.dumps({k: d.get(k) for k in ("rows", "target", "seeds", "audit", "rejected", "warnings")}))
+        a = d.get("audit", {})
+        bad = {k: a[k] for k in ("placeholders", "prompt_echoes") if a.get(k)}
+        if bad:  # a fast loop that makes placeholders is a failing loop
+            raise SystemExit(f"FAIL: the final dataset holds {bad}: the quality gates let them through")
     print(json.dumps({"run": str(run), "total_s": round(total, 1),
                       "overhead_share": round(sum(r["overhead"] for r in rows) / total, 3)}))
 

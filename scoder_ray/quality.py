@@ -196,3 +196,14 @@ def near_duplicates(texts: list[str], threshold: float, reference: Optional[list
             if own_lsh:
                 own_lsh.insert(i, m)
     return out
+
+
+def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
+    """What a finished dataset holds, checked whatever gates were on: placeholders, prompt echoes, seed copies
+    (at quality.max_seed_similarity, or 0.9 when that gate is off) and how many distinct seeds it covers."""
+    copy_at = conf.max_seed_similarity if conf.max_seed_similarity < 1.0 else 0.9
+    return {"rows": len(rows),
+            "placeholders": sum(has_placeholder(r["problem"]) or has_placeholder(r["solution"]) for r in rows),
+            "prompt_echoes": sum(any(p in " ".join(r["problem"].lower().split()) for p in ECHO_PHRASES) for r in rows),
+            "seed_copies": sum(bool(r.get("snippet")) and seed_similarity(r["solution"], r["snippet"]) >= copy_at for r in rows),
+            "distinct_seeds": len({r.get("seed_id") for r in rows})}

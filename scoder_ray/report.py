@@ -185,8 +185,9 @@ def build(store: RunStore) -> str:
     if final:
         parts.append("<h2>Final dataset</h2>" + _table(
             [[final["rows"], final.get("target"), final.get("generated"), final.get("parse_rate"), final.get("duplicates"),
-              json.dumps(final.get("rejected", {})), final.get("dataset_digest", "")]],
-            ["samples", "target", "generated", "parse rate", "duplicates", "rejected (by reason)", "digest"]))
+              json.dumps(final.get("rejected", {})), json.dumps(final.get("audit", {})), final.get("dataset_digest", "")]],
+            ["samples", "target", "generated", "parse rate", "duplicates", "rejected (by reason)",
+             "audit of the kept rows", "digest"]))
     ev = dones.get("evaluate")
     if ev:
         rows = [[model, bench, ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))]

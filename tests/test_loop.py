@@ -383,6 +383,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     # The final dataset went through every gate: what was dropped is counted, decontamination is on record.
     assert final["decontam"]["checked"] == ["humaneval"] and "mbpp" in final["decontam"]["skipped"]
     assert final["rows"] == min(final["target"], final["generated"] - sum(final["rejected"].values()))
+    assert final["audit"]["placeholders"] == final["audit"]["prompt_echoes"] == 0
     # The object store's credentials reached every node through its environment, and nothing wrote them down.
     secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
     assert secret not in logs and secret not in job_run["first_logs"]

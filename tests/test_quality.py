@@ -121,6 +121,15 @@ def test_a_degenerate_judge_is_flagged():
     assert judge_signal(one_value_each, names, 0.5)["degenerate"]
 
 
+def test_the_audit_counts_what_a_dataset_holds():
+    from scoder_ray.quality import audit
+
+    rows = [{"seed_id": "a", "snippet": SNIPPET, "problem": GOOD_PROBLEM, "solution": GOOD_SOLUTION},
+            {"seed_id": "b", "snippet": SNIPPET, "problem": "<the problem statement>", "solution": SNIPPET}]
+    assert audit(rows, QualityConf()) == {"rows": 2, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
+                                          "distinct_seeds": 2}
+
+
 def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
     from scoder_ray.seeds import documented_functions
 

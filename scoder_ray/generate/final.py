@@ -93,7 +93,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
 
     def produce(tmp: str) -> dict[str, Any]:
         from scoder_ray.generate.bootstrap import pick_seeds
-        from scoder_ray.quality import decontam_report
+        from scoder_ray.quality import audit, decontam_report
 
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"]).filter(
@@ -118,7 +118,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
                 "rejected": {k: int(v) for k, v in raw["reason"][raw["reason"] != ""].value_counts().items()},
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems)), "tokens": int(raw["tokens"].sum()),
                 "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
-                "dataset_digest": dataset_digest(rows),
+                "dataset_digest": dataset_digest(rows), "audit": audit(rows, cfg.quality),
                 "warnings": [f"{len(rows)} of the {cfg.loop.final_dataset_size} samples asked for passed the parser "
                              f"and the quality gates (generated {len(raw)})"] if len(rows) < cfg.loop.final_dataset_size else []}
 
