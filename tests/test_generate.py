@@ -50,7 +50,7 @@ class FlakyProxy:
 
     def __init__(self, target: str, fail: int = 0, slow: int = 0, delay: float = 0.0):
         self.target, self.fail, self.slow, self.delay = target, fail, slow, delay
-        self.count, self.auth, self.lock = 0, set(), threading.Lock()
+        self.count, self.auth, self.lock, self.inflight = 0, set(), threading.Lock(), 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,12 +68,18 @@ class FlakyProxy:
                     self.end_headers()
                     self.wfile.write(b'{"error": "overloaded"}')
                     return
-                if n <= proxy.fail + proxy.slow:
-                    time.sleep(proxy.delay)
-                req = urllib.request.Request(proxy.target + self.path, data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=120) as r:
-                    data = r.read()
+                with proxy.lock:
+                    proxy.inflight += 1
+                try:
+                    if n <= proxy.fail + proxy.slow:
+                        time.sleep(proxy.delay)
+                    req = urllib.request.Request(proxy.target + self.path, data=body,
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=120) as r:
+                        data = r.read()
+                finally:
+                    with proxy.lock:
+                        proxy.inflight -= 1
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -83,6 +89,14 @@ class FlakyProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until no forwarded request is in flight: a request the client gave up on (timed out) still reaches
+        the server after the delay, and is served (counted) whenever it finishes."""
+        deadline = time.time() + timeout
+        while self.inflight and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # the server's counter is updated as the response goes out
 
     def close(self):
         self.server.shutdown()
@@ -113,6 +127,7 @@ def test_bootstrap_caches_retries_and_keeps_the_key_secret(ray_local, tmp_path, 
         assert done["usage"]["cache_hits"] == 0 and done["usage"]["completion_tokens_paid"] > 0
         assert done["estimated_cost_usd"] > 0
         assert proxy.auth == {f"Bearer {KEY}"}
+        proxy.wait_idle()
         served = served_requests(vllm_server) - before
         assert served >= 8
         rows = pq.read_table(Path(store.path("bootstrap")) / "rejected").to_pylist() + \
