@@ -24,7 +24,7 @@ import tokenize
 from typing import Optional
 
 from scoder_ray.config import QualityConf
-from scoder_ray.evaluate.decontam import NgramIndex, code_tokens
+from scoder_ray.evaluate.decontam import NgramIndex, code_tokens, shingles
 
 TEMPLATE_PLACEHOLDERS = ("<the problem statement>", "<the solution>", "<a self-contained problem statement>",
                          "<a complete python solution>", "<problem>", "<solution>", "<your solution here>",
@@ -162,11 +162,6 @@ def decontam_report(conf: QualityConf, benchmark_files: Optional[dict[str, str]]
     return {"checked": checked, "skipped": skipped, "ngram": conf.decontam_ngram, "threshold": conf.decontam_threshold}
 
 
-def _sample_shingles(text: str, k: int = 5) -> list[bytes]:
-    toks = [t.lower() for t in code_tokens(text)]
-    return sorted({" ".join(toks[i:i + k]).encode() for i in range(max(1, len(toks) - k + 1))})
-
-
 def near_duplicates(texts: list[str], threshold: float, reference: Optional[list[str]] = None,
                     reference_threshold: Optional[float] = None, num_perm: int = 128) -> list[str]:
     """Per text, in order: '' (kept), `near_duplicate_of_reference` (of one of `reference`: the teacher samples,
@@ -178,7 +173,7 @@ def near_duplicates(texts: list[str], threshold: float, reference: Optional[list
     ref_t = threshold if reference_threshold is None else reference_threshold
     if not texts or (threshold >= 1.0 and (ref_t >= 1.0 or not reference)):
         return [""] * len(texts)
-    sketches = MinHash.bulk([_sample_shingles(t) for t in reference + texts], num_perm=num_perm, seed=1)
+    sketches = MinHash.bulk([list(shingles(t)) for t in reference + texts], num_perm=num_perm, seed=1)
     refs, own = sketches[:len(reference)], sketches[len(reference):]
     ref_lsh = MinHashLSH(threshold=ref_t, num_perm=num_perm) if reference and ref_t < 1.0 else None
     own_lsh = MinHashLSH(threshold=threshold, num_perm=num_perm) if threshold < 1.0 else None

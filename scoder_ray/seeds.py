@@ -26,7 +26,7 @@ import numpy as np
 
 from scoder_ray.config import Config, SeedsConf
 from scoder_ray.evaluate.benchmarks import benchmark_texts
-from scoder_ray.evaluate.decontam import NgramIndex, code_tokens
+from scoder_ray.evaluate.decontam import NgramIndex, shingles
 from scoder_ray.store import RunStore
 
 STAGE = "seeds"
@@ -181,11 +181,8 @@ def normalized(snippet: str) -> str:
 def minhash_signature(snippet: str, conf: SeedsConf) -> np.ndarray:
     from datasketch import MinHash
 
-    toks = code_tokens(snippet)
-    k = conf.shingle_tokens
-    shingles = {" ".join(toks[i:i + k]).encode() for i in range(max(1, len(toks) - k + 1))}
     m = MinHash(num_perm=conf.num_perm, seed=1)
-    m.update_batch(list(shingles))
+    m.update_batch(list(shingles(snippet, conf.shingle_tokens)))
     return m.hashvalues.astype(np.uint32)  # values are < 2**32 by construction
 
 

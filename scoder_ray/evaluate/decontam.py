@@ -23,6 +23,12 @@ def ngrams(tokens: list[str], n: int) -> set[str]:
     return {"\x1f".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
+def shingles(text: str, k: int = 5) -> set[bytes]:
+    """Token k-shingles of a text, the MinHash input of every near-duplicate check (seeds, selection, quality)."""
+    toks = code_tokens(text)
+    return {" ".join(toks[i:i + k]).encode() for i in range(max(1, len(toks) - k + 1))}
+
+
 class NgramIndex:
     """Inverted index from n-gram to the benchmark texts that contain it."""
 

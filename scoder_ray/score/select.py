@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from scoder_ray.config import ScoreConf
-from scoder_ray.evaluate.decontam import code_tokens
+from scoder_ray.evaluate.decontam import shingles
 
 
 def feature_names(conf: ScoreConf) -> list[str]:
@@ -26,11 +26,6 @@ def features(df: pd.DataFrame, conf: ScoreConf) -> np.ndarray:
     cols = [df[f"aspect_{a.name}"].to_numpy(dtype=float) for a in conf.aspects]
     cols.append(np.where(df["exec_verdict"].to_numpy() == "passed", 9.0, 0.0))
     return np.stack(cols, axis=1)
-
-
-def _shingles(text: str, k: int = 5) -> set[bytes]:
-    toks = code_tokens(text)
-    return {" ".join(toks[i:i + k]).encode() for i in range(max(1, len(toks) - k + 1))}
 
 
 def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float]) -> pd.DataFrame:
@@ -57,7 +52,7 @@ def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float])
             reason[i] = "duplicate"
             continue
         m = MinHash(num_perm=64, seed=1)
-        m.update_batch(list(_shingles(text)))
+        m.update_batch(list(shingles(text)))
         if any(m.jaccard(other) >= conf.near_dup_threshold for other in kept_sketches):
             reason[i] = "near_duplicate"
             continue
