@@ -100,9 +100,13 @@ class EngineConf:
 
 @dataclass
 class SeedsConf:
-    # Directories (searched for *.py), .jsonl / .parquet files (column `snippet` or `code` or `content`),
-    # or `stdlib`: the Python standard library's own sources, real code available offline.
+    # Each: a folder (searched for code files: language by extension, see seeds.LANGUAGES), a code file, a
+    # .jsonl / .parquet file of records (column `snippet`, `code`, `content` or `text`), `stdlib` (the Python
+    # standard library's own sources, real code available offline), or a Hugging Face dataset
+    # `hf:NAME_OR_FOLDER?split=train&column=content&...` (options: seeds.HF_OPTIONS; read with `datasets`,
+    # from its local cache when offline; a folder written by `save_to_disk` is read with `load_from_disk`).
     sources: list[str] = field(default_factory=lambda: ["stdlib"])
+    languages: list[str] = field(default_factory=list)  # keep only these (e.g. [python, java]); empty: all
     min_lines: int = 5  # snippets are whole functions/classes with this many lines...
     max_lines: int = 80  # ...up to this many
     max_file_bytes: int = 1_000_000
@@ -324,11 +328,35 @@ def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = N
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. seeds.max_lines=60)")
     if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(OmegaConf.from_dotlist([_list_override(item) for item in overrides]))
     merged = _merge(layers)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
+
+
+def _list_override(item: str) -> str:
+    """`key=a` or `key=a,b` for a list key means [a] or [a, b]; `key=[a, b?x=1]` whose items YAML cannot read
+    (a `?` or `:` in an hf: source) is split on commas. Anything else is left to OmegaConf."""
+    import yaml
+    from omegaconf import ListConfig
+
+    key, _, value = item.partition("=")
+    try:
+        node = OmegaConf.select(OmegaConf.structured(Config), key.strip(), throw_on_missing=False)
+    except OmegaConfBaseException:
+        return item
+    if not isinstance(node, ListConfig) or not value.strip():
+        return item
+    inner = value.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        try:
+            yaml.safe_load(inner)
+            return item
+        except yaml.YAMLError:
+            inner = inner[1:-1]
+    items = [v.strip().strip("'\"") for v in inner.split(",") if v.strip()]
+    return f"{key}={json.dumps(items)}"
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -448,6 +476,11 @@ def validate(cfg: Config) -> None:
            "engine.tensor_parallel_size", f"<= engine.gpus_per_engine ({cfg.engine.gpus_per_engine})", cfg.engine.tensor_parallel_size)
     _check(bool(cfg.run.id) and "/" not in cfg.run.id and cfg.run.id not in (".", ".."), "run.id", "a non-empty name without '/'", cfg.run.id)
     _check(bool(cfg.seeds.sources), "seeds.sources", "at least one source", cfg.seeds.sources)
+    from scoder_ray.seeds import LANGUAGES
+
+    known = sorted(set(LANGUAGES.values()) | {"text"})
+    for lang in cfg.seeds.languages:
+        _check(lang in known, "seeds.languages", f"a list of: {', '.join(known)}", lang)
     for bench in cfg.seeds.decontam_benchmarks:
         _check(bench in BENCHMARKS, "seeds.decontam_benchmarks", f"a list of: {', '.join(BENCHMARKS)} "
                "(all but humaneval read the evalplus files named by HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH)", bench)

@@ -21,7 +21,7 @@ from typing import Optional
 SYNTH_INSTRUCTION = (
     "Below is a code snippet. Create a new, self-contained Python programming problem inspired by it, "
     "and write a correct, complete solution.\n\n"
-    "Snippet:\n```python\n{snippet}\n```\n\n"
+    "Snippet:\n```{lang}\n{snippet}\n```\n\n"
     "Answer in exactly this layout:\n"
     "### Problem\n<the problem statement>\n\n"
     "### Solution\n```python\n<the solution>\n```"
@@ -35,9 +35,10 @@ PROBLEM_HEADER = "### Problem"
 SOLUTION_HEADER = "### Solution"
 
 
-def synthesizer_prompt(snippet: str) -> str:
-    """The user message that asks for a (problem, solution) pair inspired by `snippet`."""
-    return SYNTH_INSTRUCTION.format(snippet=snippet.strip("\n"))
+def synthesizer_prompt(snippet: str, lang: str = "python") -> str:
+    """The user message that asks for a (problem, solution) pair inspired by `snippet` (written in `lang`:
+    seeds may be in any language; the problem and solution are Python, what the SCoder model is for)."""
+    return SYNTH_INSTRUCTION.format(snippet=snippet.strip("\n"), lang=lang or "python")
 
 
 def synthesizer_response(problem: str, solution: str) -> str:

@@ -73,7 +73,7 @@ def test_bad_config_names_the_key(overrides, needle):
 
 
 def test_unknown_key_error_lists_allowed_keys():
-    with pytest.raises(ConfigError, match="allowed under 'seeds': sources, min_lines"):
+    with pytest.raises(ConfigError, match="allowed under 'seeds': sources, languages, min_lines"):
         load_config(None, ["seeds.nope=1"])
 
 

@@ -152,3 +152,132 @@ def test_decontamination_index_catches_a_pasted_solution_not_common_code():
     assert index.contaminated_by("x = 1\n" + he["prompt"] + he["canonical_solution"]).startswith("HumanEval/3/")
     assert index.contaminated_by(OTHER) is None
     assert index.contaminated_by("for i in range(len(numbers)):\n    print(i)\n") is None
+
+
+# -- other languages and Hugging Face datasets -------------------------------------------------------
+JAVA = '''package demo;
+
+import java.util.ArrayList;
+import java.util.List;
+
+/** A bounded stack of strings. */
+public class BoundedStack {
+    private final List<String> items = new ArrayList<>();
+    private final int capacity;
+
+    public BoundedStack(int capacity) {
+        this.capacity = capacity;
+    }
+
+    /** Push one item; a full stack refuses it. */
+    public boolean push(String item) {
+        if (items.size() >= capacity) {
+            return false;  // full: "{" in a comment does not count
+        }
+        items.add(item);
+        return true;
+    }
+
+    @Override
+    public String toString()
+    {
+        char open = '{';
+        return "BoundedStack" + open + items + "}";
+    }
+}
+'''
+GO = '''package main
+
+import "strings"
+
+// wordCount counts the words of s.
+func wordCount(s string) map[string]int {
+	counts := map[string]int{}
+	for _, w := range strings.Fields(s) {
+		counts[strings.ToLower(w)]++
+	}
+	return counts
+}
+'''
+RUST = '''/// The longer of two strings.
+fn longest<'a>(x: &'a str, y: &'a str) -> &'a str {
+    if x.len() > y.len() {
+        x
+    } else {
+        y
+    }
+}
+'''
+RUBY = '''# Greets everyone on the list.
+def greet_all(names)
+  names.each do |name|
+    puts "Hello, #{name}"
+  end
+
+  names.size
+end
+'''
+
+
+def test_generic_cutter_finds_functions_and_methods_in_other_languages():
+    conf = load_config("tiny", ["seeds.min_lines=4", "seeds.max_lines=12"]).seeds
+    java = [r for r in cut_text(JAVA, "s", "BoundedStack.java", conf, "java") if not r["reason"]]
+    firsts = [r["snippet"].splitlines()[0] for r in java]
+    # the class (27 lines) is opened up into its methods; the doc comment and @Override come with them
+    assert firsts == ["/** Push one item; a full stack refuses it. */", "@Override"]
+    assert all(r["lang"] == "java" for r in java) and java[0]["snippet"].rstrip().endswith("}")
+    assert (11, 3, "too_short") in [(r["start_line"], r["n_lines"], r["reason"]) for r in  # the constructor
+                                    cut_text(JAVA, "s", "B.java", conf, "java")]
+    go = [r for r in cut_text(GO, "s", "wc.go", conf, "go") if not r["reason"]]
+    assert [r["snippet"].splitlines()[0] for r in go] == ["// wordCount counts the words of s."] and go[0]["n_lines"] == 8
+    rust = cut_text(RUST, "s", "l.rs", conf, "rust")  # lifetimes ('a) are not quotes
+    assert [(r["start_line"], r["n_lines"], r["reason"]) for r in rust] == [(1, 8, "")]
+    ruby = cut_text(RUBY, "s", "g.rb", conf, "ruby")  # the blank line inside the body does not split it
+    assert [(r["n_lines"], r["reason"]) for r in ruby] == [(8, "")]
+    assert [r["reason"] for r in cut_text("int f() {\n  return 1;\n", "s", "x.c", conf, "c")] == ["no_functions"]
+
+
+def test_hf_source_options_are_checked_before_any_work():
+    from scoder_ray.seeds import source_files
+
+    with pytest.raises(ValueError, match="unknown option.*colum.*expected hf:NAME_OR_FOLDER"):
+        source_files(["hf:bigcode/starcoderdata?colum=content"])
+    with pytest.raises(ValueError, match="limit='many' is not a whole number"):
+        source_files(["hf:x?limit=many"])
+
+
+@pytest.mark.slow
+def test_seed_stage_reads_a_datasets_folder_and_a_folder_of_many_languages(ray_local, tmp_path):
+    import datasets
+
+    he = load_humaneval()[0]
+    records = {"content": [GOOD, JAVA, "def f(:\n", he["prompt"] + he["canonical_solution"], GO],
+               "path": ["a/good.py", "x/BoundedStack.java", "b/broken.py", "c/leak.py", ""],
+               "language": ["Python", "Java", "Python", "Python", "Go"]}
+    folder = tmp_path / "hf_code"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(records)}).save_to_disk(str(folder))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "wc.go").write_text(GO.replace("return counts", "return counts // done"))
+    (code / "l.rs").write_text(RUST)
+    (code / "g.rb").write_text(RUBY)
+    (code / "notes.txt").write_text("not code")
+    cfg = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=hf", "seeds.max_snippets=0", "seeds.min_lines=3",
+                               "seeds.max_lines=20", f"seeds.sources=[hf:{folder}?split=train,{code}]"])
+    done = run_stage(cfg, "seeds")
+    table = pq.read_table(seeds_uri(RunStore.for_config(cfg))).to_pylist()
+    by_lang = sorted((r["lang"], r["snippet"].splitlines()[0]) for r in table)
+    assert ("java", "@Override") in by_lang and ("rust", "/// The longer of two strings.") in by_lang
+    assert ("ruby", "# Greets everyone on the list.") in by_lang and ("python", "class Counter2:") in by_lang
+    assert sum(lang == "go" for lang, _ in by_lang) == 1  # the renamed twin is a near duplicate
+    assert done["dropped"].get("contaminated") == 1 and done["dropped"]["syntax_error"] == 1
+    assert done["dropped"]["near_duplicate"] == 1
+    hf_rows = [r for r in table if r["source"].startswith("hf:")]
+    assert {r["path"] for r in hf_rows} >= {"0:a/good.py", "1:x/BoundedStack.java"}
+    # python only: the other languages are left out, not rejected
+    cfg_py = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=py", "seeds.max_snippets=0", "seeds.min_lines=3",
+                                  "seeds.max_lines=20", f"seeds.sources=[hf:{folder}?split=train,{code}]",
+                                  "seeds.languages=[python]"])
+    done_py = run_stage(cfg_py, "seeds")
+    assert {r["lang"] for r in pq.read_table(seeds_uri(RunStore.for_config(cfg_py))).to_pylist()} == {"python"}
+    assert "near_duplicate" not in done_py["dropped"]

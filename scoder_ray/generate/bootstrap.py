@@ -21,7 +21,7 @@ from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore, filesystem, write_table
 
 STAGE = "bootstrap"
-COLUMNS = ["seed_id", "snippet", "problem", "solution", "raw", "teacher", "finish_reason", "prompt_tokens",
+COLUMNS = ["seed_id", "snippet", "lang", "problem", "solution", "raw", "teacher", "finish_reason", "prompt_tokens",
            "completion_tokens", "parse_ok", "reason"]
 
 
@@ -33,7 +33,7 @@ def derived_seed(*parts: Any) -> int:
 def pick_seeds(store: RunStore, n: int, run_seed: int) -> list[dict[str, str]]:
     """`n` seeds chosen by hash of (run seed, seed_id): stable, and independent of file order."""
     fs, path = filesystem(seeds_uri(store))
-    table = pq.read_table(path, filesystem=fs, columns=["seed_id", "snippet"])
+    table = pq.read_table(path, filesystem=fs, columns=["seed_id", "snippet", "lang"])
     rows = sorted(table.to_pylist(), key=lambda r: hashlib.sha1(f"{run_seed}:{r['seed_id']}".encode()).hexdigest())
     return rows[:n] if n else rows
 
@@ -60,7 +60,7 @@ def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str
 def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
     conf = cfg.teacher
     seeds = pick_seeds(store, conf.num_seeds, cfg.run.seed)
-    bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(s["snippet"])),
+    bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(s["snippet"], s["lang"])),
                            seed=derived_seed(cfg.run.seed, "teacher", s["seed_id"]), layout=conf.constrain_layout)
               for s in seeds]
     teacher = Teacher(conf)
@@ -73,7 +73,8 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
         if finish == "length" and reason:
             reason = f"max_tokens:{reason}"  # cut at teacher.max_tokens, and it shows
         usage = response.get("usage") or {}
-        rows.append({"seed_id": seed["seed_id"], "snippet": seed["snippet"], "problem": problem, "solution": solution,
+        rows.append({"seed_id": seed["seed_id"], "snippet": seed["snippet"], "lang": seed["lang"], "problem": problem,
+                     "solution": solution,
                      "raw": text, "teacher": conf.model, "finish_reason": finish,
                      "prompt_tokens": int(usage.get("prompt_tokens") or 0),
                      "completion_tokens": int(usage.get("completion_tokens") or 0),
@@ -124,7 +125,8 @@ def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
                 reason = "solution_syntax_error"
         reason = reason or gate(problem, solution, r.get("snippet"), cfg.quality, index)
         rows.append({"seed_id": r.get("seed_id") or hashlib.sha1(f"file:{i}:{problem}".encode()).hexdigest()[:16],
-                     "snippet": r.get("snippet") or "", "problem": problem, "solution": solution, "raw": "",
+                     "snippet": r.get("snippet") or "", "lang": r.get("lang") or "python", "problem": problem,
+                     "solution": solution, "raw": "",
                      "teacher": f"file:{path.rsplit('/', 1)[-1]}", "finish_reason": "", "prompt_tokens": 0,
                      "completion_tokens": 0, "parse_ok": not reason, "reason": reason})
     summary = _write(rows, out_uri)

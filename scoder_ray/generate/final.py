@@ -96,7 +96,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         from scoder_ray.quality import audit, decontam_report
 
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
-        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"]).filter(
+        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet", "lang"]).filter(
             lambda r: r["seed_id"] in chosen)
         sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n)
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()

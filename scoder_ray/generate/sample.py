@@ -82,7 +82,8 @@ class Sampler(EngineActor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
-        texts = self.chat_prompts([prompts.synthesizer_prompt(s) for s in batch["snippet"]])
+        langs = batch["lang"] if "lang" in batch else ["python"] * len(batch["snippet"])
+        texts = self.chat_prompts([prompts.synthesizer_prompt(s, lang) for s, lang in zip(batch["snippet"], langs)])
         outputs = self.llm.generate(texts, sampling_params(self.sample, batch["sampling_seed"]), use_tqdm=False)
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):
@@ -117,7 +118,7 @@ def sampling_params(sample: SampleConf, seeds) -> list:
 
 def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int) -> list[dict[str, Any]]:
     return [{"cand_id": cand_id(iteration, ckpt, row["seed_id"], i), "seed_id": row["seed_id"], "iteration": iteration,
-             "ckpt": ckpt, "sample_idx": i, "snippet": row["snippet"],
+             "ckpt": ckpt, "sample_idx": i, "snippet": row["snippet"], "lang": row.get("lang") or "python",
              "sampling_seed": derived_seed(run_seed, "sample", iteration, ckpt, row["seed_id"], i)} for i in range(n)]
 
 
@@ -167,7 +168,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
               "synthesizer": synthesizer_digest(store, iteration)}
 
     def produce(tmp: str) -> dict[str, Any]:
-        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet"])
+        seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet", "lang"])
         if cfg.sample.num_seeds:
             keep = {s["seed_id"] for s in _seed_subset(store, cfg.sample.num_seeds, cfg.run.seed, iteration)}
             seeds = seeds.filter(lambda r: r["seed_id"] in keep)

@@ -53,7 +53,8 @@ class FeatureActor:
         called = time.perf_counter()
         examples = []
         for i in range(len(batch["cand_id"])):
-            prompt, response = prompt_response({k: batch[k][i] for k in ("snippet", "problem", "solution")}, "synthesizer")
+            prompt, response = prompt_response({k: batch[k][i] for k in ("snippet", "problem", "solution", "lang")
+                                                if k in batch}, "synthesizer")
             ids, labels, _ = encode(self.tokenizer, prompt, response, self.conf.max_len)
             examples.append((ids, labels))
         feats = self.features.features_of(examples, self.kind, self.tokenizer.pad_token_id, self.conf.batch_size,
@@ -73,7 +74,8 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     actor_start_s, actor_busy_s}: the actors' start-up and time in calls, summed over actors."""
     import ray
 
-    ds = ray.data.read_parquet(rows_uri).select_columns([id_column, "snippet", "problem", "solution"])
+    ds = ray.data.read_parquet(rows_uri)
+    ds = ds.select_columns([id_column, "snippet", "problem", "solution"] + (["lang"] if "lang" in ds.columns() else []))
     if id_column != "cand_id":
         ds = ds.rename_columns({id_column: "cand_id"})
     # One block per actor call, of at most sort_window rows: the calls spread over the actors, and since
@@ -145,12 +147,12 @@ def run_warmup(cfg: Config, store: RunStore, iteration: int, base_model: str, fo
 
     def produce(tmp: str) -> dict[str, Any]:
         fs, path = filesystem(store.uri(rank_stage) + "/data")
-        cands = pq.read_table(path, filesystem=fs, columns=["cand_id", "snippet", "problem", "solution", "selected"])
-        cands = cands.filter(pc.field("selected")).to_pylist()
+        cands = pq.read_table(path, filesystem=fs).filter(pc.field("selected")).to_pylist()
         pick = sorted(cands, key=lambda r: hashlib.sha1(f"{cfg.run.seed}:warmup:{r['cand_id']}".encode()).hexdigest())
         share = int(round(cfg.influence.warmup_fraction * len(pick)))
         pick = pick[:min(len(pick), max(share, cfg.influence.warmup_min_rows))]
-        rows = [{k: r[k] for k in ("cand_id", "snippet", "problem", "solution")} for r in pick]
+        rows = [{**{k: r[k] for k in ("cand_id", "snippet", "problem", "solution")}, "lang": r.get("lang") or "python"}
+                for r in pick]
         write_table(f"{tmp}/mix/part-0.parquet", pa.Table.from_pylist(rows))
         summary = train_model(cfg.train.warmup, base_model, "synthesizer", f"{tmp}/mix", tmp, cfg, f"warmup-{iteration}")
         return {**summary, "candidate_rows": len(pick), "teacher_rows": 0}

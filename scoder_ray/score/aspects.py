@@ -21,7 +21,7 @@ from scoder_ray.generate.sample import EngineActor
 SCORER_INSTRUCTION = """You are reviewing a synthetic programming exercise written from a seed code snippet.
 
 Seed snippet:
-```python
+```{lang}
 {snippet}
 ```
 
@@ -39,11 +39,11 @@ Rate the exercise on each aspect with an integer from 0 (worst) to 9 (best):
 Answer with one JSON object and nothing else, for example {example}"""
 
 
-def scorer_prompt(aspects: list[AspectConf], snippet: str, problem: str, solution: str) -> str:
+def scorer_prompt(aspects: list[AspectConf], snippet: str, problem: str, solution: str, lang: str = "python") -> str:
     rubrics = "\n".join(f"- {a.name}: {a.rubric}" for a in aspects)
     example = "{" + ",".join(f'"{a.name}":5' for a in aspects) + "}"
     return SCORER_INSTRUCTION.format(snippet=snippet.strip(), problem=problem.strip(), solution=solution.strip(),
-                                     rubrics=rubrics, example=example)
+                                     rubrics=rubrics, example=example, lang=lang or "python")
 
 
 def aspect_regex(aspects: list[AspectConf]) -> str:
@@ -81,8 +81,9 @@ class Scorer(EngineActor):
 
         aspects = list(self.score.aspects)
         names = [a.name for a in aspects]
-        texts = self.chat_prompts([scorer_prompt(aspects, s, p, sol) for s, p, sol in
-                                   zip(batch["snippet"], batch["problem"], batch["solution"])])
+        langs = batch["lang"] if "lang" in batch else ["python"] * len(batch["snippet"])
+        texts = self.chat_prompts([scorer_prompt(aspects, s, p, sol, lang) for s, p, sol, lang in
+                                   zip(batch["snippet"], batch["problem"], batch["solution"], langs)])
         params = SamplingParams(temperature=0.0, max_tokens=self.score.max_tokens,
                                 structured_outputs=StructuredOutputsParams(regex=aspect_regex(aspects)))
         outputs = self.llm.generate(texts, params, use_tqdm=False)

@@ -161,13 +161,15 @@ def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = F
             if "kept" in table.column_names:
                 table = table.filter(pc.field("kept"))
             origin = "teacher" if s == "bootstrap" else s.split("/")[0]
-            part = [{"snippet": r["snippet"], "problem": r["problem"], "solution": r["solution"], "origin": origin}
-                    for r in table.select(["snippet", "problem", "solution"]).to_pylist()]
+            part = [{"snippet": r["snippet"], "problem": r["problem"], "solution": r["solution"],
+                     "lang": r.get("lang") or "python", "origin": origin}
+                    for r in table.select([c for c in ("snippet", "problem", "solution", "lang")
+                                           if c in table.column_names]).to_pylist()]
             counts[origin] = len(part)
             rows += part
         rows.sort(key=lambda r: (r["origin"] != "teacher", r["origin"], r["problem"], r["solution"], r["snippet"]))
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=pa.schema(
-            [(c, pa.string()) for c in ("snippet", "problem", "solution", "origin")])))
+            [(c, pa.string()) for c in ("snippet", "problem", "solution", "lang", "origin")])))
         return {"rows": len(rows), "by_origin": counts}
 
     return store.run_stage(f"iter_{iteration:02d}/train_data", {}, {s: d["output_digest"] for s, d in dones.items()},
