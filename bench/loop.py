@@ -72,9 +72,11 @@ def main() -> None:
     final = run / "final" / "_DONE.json"
     if final.is_file():  # the data, not just the clock: what the final dataset holds
         d = json.loads(final.read_text())
-        print("final dataset:", json.dumps({k: d.get(k) for k in ("rows", "target", "seeds", "audit", "rejected", "warnings")}))
+        print("final dataset:", json.dumps({k: d.get(k) for k in ("rows", "target", "seeds", "seeds_yielding", "audit",
+                                                                   "rejected", "warnings")}))
         a = d.get("audit", {})
-        bad = {k: a[k] for k in ("placeholders", "prompt_echoes") if a.get(k)}
+        copy_gate_on = "max_seed_similarity: 1.0" not in (run / "config.yaml").read_text()  # off only in tiny-loop
+        bad = {k: a[k] for k in ("placeholders", "prompt_echoes") + (("seed_copies",) if copy_gate_on else ()) if a.get(k)}
         if bad:  # a fast loop that makes placeholders is a failing loop
             raise SystemExit(f"FAIL: the final dataset holds {bad}: the quality gates let them through")
     print(json.dumps({"run": str(run), "total_s": round(total, 1),

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run every stage in order, resuming a run with the same run.id", epilog=EPILOG)
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage of the plan (e.g. iter_01/rank); a "
+                   "later `run` resumes from there")
     _config_args(p)
 
     from scoder_ray.loop import STAGES
@@ -124,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             done = loop.run_stage(cfg, args.name.replace("-", "_"), force=args.force)
             print(json.dumps(done, indent=2, sort_keys=True, default=str))
         else:
-            loop.run(cfg)
+            loop.run(cfg, until=args.until)
             print(f"[scoder-ray] run directory: {cfg.run.root}/{cfg.run.id}  (scoder-ray status {cfg.run.root}/{cfg.run.id})")
     except (ValueError, FileNotFoundError) as e:
         print(f"scoder-ray: error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ Ray does the heavy lifting inside the stages; the driver passes configs and read
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from scoder_ray.config import Config
 from scoder_ray.evaluate.stage import run_evaluate
@@ -113,19 +113,23 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
         store.lease.release()
 
 
-def run(cfg: Config, report: bool = True) -> dict[str, dict[str, Any]]:
-    """Every stage of the loop in order; finished stages with unchanged inputs are skipped."""
+def run(cfg: Config, report: bool = True, until: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Every stage of the loop in order (up to `until`, when given); finished stages with unchanged inputs
+    are skipped."""
+    stages = plan(cfg)
+    if until and until not in stages:
+        raise ValueError(f"--until {until!r} is not a stage of this run; its stages: {', '.join(stages)}")
     store = open_run(cfg)
     try:
-        return _run(cfg, store, report)
+        return _run(cfg, store, report, stages, until)
     finally:
         store.lease.release()
 
 
-def _run(cfg: Config, store: RunStore, report: bool) -> dict[str, dict[str, Any]]:
+def _run(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageFn],
+         until: Optional[str]) -> dict[str, dict[str, Any]]:
     from scoder_ray.metrics import LoopMetrics
 
-    stages = plan(cfg)
     metrics = LoopMetrics(cfg.run.id, len(stages))
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
@@ -139,6 +143,9 @@ def _run(cfg: Config, store: RunStore, report: bool) -> dict[str, dict[str, Any]
               f"({time.time() - started:.0f}s elapsed)", flush=True)
         for warning in done.get("warnings", []):
             print(f"[scoder-ray] WARNING {name}: {warning}", flush=True)
+        if name == until:
+            print(f"[scoder-ray] stopped after {name} (--until); `run` again to go on", flush=True)
+            break
     final = results.get("final", {})
     if final.get("dataset_digest"):
         print(f"[scoder-ray] final dataset: {final['rows']} samples, digest {final['dataset_digest']}", flush=True)

@@ -184,10 +184,11 @@ def build(store: RunStore) -> str:
     final = dones.get("final")
     if final:
         parts.append("<h2>Final dataset</h2>" + _table(
-            [[final["rows"], final.get("target"), final.get("generated"), final.get("parse_rate"), final.get("duplicates"),
+            [[final["rows"], final.get("target"), final.get("generated"), final.get("parse_rate"),
+              f"{final.get('seeds_yielding', '?')} of {final.get('seeds', '?')}", final.get("duplicates"),
               json.dumps(final.get("rejected", {})), json.dumps(final.get("audit", {})), final.get("dataset_digest", "")]],
-            ["samples", "target", "generated", "parse rate", "duplicates", "rejected (by reason)",
-             "audit of the kept rows", "digest"]))
+            ["samples", "target", "generated", "parse rate", "seeds with an accepted sample", "duplicates",
+             "rejected (by reason)", "audit of the kept rows", "digest"]))
     ev = dones.get("evaluate")
     if ev:
         rows = [[model, bench, ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))]

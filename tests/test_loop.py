@@ -384,6 +384,8 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert final["decontam"]["checked"] == ["humaneval"] and "mbpp" in final["decontam"]["skipped"]
     assert final["rows"] == min(final["target"], final["generated"] - sum(final["rejected"].values()))
     assert final["audit"]["placeholders"] == final["audit"]["prompt_echoes"] == 0
+    assert 0 < final["seeds_yielding"] <= final["seeds"]
+    assert any("seeds" in w and "yielded" in w for w in final["warnings"]) == (final["seeds_yielding"] < final["seeds"] / 2)
     # The object store's credentials reached every node through its environment, and nothing wrote them down.
     secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
     assert secret not in logs and secret not in job_run["first_logs"]
@@ -436,6 +438,26 @@ def test_killed_twice_and_resumed_gives_the_same_dataset(job_run, tmp_path):
     assert "iter_02/sample: skipped (already done)" in third
     digest = re.search(r"final dataset: \d+ samples, digest ([0-9a-f]{64})", third).group(1)
     assert digest == job_run["done"]("final")["dataset_digest"]  # local root, one node == S3 root, two nodes
+
+    # w learned inside `run` from a label file: the weights stage comes after iter_01/score and the ranking
+    # uses it. Labels that follow one aspect must give that aspect most of w. (--until: no second loop.)
+    import pyarrow.parquet as pq
+
+    from scoder_ray.store import RunStore
+
+    store = RunStore.open(f"{tmp_path}/resumed")
+    scored = pq.read_table(store.uri("iter_01/score") + "/data").to_pylist()
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"cand_id": r["cand_id"], "label": r["aspect_relevance"]}) + "\n"
+                              for r in scored if r["aspect_relevance"] >= 0)
+                      + json.dumps({"cand_id": "not-in-this-run", "label": 3}) + "\n")
+    fourth = run_until(args + [f"score.labels_file={labels}", "--until", "iter_01/rank"], env, kill_at=None)
+    assert re.search(r"\] weights: done in", fourth) and "stopped after iter_01/rank (--until)" in fourth, fourth[-3000:]
+    assert "iter_01/warmup ..." not in fourth and "iter_01/score: skipped (already done)" in fourth
+    weights, rank = store.read_done("weights"), store.read_done("iter_01/rank")
+    assert weights["labels_unmatched"] == 1 and weights["rows"] >= 20
+    assert rank["weights_source"] == "fitted" and max(rank["weights"], key=rank["weights"].get) == "relevance"
+    assert rank["weights"]["relevance"] > 0.5, rank["weights"]
 
 
 def test_a_local_root_is_refused_on_two_nodes(cluster, tmp_path):

@@ -112,15 +112,23 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
             raw[raw["reason"] != ""][COLUMNS + ["reason"]], preserve_index=False))
         schema = pa.schema([(c, pa.int64() if c == "tokens" else pa.string()) for c in COLUMNS])
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=schema))
+        rejected = {k: int(v) for k, v in raw["reason"][raw["reason"] != ""].value_counts().items()}
+        yielded = int(kept["seed_id"].nunique())
+        warnings = [f"{len(rows)} of the {cfg.loop.final_dataset_size} samples asked for passed the parser and the "
+                    f"quality gates (generated {len(raw)})"] if len(rows) < cfg.loop.final_dataset_size else []
+        if yielded < n_seeds / 2:
+            top = ", ".join(f"{k} {v}" for k, v in list(rejected.items())[:3])
+            warnings.append(f"only {yielded} of the {n_seeds} seeds ({yielded / n_seeds:.0%}) yielded an accepted "
+                            f"sample: the synthesizer mostly writes what the gates reject ({top}); the dataset "
+                            "holds only what passed")
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
+                "seeds_yielding": yielded,
                 "seeds": n_seeds, "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
                 **checks,
-                "rejected": {k: int(v) for k, v in raw["reason"][raw["reason"] != ""].value_counts().items()},
+                "rejected": rejected,
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems)), "tokens": int(raw["tokens"].sum()),
                 "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
-                "dataset_digest": dataset_digest(rows), "audit": audit(rows, cfg.quality),
-                "warnings": [f"{len(rows)} of the {cfg.loop.final_dataset_size} samples asked for passed the parser "
-                             f"and the quality gates (generated {len(raw)})"] if len(rows) < cfg.loop.final_dataset_size else []}
+                "dataset_digest": dataset_digest(rows), "audit": audit(rows, cfg.quality), "warnings": warnings}
 
     sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "quality": cfg.quality,
                 "engine": cfg.engine,
