@@ -49,6 +49,9 @@ class RayConf:
     # The cluster this config runs on (cluster/*.yaml, relative to the repository or absolute): every GPU
     # request is checked against its node types when the config loads.
     cluster_config: Optional[str] = None
+    # The GPU model every GPU actor, engine and training worker asks for (Ray's `accelerator_type:X`
+    # resource, e.g. H100, A100, A100-80G): one pool never mixes GPU models. Empty: any GPU.
+    accelerator_type: str = ""
 
 
 @dataclass

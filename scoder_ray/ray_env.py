@@ -33,6 +33,13 @@ def init_ray(conf: RayConf, env_vars: Optional[dict[str, str]] = None) -> None:
     ctx.execution_options.preserve_order = True  # same inputs, same row order: resumed runs match
 
 
+def gpu_options(gpus: float, accelerator_type: str = "") -> dict[str, Any]:
+    """Ray options for an actor or task of `gpus` GPUs of one model (`ray.accelerator_type`), {} for none."""
+    if not gpus:
+        return {}
+    return {"num_gpus": gpus, **({"accelerator_type": accelerator_type} if accelerator_type else {})}
+
+
 def in_blocks(ds, rows_per_block: int):
     """`ds` materialised as blocks of at most `rows_per_block` rows, one actor call each (map with
     batch_size=None). Ray Data hands an actor pool whole blocks, so data read from one file (one block)

@@ -76,7 +76,7 @@ def generate(cfg: Config, model_path: str, benchmark: str, out_path: str, mode: 
     ds = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size).map_batches(
         Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed,
                                               "models": cfg.models, "mode": mode},
-        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
+        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
     out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
     tmp = f"{out_path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

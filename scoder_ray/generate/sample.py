@@ -23,7 +23,7 @@ import numpy as np
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
 from scoder_ray.generate.bootstrap import derived_seed
-from scoder_ray.ray_env import in_blocks, one_block_each
+from scoder_ray.ray_env import gpu_options, in_blocks, one_block_each
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
 
@@ -122,12 +122,13 @@ def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int
              "sampling_seed": derived_seed(run_seed, "sample", iteration, ckpt, row["seed_id"], i)} for i in range(n)]
 
 
-def engine_actor_options(engine: EngineConf) -> dict[str, Any]:
-    """Pool, resources and restart policy for the engine actors of a `map_batches`."""
+def engine_actor_options(engine: EngineConf, accelerator_type: str = "") -> dict[str, Any]:
+    """Pool, resources (GPUs of `accelerator_type`, when set) and restart policy for the engine actors of a
+    `map_batches`."""
     opts: dict[str, Any] = {"compute": one_block_each(engine.num_engines),
                             "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
     if engine.gpus_per_engine:
-        opts["num_gpus"] = engine.gpus_per_engine
+        opts.update(gpu_options(engine.gpus_per_engine, accelerator_type))
     else:
         opts["num_cpus"] = engine.cpus_per_engine  # (make_llm sets the engine's environment in the actor)
     return opts
@@ -145,7 +146,7 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
                                         "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
                                         "decontam_texts": texts},
-        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
+        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
     out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
     return n
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf, ModelsConf
-from scoder_ray.ray_env import in_blocks, one_block_each
+from scoder_ray.ray_env import gpu_options, in_blocks, one_block_each
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
 
@@ -69,7 +69,8 @@ class FeatureActor:
 
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
-                     conf: InfluenceConf, seed: int, models: ModelsConf, id_column: str = "cand_id") -> dict[str, Any]:
+                     conf: InfluenceConf, seed: int, models: ModelsConf, id_column: str = "cand_id",
+                     accelerator_type: str = "") -> dict[str, Any]:
     """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id). Returns {rows,
     actor_start_s, actor_busy_s}: the actors' start-up and time in calls, summed over actors."""
     import ray
@@ -83,7 +84,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     ds = in_blocks(ds, conf.sort_window)
     rows = ds.count()
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
-    opts: dict[str, Any] = {"num_gpus": conf.gpus_per_actor} if conf.gpus_per_actor else {"num_cpus": conf.cpus_per_actor}
+    opts: dict[str, Any] = gpu_options(conf.gpus_per_actor, accelerator_type) or {"num_cpus": conf.cpus_per_actor}
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
                                                                 "seed": seed, "models": models,
@@ -192,7 +193,8 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
             store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
                             {"warmup": warm["output_digest"], "rows": rows_digest},
                             lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: compute_features(
-                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, cfg.models, col))
+                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, cfg.models, col,
+                                cfg.ray.accelerator_type))
 
     def produce(tmp: str) -> dict[str, Any]:
         cand, refs, ids = {}, {}, None

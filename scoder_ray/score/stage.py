@@ -47,7 +47,7 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
         scored = cands.map_batches(
             Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
                                            "seed": cfg.run.seed, "models": cfg.models},
-            batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine))
+            batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
         executed = scored.map_batches(
             execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},
             batch_size=32, num_cpus=1, batch_format="numpy")
