@@ -236,3 +236,15 @@ def test_a_preset_asking_for_gpus_no_node_type_has_is_rejected_at_load(override,
 def test_a_missing_cluster_config_is_named():
     with pytest.raises(ConfigError, match="ray.cluster_config: 'cluster/nope.yaml' is not allowed"):
         load_config("paper-7b", ["ray.cluster_config=cluster/nope.yaml"])
+
+
+def test_gpu_requests_carry_the_accelerator_type():
+    from scoder_ray.generate.sample import engine_actor_options
+    from scoder_ray.ray_env import gpu_options
+
+    cfg = load_config("paper-7b")
+    opts = engine_actor_options(cfg.engine, cfg.ray.accelerator_type)
+    assert opts["num_gpus"] == 1 and opts["accelerator_type"] == "H100"
+    assert gpu_options(8, "") == {"num_gpus": 8} and gpu_options(0, "H100") == {}
+    cpu = load_config("tiny")
+    assert "accelerator_type" not in engine_actor_options(cpu.engine, cpu.ray.accelerator_type)

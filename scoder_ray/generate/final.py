@@ -102,7 +102,10 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()
         raw["reason"] = raw["reason"].astype(object)
         kept, checks = final_filter(cfg, store, raw)
-        rows = kept[COLUMNS].head(cfg.loop.final_dataset_size).to_dict("records")
+        # Round robin over seeds (every seed's first accepted sample, then the seconds...): a dataset cut at
+        # final_dataset_size keeps as many distinct seeds as it can.
+        order = kept.assign(_nth=kept.groupby("seed_id").cumcount()).sort_values(["_nth", "cand_id"], kind="stable")
+        rows = order[COLUMNS].head(cfg.loop.final_dataset_size).to_dict("records")
         if not rows:
             reasons = raw["reason"][raw["reason"] != ""].value_counts().to_dict()
             raise ValueError(f"final synthesis: none of the {len(raw)} samples of {path} passed the parser and the "
