@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from scoder_ray.config import ConfigError, load_config, presets, to_yaml
+from scoder_ray.generate.teacher import TeacherError
 
 EPILOG = "Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-run  (see conf/config.yaml)."
 
@@ -128,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             loop.run(cfg, until=args.until)
             print(f"[scoder-ray] run directory: {cfg.run.root}/{cfg.run.id}  (scoder-ray status {cfg.run.root}/{cfg.run.id})")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TeacherError) as e:  # a user's or the teacher's fault: one line
         print(f"scoder-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

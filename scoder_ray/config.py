@@ -80,6 +80,10 @@ class TeacherConf:
     max_backoff_s: float = 60.0
     price_in_per_mtok: float = 0.0  # USD per million prompt tokens, for the cost estimate
     price_out_per_mtok: float = 0.0
+    # A run-level budget: past either, no new request is sent and the bootstrap stops with an error; what
+    # was answered is cached, so a rerun with a larger budget resumes (0: no limit).
+    max_requests: int = 0
+    max_cost_usd: float = 0.0
     cache_dir: str = "~/.cache/scoder-ray/teacher"  # responses by request digest: never pay twice
     samples_file: Optional[str] = None  # superior samples you already have (JSONL/Parquet: problem, solution[, snippet])
     # vLLM-served teachers only: guided decoding to the sample layout (vLLM's `structured_outputs` request
@@ -428,6 +432,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "teacher.max_retries": cfg.teacher.max_retries,
         "teacher.price_in_per_mtok": cfg.teacher.price_in_per_mtok,
         "teacher.price_out_per_mtok": cfg.teacher.price_out_per_mtok,
+        "teacher.max_requests": cfg.teacher.max_requests,
+        "teacher.max_cost_usd": cfg.teacher.max_cost_usd,
         "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
         "engine.kv_cache_gib": cfg.engine.kv_cache_gib,
         "seeds.max_snippets": cfg.seeds.max_snippets,

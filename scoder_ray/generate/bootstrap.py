@@ -64,7 +64,7 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
                            seed=derived_seed(cfg.run.seed, "teacher", s["seed_id"]), layout=conf.constrain_layout)
               for s in seeds]
     teacher = Teacher(conf)
-    responses = teacher.run(bodies)
+    responses = teacher.run(bodies, labels=[f"seed {s['seed_id']}" for s in seeds])
     index = _contamination_index(cfg)
     rows = []
     for seed, response in zip(seeds, responses):

@@ -4,7 +4,11 @@
   (model, messages, sampling parameters — never the key), written atomically as soon as it arrives:
   an interrupted or repeated bootstrap never pays twice for the same request.
 - 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter (honouring
-  Retry-After), up to `teacher.max_retries`; other 4xx fail at once with the server's message.
+  Retry-After in seconds or as an HTTP date), up to `teacher.max_retries`; so is a 200 that is not a
+  completion (a gateway's HTML page, an `error` object, no `choices`), which is never cached. Other 4xx
+  fail at once with the server's message. Every failure is one line naming the endpoint, the request
+  (the seed) and the cause.
+- `teacher.max_requests` / `teacher.max_cost_usd` bound a run: past them no new request is sent.
 - The API key is read from the environment variable named by `teacher.api_key_env`. It lives only in
   the request header: it is not in the config, the cache, the logs or any error text.
 """
@@ -27,7 +31,38 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class TeacherError(RuntimeError):
-    """The teacher failed for good (after retries, or with a non-retryable status)."""
+    """The teacher failed for good (after retries, with a non-retryable status, or out of budget)."""
+
+
+def retry_after_s(value: str) -> Optional[float]:
+    """Retry-After as seconds: `120` or an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`); None if neither."""
+    value = (value or "").strip()
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    import time
+
+    return max(0.0, when.timestamp() - time.time())
+
+
+def not_a_completion(r: "httpx.Response") -> Optional[str]:
+    """Why a 200 response is not a chat completion ('' when it is one)."""
+    try:
+        data = r.json()
+    except ValueError:
+        return f"a 200 whose body is not JSON ({r.headers.get('content-type', '?')}: {r.text[:80]!r})"
+    if not isinstance(data, dict):
+        return "a 200 whose JSON is not an object"
+    if data.get("error"):
+        return f"a 200 carrying an error: {str(data['error'])[:200]}"
+    if not data.get("choices"):
+        return "a 200 without choices"
+    return ""
 
 
 @dataclass
@@ -71,14 +106,16 @@ class Teacher:
     def _cache_path(self, key: str) -> Path:
         return self.cache / key[:2] / f"{key}.json"
 
-    async def complete(self, client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-        """One chat completion (the parsed JSON response), from the cache when it has it."""
+    async def complete(self, client: httpx.AsyncClient, body: dict[str, Any], label: str = "") -> dict[str, Any]:
+        """One chat completion (the parsed JSON response), from the cache when it has it. `label` names the
+        request (e.g. its seed) in errors."""
         key = cache_key(self.conf.base_url, body)
         path = self._cache_path(key)
         if path.is_file():
             self.usage.cached += 1
             return json.loads(path.read_text())
-        response = await self._post(client, body)
+        self._check_budget(label)
+        response = await self._post(client, body, label)
         usage = response.get("usage") or {}
         self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
         self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
@@ -88,8 +125,20 @@ class Teacher:
         tmp.replace(path)
         return response
 
-    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    def _check_budget(self, label: str) -> None:
+        conf, spent = self.conf, self.usage.cost(self.conf)
+        if conf.max_requests and self.usage.requests >= conf.max_requests:
+            raise TeacherError(f"teacher budget reached before {label or 'a request'}: {self.usage.requests} requests "
+                               f"sent (teacher.max_requests={conf.max_requests}); the answers so far are cached, a "
+                               "rerun with a larger budget resumes")
+        if conf.max_cost_usd and spent >= conf.max_cost_usd:
+            raise TeacherError(f"teacher budget reached before {label or 'a request'}: ${spent:.2f} spent "
+                               f"(teacher.max_cost_usd={conf.max_cost_usd}); the answers so far are cached, a rerun "
+                               "with a larger budget resumes")
+
+    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any], label: str = "") -> dict[str, Any]:
         url = self.conf.base_url.rstrip("/") + "/chat/completions"
+        about = f" for {label}" if label else ""
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         delay = 1.0
         for attempt in range(self.conf.max_retries + 1):
@@ -98,41 +147,48 @@ class Teacher:
             try:
                 r = await client.post(url, json=body, headers=headers, timeout=self.conf.timeout_s)
                 if r.status_code == 200:
-                    return r.json()
-                what = f"HTTP {r.status_code}"
-                if r.status_code not in RETRY_STATUS:
-                    raise TeacherError(f"teacher at {self.conf.base_url} refused the request: {what}: {r.text[:300]}")
-                if r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
-                    retry_after = float(r.headers["retry-after"])
+                    what = not_a_completion(r)
+                    if not what:
+                        return r.json()
+                else:
+                    what = f"HTTP {r.status_code}"
+                    if r.status_code not in RETRY_STATUS:
+                        raise TeacherError(f"teacher at {self.conf.base_url} refused the request{about}: {what}: "
+                                           f"{r.text[:300]}")
+                    retry_after = retry_after_s(r.headers.get("retry-after", ""))
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 what = type(e).__name__
-            self.usage.errors[what] = self.usage.errors.get(what, 0) + 1
+            kind = what.split(":")[0].split(" (")[0]
+            self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
             if attempt == self.conf.max_retries:
-                raise TeacherError(f"teacher at {self.conf.base_url} failed after {attempt + 1} attempts: last {what}")
+                raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {attempt + 1} attempts: "
+                                   f"last {what}")
             self.usage.retries += 1
             await asyncio.sleep(min(self.conf.max_backoff_s, retry_after or delay * (0.5 + random.random())))
             delay *= 2
         raise AssertionError("unreachable")
 
-    def run(self, bodies: list[dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
-        """Complete every request, at most `max_concurrency` at a time; results in input order."""
-        return asyncio.run(self._run(bodies, progress))
+    def run(self, bodies: list[dict[str, Any]], progress: bool = True,
+            labels: Optional[list[str]] = None) -> list[dict[str, Any]]:
+        """Complete every request, at most `max_concurrency` at a time; results in input order. `labels`
+        name the requests in errors (e.g. `seed 3f2a…`)."""
+        return asyncio.run(self._run(bodies, progress, labels or [""] * len(bodies)))
 
-    async def _run(self, bodies: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
+    async def _run(self, bodies: list[dict[str, Any]], progress: bool, labels: list[str]) -> list[dict[str, Any]]:
         from tqdm import tqdm
 
         limit = asyncio.Semaphore(self.conf.max_concurrency)
         bar = tqdm(total=len(bodies), desc="teacher", unit="req", disable=not progress)
         limits = httpx.Limits(max_connections=self.conf.max_concurrency)
         async with httpx.AsyncClient(limits=limits) as client:
-            async def one(body: dict[str, Any]) -> dict[str, Any]:
+            async def one(body: dict[str, Any], label: str) -> dict[str, Any]:
                 async with limit:
-                    result = await self.complete(client, body)
+                    result = await self.complete(client, body, label)
                     bar.update(1)
                     return result
 
             try:
-                return await asyncio.gather(*(one(b) for b in bodies))
+                return await asyncio.gather(*(one(b, label) for b, label in zip(bodies, labels)))
             finally:
                 bar.close()
 

@@ -1,0 +1,106 @@
+"""The teacher client against a real local HTTP server that misbehaves the way gateways do."""
+import json
+import threading
+import time
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from scoder_ray.config import load_config
+from scoder_ray.generate.teacher import Teacher, TeacherError, request_body, retry_after_s
+
+GOOD = {"choices": [{"message": {"content": "### Problem\nAdd two numbers."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}}
+
+
+class Scripted(ThreadingHTTPServer):
+    """Answers each POST with the next (status, headers, body) of `script`, then GOOD forever."""
+
+    def __init__(self, script):
+        self.script, self.served = list(script), []
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        status, headers, body = self.server.script.pop(0) if self.server.script else (200, {}, json.dumps(GOOD))
+        self.server.served.append((status, time.monotonic()))
+        self.send_response(status)
+        for k, v in {"content-type": "application/json", **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def teacher(tmp_path, url, *overrides):
+    cfg = load_config("tiny", [f"teacher.base_url={url}", f"teacher.cache_dir={tmp_path}/cache", "teacher.max_retries=4",
+                               "teacher.max_backoff_s=0.2", *overrides])
+    return Teacher(cfg.teacher), cfg.teacher
+
+
+def test_a_200_that_is_not_a_completion_is_retried_and_never_cached(tmp_path):
+    server = Scripted([
+        (200, {"content-type": "text/html"}, "<html>502 Bad Gateway</html>"),  # a gateway's error page
+        (200, {}, json.dumps({"error": {"message": "overloaded", "type": "server_error"}})),
+        (200, {}, json.dumps({"choices": []})),
+    ])
+    t, conf = teacher(tmp_path, server.url)
+    body = request_body(conf, [{"role": "user", "content": "hi"}], seed=1)
+    assert t.run([body], progress=False) == [GOOD]
+    assert len(server.served) == 4 and t.usage.retries == 3
+    assert set(t.usage.errors) == {"a 200 whose body is not JSON", "a 200 carrying an error", "a 200 without choices"}
+    cached = list((tmp_path / "cache").rglob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text()) == GOOD  # only the real completion
+    again, _ = teacher(tmp_path, server.url)
+    assert again.run([body], progress=False) == [GOOD] and len(server.served) == 4  # from the cache
+
+
+def test_failures_name_the_endpoint_the_seed_and_the_cause(tmp_path):
+    server = Scripted([(200, {}, json.dumps({"choices": []}))] * 5)
+    t, conf = teacher(tmp_path, server.url)
+    with pytest.raises(TeacherError, match=rf"teacher at {server.url} failed for seed abc123 after 5 attempts: "
+                                           "last a 200 without choices"):
+        t.run([request_body(conf, [{"role": "user", "content": "x"}])], progress=False, labels=["seed abc123"])
+    refused = Scripted([(401, {}, '{"error": "bad key"}')])
+    t, conf = teacher(tmp_path, refused.url)
+    with pytest.raises(TeacherError, match="refused the request for seed s9: HTTP 401"):
+        t.run([request_body(conf, [{"role": "user", "content": "y"}])], progress=False, labels=["seed s9"])
+
+
+def test_retry_after_in_both_forms():
+    assert retry_after_s("2") == 2.0 and retry_after_s("0.5") == 0.5 and retry_after_s("soon") is None
+    assert 28 <= retry_after_s(formatdate(time.time() + 30, usegmt=True)) <= 30
+    assert retry_after_s(formatdate(time.time() - 30, usegmt=True)) == 0.0
+
+
+def test_an_http_date_retry_after_is_honoured(tmp_path):
+    server = Scripted([(429, {"retry-after": formatdate(time.time() + 2, usegmt=True)}, "{}")])
+    t, conf = teacher(tmp_path, server.url, "teacher.max_backoff_s=5")
+    t.run([request_body(conf, [{"role": "user", "content": "z"}])], progress=False)
+    (_, first), (_, second) = server.served
+    assert second - first >= 0.9  # waited for the date (1-2 s), not the 0.5-1.5 s backoff's lower end alone
+
+
+def test_the_budget_stops_new_requests_and_a_larger_one_resumes(tmp_path):
+    server = Scripted([])
+    t, conf = teacher(tmp_path, server.url, "teacher.max_requests=2", "teacher.max_concurrency=1")
+    bodies = [request_body(conf, [{"role": "user", "content": f"q{i}"}]) for i in range(4)]
+    with pytest.raises(TeacherError, match=r"budget reached before seed 2: 2 requests sent \(teacher.max_requests=2\)"):
+        t.run(bodies, progress=False, labels=[f"seed {i}" for i in range(4)])
+    assert len(server.served) == 2
+    t, conf = teacher(tmp_path, server.url, "teacher.max_requests=10")
+    assert len(t.run(bodies, progress=False)) == 4 and len(server.served) == 4 and t.usage.cached == 2
+    priced, _ = teacher(tmp_path, server.url, "teacher.max_cost_usd=0.01", "teacher.price_out_per_mtok=10",
+                        "teacher.max_concurrency=1")
+    with pytest.raises(TeacherError, match=r"\$0.01 spent \(teacher.max_cost_usd=0.01\)"):
+        priced.run([request_body(conf, [{"role": "user", "content": f"new{i}"}]) for i in range(3)], progress=False)
