@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and tables of every stage")
     p.add_argument("run_dir", help="e.g. runs/demo")
 
+    p = sub.add_parser("export", help="write a run's final dataset (and its SCoder model) for fine-tuning tools",
+                       description="Writes OUT/data/train.jsonl (or .parquet) and a dataset card that "
+                       "`datasets.load_dataset(OUT)` reads. Formats: messages (TRL, OpenRLHF), alpaca and sharegpt "
+                       "(LLaMA-Factory), parquet (raw columns).")
+    p.add_argument("run_dir", help="e.g. runs/demo (a local path or s3://... URI)")
+    p.add_argument("--format", default="messages", choices=["messages", "alpaca", "sharegpt", "parquet"])
+    p.add_argument("--out", required=True, help="the dataset folder to write (replaced)")
+    p.add_argument("--model", metavar="DIR", help="also copy the SCoder model (full weights) here, with a model card")
+    p.add_argument("--to", metavar="hub:ORG/NAME", help="also upload the dataset folder to the Hugging Face Hub")
+
     p = sub.add_parser("config", help="print the resolved configuration", epilog=EPILOG)
     _config_args(p)
 
@@ -96,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if args.command == "evaluate-samples":
             return _evaluate_samples(args)
+        if args.command == "export":
+            return _export(args)
         cfg = load_config(args.preset, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"scoder-ray: error: {e}", file=sys.stderr)
@@ -132,6 +144,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError, TeacherError) as e:  # a user's or the teacher's fault: one line
         print(f"scoder-ray: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scoder_ray.export import export_dataset, export_model, push_to_hub
+    from scoder_ray.store import RunStore
+
+    store = RunStore.open(args.run_dir)
+    folder = export_dataset(store, args.out, args.format)
+    print(f"dataset: {folder}  (datasets.load_dataset({str(folder)!r}))")
+    if args.model:
+        print(f"model: {export_model(store, args.model)}")
+    if args.to:
+        print(f"uploaded: {push_to_hub(folder, args.to)}")
     return 0
 
 

@@ -149,6 +149,11 @@ def _run(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageFn],
     final = results.get("final", {})
     if final.get("dataset_digest"):
         print(f"[scoder-ray] final dataset: {final['rows']} samples, digest {final['dataset_digest']}", flush=True)
+        print(f"[scoder-ray] final dataset at {store.uri('final')}/data  (export: scoder-ray export "
+              f"{cfg.run.root}/{cfg.run.id} --format messages|alpaca|sharegpt --out DIR)", flush=True)
+    trained = results.get("train_scoder", {})
+    if trained.get("checkpoints"):
+        print(f"[scoder-ray] SCoder model at {store.uri('train_scoder')}/{trained['checkpoints'][-1]['name']}", flush=True)
     if report:
         from scoder_ray.report import write_report
 

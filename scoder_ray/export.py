@@ -1,0 +1,145 @@
+"""`scoder-ray export`: a run's final dataset in the layouts fine-tuning tools read, and its SCoder model.
+
+Dataset formats (one JSONL record per sample, the answer fenced as the SCoder model learns it):
+  messages  {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}   (TRL, OpenRLHF, axolotl)
+  alpaca    {"instruction", "input": "", "output"}                              (LLaMA-Factory, alpaca)
+  sharegpt  {"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}   (LLaMA-Factory, FastChat)
+  parquet   problem, solution, seed_id, cand_id                                 (raw columns)
+The folder holds `data/train.*` and a README.md dataset card whose YAML header tells `datasets` where the
+data is, so `datasets.load_dataset(FOLDER)` reads it; `--to hub:ORG/NAME` uploads it (HF_TOKEN).
+The model export copies the last train_scoder checkpoint (full weights) and writes a model card.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from scoder_ray import prompts
+from scoder_ray.store import RunStore, filesystem
+
+FORMATS = ("messages", "alpaca", "sharegpt", "parquet")
+
+
+def record(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    question, answer = prompts.scoder_prompt(row["problem"]), prompts.scoder_response(row["solution"])
+    if fmt == "messages":
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    if fmt == "alpaca":
+        return {"instruction": question, "input": "", "output": answer}
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def export_dataset(store: RunStore, out_dir: str, fmt: str = "messages") -> Path:
+    """Write the final dataset of `store`'s run to `out_dir` (replaced whole, atomically) and return it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    final = store.read_done("final")
+    if final is None:
+        raise ValueError(f"{store.base}: no final dataset yet (the `final` stage has not finished); run the loop to the end")
+    fs, path = filesystem(store.uri("final") + "/data")
+    rows = pq.read_table(path, filesystem=fs).to_pylist()
+    out = Path(out_dir).expanduser()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data").mkdir(parents=True)
+    if fmt == "parquet":
+        data_file = "data/train.parquet"
+        pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("problem", "solution", "seed_id", "cand_id")}
+                                             for r in rows]), tmp / data_file)
+    else:
+        data_file = "data/train.jsonl"
+        (tmp / data_file).write_text("".join(json.dumps(record(r, fmt), ensure_ascii=False) + "\n" for r in rows))
+    (tmp / "README.md").write_text(dataset_card(store, final, fmt, data_file, len(rows)))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def dataset_card(store: RunStore, final: dict[str, Any], fmt: str, data_file: str, n: int) -> str:
+    cfg = store.read_config()
+    boot, seeds = store.read_done("bootstrap") or {}, store.read_done("seeds") or {}
+    teacher = (f"samples file `{cfg.teacher.samples_file}`" if cfg and cfg.teacher.samples_file
+               else f"`{cfg.teacher.model}` at {cfg.teacher.base_url}" if cfg else "?")
+    q = cfg.quality if cfg else None
+    gates = (f"placeholders, prompt echoes, prose-less problems (< {q.min_problem_words} words), seed copies "
+             f"(similarity >= {q.max_seed_similarity}), undefined entry points, contamination "
+             f"({q.decontam_ngram}-gram overlap >= {q.decontam_threshold} with {', '.join(q.decontam_benchmarks)}), "
+             f"exact and near duplicates (MinHash Jaccard >= {q.near_dup_threshold}), examples stated in the problem "
+             "that fail in the sandbox") if q else "?"
+    header = "\n".join(["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
+                        f"    path: {data_file}", "task_categories:", "- text-generation", "language:", "- en",
+                        "tags:", "- code", "- synthetic", "- scoder-ray", "size_categories:",
+                        f"- {'n<1K' if n < 1000 else '1K<n<10K' if n < 10000 else '10K<n<100K' if n < 100000 else 'n>100K'}",
+                        "---", ""])
+    facts = {
+        "samples": n, "format": fmt, "dataset digest": final.get("dataset_digest", ""),
+        "run": f"{store.run_id} ({final.get('finished_at', '')})",
+        "seed sources": ", ".join(seeds.get("sources", [])) + f" ({seeds.get('rows', '?')} snippets)",
+        "teacher": f"{teacher}: {boot.get('rows', '?')} samples",
+        "synthesizer": f"{cfg.models.synthesizer if cfg else '?'} after {cfg.loop.iterations if cfg else '?'} "
+                       "self-distillation iteration(s)",
+        "generated / kept": f"{final.get('generated', '?')} / {n}, from {final.get('seeds', '?')} seeds "
+                            f"({final.get('seeds_yielding', '?')} yielded a sample)",
+        "rejected, by reason": json.dumps(final.get("rejected", {})),
+        "decontamination": json.dumps(final.get("decontam", {})),
+        "audit of the kept rows": json.dumps(final.get("audit", {})),
+    }
+    lines = [f"# {store.run_id}: synthetic code instructions (scoder-ray)", "",
+             "Problems and Python solutions written by a small synthesizer model trained by iterative "
+             "self-distillation (the SCoder method), exported by `scoder-ray export`.", "",
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in facts.items()), "",
+             f"Filters: {gates}.", "",
+             *(["Warnings of the final stage: " + "; ".join(final["warnings"]), ""] if final.get("warnings") else []),
+             f"Exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."]
+    return header + "\n".join(lines) + "\n"
+
+
+def export_model(store: RunStore, out_dir: str) -> Path:
+    """Copy the last train_scoder checkpoint (full weights, tokenizer) to `out_dir` with a model card."""
+    from scoder_ray.model_cache import local_model
+
+    trained = store.read_done("train_scoder")
+    if trained is None:
+        raise ValueError(f"{store.base}: no SCoder model yet (train_scoder has not finished)")
+    cfg = store.read_config()
+    name = trained["checkpoints"][-1]["name"]
+    src = Path(local_model(f"{store.uri('train_scoder')}/{name}", cfg.models))
+    out = Path(out_dir).expanduser()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    final = store.read_done("final") or {}
+    results = (store.read_done("evaluate") or {}).get("results", {})
+    (tmp / "README.md").write_text("\n".join([
+        "---", f"base_model: {cfg.models.scoder.removeprefix('hf:')}", "tags:", "- code", "- scoder-ray", "---", "",
+        f"# {store.run_id}: SCoder model", "",
+        f"`{cfg.models.scoder}` fine-tuned on {final.get('rows', '?')} synthetic samples (dataset digest "
+        f"`{final.get('dataset_digest', '')}`) by scoder-ray; checkpoint `{name}`.", "",
+        f"Evaluation (pass@k, executed in scoder-ray's sandbox): `{json.dumps(results)}`", ""]))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def push_to_hub(folder: Path, target: str, repo_type: str = "dataset") -> str:
+    """Upload an exported folder to `hub:ORG/NAME` (token from HF_TOKEN or the local login)."""
+    if not target.startswith("hub:") or target.count("/") != 1:
+        raise ValueError(f"--to {target!r}: expected hub:ORG/NAME")
+    from huggingface_hub import HfApi
+
+    repo = target[len("hub:"):]
+    api = HfApi()
+    api.create_repo(repo, repo_type=repo_type, exist_ok=True, private=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type)
+    return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"

@@ -1,0 +1,79 @@
+"""`scoder-ray export`: every format read back with `datasets`, the card, the model copy."""
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from scoder_ray.cli import main
+from scoder_ray.config import load_config
+from scoder_ray.store import RunStore, write_table
+
+ROWS = [{"cand_id": f"c{i}", "seed_id": f"s{i}", "snippet": "def f(): pass",
+         "problem": f"Write `add{i}(a, b)` that returns the sum of two integers plus {i}.",
+         "solution": f"def add{i}(a, b):\n    return a + b + {i}", "tokens": 20} for i in range(3)]
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    cfg = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=r"])
+    store = RunStore.for_config(cfg)
+    store.write_config(cfg)
+
+    def final(out: str) -> dict:
+        write_table(f"{out}/data/part-0.parquet", pa.Table.from_pylist(ROWS))
+        return {"rows": 3, "generated": 9, "seeds": 3, "seeds_yielding": 3, "dataset_digest": "d" * 64,
+                "rejected": {"prompt_echo": 6}, "audit": {"placeholders": 0}}
+
+    store.run_stage("final", {}, {}, final)
+    return f"{tmp_path}/runs/r", tmp_path
+
+
+@pytest.mark.parametrize("fmt, column", [("messages", "messages"), ("alpaca", "instruction"),
+                                         ("sharegpt", "conversations"), ("parquet", "problem")])
+def test_export_is_read_back_by_datasets(finished_run, fmt, column, capsys):
+    import datasets
+
+    run_dir, tmp_path = finished_run
+    out = tmp_path / f"export-{fmt}"
+    assert main(["export", run_dir, "--format", fmt, "--out", str(out)]) == 0
+    ds = datasets.load_dataset(str(out))["train"]
+    assert ds.num_rows == 3 and column in ds.column_names
+    first = ds[0]
+    if fmt == "messages":
+        assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+        assert first["messages"][1]["content"].startswith("```python\ndef add0")
+    if fmt == "alpaca":
+        assert first["input"] == "" and first["instruction"].startswith("Write `add0")
+    card = (out / "README.md").read_text()
+    assert "dataset digest | " + "d" * 64 in card and "generated / kept | 9 / 3" in card
+    assert '{"prompt_echo": 6}' in card and "Filters: placeholders" in card
+    assert "datasets.load_dataset" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # builds the tiny model
+def test_export_copies_the_model_with_a_card(finished_run, tiny_model_dir):
+    run_dir, tmp_path = finished_run
+
+    def scoder(out: str) -> dict:
+        shutil.copytree(tiny_model_dir, f"{out}/ckpt_01")
+        return {"rows": 3, "checkpoints": [{"name": "ckpt_01"}]}
+
+    RunStore.open(run_dir).run_stage("train_scoder", {}, {}, scoder)
+    assert main(["export", run_dir, "--out", str(tmp_path / "d"), "--model", str(tmp_path / "m")]) == 0
+    model = Path(tmp_path / "m")
+    assert (model / "config.json").is_file() and any(model.glob("*.safetensors"))
+    assert "SCoder model" in (model / "README.md").read_text()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(model).num_parameters() > 0
+
+
+def test_export_refuses_what_is_not_there(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    cfg = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=empty"])
+    RunStore.for_config(cfg).write_config(cfg)
+    assert main(["export", f"{tmp_path}/runs/empty", "--out", str(tmp_path / "x")]) == 2
+    assert "no final dataset yet" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
