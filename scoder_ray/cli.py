@@ -15,11 +15,19 @@ EPILOG = "Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-r
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"a preset from conf/preset/ ({', '.join(presets())})")
+    p.add_argument("--config", metavar="FILE", help="a YAML file of settings, merged after the preset and before "
+                   "the key=value overrides")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (anywhere on the line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="scoder-ray", description=__doc__, epilog=EPILOG)
+    try:
+        parser.add_argument("--version", action="version", version=f"scoder-ray {version('scoder-ray')}")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        parser.add_argument("--version", action="version", version="scoder-ray (not installed)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run every stage in order, resuming a run with the same run.id", epilog=EPILOG)
@@ -108,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate_samples(args)
         if args.command == "export":
             return _export(args)
-        cfg = load_config(args.preset, args.overrides)
+        cfg = load_config(args.preset, args.overrides, config_file=args.config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"scoder-ray: error: {e}", file=sys.stderr)
         return 2
@@ -194,15 +202,26 @@ def _status(run_dir: str, as_json: bool) -> int:
     if not states:
         print(f"{run_dir}: no stages yet")
         return 0
-    print(f"{'stage':<24} {'state':<10} {'rows':>9} {'seconds':>9}  finished / notes")
+    if cfg:  # in the order the loop runs them (sub-stages after their stage), not alphabetically
+        from scoder_ray.loop import plan
+
+        order = {name: i for i, name in enumerate(plan(cfg))}
+
+        def position(name: str) -> tuple[int, bool, str]:
+            parent = name.split("/features/")[0] + "/influence" if "/features/" in name else name  # influence's parts
+            return order.get(parent, len(order)), parent != name, name
+
+        states.sort(key=lambda s: position(s.name))
+    print(f"{'stage':<36} {'state':<8} {'rows':>7} {'seconds':>8}  {'started':<20} {'finished':<20} notes")
     for s in states:
         d = s.done or {}
         stale = store.stale_sections(s, cfg) if cfg else []
         state = "stale" if stale else s.state
-        note = f"config changed: {', '.join(stale)}" if stale else d.get("started_at", "")
+        note = f"config changed: {', '.join(stale)}" if stale else ""
         if d.get("dropped"):
             note += "  dropped " + ", ".join(f"{k}={v}" for k, v in d["dropped"].items())
-        print(f"{s.name:<24} {state:<10} {d.get('rows', ''):>9} {d.get('seconds', ''):>9}  {note}")
+        print(f"{s.name:<36} {state:<8} {d.get('rows', ''):>7} {d.get('seconds', ''):>8}  {d.get('started_at', ''):<20} "
+              f"{d.get('finished_at', ''):<20} {note}".rstrip())
     return 0
 
 

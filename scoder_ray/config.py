@@ -323,14 +323,23 @@ def presets() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "preset").glob("*.yaml"))
 
 
-def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Schema defaults < conf/config.yaml < preset < overrides, validated; raises ConfigError."""
+def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None,
+                config_file: Optional[str] = None) -> Config:
+    """Schema defaults < conf/config.yaml < preset < config_file < overrides, validated; raises ConfigError."""
     layers = [OmegaConf.load(CONF_DIR / "config.yaml")]
     if preset:
         path = CONF_DIR / "preset" / f"{preset}.yaml"
         if not path.is_file():
             raise ConfigError(f"preset {preset!r} does not exist; available: {', '.join(presets())}")
         layers.append(OmegaConf.load(path))
+    if config_file:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {config_file!r}: no such file (a YAML file of settings, like conf/config.yaml)")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # YAML errors name a line but not the file
+            raise ConfigError(f"--config {config_file}: not valid YAML: {str(e).splitlines()[0]}") from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. seeds.max_lines=60)")

@@ -60,6 +60,10 @@ def main(overrides: list[str]) -> int:
     from scoder_ray import loop
     from scoder_ray.store import RunStore
 
+    if any(a in ("-h", "--help") for a in overrides):
+        print(__doc__)
+        return 0
+
     cfg = load_config("demo", overrides)
     if cfg.teacher.samples_file:
         print("[scoder-ray] demo: STAND-IN TEACHER SAMPLES — 64 documented stdlib functions (problem: the docstring's "

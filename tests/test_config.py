@@ -154,3 +154,29 @@ def test_run_root_checks_before_any_work(monkeypatch):
                        '{"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000"}}}')
     assert apply_endpoint(s3) == {"AWS_ENDPOINT_URL": "http://minio:9000"}
     assert os.environ["AWS_ENDPOINT_URL"] == "http://minio:9000"  # monkeypatch restores the variable after
+
+
+def test_config_file_merges_after_the_preset_and_before_overrides(tmp_path, capsys):
+    from scoder_ray.cli import main
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("seeds:\n  max_lines: 42\n  min_lines: 3\n")
+    cfg = load_config("tiny", ["seeds.min_lines=4"], config_file=str(f))
+    assert (cfg.seeds.max_lines, cfg.seeds.min_lines) == (42, 4)
+    with pytest.raises(ConfigError, match="--config '/no/such.yaml': no such file"):
+        load_config("tiny", [], config_file="/no/such.yaml")
+    (tmp_path / "bad.yaml").write_text("seeds: [\n")
+    assert main(["config", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "bad.yaml: not valid YAML" in capsys.readouterr().err
+    assert main(["config", "--preset", "tiny", "--config", str(f)]) == 0
+    assert "max_lines: 42" in capsys.readouterr().out
+
+
+def test_version_and_demo_help(capsys):
+    from scoder_ray import demo
+    from scoder_ray.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("scoder-ray ")
+    assert demo.main(["--help"]) == 0 and "python -m scoder_ray.demo" in capsys.readouterr().out

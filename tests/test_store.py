@@ -146,6 +146,13 @@ def test_status_command_shows_states_and_staleness(run_root, capsys):
     assert json.loads(capsys.readouterr().out)["seeds"]["rows"] == 7
     assert main(["status", run_dir]) == 0
     assert "config changed: run.seed" in capsys.readouterr().out
+    # run order, not alphabetical: influence's feature sub-stages after it, `final` after the iterations
+    for name in ("final", "iter_01/features/ckpt_01-candidate", "iter_01/influence", "iter_01/sample", "bootstrap"):
+        store.run_stage(name, {}, {}, write_rows(1))
+    assert main(["status", run_dir]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == ["seeds", "bootstrap", "iter_01/sample", "iter_01/influence", "iter_01/features/ckpt_01-candidate",
+                     "final"], names
 
 
 def test_status_and_report_refuse_what_is_not_a_run(run_root, capsys):
