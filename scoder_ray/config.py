@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -347,8 +348,15 @@ def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = N
         layers.append(OmegaConf.from_dotlist([_list_override(item) for item in overrides]))
     merged = _merge(layers)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    for key in ("synthesizer", "scorer", "scoder"):  # a bare hub id, as every HF tool takes it
+        ref = getattr(cfg.models, key)
+        if _HUB_ID.fullmatch(ref) and not Path(ref).expanduser().exists():
+            setattr(cfg.models, key, f"hf:{ref}")
     validate(cfg)
     return cfg
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _list_override(item: str) -> str:

@@ -180,3 +180,10 @@ def test_version_and_demo_help(capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("scoder-ray ")
     assert demo.main(["--help"]) == 0 and "python -m scoder_ray.demo" in capsys.readouterr().out
+
+
+def test_a_bare_hub_id_is_a_hub_model():
+    cfg = load_config("tiny", ["models.synthesizer=Qwen/Qwen2.5-Coder-7B-Instruct"])
+    assert cfg.models.synthesizer == "hf:Qwen/Qwen2.5-Coder-7B-Instruct"
+    with pytest.raises(ConfigError, match="model path './nope/x' does not exist"):
+        load_config("tiny", ["models.synthesizer=./nope/x"])  # a path, not an id
