@@ -181,7 +181,9 @@ def test_kuberay_manifest_has_the_expected_groups_security_and_fits_its_nodes():
     assert len(images) == 1  # one image, the Dockerfile's
     env = {e["name"]: e for e in submitter["env"]}
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == spec["authOptions"]["secretName"]
-    assert "python jobs/run_loop.py --preset paper-7b" in job["spec"]["entrypoint"]
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("python /home/ray/scoder-ray/jobs/run_loop.py --preset paper-7b")
+    assert not any(op in entry for op in ("&&", ";", "|", "`", "$(")), entry  # KubeRay pastes it into a shell line
     assert [(t.name, t.gpus, t.max_nodes, t.accelerators) for t in node_types(str(ROOT / "cluster" / "kuberay.yaml"))] == \
         [("head", 0, 1, ()), ("h100x8", 8, 4, ("H100",)), ("h100x8-spot", 8, 4, ("H100",)), ("a100x8", 8, 4, ("A100",))]
 
