@@ -103,6 +103,13 @@ def open_run(cfg: Config) -> RunStore:
     return store
 
 
+def needs_teacher(cfg: Config, store: RunStore) -> bool:
+    """Whether this run will still call the teacher: a bootstrap without a samples file that is not done
+    yet, or teacher judgements for w that are not fitted yet."""
+    return ((not cfg.teacher.samples_file and store.read_done("bootstrap") is None)
+            or (bool(cfg.score.teacher_labels) and not cfg.score.labels_file and store.read_done(WEIGHTS_STAGE) is None))
+
+
 def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
@@ -119,6 +126,10 @@ def run(cfg: Config, report: bool = True, until: Optional[str] = None) -> dict[s
     stages = plan(cfg)
     if until and until not in stages:
         raise ValueError(f"--until {until!r} is not a stage of this run; its stages: {', '.join(stages)}")
+    if needs_teacher(cfg, RunStore(cfg.run.root, cfg.run.id, create=False)):  # before Ray, the lease, any work
+        from scoder_ray.generate.teacher import preflight
+
+        preflight(cfg.teacher)
     store = open_run(cfg)
     try:
         return _run(cfg, store, report, stages, until)

@@ -104,3 +104,50 @@ def test_the_budget_stops_new_requests_and_a_larger_one_resumes(tmp_path):
                         "teacher.max_concurrency=1")
     with pytest.raises(TeacherError, match=r"\$0.01 spent \(teacher.max_cost_usd=0.01\)"):
         priced.run([request_body(conf, [{"role": "user", "content": f"new{i}"}]) for i in range(3)], progress=False)
+
+
+class Models(BaseHTTPRequestHandler):
+    """GET /v1/models as an OpenAI-compatible server answers it; 401 without the right key."""
+
+    def do_GET(self):  # noqa: N802
+        ok = self.headers.get("authorization") == "Bearer right"
+        body = json.dumps({"data": [{"id": "gpt-x"}]} if ok else {"error": "no key"}).encode()
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_preflight_says_what_to_do_in_one_line(monkeypatch):
+    from scoder_ray.generate.teacher import preflight
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    conf = lambda *o: load_config("tiny", [f"teacher.base_url={url}", "teacher.model=gpt-x", *o]).teacher  # noqa: E731
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(TeacherError, match=r"refused the request \(HTTP 401\): \$OPENAI_API_KEY is not set"):
+        preflight(conf())
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+    with pytest.raises(TeacherError, match=r"the key in \$OPENAI_API_KEY is wrong"):
+        preflight(conf())
+    monkeypatch.setenv("OPENAI_API_KEY", "right")
+    preflight(conf())
+    with pytest.raises(TeacherError, match="does not serve teacher.model='gpt-y'; it serves gpt-x"):
+        preflight(conf("teacher.model=gpt-y"))
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(TeacherError, match=f"teacher at {url} is not reachable .*teacher.samples_file"):
+        preflight(conf(), timeout_s=2)
+
+
+def test_run_checks_the_teacher_before_any_work(tmp_path, capsys, monkeypatch):
+    """`scoder-ray run` with no teacher: one line, exit 2, before Ray, the lease or any stage."""
+    from scoder_ray.cli import main
+
+    code = main(["run", "--preset", "tiny", f"run.root={tmp_path}", "run.id=t", "teacher.base_url=http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "teacher at http://127.0.0.1:9/v1 is not reachable" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()

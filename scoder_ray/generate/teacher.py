@@ -193,6 +193,32 @@ class Teacher:
                 bar.close()
 
 
+def preflight(conf: TeacherConf, timeout_s: float = 10.0) -> None:
+    """Before any work: the endpoint answers `GET /models`, the key is set where a remote endpoint needs
+    one, and the model is served. Raises TeacherError in one line saying what to do."""
+    url = conf.base_url.rstrip("/")
+    key = os.environ.get(conf.api_key_env, "")
+    try:
+        r = httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=timeout_s)
+    except (httpx.TimeoutException, httpx.TransportError) as e:
+        raise TeacherError(f"teacher at {url} is not reachable ({type(e).__name__}): start the endpoint, fix "
+                           "teacher.base_url, or set teacher.samples_file (the demo: teacher.samples_file="
+                           "builtin:stdlib-documented)") from None
+    if r.status_code in (401, 403):
+        raise TeacherError(f"teacher at {url} refused the request (HTTP {r.status_code}): " + (
+            f"the key in ${conf.api_key_env} is wrong" if key else
+            f"${conf.api_key_env} is not set (teacher.api_key_env names the variable that holds the key)"))
+    if r.status_code != 200:
+        return  # some gateways do not list models: the requests themselves will tell
+    try:
+        served = [m.get("id") for m in r.json().get("data", [])]
+    except (ValueError, AttributeError):
+        return
+    if served and conf.model not in served:
+        raise TeacherError(f"teacher at {url} does not serve teacher.model={conf.model!r}; it serves "
+                           f"{', '.join(map(str, served[:10]))}")
+
+
 def completion_text(response: dict[str, Any]) -> tuple[str, str]:
     """(text, finish_reason) of the first choice."""
     choice = (response.get("choices") or [{}])[0]
