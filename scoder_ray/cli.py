@@ -202,16 +202,10 @@ def _status(run_dir: str, as_json: bool) -> int:
     if not states:
         print(f"{run_dir}: no stages yet")
         return 0
-    if cfg:  # in the order the loop runs them (sub-stages after their stage), not alphabetically
-        from scoder_ray.loop import plan
+    from scoder_ray.loop import run_order
 
-        order = {name: i for i, name in enumerate(plan(cfg))}
-
-        def position(name: str) -> tuple[int, bool, str]:
-            parent = name.split("/features/")[0] + "/influence" if "/features/" in name else name  # influence's parts
-            return order.get(parent, len(order)), parent != name, name
-
-        states.sort(key=lambda s: position(s.name))
+    by_name = {s.name: s for s in states}
+    states = [by_name[n] for n in run_order(list(by_name), cfg)]  # as the loop runs them, not alphabetically
     print(f"{'stage':<36} {'state':<8} {'rows':>7} {'seconds':>8}  {'started':<20} {'finished':<20} notes")
     for s in states:
         d = s.done or {}

@@ -77,6 +77,18 @@ def plan(cfg: Config) -> dict[str, StageFn]:
     return stages
 
 
+def run_order(names: list[str], cfg: Optional[Config]) -> list[str]:
+    """Stage names in the order the loop runs them (influence's feature sub-stages right after it; names
+    the plan does not know last), alphabetical without a config."""
+    order = {name: i for i, name in enumerate(plan(cfg))} if cfg else {}
+
+    def position(name: str) -> tuple[int, bool, str]:
+        parent = name.split("/features/")[0] + "/influence" if "/features/" in name else name
+        return order.get(parent, len(order)), parent != name, name
+
+    return sorted(names, key=position)
+
+
 # Stages runnable alone (`scoder-ray stage NAME`), iteration-scoped ones for iteration 1
 # (`scoder-ray stage sample` = iter_01/sample; later iterations run inside `scoder-ray run`).
 STAGES: dict[str, StageFn] = {

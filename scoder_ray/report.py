@@ -91,7 +91,10 @@ def build(store: RunStore) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dones = {s.name: s.done for s in store.stages() if s.done}
+    from scoder_ray.loop import run_order
+
+    found = {s.name: s.done for s in store.stages() if s.done}
+    dones = {n: found[n] for n in run_order(list(found), store.read_config())}  # run order, not alphabetical
     iterations = sorted({n.split("/")[0] for n in dones if n.startswith("iter_")})
     parts = [f"<h1>scoder-ray run {html.escape(store.base.rsplit('/', 1)[-1])}</h1>"]
     warnings = [(n, w) for n, d in dones.items() for w in d.get("warnings", [])]
@@ -107,6 +110,10 @@ def build(store: RunStore) -> str:
         tps = f"{d['tokens'] / d['seconds']:.0f}" if d.get("tokens") and d.get("seconds") else ""
         rows.append([n, d.get("rows", ""), f"{d.get('seconds', 0):.1f}", tps, d.get("started_at", "")])
     parts.append("<h2>Stages</h2>" + _table(rows, ["stage", "rows out", "seconds", "tokens/s", "started"]))
+    feature_rows = [[n, part, f"{s:.1f}"] for n in names for part, s in dones[n].get("feature_seconds", {}).items()]
+    if feature_rows:  # the influence stage's seconds include these
+        parts.append("<h3>Influence time per checkpoint and kind</h3>" + _table(feature_rows, ["stage", "features",
+                                                                                             "seconds"]))
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(names))))
     ax.barh(names[::-1], [dones[n].get("seconds", 0) for n in names[::-1]], color="#4c72b0")
     ax.set_xlabel("seconds")

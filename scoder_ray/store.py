@@ -140,11 +140,14 @@ class RunStore:
         inputs: dict[str, str],
         produce: Callable[[str], dict[str, Any]],
         force: bool = False,
+        started: Optional[float] = None,
     ) -> dict[str, Any]:
         """Run `produce(attempt_uri) -> summary` unless the stage is already done with the same key.
 
         `summary` must hold `rows` (the output's row count); everything in it lands in `_DONE.json`.
-        Returns the `_DONE.json` content (the old one when skipped).
+        `started` (a time.time()) is when the stage's work began, if before `produce` (a stage whose parts
+        are sub-stages of their own): its `seconds` then include them. Returns the `_DONE.json` content (the
+        old one when skipped).
         """
         key = self.stage_key(config_sections, inputs)
         current = self.state(stage, key)
@@ -155,7 +158,7 @@ class RunStore:
         attempt = f"{ATTEMPT}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
         out = f"{self.stage_dir(stage)}/{attempt}"
         self.fs.create_dir(out, recursive=True)
-        started = time.time()
+        started = started or time.time()
         summary = produce(self.uri_of(out))
         if "rows" not in summary:
             raise ValueError(f"stage {stage!r} returned no row count")

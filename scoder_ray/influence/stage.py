@@ -169,6 +169,7 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
     """Features for every warm-up checkpoint (candidates and references), then scores and the kept set."""
 
     it = f"iter_{iteration:02d}"
+    started = time.time()  # the stage's seconds include its feature sub-stages
     rank_done = store.read_done(f"{it}/rank")
     if rank_done is None:
         raise ValueError(f"influence needs {it}/rank: run it first")
@@ -187,14 +188,15 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
                "reference": (store.uri("bootstrap") + "/data", "seed_id", teacher_done["output_digest"])}
     feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
+    parts: dict[str, float] = {}  # seconds of each (checkpoint, kind) feature sub-stage, as it ran
     for c in warm["checkpoints"]:
         ckpt_dir = f"{store.uri(f'{it}/warmup')}/{c['name']}"
         for kind, (uri, id_column, rows_digest) in sources.items():
-            store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
+            parts[f"{c['name']}-{kind}"] = store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
                             {"warmup": warm["output_digest"], "rows": rows_digest},
                             lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: compute_features(
                                 u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, cfg.models, col,
-                                cfg.ray.accelerator_type))
+                                cfg.ray.accelerator_type))["seconds"]
 
     def produce(tmp: str) -> dict[str, Any]:
         cand, refs, ids = {}, {}, None
@@ -213,12 +215,13 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         out = [{**rows[i], "influence": float(s), "rank": int(r), "kept": bool(k)} for i, s, r, k in zip(ids, scores, rank, kept)]
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(out))
         return {"rows": int(kept.sum()), "candidates": len(ids), "checkpoint_lrs": lrs, "aggregate": conf.aggregate,
+                "feature_seconds": parts,
                 "influence_quantiles": {q: float(np.quantile(scores, q)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)}}
 
     inputs = {"warmup": warm["output_digest"], "rank": rank_done["output_digest"]}
     sections = {"influence.keep_fraction": conf.keep_fraction, "influence.keep_count": conf.keep_count,
                 "influence.aggregate": conf.aggregate, **feat_sections}
-    return store.run_stage(f"{it}/influence", sections, inputs, produce, force=force)
+    return store.run_stage(f"{it}/influence", sections, inputs, produce, force=force, started=started)
 
 
 def _empty_influence(store: RunStore, cand_stage: str, tmp: str) -> dict[str, Any]:
