@@ -35,7 +35,7 @@ PROBLEM_HEADER = "### Problem"
 SOLUTION_HEADER = "### Solution"
 
 
-def synthesizer_prompt(snippet: str, lang: str = "python") -> str:
+def synthesizer_prompt(snippet: str, lang: Optional[str] = "python") -> str:
     """The user message that asks for a (problem, solution) pair inspired by `snippet` (written in `lang`:
     seeds may be in any language; the problem and solution are Python, what the SCoder model is for)."""
     return SYNTH_INSTRUCTION.format(snippet=snippet.strip("\n"), lang=lang or "python")

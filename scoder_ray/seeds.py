@@ -135,17 +135,16 @@ def hf_items(src: str) -> Iterator[dict[str, Any]]:
     """An `hf:` source's records in items of HF_CHUNK, read on the driver (the only node sure to have the
     credentials and the cache): each record (path, text, language)."""
     _, opt = parse_hf_source(src)
-    ds, column, names = hf_dataset(src)
-    path_col = opt.get("path_column") or next((c for c in PATH_COLUMNS if c in names), "")
-    lang_col = opt.get("language_column") or next((c for c in LANGUAGE_COLUMNS if c in names), "")
+    ds, column, _ = hf_dataset(src)
+    path_cols = (opt["path_column"],) if opt.get("path_column") else PATH_COLUMNS
+    lang_cols = (opt["language_column"],) if opt.get("language_column") else LANGUAGE_COLUMNS
     limit = int(opt.get("limit") or 0)
     records: list[tuple[str, Any, str]] = []
     for i, rec in enumerate(ds):
         if limit and i >= limit:
             break
-        path = str(rec.get(path_col) or "") if path_col else ""
-        lang = normalize_language(rec[lang_col]) if lang_col and rec.get(lang_col) else language_of(path) or "python"
-        records.append((f"{i}:{path}" if path else str(i), rec[column], lang))
+        path = next((str(rec[c]) for c in path_cols if rec.get(c)), "")
+        records.append((f"{i}:{path}" if path else str(i), rec[column], _record_language(rec, lang_cols, path_cols)))
         if len(records) == HF_CHUNK:
             yield {"source": src, "path": f"#{i + 1 - HF_CHUNK}", "records": records}
             records = []
@@ -264,11 +263,13 @@ def _cut_record(text: Any, source: str, path: str, conf: SeedsConf, lang: str = 
     return cut_text(text, source, path, conf, lang)
 
 
-def _record_language(record: dict) -> str:
-    label = next((record[c] for c in LANGUAGE_COLUMNS if record.get(c)), None)
+def _record_language(record: dict, language_columns: tuple[str, ...] = LANGUAGE_COLUMNS,
+                     path_columns: tuple[str, ...] = PATH_COLUMNS) -> str:
+    """A record's language: its language label, else its path's extension, else Python."""
+    label = next((record[c] for c in language_columns if record.get(c)), None)
     if label:
         return normalize_language(label)
-    path = next((str(record[c]) for c in PATH_COLUMNS if record.get(c)), "")
+    path = next((str(record[c]) for c in path_columns if record.get(c)), "")
     return language_of(path) or "python"
 
 

@@ -82,7 +82,7 @@ class Sampler(EngineActor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
-        langs = batch["lang"] if "lang" in batch else ["python"] * len(batch["snippet"])
+        langs = batch.get("lang", [None] * len(batch["snippet"]))  # runs from before seeds had a language
         texts = self.chat_prompts([prompts.synthesizer_prompt(s, lang) for s, lang in zip(batch["snippet"], langs)])
         outputs = self.llm.generate(texts, sampling_params(self.sample, batch["sampling_seed"]), use_tqdm=False)
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -45,24 +46,22 @@ def retry_after_s(value: str) -> Optional[float]:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    import time
-
     return max(0.0, when.timestamp() - time.time())
 
 
-def not_a_completion(r: "httpx.Response") -> Optional[str]:
-    """Why a 200 response is not a chat completion ('' when it is one)."""
+def not_a_completion(r: "httpx.Response") -> tuple[str, str]:
+    """(kind, detail) of why a 200 response is not a chat completion; ("", "") when it is one."""
     try:
         data = r.json()
     except ValueError:
-        return f"a 200 whose body is not JSON ({r.headers.get('content-type', '?')}: {r.text[:80]!r})"
+        return "a 200 whose body is not JSON", f" ({r.headers.get('content-type', '?')}: {r.text[:80]!r})"
     if not isinstance(data, dict):
-        return "a 200 whose JSON is not an object"
+        return "a 200 whose JSON is not an object", ""
     if data.get("error"):
-        return f"a 200 carrying an error: {str(data['error'])[:200]}"
+        return "a 200 carrying an error", f": {str(data['error'])[:200]}"
     if not data.get("choices"):
-        return "a 200 without choices"
-    return ""
+        return "a 200 without choices", ""
+    return "", ""
 
 
 @dataclass
@@ -147,18 +146,18 @@ class Teacher:
             try:
                 r = await client.post(url, json=body, headers=headers, timeout=self.conf.timeout_s)
                 if r.status_code == 200:
-                    what = not_a_completion(r)
-                    if not what:
+                    kind, detail = not_a_completion(r)
+                    if not kind:
                         return r.json()
                 else:
-                    what = f"HTTP {r.status_code}"
+                    kind, detail = f"HTTP {r.status_code}", ""
                     if r.status_code not in RETRY_STATUS:
-                        raise TeacherError(f"teacher at {self.conf.base_url} refused the request{about}: {what}: "
+                        raise TeacherError(f"teacher at {self.conf.base_url} refused the request{about}: {kind}: "
                                            f"{r.text[:300]}")
                     retry_after = retry_after_s(r.headers.get("retry-after", ""))
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                what = type(e).__name__
-            kind = what.split(":")[0].split(" (")[0]
+                kind, detail = type(e).__name__, ""
+            what = kind + detail
             self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
             if attempt == self.conf.max_retries:
                 raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {attempt + 1} attempts: "
@@ -194,8 +193,8 @@ class Teacher:
 
 
 def preflight(conf: TeacherConf, timeout_s: float = 10.0) -> None:
-    """Before any work: the endpoint answers `GET /models`, the key is set where a remote endpoint needs
-    one, and the model is served. Raises TeacherError in one line saying what to do."""
+    """Before any work: the endpoint answers `GET /models`, accepts the key (or needs none), and serves
+    the model. Raises TeacherError in one line saying what to do."""
     url = conf.base_url.rstrip("/")
     key = os.environ.get(conf.api_key_env, "")
     try:

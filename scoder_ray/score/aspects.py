@@ -81,7 +81,7 @@ class Scorer(EngineActor):
 
         aspects = list(self.score.aspects)
         names = [a.name for a in aspects]
-        langs = batch["lang"] if "lang" in batch else ["python"] * len(batch["snippet"])
+        langs = batch.get("lang", [None] * len(batch["snippet"]))  # runs from before seeds had a language
         texts = self.chat_prompts([scorer_prompt(aspects, s, p, sol, lang) for s, p, sol, lang in
                                    zip(batch["snippet"], batch["problem"], batch["solution"], langs)])
         params = SamplingParams(temperature=0.0, max_tokens=self.score.max_tokens,

@@ -36,7 +36,7 @@ def prompt_response(row: dict[str, Any], fmt: str) -> tuple[str, str]:
     if "prompt" in row and "response" in row:
         return row["prompt"], row["response"]
     if fmt == "synthesizer":
-        return prompts.synthesizer_prompt(row["snippet"], row.get("lang") or "python"), prompts.synthesizer_response(row["problem"], row["solution"])
+        return prompts.synthesizer_prompt(row["snippet"], row.get("lang")), prompts.synthesizer_response(row["problem"], row["solution"])
     return prompts.scoder_prompt(row["problem"]), prompts.scoder_response(row["solution"])
 
 
