@@ -16,8 +16,8 @@ demo: setup  ## install, then run the whole loop on the embedded default (SmolLM
 run: setup  ## make run PRESET=tiny ARGS="seeds.max_lines=60"
 	$(BIN)/scoder-ray run --preset $(PRESET) $(ARGS)
 
-test: setup  ## the whole suite (what CI runs)
-	$(BIN)/python -m pytest -q
+test: setup  ## the whole suite (what CI runs); the 25 slowest tests are listed at the end
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup  ## the unit tier: no Ray, no vLLM, no model builds
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -4,8 +4,8 @@
 
 `--shape 7b` (issues 19, 20): a randomly initialised 7B-shaped Llama (hidden 4096, 32 layers), built on the
 GPU in bf16; training with ZeRO-3 (goal: MFU >= 40%), and the feature kernel with LoRA r=128 on q/k/v/o
-(134M parameters) at 2048 tokens, printing examples/s and the share of time outside the gradients
-(the projection). Results are written after each part, so a run cut short keeps what it measured.
+(134M parameters) at 2048 tokens and the default sketched projection (influence.sketch_dim), printing
+examples/s and the share of time in the projection (Adam transform, CountSketch, dense product). Results are written after each part, so a run cut short keeps what it measured.
 
 1. Training step path (issue 4): a randomly initialised ~1.1B Llama, bf16, our `deepspeed_config` (ZeRO-2,
    GPU path: DeepSpeed's fused Adam, gradient checkpointing as the worker enables it), one rank over NCCL.
@@ -80,6 +80,12 @@ def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int =
     except Exception as e:  # noqa: BLE001 - report and measure the step path with torch's fused AdamW instead
         optimizer_kind = f"torch fused AdamW (FusedAdam failed: {type(e).__name__}: {str(e)[:200]})"
         ds_cfg.pop("optimizer")
+        # The failed engine left its forward hooks on the model: a fresh one for the second engine.
+        del model
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_1b()).to(torch.bfloat16) if config is None else on_gpu(config)
+        model.gradient_checkpointing_enable()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
                                                optimizer=opt, config=ds_cfg)
@@ -132,31 +138,35 @@ def influence_check(batch: int, seq: int, batches: int, workdir: str, config=Non
         json.dump({"step": 100, "betas": [0.9, 0.999], "eps": 1e-8, "lr": 2e-5}, f)
     del peft, base
     torch.cuda.empty_cache()
+    sketch_dim = 131072  # influence.sketch_dim's default
     t0 = time.perf_counter()
     feats = GradientFeatures(base_dir, ckpt_dir, "ckpt_01", dim=8192, run_seed=0, block_rows=4096, device="cuda",
-                             proj_dtype="auto", model_dtype="auto")
+                             proj_dtype="auto", model_dtype="auto", sketch_dim=sketch_dim)
     load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feats.projector.prepare()  # the actor does this once at start-up
+    prepare_s = time.perf_counter() - t0
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     feats.features(ids[:2], mask[:2], labels[:2], "candidate")  # warm-up
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(batches):
-        f = feats.features(ids, mask, labels, "candidate")
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    # Where the time goes: gradients alone.
-    t = time.perf_counter()
-    feats.gradients(ids.cuda(), mask.cuda(), labels.cuda())
-    torch.cuda.synchronize()
-    grad_s = time.perf_counter() - t
-    return {"lora_params": feats.total, "proj_dim": 8192, "batch": batch, "seq": seq, "save_s": round(save_s, 1),
-            "load_s": round(load_s, 1),
-            "examples_per_s": round(batch * batches / dt, 2), "batch_s": round(dt / batches, 2),
-            "gradient_share": round(grad_s / (dt / batches), 3), "feature_shape": list(f.shape),
-            "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    grad_s = proj_s = 0.0
+    for _ in range(batches):  # what `features` does, timed in its two parts
+        t = time.perf_counter()
+        g = feats.gradients(ids, mask, labels).detach()
+        torch.cuda.synchronize()
+        grad_s += time.perf_counter() - t
+        t = time.perf_counter()
+        f = feats.projector.project(feats.adam_direction(g)).cpu()
+        proj_s += time.perf_counter() - t
+    dt = grad_s + proj_s
+    return {"lora_params": feats.total, "proj_dim": 8192, "sketch_dim": sketch_dim, "batch": batch, "seq": seq,
+            "save_s": round(save_s, 1), "load_s": round(load_s, 1), "projection_prepare_s": round(prepare_s, 1),
+            "examples_per_s": round(batch * batches / dt, 2), "batch_s": round(dt / batches, 3),
+            "projection_share": round(proj_s / dt, 3), "gradient_examples_per_s": round(batch * batches / grad_s, 2),
+            "feature_shape": list(f.shape), "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 
 def main() -> None:
@@ -179,7 +189,7 @@ def main() -> None:
 
     big = args.shape == "7b"
     # The feature kernel first: DeepSpeed's engine may keep GPU memory after training.
-    save("influence", lambda: influence_check(batch=4, seq=2048, batches=2, workdir="/tmp/scoder-gpu", config=llama_7b())
+    save("influence", lambda: influence_check(batch=4, seq=2048, batches=3, workdir="/tmp/scoder-gpu", config=llama_7b())
          if big else influence_check(batch=16, seq=512, batches=2, workdir="/tmp/scoder-gpu"))
     if not args.skip_train:
         save("train", lambda: train_check(micro=2, seq=2048, steps=5, config=llama_7b(), zero_stage=3) if big

@@ -14,6 +14,21 @@ Then, on the same candidates, references (teacher-like rows), d and projection m
   its fixed costs (read, actor start-up with imports, model and projection matrix, write) apart.
 Prints examples/s of each, the ratios to LESS (goal >= 3 on CPU), peak RSS of each (the stage: all its
 actors together), and the Spearman correlation between the influence score lists (goal >= 0.99).
+
+    .venv/bin/python bench/influence.py --case smollm2-r128 [--candidates 256] [--references 16] [--threads 2]
+
+The projection at adapter sizes where it costs (issue 20): SmolLM2-135M with LoRA r=128 on q/k/v/o (14.7M
+parameters), d=8192. Two real warm-up checkpoints (LoRA + AdamW in this process, saved as the training stage
+saves them). Each example's full per-example gradient is computed once per checkpoint (the kernel's
+`gradients`, Adam direction for candidates) and given to three maps:
+- exact: the unprojected cosine to the mean of the unit reference gradients;
+- today's dense Rademacher (sketch_dim 0): P x d, too large to cache, so `features_of` regenerates it on
+  every pass of buffer_mb of gradients; here applied in ONE pass over all rows (its cheapest case) and
+  its per-pass regeneration time measured;
+- the sketched map (influence.sketch_dim): CountSketch to m buckets, then the cached m x d Rademacher.
+Prints, per kernel, examples/s = rows / (gradient time + projection time), today's at the configured
+buffer (passes x regeneration + products), the Spearman of the final influence scores (summed over the
+checkpoints, as the stage's output) against exact and against dense, the top-5% overlaps, and peak RSS.
 """
 from __future__ import annotations
 
@@ -86,15 +101,179 @@ def less_reference(feats, examples, kind: str, matrix: torch.Tensor) -> np.ndarr
     return np.stack(out)
 
 
+def enough_rows(n: int) -> list:
+    """n real rows (each stdlib function its own seed: 366 of them, where the copy-gated pairs are 117)."""
+    from scoder_ray.seeds import documented_functions
+
+    rows = documented_functions(n, seed="itself")
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} documented stdlib functions here; ask for at most that many rows")
+    return rows
+
+
+def warm_up_lora(base: str, rows: list, tok, out: Path, epochs: int, max_len: int) -> list[str]:
+    """LoRA r=128 (alpha 512, q/k/v/o, as LESS) trained with AdamW on `rows`, one checkpoint per epoch, saved
+    as the training stage saves warm-up checkpoints (adapter + optimizer/ moments + optimizer.json)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from scoder_ray.influence.features import to_batch
+    from scoder_ray.train.data import encode, prompt_response
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=128, lora_alpha=512, lora_dropout=0.0,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    named = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
+    opt = torch.optim.AdamW(list(named.values()), lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    examples = [encode(tok, *prompt_response(r, "synthesizer"), max_len)[:2] for r in rows]
+    ckpts, step = [], 0
+    for epoch in range(epochs):
+        for lo in range(0, len(examples), 4):
+            b = to_batch([e[0] for e in examples[lo:lo + 4]], [e[1] for e in examples[lo:lo + 4]], tok.pad_token_id)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            step += 1
+        d = out / f"ckpt_{epoch + 1:02d}"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        (d / "optimizer").mkdir()
+        for kind in ("exp_avg", "exp_avg_sq"):
+            save_file({k: opt.state[p][kind].contiguous() for k, p in named.items()}, d / "optimizer" / f"{kind}.safetensors")
+        (d / "optimizer" / "optimizer.json").write_text(json.dumps({"step": step, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                                    "lr": 2e-5}))
+        ckpts.append(str(d))
+    return ckpts
+
+
+def smollm2_case(args) -> None:
+    from scipy.stats import spearmanr
+    from transformers import AutoTokenizer
+
+    from scoder_ray.influence.features import GradientFeatures, Projector, to_batch
+    from scoder_ray.influence.stage import influence_scores
+    from scoder_ray.tiny import resolve_model
+    from scoder_ray.train.data import encode, prompt_response
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-influence-r128-"))
+    base = resolve_model("builtin:smollm2-135m", "~/.cache/scoder-ray")
+    tok = AutoTokenizer.from_pretrained(base)
+    rows = enough_rows(args.candidates + args.references + args.warmup_rows)
+    cand_rows, ref_rows = rows[:args.candidates], rows[args.candidates:args.candidates + args.references]
+    t = time.perf_counter()
+    ckpts = warm_up_lora(base, rows[args.candidates + args.references:], tok, tmp, 2, args.max_len)
+    warmup_s = time.perf_counter() - t
+
+    def encoded(part):
+        return [encode(tok, *prompt_response(r, "synthesizer"), args.max_len)[:2] for r in part]
+
+    cands, refs = encoded(cand_rows), encoded(ref_rows)
+    scores = {k: {} for k in ("exact", "dense", "sketch")}
+    timing = {"gradient_s": 0.0, "sketch_project_s": 0.0, "sketch_prepare_s": 0.0, "dense_regenerate_s": 0.0,
+              "dense_products_s": 0.0}
+    lora_params = 0
+    with PeakRSS() as mem:
+        for ckpt in ckpts:
+            name = Path(ckpt).name
+            feats = GradientFeatures(base, ckpt, name, dim=args.dim, run_seed=0, proj_dtype="auto", sketch_dim=0)
+            lora_params, dtype = feats.total, feats.projector.dtype
+            t = time.perf_counter()
+            sketch = Projector(feats.total, args.dim, 0, name, 4096, "cpu", dtype=dtype, sketch_dim=args.sketch_dim)
+            sketch.prepare()
+            timing["sketch_prepare_s"] += time.perf_counter() - t
+            full: dict[str, list] = {"candidate": [], "reference": []}  # gradients for the one dense pass (bf16)
+            proj: dict[str, list] = {"candidate": [], "reference": []}
+            exact_parts: list = []
+            ref_unit_mean = None
+            for kind, examples in (("reference", refs), ("candidate", cands)):
+                for lo in range(0, len(examples), args.batch):
+                    chunk = examples[lo:lo + args.batch]
+                    t = time.perf_counter()
+                    b = to_batch([e[0] for e in chunk], [e[1] for e in chunk], tok.pad_token_id)
+                    g = feats.gradients(b["input_ids"], b["attention_mask"], b["labels"]).detach()
+                    if kind == "candidate":
+                        g = feats.adam_direction(g)
+                    timing["gradient_s"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    proj[kind].append(sketch.project(g))
+                    timing["sketch_project_s"] += time.perf_counter() - t
+                    unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                    if kind == "reference":
+                        ref_unit_mean = unit.sum(0) if ref_unit_mean is None else ref_unit_mean + unit.sum(0)
+                    else:
+                        exact_parts.append((unit @ (ref_unit_mean / len(refs))).numpy())
+                    full[kind].append(g.to(torch.bfloat16))
+            scores["exact"][name] = np.concatenate(exact_parts)
+            feats_new = {k: torch.cat(v).numpy() for k, v in proj.items()}
+            # Today's dense map over every row in one pass: each block of R generated once, then multiplied.
+            dense_out = {k: torch.zeros(sum(x.shape[0] for x in v), args.dim) for k, v in full.items()}
+            stacked = {k: torch.cat(v) for k, v in full.items()}
+            del full
+            dense = feats.projector
+            for blk in range(dense.n_blocks):
+                t = time.perf_counter()
+                r = dense.block(blk)
+                timing["dense_regenerate_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                lo = blk * dense.block_rows
+                for k in stacked:
+                    dense_out[k] += (stacked[k][:, lo:lo + r.shape[0]].to(dense.dtype) @ r).float()
+                timing["dense_products_s"] += time.perf_counter() - t
+            del stacked
+            for k, mine in (("dense", {kk: v.numpy() for kk, v in dense_out.items()}), ("sketch", feats_new)):
+                scores[k][name] = influence_scores({name: mine["candidate"]}, {name: mine["reference"]}, {name: 1.0})
+            del feats, sketch, dense_out
+    final = {k: sum(v.values()) for k, v in scores.items()}
+    n, n_ck = len(cands), len(ckpts)
+    per_row = max(1, 256 * 2**20 // (4 * lora_params))  # rows per pass at today's default buffer_mb
+    passes = -(-n // per_row) + -(-len(refs) // per_row)
+    today_s = timing["gradient_s"] + passes * timing["dense_regenerate_s"] + timing["dense_products_s"]
+    new_s = timing["gradient_s"] + timing["sketch_project_s"]
+
+    def top(x, frac=0.05):
+        k = max(1, round(frac * len(x)))
+        return set(np.argsort(-x)[:k].tolist())
+
+    def agree(a, b):
+        return {"spearman": round(float(spearmanr(final[a], final[b]).statistic), 4),
+                "top5pct_overlap": round(len(top(final[a]) & top(final[b])) / len(top(final[a])), 3)}
+
+    print(json.dumps({
+        "case": "smollm2-r128", "candidates": n, "references": len(refs), "checkpoints": n_ck, "lora_params": lora_params,
+        "proj_dim": args.dim, "sketch_dim": args.sketch_dim, "threads": args.threads, "warmup_s": round(warmup_s, 1),
+        "seconds": {k: round(v, 1) for k, v in timing.items()},
+        "today_rows_per_pass": per_row, "today_passes_per_checkpoint": passes,
+        "today_examples_per_s": round(n * n_ck / today_s, 3), "sketch_examples_per_s": round(n * n_ck / new_s, 3),
+        "speedup_sketch_over_today": round(today_s / new_s, 1),
+        "projection_share_sketch": round(timing["sketch_project_s"] / new_s, 3),
+        "projection_share_today": round(1 - timing["gradient_s"] / today_s, 3),
+        "sketch_vs_exact": agree("sketch", "exact"), "dense_vs_exact": agree("dense", "exact"),
+        "sketch_vs_dense": agree("sketch", "dense"),
+        "peak_rss_gib": round(mem.peak / 2**30, 2),
+    }, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=["tiny", "smollm2-r128"], default="tiny")
     ap.add_argument("--candidates", type=int, default=256)
-    ap.add_argument("--references", type=int, default=8)
+    ap.add_argument("--references", type=int, default=None, help="default: 8 (tiny), 16 (smollm2-r128)")
+    ap.add_argument("--threads", type=int, default=2, help="smollm2-r128: torch threads")
+    ap.add_argument("--sketch-dim", type=int, default=131072, help="smollm2-r128: CountSketch buckets")
+    ap.add_argument("--warmup-rows", type=int, default=32, help="smollm2-r128: rows of the LoRA warm-up")
+    ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--dim", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--actors", type=int, default=os.cpu_count(), help="feature actors of the stage, one core each")
     ap.add_argument("--proj-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = ap.parse_args()
+    if args.case == "smollm2-r128":
+        args.references = args.references or 16
+        return smollm2_case(args)
+    args.references = args.references or 8
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -112,7 +291,7 @@ def main() -> None:
     from scoder_ray.train.stage import run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-influence-"))
-    rows = documented_functions(args.candidates + args.references)
+    rows = enough_rows(args.candidates + args.references)
     pq.write_table(pa.Table.from_pylist(rows), tmp / "rows.parquet")
     cfg = load_config("tiny", [f"run.root={tmp}", "run.id=bench", "train.synthesizer.lora.enabled=true",
                                "train.synthesizer.lora.r=8", "train.synthesizer.lora.alpha=32", "train.synthesizer.epochs=1",

@@ -255,9 +255,12 @@ class InfluenceConf:
     warmup_fraction: float = 0.05
     warmup_min_rows: int = 64
     proj_dim: int = 8192
+    # Adapters with more LoRA parameters than this are CountSketched into this many buckets before the dense
+    # projection (features.py): R is then sketch_dim x proj_dim (2 GiB in bfloat16), generated once per
+    # actor. 16 x proj_dim adds ~1/16 to the projection's error variance; 0 = always dense.
+    sketch_dim: int = 131072
     block_rows: int = 4096  # rows of the projection generated at a time (memory: block_rows x proj_dim)
-    # Gradients gathered before one pass over R (too large to cache for big adapters, so each pass
-    # regenerates it): larger buffers amortise that over more examples. Raise on GPUs (e.g. 8192).
+    # Gradients gathered before one pass over R: matters only for a dense R too large to cache (sketch_dim 0).
     buffer_mb: int = 256
     proj_dtype: str = "auto"  # projection products: auto (bfloat16 where native), bfloat16 or float32
     model_dtype: str = "auto"  # base model weights: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32
@@ -478,6 +481,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _check(inf.warmup_min_rows >= 1, "influence.warmup_min_rows", "an integer >= 1", inf.warmup_min_rows)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
     _check(inf.keep_count >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)
+    _check(inf.sketch_dim == 0 or inf.sketch_dim >= inf.proj_dim, "influence.sketch_dim",
+           f"0 (always dense) or at least influence.proj_dim ({inf.proj_dim})", inf.sketch_dim)
     _check(cfg.loop.iterations >= 0, "loop.iterations", "an integer >= 0", cfg.loop.iterations)
     _validate_run(cfg)
     if cfg.ray.cluster_config:

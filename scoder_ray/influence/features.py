@@ -9,9 +9,18 @@ For a LoRA checkpoint with parameters theta and the warm-up's Adam moments (m, v
       m' = b1 * m + (1 - b1) * g,   v' = b2 * v + (1 - b2) * g**2,   u = m' / sqrt(v' + eps)
   (eps inside the square root, no bias correction: a per-checkpoint scalar that cosine ignores);
 - references (teacher samples) use the plain gradient g;
-- the flat vector (parameters in sorted-name order) is projected to d dimensions by R / sqrt(d), R a
-  Rademacher (+-1) matrix whose rows are generated block by block from (run seed, checkpoint, block):
-  every actor on every node derives the same R without shipping it, and memory stays one block.
+- the flat vector (parameters in sorted-name order, P of them) is projected to d dimensions by a map
+  derived from (run seed, checkpoint) alone, so every actor on every node builds the same one without
+  shipping it (`Projector`):
+  * P <= sketch_dim (small adapters): x R / sqrt(d), R a dense P x d Rademacher (+-1) matrix;
+  * P > sketch_dim (LoRA r=128 on a 7B model: P = 134M): a CountSketch first (coordinate j is added,
+    with a hashed sign, into one of m = sketch_dim hashed buckets: O(P) per example, no matrix), then
+    the dense m x d Rademacher R. Both stages are Johnson-Lindenstrauss maps; the sketch adds about d/m
+    to the projection's relative error variance (1/8 at the defaults), and R (m x d) is small enough to
+    generate once per actor and keep, where a dense P x d R (134M x 8192) had to be regenerated on every
+    pass and took 92% of the GPU kernel's time (issue 20; bench/influence.py --case smollm2-r128).
+  Candidates' Adam directions are elementwise in the full gradient, so they are computed on the full
+  per-example gradient first and then go through the same linear map as the references' plain gradients.
 """
 from __future__ import annotations
 
@@ -61,7 +70,7 @@ class GradientFeatures:
 
     def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, dim: int, run_seed: int,
                  block_rows: int = 4096, device: str = "cpu", cache_mb: int = 1024, proj_dtype: str = "float32",
-                 model_dtype: str = "float32"):
+                 model_dtype: str = "float32", sketch_dim: int = 0):
         self.device = device
         self.model, self.params, self.moments, self.meta = load_checkpoint(base_model, ckpt_dir, device,
                                                                            weights_dtype(model_dtype, device))
@@ -70,7 +79,7 @@ class GradientFeatures:
         self.total = sum(self.sizes)
         self.dim = dim
         self.projector = Projector(self.total, dim, run_seed, ckpt_name, block_rows, device, cache_mb,
-                                   projection_dtype(proj_dtype, device))
+                                   projection_dtype(proj_dtype, device), sketch_dim)
         # The Linear module holding each LoRA factor: its inputs and output gradients give per-example gradients.
         modules = dict(self.model.named_modules())
         self.modules = {n.replace(".default.", "."): modules[n.rsplit(".", 1)[0]]
@@ -208,63 +217,109 @@ def projection_dtype(name: str, device: str) -> torch.dtype:
 
 
 class Projector:
-    """x [B, P] -> x R / sqrt(d), R [P, d] Rademacher. R's rows come in chunks of CHUNK rows, each from
-    its own generator seeded by (run seed, checkpoint, chunk index): R is the same on every actor and
-    node whatever block size each uses to bound its memory (block_rows, rounded to whole chunks).
-    The products run in `dtype` and accumulate in float32."""
+    """x [B, P] -> [B, d], the same map for a given (run seed, checkpoint) on every actor and node.
+
+    Dense (P <= sketch_dim, or sketch_dim 0): x R / sqrt(d), R [P, d] Rademacher whose rows come in
+    chunks of CHUNK rows, each from its own generator seeded by (run seed, checkpoint, chunk index): the
+    same R whatever block size an actor uses to bound its memory (block_rows, rounded to whole chunks).
+    Sketched (P > sketch_dim > 0): a CountSketch of x into m = sketch_dim buckets (bucket and sign of each
+    coordinate from a splitmix64 hash of (seed, index): integer arithmetic, identical on any device),
+    then the dense map above with m rows. The products run in `dtype` and accumulate in float32.
+    A cached R is generated on the CPU (the same signs on CPU and GPU actors) and kept on `device`."""
 
     CHUNK = 1024
+    SKETCH_COLUMNS = 1 << 24  # coordinates hashed/added at a time: bounds the temporaries to ~B x 16M floats
 
     def __init__(self, total: int, dim: int, run_seed: int, ckpt: str, block_rows: int, device: str = "cpu",
-                 cache_mb: int = 1024, dtype: torch.dtype = torch.float32):
+                 cache_mb: int = 1024, dtype: torch.dtype = torch.float32, sketch_dim: int = 0):
         self.total, self.dim, self.device, self.dtype = total, dim, device, dtype
+        self.sketch_dim = sketch_dim if 0 < sketch_dim < total else 0
+        self.rows = self.sketch_dim or total  # rows of the dense R
         self.chunks_per_block = max(1, block_rows // self.CHUNK)
         self.block_rows = self.chunks_per_block * self.CHUNK
         self.base = int.from_bytes(hashlib.sha256(f"{run_seed}:{ckpt}".encode()).digest()[:6], "big")
-        self.n_blocks = -(-total // self.block_rows)
-        # Blocks are kept ready for the matmul when the whole matrix fits in cache_mb.
-        self.cache: Optional[list] = [] if total * dim * dtype.itemsize <= cache_mb * 2**20 else None
+        self.n_blocks = -(-self.rows // self.block_rows)
+        # Blocks are kept ready for the matmul when the whole matrix fits in cache_mb; a sketched R always
+        # is (m x d is the point of the sketch: 2 GiB in bfloat16 at the defaults).
+        fits = self.rows * dim * dtype.itemsize <= cache_mb * 2**20
+        self.cache: Optional[list] = [] if fits or self.sketch_dim else None
+        self.gen_device = "cpu" if self.cache is not None else device
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        self.signs_of_byte = (1 - 2 * bits).to(dtype).to(device)  # [256, 8]: bit 1 -> -1, bit 0 -> +1
+        self.signs_of_byte = (1 - 2 * bits).to(dtype).to(self.gen_device)  # [256, 8]: bit 1 -> -1, bit 0 -> +1
+        self._sketch: Optional[list] = None
 
     def _chunk(self, c: int):
-        rows = min(self.CHUNK, self.total - c * self.CHUNK)
-        # Generated where it is used (Philox on GPU): the same R for every actor on the same kind of device.
+        rows = min(self.CHUNK, self.rows - c * self.CHUNK)
         # One random byte gives 8 signs through a 256-row lookup table: 8x fewer draws and no arithmetic on
-        # the big matrix (4.7x faster than one draw per sign on CPU). R too large to cache (big adapters)
-        # is regenerated per pass, which dominated the GPU kernel's time (issue 7).
-        gen = torch.Generator(device=self.device).manual_seed(self.base + c)
+        # the big matrix (4.7x faster than one draw per sign on CPU). An uncached R (dense map of a big
+        # adapter, sketch_dim 0) is regenerated per pass where it is used (Philox on GPU).
+        gen = torch.Generator(device=self.gen_device).manual_seed(self.base + c)
         n = rows * self.dim
-        draws = torch.randint(0, 256, (-(-n // 8),), generator=gen, dtype=torch.int64, device=self.device)
-        return self.signs_of_byte.index_select(0, draws).view(-1)[:n].view(rows, self.dim)
+        draws = torch.randint(0, 256, (-(-n // 8),), generator=gen, dtype=torch.int64, device=self.gen_device)
+        return self.signs_of_byte.index_select(0, draws).view(-1)[:n].view(rows, self.dim).to(self.device)
 
     def block(self, b: int):
         if self.cache is not None and b < len(self.cache):
             return self.cache[b]
         first = b * self.chunks_per_block
-        last = min(first + self.chunks_per_block, -(-self.total // self.CHUNK))
+        last = min(first + self.chunks_per_block, -(-self.rows // self.CHUNK))
         signs = torch.cat([self._chunk(c) for c in range(first, last)])
         if self.cache is not None and b == len(self.cache):
             self.cache.append(signs)
         return signs
 
+    def sketch_parts(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """[(first column, bucket [n] int64, sign [n] float32)] over the P coordinates, on `device`."""
+        if self._sketch is None:
+            self._sketch = []
+            for lo in range(0, self.total, self.SKETCH_COLUMNS):
+                h = splitmix64(np.arange(lo, min(lo + self.SKETCH_COLUMNS, self.total), dtype=np.uint64)
+                               + np.uint64(self.base << 16))
+                bucket = torch.from_numpy((h % np.uint64(self.sketch_dim)).astype(np.int64))
+                sign = torch.from_numpy(1.0 - 2.0 * (h >> np.uint64(63)).astype(np.float32))
+                self._sketch.append((lo, bucket.to(self.device), sign.to(self.device)))
+        return self._sketch
+
+    def sketch(self, x):
+        """[B, P] -> [B, m] CountSketch (float32)."""
+        out = torch.zeros(x.shape[0], self.sketch_dim, dtype=torch.float32, device=x.device)
+        for lo, bucket, sign in self.sketch_parts():
+            out.index_add_(1, bucket, x[:, lo:lo + bucket.shape[0]].float() * sign)
+        return out
+
     def prepare(self) -> None:
-        """Generate the cached blocks now (nothing when R is too large to cache: it is regenerated per use)."""
+        """Generate the cached blocks (and the sketch's hashes) now: start-up, not per-batch work. Nothing
+        when R is too large to cache (a dense map of a big adapter: it is regenerated per use)."""
         if self.cache is not None:
             for b in range(self.n_blocks):
                 self.block(b)
+        if self.sketch_dim:
+            self.sketch_parts()
 
     def matrix(self):
-        """The whole R in float32 (for tests and small models)."""
-        return torch.cat([self.block(b).float() for b in range(self.n_blocks)])
+        """The whole map as a [P, d] float32 matrix, unscaled (for tests and small models)."""
+        dense = torch.cat([self.block(b).float() for b in range(self.n_blocks)])
+        if not self.sketch_dim:
+            return dense
+        return torch.cat([dense.index_select(0, bucket) * sign[:, None] for _, bucket, sign in self.sketch_parts()])
 
     def project(self, x):
+        if self.sketch_dim:
+            x = self.sketch(x)
         out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32, device=x.device)
         for b in range(self.n_blocks):
             lo = b * self.block_rows
             block = self.block(b)
             out += (x[:, lo:lo + block.shape[0]].to(self.dtype) @ block).float()
         return out / self.dim ** 0.5
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a well-mixed hash of each value."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def to_batch(input_ids: list, labels: list, pad_id: int) -> dict[str, Any]:

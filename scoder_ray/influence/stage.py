@@ -45,7 +45,8 @@ class FeatureActor:
         base_model, ckpt_dir = local_model(base_model, models), local_model(ckpt_dir, models)  # on this node
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device,
-                                         proj_dtype=conf.proj_dtype, model_dtype=conf.model_dtype)
+                                         proj_dtype=conf.proj_dtype, model_dtype=conf.model_dtype,
+                                         sketch_dim=conf.sketch_dim)
         self.features.projector.prepare()  # R once per actor when it is cached: start-up, not per-batch work
         self.start_s: float = time.time() - started
 
