@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from scoder_ray.config import ConfigError, load_config, presets, to_yaml
+from scoder_ray.evaluate.sandbox import SandboxUnavailable
 from scoder_ray.generate.teacher import TeacherError
 
 EPILOG = "Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-run  (see conf/config.yaml)."
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,10,100", help="comma-separated ks (default 1,10,100)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sample, wall clock (default 10)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="programs run at once")
+    p.add_argument("--isolation", default="full", choices=["full", "none"],
+                   help="full (default): stop where the kernel refuses the sandbox's namespaces; none: run unconfined")
 
     p = sub.add_parser("models", help="offline models")
     msub = p.add_subparsers(dest="models_command", required=True)
@@ -149,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             loop.run(cfg, until=args.until)
             print(f"[scoder-ray] run directory: {cfg.run.root}/{cfg.run.id}  (scoder-ray status {cfg.run.root}/{cfg.run.id})")
-    except (ValueError, FileNotFoundError, TeacherError) as e:  # a user's or the teacher's fault: one line
+    except (ValueError, FileNotFoundError, TeacherError, SandboxUnavailable) as e:  # one line, no traceback
         print(f"scoder-ray: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -178,7 +181,8 @@ def _evaluate_samples(args: argparse.Namespace) -> int:
         raise ValueError(f"--k: {args.k!r} is not a comma-separated list of integers") from None
     if not ks or min(ks) < 1:
         raise ValueError(f"--k: {args.k!r}: every k must be >= 1")
-    scores = evaluate_samples(args.samples, args.benchmark, args.problems, ks, args.timeout, args.workers)
+    scores = evaluate_samples(args.samples, args.benchmark, args.problems, ks, args.timeout, args.workers,
+                              isolation=args.isolation)
     print(json.dumps(scores))
     return 0
 

@@ -300,6 +300,10 @@ class EvaluateConf:
     max_tokens: int = 512
     timeout_s: float = 10.0
     workers: int = 2
+    # The sandbox's namespaces (network, PID, mount; see evaluate/sandbox.py): `full` stops with an error
+    # where the kernel refuses them; `none` runs model-written code unconfined (logged, and in _DONE.json).
+    # It applies to the score stage's execution aspect too.
+    isolation: str = "full"
     compare_base: bool = True  # also evaluate models.scoder before fine-tuning
     # How the base model is prompted: `completion` (the benchmark prompt continued, as base models such as
     # DeepSeek-Coder-6.7B-Base are evaluated) or `chat` (its chat template, as the fine-tuned model always is).
@@ -538,6 +542,7 @@ def _validate_sampling(cfg: Config) -> None:
                              ("teacher.temperature", cfg.teacher.temperature, 2.0),
                              ("evaluate.temperature", cfg.evaluate.temperature, 2.0)):
         _check(0.0 <= value <= most, key, f"a number in [0, {most}] (OpenAI's and vLLM's range)", value)
+    _check(cfg.evaluate.isolation in ("full", "none"), "evaluate.isolation", "full or none", cfg.evaluate.isolation)
     _check(cfg.evaluate.timeout_s > 0, "evaluate.timeout_s", "a number of seconds > 0", cfg.evaluate.timeout_s)
     _check(cfg.loop.final_samples_per_seed >= 0, "loop.final_samples_per_seed",
            "an integer >= 0 (0: as many as the seed pool needs)", cfg.loop.final_samples_per_seed)

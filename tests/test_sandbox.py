@@ -197,3 +197,102 @@ def test_replacing_the_test_code_does_not_pass():
     assert run_program(code, tests, FAST).status == "failed"
     code = "def check(candidate):\n    pass\ndef add(a, b):\n    return 0\n"
     assert run_program(code, tests, FAST).status == "failed"
+
+
+@root_only
+def test_root_only_host_files_are_not_readable_nor_sent_out(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET-41")
+    secret.chmod(0o600)
+    code = ("import glob, os\nfound = []\n"
+            f"for path in ['/etc/shadow', {str(secret)!r}, '/root/.bash_history'] + glob.glob('/root/*'):\n"
+            "    try:\n        found.append(open(path).read()[:50])\n    except OSError:\n        pass\n"
+            "print(found)\nraise ValueError(repr(found))\n")
+    v = run_program(code, "pass\n", FAST)
+    assert v.status == "failed" and "TOPSECRET" not in v.reason + v.stdout and "root:" not in v.reason + v.stdout
+    # The interpreter's folders stay importable although they live under a private /root here.
+    assert run_program("import json, decimal, email.utils\n", "pass\n", FAST).status == "passed"
+
+
+@root_only
+@pytest.mark.parametrize("trap", ["symlink", "fifo"])
+def test_output_files_the_program_replaces_are_not_read_by_path(tmp_path, trap):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET-42")
+    secret.chmod(0o600)
+    make = (f"os.symlink({str(secret)!r}, p)" if trap == "symlink" else "os.mkfifo(p)")
+    code = ("import glob, os\nprint('hello')\n"
+            "for p in ['.stdout', '.stderr', '/tmp/.stdout'] + glob.glob('/tmp/scoder-sbx-*/.std*'):\n"
+            "    try:\n        os.remove(p)\n    except OSError:\n        pass\n"
+            f"    try:\n        {make}\n    except OSError:\n        pass\n")
+    started = time.time()
+    v = run_program(code, "pass\n", FAST)
+    assert v.status == "passed" and v.stdout == "hello\n" and "TOPSECRET" not in v.stdout + v.stderr
+    assert time.time() - started < 15  # a FIFO does not hang the server
+
+
+def test_scratch_places_and_proc_are_private_to_each_run():
+    write = ("import os\nfor d in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+             "    open(os.path.join(d, 'scoder-left-behind'), 'w').write('x')\n")
+    assert run_program(write, "pass\n", FAST).status == "passed"
+    check = ("import os\nseen = [d for d in ('/tmp', '/var/tmp', '/dev/shm') "
+             "if os.path.exists(os.path.join(d, 'scoder-left-behind'))]\n"
+             "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n")
+    v = run_program(check, "assert seen == [], seen\nassert len(pids) <= 3, pids\n", FAST)
+    assert v.status == "passed", v.reason
+    assert not any(os.path.exists(os.path.join(d, "scoder-left-behind")) for d in ("/tmp", "/var/tmp", "/dev/shm"))
+    # /proc shows the namespace's processes only: not this test's.
+    v = run_program(f"import os\nvisible = os.path.exists('/proc/{os.getpid()}/environ')\n", "assert not visible\n", FAST)
+    assert v.status == "passed"
+
+
+REFUSE_UNSHARE = r'''
+import ctypes, json, sys
+from scoder_ray.evaluate.sandbox import Limits, SandboxUnavailable, run_program
+
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+# seccomp: unshare (x86-64 syscall 272) fails with EPERM, as under a container's default profile.
+insns = (Insn * 4)(Insn(0x20, 0, 0, 0), Insn(0x15, 0, 1, 272), Insn(0x06, 0, 0, 0x00050000 | 1),
+                   Insn(0x06, 0, 0, 0x7FFF0000))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(Prog(4, insns)), 0, 0) == 0
+limits = Limits(timeout_s=5, cpu_seconds=3)
+try:
+    run_program("x = 1\n", "assert x == 1\n", limits)
+    print(json.dumps({"full": "ran"}))
+except SandboxUnavailable as e:
+    from scoder_ray.evaluate.sandbox import Sandbox
+    with Sandbox(workers=1, isolation="none") as box:
+        print(json.dumps({"full": str(e), "none": box.run("x = 1\n", "assert x == 1\n", limits).status}))
+'''
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter names x86-64's unshare")
+def test_refused_namespaces_stop_evaluation_with_a_clear_error():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", REFUSE_UNSHARE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "unshare(" in result["full"] and "Operation not permitted" in result["full"]
+    assert "evaluate.isolation=none" in result["full"]
+    assert result["none"] == "passed"  # accepted weaker isolation runs, with a warning
+    assert "isolation is OFF" in out.stderr
+
+
+def test_the_evaluators_packages_stay_importable_read_only():
+    from scoder_ray.evaluate.sandbox import Sandbox
+
+    code = ("import numpy, os, sys\nwritable = os.access(os.path.dirname(numpy.__file__), os.W_OK)\n"
+            "try:\n    open(os.path.join(sys.prefix, 'planted.py'), 'w').write('x')\n    planted = True\n"
+            "except OSError:\n    planted = False\n")
+    with Sandbox(workers=1, site_packages=True) as box:
+        v = box.run(code, "assert numpy.arange(3).sum() == 3 and not writable and not planted\n", FAST)
+    assert v.status == "passed", v.reason

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
@@ -30,29 +31,85 @@ PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
 CAP_DAC_READ_SEARCH = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 
 
-def isolate() -> str:
-    """New network and PID namespaces for what runs next.
+def isolate() -> tuple[str, str]:
+    """New network, PID and mount namespaces for what runs next: (what was made, why not when nothing was).
 
     Network: no interface but a down loopback, so no TCP/UDP at all, not even to 127.0.0.1. It does not
-    stop Unix sockets bound to filesystem paths (file permissions and the sandbox uid guard those).
+    stop Unix sockets bound to filesystem paths (the private /tmp and the sandbox uid guard those).
     PID: the program sees no process outside (it cannot signal the harness or the evaluator), and when
     the namespace's first process exits the kernel kills and reaps every process left in it, daemons
-    and fork-bomb children included. As root no user namespace is needed; otherwise an unprivileged
-    user namespace (where the kernel allows them) grants both.
+    and fork-bomb children included. Mount: see `private_mounts`. As root no user namespace is needed;
+    otherwise an unprivileged user namespace (where the kernel allows them) grants all three.
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    if os.geteuid() == 0 and libc.unshare(CLONE_NEWNET | CLONE_NEWPID) == 0:
-        return "netns+pidns"
+    flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS
+    if os.geteuid() == 0 and libc.unshare(flags) == 0:
+        return "netns+pidns+mntns", ""
+    root_errno = ctypes.get_errno() if os.geteuid() == 0 else 0
     uid, gid = os.geteuid(), os.getegid()
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID) == 0:
+    if libc.unshare(CLONE_NEWUSER | flags) == 0:
         for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
                            ("/proc/self/gid_map", f"{gid} {gid} 1")):
             with open(path, "w") as f:
                 f.write(text)
-        return "userns+netns+pidns"
-    return "none"
+        return "userns+netns+pidns+mntns", ""
+    e = ctypes.get_errno()
+    why = f"unshare(CLONE_NEWUSER|CLONE_NEWNET|CLONE_NEWPID|CLONE_NEWNS) refused: {os.strerror(e)}"
+    if root_errno:
+        why = f"unshare(CLONE_NEWNET|CLONE_NEWPID|CLONE_NEWNS) as root refused: {os.strerror(root_errno)}; {why}"
+    return "none", why
+
+
+def _mount(libc, source, target: str, fstype, flags: int, data=None) -> None:
+    enc = (lambda v: v.encode() if v is not None else None)
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {fstype or source} on {target}: {os.strerror(e)}")
+
+
+def _private_top(path: str):
+    """The highest directory on `path` that others may not enter (e.g. /root), or None."""
+    parts = os.path.realpath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        d = "/".join(parts[:i])
+        if os.path.isdir(d) and not os.stat(d).st_mode & 0o001:
+            return d
+    return None
+
+
+def private_mounts(readable: list, tmp_mb: int) -> None:
+    """In the new mount and PID namespaces, still privileged: nothing of the host's private or shared
+    scratch places stays reachable. A fresh /proc (only this namespace's processes), an empty read-only
+    /sys, fresh tmpfs /tmp, /var/tmp and /dev/shm of tmp_mb each (nothing persists to the next run, nothing
+    of a concurrent run is seen); a private directory above the interpreter (e.g. /root holding pyenv)
+    is replaced by an empty one holding only the interpreter's folders, bound read-only, so the program
+    needs no capability to import the standard library; interpreter folders under a scratch place (a venv
+    in a checkout under /tmp) are bound back read-only too. All mounts are private to this namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    scratch = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]
+    covers = {d: f"mode=1777,size={int(tmp_mb)}m" for d in scratch}
+    handles = {}
+    for path in map(os.path.realpath, readable):
+        top = _private_top(path)
+        under = [d for d in scratch if path.startswith(d + "/")]  # a checkout or venv under /tmp (CI clones)
+        if top:
+            covers.setdefault(top, "mode=755,size=1m")
+        if top or under:
+            handles[path] = os.open(path, os.O_PATH)  # before the places above it are covered
+    for cover in sorted(covers, key=len):
+        os.makedirs(cover, mode=0o755, exist_ok=True)  # a private folder inside an already fresh /tmp
+        _mount(libc, "tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, covers[cover])
+    for path, fd in sorted(handles.items()):
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        _mount(libc, None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
+    _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount(libc, "tmpfs", "/sys", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
 
 
 def drop_privileges(uid: int, keep_read_search: bool) -> None:
@@ -107,9 +164,10 @@ def run_child(spec: dict, result_fd: int) -> None:
         finally:
             exit_now(0)
 
-    network = isolate()
-    if spec.get("require_isolation") and network == "none":
-        report("error", "no network/PID isolation available (unshare refused)")
+    required = spec.get("isolation", "full") == "full"
+    network, why = isolate()
+    if network == "none" and required:
+        report("error", f"isolation unavailable: {why}")
     # Fork twice: this process stays outside the namespaces, its child becomes the PID namespace's init
     # (which the kernel shields from most signals, so it must not run the program: a CPU-limit SIGXCPU
     # would be ignored), and the grandchild runs the program. Each waits and passes the status on.
@@ -118,9 +176,21 @@ def run_child(spec: dict, result_fd: int) -> None:
         if child:
             _, status = os.waitpid(child, 0)
             exit_now(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    private = False
+    if network != "none":
+        try:
+            private_mounts(spec.get("readable", []) if spec.get("uid") is not None else [],
+                           int(spec["limits"]["file_size_mb"]))
+            private = True
+        except OSError as e:
+            if required:
+                report("error", f"isolation unavailable: {e}")
+    if private:  # the program works in the fresh /tmp; its output files stay out of its reach
+        os.chdir("/tmp")
+        os.environ.update(HOME="/tmp", TMPDIR="/tmp")
     set_limits(spec["limits"])
     if spec.get("uid") is not None:
-        drop_privileges(int(spec["uid"]), bool(spec.get("keep_read_search")))
+        drop_privileges(int(spec["uid"]), bool(spec.get("keep_read_search")) and not private)
     try:
         solution = compile(spec["solution"], "solution.py", "exec")
         tests = compile(spec["tests"], "tests.py", "exec")
@@ -160,7 +230,11 @@ def run_one(spec: dict) -> dict:
         uid = spec.get("uid")
         if uid is not None:
             os.chown(workdir, uid, uid)
-        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
+        # The output files are opened here, before the program runs, and read back through these
+        # descriptors: whatever the program does to the names (a symlink to a secret, a FIFO), the
+        # server never opens a path the program controls.
+        out_fd, err_fd = (os.open(os.path.join(workdir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                          for name in (".stdout", ".stderr"))
         read_fd, write_fd = os.pipe()
         start = time.monotonic()
         pid = os.fork()
@@ -168,10 +242,8 @@ def run_one(spec: dict) -> dict:
             try:
                 os.setsid()
                 os.chdir(workdir)
-                for target, path, flags in ((0, os.devnull, os.O_RDONLY),
-                                            (1, out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                            (2, err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-                    f = os.open(path, flags, 0o600)
+                null = os.open(os.devnull, os.O_RDONLY)
+                for target, f in ((0, null), (1, out_fd), (2, err_fd)):
                     os.dup2(f, target)
                     os.close(f)
                 # The server's own descriptors (its request and answer pipes) are none of the program's business.
@@ -192,9 +264,12 @@ def run_one(spec: dict) -> dict:
             pass
         _, status = os.waitpid(pid, 0)
         returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        return {"message": _read_message(read_fd, spec["nonce"]), "returncode": returncode, "timed_out": timed_out,
-                "seconds": time.monotonic() - start, "stdout": _head(out_path, int(spec["output_cap"])),
-                "stderr": _head(err_path, int(spec["output_cap"]))}
+        answer = {"message": _read_message(read_fd, spec["nonce"]), "returncode": returncode,
+                  "timed_out": timed_out, "seconds": time.monotonic() - start,
+                  "stdout": _head(out_fd, int(spec["output_cap"])), "stderr": _head(err_fd, int(spec["output_cap"]))}
+        os.close(out_fd)
+        os.close(err_fd)
+        return answer
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -236,10 +311,9 @@ def _read_message(fd: int, nonce: str):
     return None if at < 0 else data[at + len(tag):].split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
-def _head(path: str, cap: int) -> str:
+def _head(fd: int, cap: int) -> str:
     try:
-        with open(path, "rb") as f:
-            return f.read(cap).decode("utf-8", "replace")
+        return os.pread(fd, cap, 0).decode("utf-8", "replace")
     except OSError:
         return ""
 

@@ -55,13 +55,14 @@ def evaluate_samples(
     timeout: float = 10.0,
     workers: int = 2,
     progress: bool = True,
+    isolation: str = "full",
 ) -> dict[str, float]:
     problems = load_problems(benchmark, problems_path)
     samples = read_samples(samples_path, problems)
     pairs = [program_for(problems[s["task_id"]], s.get("completion"), s.get("solution") if "completion" not in s else None)
              for s in samples]
     limits = Limits(timeout_s=timeout, cpu_seconds=max(1, math.ceil(timeout)))
-    verdicts = run_batch(pairs, limits, workers=workers, progress=progress)
+    verdicts = run_batch(pairs, limits, workers=workers, progress=progress, isolation=isolation)
 
     out_path = f"{samples_path}_results.jsonl"
     tmp = f"{out_path}.tmp-{os.getpid()}"

@@ -6,12 +6,20 @@ per worker, started as `python -I -S`), in a fresh temporary directory that is r
 - resource limits: CPU seconds, address space, file size (which also caps captured output: stdout and
   stderr go to files in the sandbox directory), open files, processes, no core dumps;
 - a wall-clock timeout that kills the whole process group (and the PID namespace with it);
-- new network and PID namespaces (see `_harness.isolate`): no TCP/UDP even to loopback; the program
-  sees no process outside its namespace, and every process it started dies with it, daemons too;
-- when the parent runs as root (containers, CI): a per-run unprivileged uid, held exclusively through a
-  lock file, so the program cannot delete or overwrite files it does not own, and the process limit
-  counts its processes alone. Not root: the parent's own uid inside a user namespace, so the program
-  could touch the user's files: prefer running evaluations as root inside a container;
+- new network, PID and mount namespaces (see `_harness.isolate`, `_harness.private_mounts`): no TCP/UDP
+  even to loopback; the program sees no process outside its namespace, and every process it started dies
+  with it, daemons too; a fresh /proc, an empty /sys, and fresh /tmp, /var/tmp and /dev/shm per run
+  (nothing persists or is shared between runs); output files opened by the server before the program
+  runs and read back through those descriptors, never by path;
+- when the parent runs as root (containers, CI): a per-run unprivileged uid with no capability, held
+  exclusively through a lock file, so the program cannot read root-only files (/etc/shadow, /root: a
+  private directory holding the interpreter is replaced by one with the interpreter's folders alone,
+  bound read-only), delete or overwrite files it does not own, and the process limit counts its
+  processes alone. Not root: the parent's own uid inside a user namespace, so the program could read
+  the user's files: prefer running evaluations as root inside a container;
+- isolation that fails closed: where the namespaces or mounts are refused (a container's default seccomp
+  profile, a kernel without unprivileged user namespaces) every run raises `SandboxUnavailable`, naming
+  the refusal, unless `isolation="none"` (config `evaluate.isolation: none`) accepts running without;
 - the verdict from a nonce-tagged message that the harness writes after the tests ran (see _harness).
 
 Verdicts: `passed`, `failed` (an exception, a failed assertion, an early exit), `timeout` (wall clock
@@ -32,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -44,6 +53,10 @@ UID_SLOTS = 1000
 LOCK_DIR = Path(tempfile.gettempdir()) / "scoder-sandbox-uids"
 CHILD_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
              "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+class SandboxUnavailable(RuntimeError):
+    """The isolation asked for cannot be had on this machine."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +94,16 @@ class Sandbox:
     MBPP need); True lets programs import what the evaluator's environment has (numpy & co.).
     """
 
-    def __init__(self, workers: int = 2, site_packages: bool = False):
-        self.site_packages = site_packages
+    def __init__(self, workers: int = 2, site_packages: bool = False, isolation: str = "full"):
+        if isolation not in ("full", "none"):
+            raise ValueError(f"isolation={isolation!r}: expected 'full' or 'none'")
+        if isolation == "none":
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "sandbox isolation is OFF (evaluate.isolation=none): model-written code runs without network, "
+                "PID or mount namespaces; it can reach the network and this machine's files")
+        self.site_packages, self.isolation = site_packages, isolation
         self._idle: "queue.Queue[subprocess.Popen]" = queue.Queue()
         self._all: list[subprocess.Popen] = []
         self._lock = threading.Lock()
@@ -104,7 +125,8 @@ class Sandbox:
         try:
             with _uid_slot() as uid:
                 spec = {"nonce": secrets.token_hex(16), "solution": solution, "tests": tests, "uid": uid,
-                        "keep_read_search": KEEP_READ_SEARCH and uid is not None, "env": CHILD_ENV,
+                        "keep_read_search": KEEP_READ_SEARCH and uid is not None, "readable": READABLE,
+                        "isolation": self.isolation, "env": CHILD_ENV,
                         "timeout_s": limits.timeout_s, "output_cap": limits.output_cap,
                         "limits": {"cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_mb": limits.memory_mb,
                                    "file_size_mb": limits.file_size_mb, "open_files": limits.open_files,
@@ -119,6 +141,9 @@ class Sandbox:
         if "fault" in answer:
             return Verdict("error", f"sandbox fault: {answer['fault']}")
         verdict = _judge(answer["message"], answer["returncode"], answer["timed_out"], limits)
+        if verdict.status == "error" and verdict.reason.startswith("isolation unavailable"):
+            raise SandboxUnavailable(f"sandbox {verdict.reason}. Evaluation stops rather than run model-written "
+                                     "code unconfined; evaluate.isolation=none accepts running without isolation")
         verdict.seconds = round(answer["seconds"], 4)
         verdict.stdout, verdict.stderr = answer["stdout"], answer["stderr"]
         return verdict
@@ -156,8 +181,8 @@ def run_program(solution: str, tests: str, limits: Limits = Limits()) -> Verdict
 
 
 def run_batch(pairs: Sequence[tuple[str, str]], limits: Limits = Limits(), workers: int = 2,
-              progress: bool = False) -> list[Verdict]:
-    with Sandbox(workers=workers) as sandbox:
+              progress: bool = False, isolation: str = "full") -> list[Verdict]:
+    with Sandbox(workers=workers, isolation=isolation) as sandbox:
         return sandbox.run_batch(pairs, limits, progress)
 
 
@@ -191,9 +216,11 @@ def _private_path(paths: Sequence[str]) -> bool:
     return False
 
 
-# The sandbox uid must read the interpreter and its packages; where they are private, it keeps
-# CAP_DAC_READ_SEARCH (read-only; see _harness.drop_privileges).
-KEEP_READ_SEARCH = _private_path([sys.base_prefix, sys.prefix, HARNESS])
+# The sandbox uid must read the interpreter and its packages: inside the mount namespace these folders
+# are bound read-only where a private directory hides them. Only without one (isolation none) does it
+# keep CAP_DAC_READ_SEARCH instead (read-only; see _harness.drop_privileges).
+READABLE = sorted({sys.base_prefix, sys.prefix, os.path.dirname(HARNESS)})
+KEEP_READ_SEARCH = _private_path(READABLE)
 
 
 @contextmanager
@@ -219,15 +246,27 @@ def _uid_slot() -> Iterator[Optional[int]]:
 
 
 def _ask(server: subprocess.Popen, spec: dict, timeout: float) -> dict:
+    """Send one run, read its answer; every byte of the answer within the deadline."""
+
     data = json.dumps(spec).encode()
     server.stdin.write(struct.pack("!I", len(data)) + data)
     server.stdin.flush()
-    if not select.select([server.stdout], [], [], timeout)[0]:
-        raise TimeoutError(f"no answer in {timeout:.0f}s")
-    header = server.stdout.read(4)
-    if len(header) < 4:
-        raise OSError("sandbox server exited")
-    return json.loads(server.stdout.read(struct.unpack("!I", header)[0]))
+    deadline = time.monotonic() + timeout
+    fd = server.stdout.fileno()
+
+    def read_exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"no complete answer in {timeout:.0f}s")
+            chunk = os.read(fd, n - len(out))
+            if not chunk:
+                raise OSError("sandbox server exited")
+            out += chunk
+        return out
+
+    return json.loads(read_exactly(struct.unpack("!I", read_exactly(4))[0]))
 
 
 def _stop(server: subprocess.Popen) -> None:

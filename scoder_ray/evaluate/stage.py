@@ -114,7 +114,8 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
                 rows, seconds = generate(cfg, path, bench, samples, modes[name])
                 n, start_s = n + rows, start_s + seconds
                 scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
-                                          timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False)
+                                          timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
+                                          isolation=cfg.evaluate.isolation)
                 scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
                 results.setdefault(name, {})[bench] = scores
                 print(f"[scoder-ray] evaluate {name} on {bench}: {json.dumps(scores)}", flush=True)
@@ -123,7 +124,8 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
                 write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
         return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
                 "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
-                "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature}
+                "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature,
+                "isolation": cfg.evaluate.isolation}
 
     inputs = {"train_scoder": trained["output_digest"] if trained else model_dir or ""}
     return store.run_stage(STAGE, {"evaluate": cfg.evaluate, "engine": cfg.engine, "models.scoder": cfg.models.scoder,

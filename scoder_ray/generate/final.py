@@ -48,7 +48,8 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
     verdicts: dict[str, str] = {}
     if len(unique):  # in Ray tasks: on a cluster the worker nodes run the sandboxes, not the driver's node
         ran_ds = ray.data.from_pandas(unique[["cand_id", "problem", "solution"]].reset_index(drop=True)).map_batches(
-            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},
+            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers,
+                                     "isolation": cfg.evaluate.isolation},
             batch_size=32, num_cpus=1, batch_format="numpy")
         out = ran_ds.select_columns(["cand_id", "exec_verdict"]).to_pandas()
         verdicts = dict(zip(out["cand_id"], out["exec_verdict"]))

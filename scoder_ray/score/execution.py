@@ -29,16 +29,17 @@ def stated_examples(problem: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-_SANDBOXES: dict[tuple[float, int], tuple[Sandbox, Limits]] = {}
+_SANDBOXES: dict[tuple[float, int, str], tuple[Sandbox, Limits]] = {}
 
 
-def execute_batch(batch: dict[str, np.ndarray], timeout_s: float, workers: int) -> dict[str, np.ndarray]:
+def execute_batch(batch: dict[str, np.ndarray], timeout_s: float, workers: int,
+                  isolation: str = "full") -> dict[str, np.ndarray]:
     """Ray Data task function: adds `exec_verdict` and `exec_reason`. A task, not an actor, so it never
     holds a CPU that the stage's readers need; the worker process keeps its warm sandbox between tasks."""
-    key = (timeout_s, workers)
+    key = (timeout_s, workers, isolation)
     if key not in _SANDBOXES:
         # site_packages: generated code may import numpy & co.
-        _SANDBOXES[key] = (Sandbox(workers=workers, site_packages=True),
+        _SANDBOXES[key] = (Sandbox(workers=workers, site_packages=True, isolation=isolation),
                            Limits(timeout_s=timeout_s, cpu_seconds=max(1, int(timeout_s))))
     sandbox, limits = _SANDBOXES[key]
     pairs = [(sol, stated_examples(prob)) for sol, prob in zip(batch["solution"], batch["problem"])]

@@ -49,7 +49,8 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
                                            "seed": cfg.run.seed, "models": cfg.models},
             batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
         executed = scored.map_batches(
-            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers},
+            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers,
+                                     "isolation": cfg.evaluate.isolation},
             batch_size=32, num_cpus=1, batch_format="numpy")
         executed.write_parquet(f"{tmp}/data")
         names = [a.name for a in cfg.score.aspects]
