@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the stages of a run directory, their state and counts")
     p.add_argument("run_dir", help="e.g. runs/tiny (a local path or s3://... URI)")
     p.add_argument("--json", action="store_true", help="print the _DONE.json records as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every finished stage's files against its manifest (sizes; sha256 on local roots); "
+                        "exit 1 if any differ")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and tables of every stage")
     p.add_argument("run_dir", help="e.g. runs/demo")
@@ -108,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         if args.command == "status":
-            return _status(args.run_dir, args.json)
+            return _status(args.run_dir, args.json, args.verify)
         if args.command == "report":
             from scoder_ray.report import write_report
             from scoder_ray.store import RunStore
@@ -187,7 +190,7 @@ def _evaluate_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(run_dir: str, as_json: bool) -> int:
+def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
     from scoder_ray.store import RunStore
 
     from scoder_ray.store import describe, holder_alive
@@ -211,16 +214,24 @@ def _status(run_dir: str, as_json: bool) -> int:
     by_name = {s.name: s for s in states}
     states = [by_name[n] for n in run_order(list(by_name), cfg)]  # as the loop runs them, not alphabetically
     print(f"{'stage':<36} {'state':<8} {'rows':>7} {'seconds':>8}  {'started':<20} {'finished':<20} notes")
+    damaged_any = False
     for s in states:
         d = s.done or {}
         stale = store.stale_sections(s, cfg) if cfg else []
-        state = "stale" if stale else s.state
+        damaged = store.verify(s.name, d) if verify and s.done else []
+        damaged_any = damaged_any or bool(damaged)
+        state = "damaged" if damaged else "stale" if stale else s.state
         note = f"config changed: {', '.join(stale)}" if stale else ""
+        if damaged:
+            note += ("  " if note else "") + "; ".join(damaged[:3]) + (f" (+{len(damaged) - 3} more)" if len(damaged) > 3 else "")
         if d.get("dropped"):
             note += "  dropped " + ", ".join(f"{k}={v}" for k, v in d["dropped"].items())
         print(f"{s.name:<36} {state:<8} {d.get('rows', ''):>7} {d.get('seconds', ''):>8}  {d.get('started_at', ''):<20} "
               f"{d.get('finished_at', ''):<20} {note}".rstrip())
-    return 0
+    if verify:
+        print("verify: " + ("some stages' files differ from what they wrote (rerun `scoder-ray run` to redo them)"
+                            if damaged_any else "every finished stage's files are as written"))
+    return 1 if damaged_any else 0
 
 
 if __name__ == "__main__":

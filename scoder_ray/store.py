@@ -152,7 +152,11 @@ class RunStore:
         key = self.stage_key(config_sections, inputs)
         current = self.state(stage, key)
         if current.state == "done" and not force:
-            return {**current.done, "skipped": True}  # type: ignore[dict-item]
+            damaged = self.verify(stage, current.done, hashes=False)  # a listing: sizes, not bytes
+            if not damaged:
+                return {**current.done, "skipped": True}  # type: ignore[dict-item]
+            print(f"[scoder-ray] {stage}: its output changed since it was written ({'; '.join(damaged[:3])}): "
+                  "redoing it", flush=True)
         keep = (current.done or {}).get("attempt")
         self._collect(stage, keep)  # leftovers of interrupted attempts (the lease says no one else writes them)
         attempt = f"{ATTEMPT}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
@@ -173,6 +177,7 @@ class RunStore:
             "config_digests": {k: digest(v) for k, v in config_sections.items()},
             "inputs": inputs,
             "output_digest": digest({"key": key, "rows": summary["rows"]}),
+            "files": self._manifest(out),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - started, 3),
@@ -181,6 +186,38 @@ class RunStore:
         self._write_text_atomic(f"{self.stage_dir(stage)}/{DONE}", json.dumps(done, indent=2, sort_keys=True, default=str))
         self._collect(stage, attempt)  # the attempt it replaced
         return done
+
+    def _manifest(self, out: str) -> dict[str, list]:
+        """{path in the attempt: [size, sha256]} of a finished attempt's files. The sha256 only on a local root
+        (the bytes are still in the page cache); on an object store it would mean downloading them again."""
+        files: dict[str, list] = {}
+        for info in self.fs.get_file_info(pafs.FileSelector(out, recursive=True, allow_not_found=True)):
+            if info.type == pafs.FileType.File:
+                files[info.path[len(out) + 1:]] = [info.size, _sha256(info.path) if self.local else ""]
+        return dict(sorted(files.items()))
+
+    def verify(self, stage: str, done: dict[str, Any], hashes: bool = True) -> list[str]:
+        """What differs between a finished stage's files and the manifest its `_DONE.json` holds: missing,
+        unexpected or resized files, and (with `hashes`, where recorded) changed bytes. [] when they agree;
+        stages committed before manifests existed are not checked."""
+        expected = done.get("files")
+        if expected is None:
+            return []
+        out = f"{self.stage_dir(stage)}/{done['attempt']}"
+        problems = []
+        found = {info.path[len(out) + 1:]: info
+                 for info in self.fs.get_file_info(pafs.FileSelector(out, recursive=True, allow_not_found=True))
+                 if info.type == pafs.FileType.File}
+        for rel, (size, sha) in expected.items():
+            info = found.get(rel)
+            if info is None:
+                problems.append(f"{rel} is missing")
+            elif info.size != size:
+                problems.append(f"{rel} has {info.size} bytes, {size} when written")
+            elif hashes and sha and _sha256(info.path) != sha:
+                problems.append(f"{rel} has other bytes than when written (sha256)")
+        problems += [f"{rel} was not written by the stage" for rel in sorted(set(found) - set(expected))]
+        return problems
 
     def stages(self) -> list[StageState]:
         """Every stage under the run, finished or not, in path order."""
@@ -371,6 +408,16 @@ def write_table(uri: str, table) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs)
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_tree(path: str) -> None:

@@ -155,3 +155,21 @@ def test_regex_is_the_compact_schema_and_config_errors():
         load_config("tiny", ["score.weights={nope: 1}"])
     with pytest.raises(ConfigError, match="score.aspects"):
         load_config("tiny", ["score.aspects=[{name: execution, rubric: x}]"])
+
+
+def test_an_iteration_where_no_candidate_parses_stops_in_words(tmp_path):
+    from scoder_ray.score.stage import run_score
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}", "run.id=empty"])
+    store = RunStore.for_config(cfg)
+
+    def unparsed(tmp: str) -> dict:
+        pq.write_table(pa.Table.from_pylist([{"cand_id": f"c{i}", "parse_ok": False, "reason": "no solution block"}
+                                             for i in range(3)]), f"{tmp}/part-0.parquet")
+        return {"rows": 3, "parse_rate": 0.0, "rejected": {"no solution block": 2, "empty problem": 1}, "truncated": 2}
+
+    store.run_stage("iter_01/sample", {}, {}, unparsed)
+    with pytest.raises(ValueError, match=r"iter_01/sample: none of the 3 candidates parsed .*no solution block x2, "
+                                         r"empty problem x1; 2 hit sample.max_tokens\)"):
+        run_score(cfg, store, 1)
+    assert store.read_done("iter_01/score") is None  # nothing half-written

@@ -234,3 +234,40 @@ def test_a_driver_that_lost_its_lease_does_not_commit(run_root):
     with pytest.raises(StoreError, match="taken over by host n2"):
         store.run_stage("s", {}, {}, write_rows(1))
     assert store.read_done("s") is None
+
+
+def test_damaged_outputs_are_found_and_redone(run_root, capsys):
+    cfg = load_config("tiny")
+    store = RunStore(run_root, "r")
+    store.write_config(cfg)
+    calls = []
+
+    def produce(uri):
+        calls.append(uri)
+        return write_rows(50)(uri)
+
+    done = store.run_stage("s", {"seeds": cfg.seeds}, {}, produce)
+    part = f"{store.stage_dir('s')}/{done['attempt']}/data/part-0.parquet"
+    assert list(done["files"]) == ["data/part-0.parquet"] and store.verify("s", done) == []
+    assert main(["status", f"{run_root}/r", "--verify"]) == 0
+    assert "every finished stage's files are as written" in capsys.readouterr().out
+    if store.local:  # same size, other bytes: only the sha256 (recorded on local roots) sees it
+        with open(part, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert main(["status", f"{run_root}/r", "--verify"]) == 1
+        out = capsys.readouterr().out
+        assert "damaged" in out and "data/part-0.parquet has other bytes than when written" in out
+    with store.fs.open_output_stream(part) as f:  # a truncated file: the next run redoes the stage
+        f.write(b"PAR1")
+    with store.fs.open_output_stream(f"{store.stage_dir('s')}/{done['attempt']}/data/stray.parquet") as f:
+        f.write(b"x")
+    assert set(store.verify("s", done, hashes=False)) == {"data/part-0.parquet has 4 bytes, "
+                                                         f"{done['files']['data/part-0.parquet'][0]} when written",
+                                                         "data/stray.parquet was not written by the stage"}
+    again = store.run_stage("s", {"seeds": cfg.seeds}, {}, produce)
+    assert "skipped" not in again and len(calls) == 2 and read_rows(store, "s") == 50
+    assert "its output changed since it was written" in capsys.readouterr().out
+    assert store.run_stage("s", {"seeds": cfg.seeds}, {}, produce)["skipped"]

@@ -39,6 +39,14 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
     done = store.read_done(upstream)
     if done is None:
         raise ValueError(f"scoring needs candidates: run {upstream} first")
+    if not done["rows"] or not done.get("parse_rate", 1.0):
+        # Nothing to score: stop here, in words, rather than go on with an iteration that can keep nothing.
+        reasons = sorted(done.get("rejected", {}).items(), key=lambda kv: -kv[1])[:3]
+        raise ValueError(f"{upstream}: none of the {done['rows']} candidates parsed into a (problem, solution) pair"
+                         + (f" (most common reasons: {', '.join(f'{r} x{n}' for r, n in reasons)}"
+                            f"; {done.get('truncated', 0)} hit sample.max_tokens)" if reasons else "")
+                         + ". The synthesizer does not follow the sample prompt: check models.synthesizer, "
+                         "sample.max_tokens and the bootstrap's training data before rerunning")
     model_path = cfg.models.scorer  # resolved on the engines' nodes (model_cache.local_model)
 
     def produce(tmp: str) -> dict[str, Any]:
