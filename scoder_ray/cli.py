@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     _config_args(p)
 
+    p = sub.add_parser("plan", help="before any work: per stage the GPUs held, the starts, GPU-hours and wall time",
+                       epilog=EPILOG)
+    p.add_argument("--throughput", metavar="FILE", help="per-GPU throughput (default: conf/throughput.yaml)")
+    _config_args(p)
+
     p = sub.add_parser("status", help="the stages of a run directory, their state and counts")
     p.add_argument("run_dir", help="e.g. runs/tiny (a local path or s3://... URI)")
     p.add_argument("--json", action="store_true", help="print the _DONE.json records as JSON")
@@ -128,6 +133,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.command == "config":
         print(to_yaml(cfg), end="")
+        return 0
+    if args.command == "plan":
+        from scoder_ray.plan import load_throughput, plan, render
+
+        tp = load_throughput(args.throughput)
+        tp["_source"] = args.throughput or "conf/throughput.yaml"
+        print(render(cfg, plan(cfg, tp), tp))
         return 0
     if args.command == "models":
         from scoder_ray.tiny import resolve_model

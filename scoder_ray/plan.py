@@ -1,0 +1,109 @@
+"""`scoder-ray plan`: before any work, what a config will cost — per stage the GPUs it holds, the engines,
+actors and workers it starts, and estimated GPU-hours and wall time — from the volumes the config implies
+and the per-GPU throughput in conf/throughput.yaml (each number there says where it was measured or that it
+is assumed). Stages run one after another, so the wall time is their sum; a stage holds its GPUs for its
+whole wall time, start-ups included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from scoder_ray.config import Config
+
+THROUGHPUT = Path(__file__).resolve().parent.parent / "conf" / "throughput.yaml"
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    volume: str  # what the stage processes, in words
+    gpus: int  # held at once (0: a CPU stage)
+    starts: int  # engines, actors or training runs started
+    gpu_hours: float
+    wall_hours: float
+
+
+def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
+    with open(path or THROUGHPUT, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
+    out: list[StagePlan] = []
+    engines = cfg.engine.num_engines
+    engine_gpus = engines * cfg.engine.gpus_per_engine
+
+    def add(stage: str, volume: str, gpus: int, starts: int, work_gpu_s: float, start_s: float) -> None:
+        """work_gpu_s: GPU-seconds of work, spread over `gpus`; start_s: the stage's start-up wall time."""
+        if gpus <= 0:
+            out.append(StagePlan(stage, volume, 0, starts, 0.0, 0.0))
+            return
+        wall_s = work_gpu_s / gpus + start_s
+        out.append(StagePlan(stage, volume, gpus, starts, gpus * wall_s / 3600, wall_s / 3600))
+
+    def train(stage: str, conf, rows: float, epochs: int) -> None:
+        tokens = rows * epochs * tp["train_example_tokens"]
+        add(stage, f"{rows:,.0f} rows x {epochs} epochs = {tokens / 1e6:,.1f}M tokens",
+            conf.num_workers * conf.gpus_per_worker, 1, tokens / tp["train_tokens_per_s"], tp["train_start_s"])
+
+    def generate(stage: str, rows: float, tokens_each: float, pools: int) -> None:
+        tokens = rows * tokens_each
+        add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", engine_gpus, pools * engines,
+            tokens / tp["generation_tokens_per_s"], pools * tp["engine_start_s"])
+
+    teacher_rows = cfg.teacher.num_seeds
+    out.append(StagePlan("bootstrap", f"{teacher_rows:,} teacher requests", 0, 0, 0.0, 0.0))
+    syn = cfg.train.synthesizer
+    train("train_synthesizer", syn, teacher_rows, syn.epochs)
+    pool = cfg.sample.num_seeds or cfg.seeds.max_snippets
+    m, n = syn.num_checkpoints, cfg.sample.samples_per_seed
+    kept_total = 0.0
+    wu = cfg.train.warmup
+    inf = cfg.influence
+    for t in range(1, cfg.loop.iterations + 1):
+        it = f"iter_{t:02d}"
+        cands = pool * m * n
+        generate(f"{it}/sample", cands, tp["sample_output_tokens"], m)  # one engine pool per checkpoint
+        scored = cands * tp["parse_rate"]
+        score_gpu_s = (scored * tp["score_prompt_tokens"] / tp["prefill_tokens_per_s"]
+                       + scored * cfg.score.max_tokens / tp["generation_tokens_per_s"])
+        add(f"{it}/score", f"{scored:,.0f} candidates scored", engine_gpus, engines, score_gpu_s, tp["engine_start_s"])
+        selected = pool * cfg.score.top_k
+        warm_rows = max(inf.warmup_min_rows, inf.warmup_fraction * selected)
+        train(f"{it}/warmup", wu, warm_rows, wu.epochs)
+        examples = (selected + teacher_rows) * wu.num_checkpoints
+        rate = tp["influence_examples_per_s"] * tp["influence_tokens_at_rate"] / tp["influence_example_tokens"]
+        pools = wu.num_checkpoints * 2  # a feature pool per (checkpoint, candidates | teacher samples)
+        add(f"{it}/influence", f"{examples:,.0f} examples ({wu.num_checkpoints} checkpoints)",
+            inf.num_actors * inf.gpus_per_actor, pools * inf.num_actors, examples / rate, pools * tp["actor_start_s"])
+        kept_total += inf.keep_count or inf.keep_fraction * selected
+        retrain_rows = teacher_rows + kept_total
+        train(f"{it}/train_synthesizer", syn, retrain_rows, cfg.loop.retrain_epochs or syn.epochs)
+    final_rows = cfg.loop.final_dataset_size / tp["parse_rate"] * tp.get("final_oversample", 1.25)
+    generate("final", final_rows, tp["sample_output_tokens"], 1)
+    train("train_scoder", cfg.train.scoder, cfg.loop.final_dataset_size, cfg.train.scoder.epochs)
+    problems = sum(tp["evaluate_problems"].get(b, 0) for b in cfg.evaluate.benchmarks)
+    if cfg.evaluate.limit:
+        problems = min(problems, cfg.evaluate.limit * len(cfg.evaluate.benchmarks))
+    models = 2 if cfg.evaluate.compare_base else 1
+    generate("evaluate", problems * cfg.evaluate.num_samples * models, tp["evaluate_output_tokens"], models)
+    return out
+
+
+def render(cfg: Config, stages: list[StagePlan], tp: dict[str, Any]) -> str:
+    lines = [f"plan for run {cfg.run.id}: throughput per {tp['gpu']} GPU from {tp.get('_source', THROUGHPUT)}",
+             f"{'stage':<28} {'GPUs':>5} {'starts':>6} {'GPU-h':>8} {'wall h':>7}  volume"]
+    for s in stages:
+        gpus = str(s.gpus) if s.gpus else "cpu"
+        hours = f"{s.gpu_hours:8.1f} {s.wall_hours:7.2f}" if s.gpus else f"{'-':>8} {'-':>7}"
+        lines.append(f"{s.stage:<28} {gpus:>5} {s.starts:>6} {hours}  {s.volume}")
+    total_gpu_h = sum(s.gpu_hours for s in stages)
+    total_wall = sum(s.wall_hours for s in stages)
+    peak = max((s.gpus for s in stages), default=0)
+    lines.append(f"{'total':<28} {peak:>5} {sum(s.starts for s in stages):>6} {total_gpu_h:8.1f} {total_wall:7.2f}"
+                 "  (GPUs: the most held at once; CPU stages are not estimated)")
+    return "\n".join(lines)
