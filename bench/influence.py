@@ -25,7 +25,8 @@ saves them). Each example's full per-example gradient is computed once per check
 - today's dense Rademacher (sketch_dim 0): P x d, too large to cache, so `features_of` regenerates it on
   every pass of buffer_mb of gradients; here applied in ONE pass over all rows (its cheapest case) and
   its per-pass regeneration time measured;
-- the sketched map (influence.sketch_dim): CountSketch to m buckets, then the cached m x d Rademacher.
+- the sketched map (influence.sketch_dim): CountSketch to m buckets, then the cached m x d Rademacher;
+- the alternative, block-diagonal: one Rademacher block per LoRA tensor with d_k of the d dims by size.
 Prints, per kernel, examples/s = rows / (gradient time + projection time), today's at the configured
 buffer (passes x regeneration + products), the Spearman of the final influence scores (summed over the
 checkpoints, as the stage's output) against exact and against dense, the top-5% overlaps, and peak RSS.
@@ -111,6 +112,27 @@ def enough_rows(n: int) -> list:
     return rows
 
 
+class BlockDiagonal:
+    """The alternative measured against the sketch: one Rademacher block per LoRA tensor, d_k of the d dims in
+    proportion to its size (LoGra/GraSS-like per-module projection, but on the full Adam-transformed vector)."""
+
+    def __init__(self, sizes: list, dim: int, seed: int):
+        total = sum(sizes)
+        self.dims = [max(1, round(dim * s / total)) for s in sizes]
+        self.blocks = []
+        for k, (size, d) in enumerate(zip(sizes, self.dims)):
+            gen = torch.Generator().manual_seed(seed * 100_003 + k)
+            self.blocks.append((torch.randint(0, 2, (size, d), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.bfloat16))
+        self.sizes = sizes
+
+    def project(self, x):
+        parts, at = [], 0
+        for size, d, r in zip(self.sizes, self.dims, self.blocks):
+            parts.append((x[:, at:at + size].to(torch.bfloat16) @ r).float() / d ** 0.5)
+            at += size
+        return torch.cat(parts, dim=1)
+
+
 def warm_up_lora(base: str, rows: list, tok, out: Path, epochs: int, max_len: int) -> list[str]:
     """LoRA r=128 (alpha 512, q/k/v/o, as LESS) trained with AdamW on `rows`, one checkpoint per epoch, saved
     as the training stage saves warm-up checkpoints (adapter + optimizer/ moments + optimizer.json)."""
@@ -171,8 +193,9 @@ def smollm2_case(args) -> None:
         return [encode(tok, *prompt_response(r, "synthesizer"), args.max_len)[:2] for r in part]
 
     cands, refs = encoded(cand_rows), encoded(ref_rows)
-    scores = {k: {} for k in ("exact", "dense", "sketch")}
-    timing = {"gradient_s": 0.0, "sketch_project_s": 0.0, "sketch_prepare_s": 0.0, "dense_regenerate_s": 0.0,
+    scores = {k: {} for k in ("exact", "dense", "sketch", "blockdiag")}
+    timing = {"gradient_s": 0.0, "sketch_project_s": 0.0, "sketch_prepare_s": 0.0, "blockdiag_project_s": 0.0,
+              "blockdiag_prepare_s": 0.0, "dense_regenerate_s": 0.0,
               "dense_products_s": 0.0}
     lora_params = 0
     with PeakRSS() as mem:
@@ -184,6 +207,10 @@ def smollm2_case(args) -> None:
             sketch = Projector(feats.total, args.dim, 0, name, 4096, "cpu", dtype=dtype, sketch_dim=args.sketch_dim)
             sketch.prepare()
             timing["sketch_prepare_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            blockdiag = BlockDiagonal(feats.sizes, args.dim, int(name[-2:]))
+            timing["blockdiag_prepare_s"] += time.perf_counter() - t
+            proj_bd: dict[str, list] = {"candidate": [], "reference": []}
             full: dict[str, list] = {"candidate": [], "reference": []}  # gradients for the one dense pass (bf16)
             proj: dict[str, list] = {"candidate": [], "reference": []}
             exact_parts: list = []
@@ -200,6 +227,9 @@ def smollm2_case(args) -> None:
                     t = time.perf_counter()
                     proj[kind].append(sketch.project(g))
                     timing["sketch_project_s"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    proj_bd[kind].append(blockdiag.project(g))
+                    timing["blockdiag_project_s"] += time.perf_counter() - t
                     unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
                     if kind == "reference":
                         ref_unit_mean = unit.sum(0) if ref_unit_mean is None else ref_unit_mean + unit.sum(0)
@@ -208,6 +238,8 @@ def smollm2_case(args) -> None:
                     full[kind].append(g.to(torch.bfloat16))
             scores["exact"][name] = np.concatenate(exact_parts)
             feats_new = {k: torch.cat(v).numpy() for k, v in proj.items()}
+            feats_bd = {k: torch.cat(v).numpy() for k, v in proj_bd.items()}
+            del blockdiag
             # Today's dense map over every row in one pass: each block of R generated once, then multiplied.
             dense_out = {k: torch.zeros(sum(x.shape[0] for x in v), args.dim) for k, v in full.items()}
             stacked = {k: torch.cat(v) for k, v in full.items()}
@@ -223,7 +255,8 @@ def smollm2_case(args) -> None:
                     dense_out[k] += (stacked[k][:, lo:lo + r.shape[0]].to(dense.dtype) @ r).float()
                 timing["dense_products_s"] += time.perf_counter() - t
             del stacked
-            for k, mine in (("dense", {kk: v.numpy() for kk, v in dense_out.items()}), ("sketch", feats_new)):
+            for k, mine in (("dense", {kk: v.numpy() for kk, v in dense_out.items()}), ("sketch", feats_new),
+                            ("blockdiag", feats_bd)):
                 scores[k][name] = influence_scores({name: mine["candidate"]}, {name: mine["reference"]}, {name: 1.0})
             del feats, sketch, dense_out
     final = {k: sum(v.values()) for k, v in scores.items()}
@@ -252,6 +285,8 @@ def smollm2_case(args) -> None:
         "projection_share_today": round(1 - timing["gradient_s"] / today_s, 3),
         "sketch_vs_exact": agree("sketch", "exact"), "dense_vs_exact": agree("dense", "exact"),
         "sketch_vs_dense": agree("sketch", "dense"),
+        "blockdiag_examples_per_s": round(n * n_ck / (timing["gradient_s"] + timing["blockdiag_project_s"]), 3),
+        "blockdiag_vs_exact": agree("blockdiag", "exact"), "blockdiag_vs_dense": agree("blockdiag", "dense"),
         "peak_rss_gib": round(mem.peak / 2**30, 2),
     }, indent=2))
 
