@@ -177,11 +177,11 @@ class RunStore:
             "config_digests": {k: digest(v) for k, v in config_sections.items()},
             "inputs": inputs,
             "output_digest": digest({"key": key, "rows": summary["rows"]}),
-            "files": self._manifest(out),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - started, 3),
             **summary,
+            "manifest": self._manifest(out),  # after the summary: a stage's own keys never replace it
         }
         self._write_text_atomic(f"{self.stage_dir(stage)}/{DONE}", json.dumps(done, indent=2, sort_keys=True, default=str))
         self._collect(stage, attempt)  # the attempt it replaced
@@ -200,7 +200,7 @@ class RunStore:
         """What differs between a finished stage's files and the manifest its `_DONE.json` holds: missing,
         unexpected or resized files, and (with `hashes`, where recorded) changed bytes. [] when they agree;
         stages committed before manifests existed are not checked."""
-        expected = done.get("files")
+        expected = done.get("manifest")
         if expected is None:
             return []
         out = f"{self.stage_dir(stage)}/{done['attempt']}"

@@ -248,7 +248,7 @@ def test_damaged_outputs_are_found_and_redone(run_root, capsys):
 
     done = store.run_stage("s", {"seeds": cfg.seeds}, {}, produce)
     part = f"{store.stage_dir('s')}/{done['attempt']}/data/part-0.parquet"
-    assert list(done["files"]) == ["data/part-0.parquet"] and store.verify("s", done) == []
+    assert list(done["manifest"]) == ["data/part-0.parquet"] and store.verify("s", done) == []
     assert main(["status", f"{run_root}/r", "--verify"]) == 0
     assert "every finished stage's files are as written" in capsys.readouterr().out
     if store.local:  # same size, other bytes: only the sha256 (recorded on local roots) sees it
@@ -265,7 +265,7 @@ def test_damaged_outputs_are_found_and_redone(run_root, capsys):
     with store.fs.open_output_stream(f"{store.stage_dir('s')}/{done['attempt']}/data/stray.parquet") as f:
         f.write(b"x")
     assert set(store.verify("s", done, hashes=False)) == {"data/part-0.parquet has 4 bytes, "
-                                                         f"{done['files']['data/part-0.parquet'][0]} when written",
+                                                         f"{done['manifest']['data/part-0.parquet'][0]} when written",
                                                          "data/stray.parquet was not written by the stage"}
     again = store.run_stage("s", {"seeds": cfg.seeds}, {}, produce)
     assert "skipped" not in again and len(calls) == 2 and read_rows(store, "s") == 50
