@@ -12,6 +12,7 @@ import pytest
 from scoder_ray.evaluate.sandbox import UID_BASE, UID_SLOTS, Limits, run_batch, run_program
 
 FAST = Limits(timeout_s=3, cpu_seconds=3)
+ROOT_HOME = os.path.expanduser("~root")  # root's home, wherever this system puts it
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="file and process protection need the per-run uid (root)")
 
 
@@ -205,7 +206,7 @@ def test_root_only_host_files_are_not_readable_nor_sent_out(tmp_path):
     secret.write_text("TOPSECRET-41")
     secret.chmod(0o600)
     code = ("import glob, os\nfound = []\n"
-            f"for path in ['/etc/shadow', {str(secret)!r}, '/root/.bash_history'] + glob.glob('/root/*'):\n"
+            f"for path in ['/etc/shadow', {str(secret)!r}] + glob.glob({ROOT_HOME!r} + '/*'):\n"
             "    try:\n        found.append(open(path).read()[:50])\n    except OSError:\n        pass\n"
             "print(found)\nraise ValueError(repr(found))\n")
     v = run_program(code, "pass\n", FAST)
