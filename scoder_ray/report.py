@@ -200,7 +200,8 @@ def build(store: RunStore) -> str:
     if ev:
         rows = [[model, bench, ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))]
                 for model, by_bench in ev["results"].items() for bench, scores in by_bench.items()]
-        parts.append("<h2>Evaluation</h2>" + _table(rows, ["model", "benchmark", "pass@k"]) +
+        parts.append("<h2>Evaluation</h2>" + _table(rows, ["model", "benchmark", "pass@k; share of verdicts decided "
+                                                                                 "outside the program"]) +
                      f"<p>{ev.get('num_samples')} sample(s) per problem, temperature {ev.get('temperature')}, "
                      f"limit {ev.get('limit') or 'none'}.</p>")
     lineage = [[it, json.dumps(dones[f"{it}/train_data"].get("by_origin", {}))] for it in iterations

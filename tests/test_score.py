@@ -31,6 +31,7 @@ def test_stated_examples_and_the_execution_aspect():
     out = execute_batch(batch, timeout_s=2, workers=2)
     assert list(out["exec_verdict"]) == ["passed", "failed", "timeout", "passed", "failed"]
     assert "IndexError" in out["exec_reason"][1] and "SyntaxError" in out["exec_reason"][4]
+    assert out["exec_decided"][0] == "outside" and out["exec_decided"][4] == "in-process"  # no examples: runs as is
 
 
 def test_aspect_parsing_and_fallback():

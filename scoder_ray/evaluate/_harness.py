@@ -142,7 +142,7 @@ def set_limits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_child(spec: dict, result_fd: int) -> None:
+def run_child(spec: dict, result_fd: int, results_fd: int) -> None:
     """In the forked child: isolate, drop privileges, run solution then tests, report, exit."""
     # Everything the verdict depends on is bound now, before any untrusted code runs.
     write, exit_now, fd = os.write, os._exit, result_fd
@@ -216,11 +216,76 @@ def run_child(spec: dict, result_fd: int) -> None:
     for name, module in snapshot_modules.items():
         sys.modules.setdefault(name, module)
     namespace["__builtins__"] = builtins
+    if "calls" in spec:  # checked tests: report values only, the evaluator judges them (see checks.py)
+        _report_values(spec, namespace, results_fd)
+        report("passed", "values reported")
     try:
         run_code(tests, namespace)
     except BaseException as e:
         report("failed", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     report("passed")
+
+
+class Unplain(Exception):
+    pass
+
+
+def plain(value, depth: int = 0):
+    """A value as JSON data that keeps its type: lists as lists, tuples, sets, dicts and bytes tagged.
+    Only the built-in types themselves (numpy scalars as their Python value): an instance of anything
+    else, a subclass of int included, is not plain data and fails the check it was for."""
+    t = type(value)
+    if depth > 100:
+        raise Unplain("a value nested deeper than 100")
+    if value is None or t is bool or t is int or t is float or t is str:
+        return value
+    if t is list:
+        return [plain(v, depth + 1) for v in value]
+    if t is tuple:
+        return {"tuple": [plain(v, depth + 1) for v in value]}
+    if t is set or t is frozenset:
+        return {t.__name__: [plain(v, depth + 1) for v in value]}
+    if t is dict:
+        return {"dict": [[plain(k, depth + 1), plain(v, depth + 1)] for k, v in value.items()]}
+    if t is bytes:
+        return {"bytes": value.hex()}
+    if getattr(t, "__module__", "") == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return plain(value.item(), depth + 1)
+    raise Unplain(f"a {getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', '?')}")
+
+
+def _report_values(spec: dict, namespace: dict, fd: int) -> None:
+    """Evaluate each call expression; write [{"value": plain} | {"raised": str} | {"unplain": type}],
+    stopping at the first that raises or is not plain data. The expected values are never here."""
+    import copy
+
+    entry = spec.get("entry_point") or ""
+    scope = {"candidate": namespace.get(entry), "__inputs__": spec.get("inputs"), "__copy__": copy.deepcopy}
+    results, size, room = [], 0, (int(spec["limits"]["file_size_mb"]) << 20) - 4096
+    if entry and scope["candidate"] is None:
+        results.append({"raised": f"NameError: name {spec['entry_point']!r} is not defined"})
+    for expr in spec["calls"] if not results else ():
+        try:
+            value = eval(compile(expr, "tests.py", "eval"), namespace, scope)
+        except BaseException as e:  # noqa: BLE001 - whatever it raised, the check fails
+            try:
+                text = f"{type(e).__name__}: {e}"
+            except BaseException:
+                text = type(e).__name__
+            results.append({"raised": text[:300]})
+            break
+        try:
+            entry = {"value": plain(value)}
+            size += len(json.dumps(entry)) + 2  # also raises for an int too long for str()
+            if size > room:
+                raise Unplain(f"values of {size >> 20} MB in all, over the file size limit")
+        except BaseException as e:  # noqa: BLE001 - not plain, too deep, too long, out of memory: a failure
+            results.append({"unplain": str(e)[:120] if isinstance(e, Unplain) else f"{type(e).__name__}: {e}"[:120]})
+            break
+        results.append(entry)
+    data = json.dumps(results).encode()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def run_one(spec: dict) -> dict:
@@ -233,8 +298,8 @@ def run_one(spec: dict) -> dict:
         # The output files are opened here, before the program runs, and read back through these
         # descriptors: whatever the program does to the names (a symlink to a secret, a FIFO), the
         # server never opens a path the program controls.
-        out_fd, err_fd = (os.open(os.path.join(workdir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                          for name in (".stdout", ".stderr"))
+        out_fd, err_fd, res_fd = (os.open(os.path.join(workdir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                                  for name in (".stdout", ".stderr", ".values"))
         read_fd, write_fd = os.pipe()
         start = time.monotonic()
         pid = os.fork()
@@ -247,13 +312,15 @@ def run_one(spec: dict) -> dict:
                     os.dup2(f, target)
                     os.close(f)
                 # The server's own descriptors (its request and answer pipes) are none of the program's business.
+                if res_fd != write_fd + 1:
+                    os.dup2(res_fd, write_fd + 1)
                 os.closerange(3, write_fd)
-                os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                os.closerange(write_fd + 2, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
                 os.environ.clear()
                 os.environ.update(spec["env"], HOME=workdir, TMPDIR=workdir)
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)
-                run_child(spec, write_fd)
+                run_child(spec, write_fd, write_fd + 1)
             finally:
                 os._exit(70)
         os.close(write_fd)
@@ -267,8 +334,10 @@ def run_one(spec: dict) -> dict:
         answer = {"message": _read_message(read_fd, spec["nonce"]), "returncode": returncode,
                   "timed_out": timed_out, "seconds": time.monotonic() - start,
                   "stdout": _head(out_fd, int(spec["output_cap"])), "stderr": _head(err_fd, int(spec["output_cap"]))}
-        os.close(out_fd)
-        os.close(err_fd)
+        if "calls" in spec:
+            answer["values"] = _head(res_fd, int(spec["limits"]["file_size_mb"]) << 20)
+        for fd in (out_fd, err_fd, res_fd):
+            os.close(fd)
         return answer
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -4,19 +4,27 @@
 - `humaneval+`, `mbpp`, `mbpp+`: the evalplus release files (HumanEvalPlus-*.jsonl[.gz],
   MbppPlus-*.jsonl[.gz]), which cannot be downloaded here: pass their path, or set
   HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH as evalplus itself honours. `mbpp` runs the base inputs,
-  the `+` variants base and plus inputs; expected outputs come from the canonical solution, run in the
-  same sandboxed program in a namespace of its own, compared as evalplus does (floats with a tolerance).
+  the `+` variants base and plus inputs; expected outputs come from the canonical solution's own
+  sandbox run (`with_expected`), compared outside the candidate's process as evalplus does (floats with
+  a tolerance). Where that run fails, the reference runs beside the candidate in one program (in-process).
+- HumanEval's `check(candidate)` asserts become checks decided outside the program (156 of 164; the rest
+  use loops or helpers and run as they are): see checks.py.
 """
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from scoder_ray.config import BENCHMARKS  # one list for config validation and loading
+from scoder_ray.evaluate.checks import CheckedTests, NotCheckable, evalplus_checks, evalplus_equal, from_asserts
+
+if TYPE_CHECKING:
+    from scoder_ray.evaluate.sandbox import Limits, Sandbox
 
 RELEASES = "https://github.com/evalplus/humanevalplus_release/releases and https://github.com/evalplus/mbppplus_release/releases"
 
@@ -27,7 +35,11 @@ class Problem:
     prompt: str
     entry_point: str
     canonical_solution: str
-    tests: str  # code run after the solution; raises on failure
+    tests: str  # code run after the solution; raises on failure (decided in the program's process)
+    checked: Optional[CheckedTests] = None  # the same tests as checks decided outside it (checks.py)
+    inputs: Optional[list] = None  # evalplus: inputs whose expected outputs the reference's own run gives
+    atol: float = 0.0
+    reference: str = ""  # evalplus: the canonical solution as complete code
 
 
 def load_humaneval() -> list[dict]:
@@ -70,9 +82,32 @@ def load_problems(benchmark: str = "humaneval", path: Optional[str] = None) -> d
         missing = [k for k in ("task_id", "prompt", "entry_point") if k not in r]
         if missing:
             raise ValueError(f"{path or 'HumanEval'}: record {i} lacks {', '.join(missing)}")
-        problems[r["task_id"]] = Problem(r["task_id"], r["prompt"], r["entry_point"],
-                                         r.get("canonical_solution", ""), _tests_for(r, benchmark, path))
+        tests, checked, inputs, reference = _tests_for(r, benchmark, path), None, None, ""
+        if "base_input" in r:
+            inputs, reference = _evalplus_inputs(r, benchmark), _reference(r, benchmark)
+        else:
+            try:
+                checked = from_asserts(tests, r["entry_point"])
+            except NotCheckable:
+                pass  # loops, helpers: the tests run as they are, the verdict says `in-process`
+        problems[r["task_id"]] = Problem(r["task_id"], r["prompt"], r["entry_point"], r.get("canonical_solution", ""),
+                                         tests, checked, inputs, float(r.get("atol") or 0.0), reference)
     return problems
+
+
+def with_expected(problems: dict[str, Problem], sandbox: "Sandbox", limits: "Limits") -> tuple[dict[str, Problem], list[str]]:
+    """evalplus problems with checks: each reference solution runs once, alone, in the sandbox, and its
+    outputs become the expected values candidates never see. Returns the problems and the task ids whose
+    reference did not give plain outputs (they keep the in-process comparison)."""
+    todo = [p for p in problems.values() if p.inputs is not None and p.checked is None]
+    verdicts = sandbox.run_batch([(p.reference, evalplus_checks(p.entry_point, p.inputs)) for p in todo], limits)
+    out, failed = dict(problems), []
+    for p, v in zip(todo, verdicts):
+        if v.passed:
+            out[p.task_id] = replace(p, checked=evalplus_checks(p.entry_point, p.inputs, v.extra["values"], p.atol))
+        else:
+            failed.append(f"{p.task_id} ({v.status}: {v.reason[:80]})")
+    return out, failed
 
 
 def _tests_for(r: dict, benchmark: str, path: Optional[str]) -> str:
@@ -80,35 +115,33 @@ def _tests_for(r: dict, benchmark: str, path: Optional[str]) -> str:
         if "test" not in r:
             raise ValueError(f"{path}: {r['task_id']} has neither `test` nor `base_input`")
         return f"{r['test']}\ncheck({r['entry_point']})\n"
-    inputs = list(r["base_input"]) + (list(r.get("plus_input") or []) if benchmark.endswith("+") else [])
-    reference = (r["prompt"] + r["canonical_solution"]) if benchmark.startswith("humaneval") else r["canonical_solution"]
-    return COMPARE_TEMPLATE.format(inputs=json.dumps(json.dumps(inputs)), reference=json.dumps(reference),
+    return COMPARE_TEMPLATE.format(inputs=json.dumps(json.dumps(_evalplus_inputs(r, benchmark))),
+                                   reference=json.dumps(_reference(r, benchmark)),
                                    entry=json.dumps(r["entry_point"]), atol=float(r.get("atol") or 0.0))
 
 
-def program_for(problem: Problem, completion: Optional[str] = None, solution: Optional[str] = None) -> tuple[str, str]:
-    """(solution code, test code) for one sample: a `completion` continues the prompt (human-eval);
-    a `solution` is complete code (evalplus)."""
+def _evalplus_inputs(r: dict, benchmark: str) -> list:
+    return list(r["base_input"]) + (list(r.get("plus_input") or []) if benchmark.endswith("+") else [])
+
+
+def _reference(r: dict, benchmark: str) -> str:
+    return (r["prompt"] + r["canonical_solution"]) if benchmark.startswith("humaneval") else r["canonical_solution"]
+
+
+def program_for(problem: Problem, completion: Optional[str] = None,
+                solution: Optional[str] = None) -> "tuple[str, str | CheckedTests]":
+    """(solution code, tests) for one sample: a `completion` continues the prompt (human-eval); a
+    `solution` is complete code (evalplus). Tests are checks decided outside the program where the
+    problem has them, its test code otherwise."""
     code = solution if solution is not None else problem.prompt + (completion or "")
-    return code, problem.tests
+    return code, problem.checked or problem.tests
 
 
-# Expected outputs come from the reference run in its own namespace; arguments are deep-copied so a
-# candidate that mutates its input cannot change what the reference sees.
-COMPARE_TEMPLATE = """
-import copy as _copy, json as _json, math as _math
-def _equal(got, exp, atol):
-    if isinstance(exp, float) or (isinstance(got, float) and isinstance(exp, int)):
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
-            return False
-        if _math.isnan(exp):
-            return _math.isnan(got)
-        return _math.isclose(got, exp, rel_tol=1e-07, abs_tol=atol or 1e-06)
-    if isinstance(exp, (list, tuple)):
-        return type(got) is type(exp) and len(got) == len(exp) and all(_equal(g, e, atol) for g, e in zip(got, exp))
-    if isinstance(exp, dict):
-        return isinstance(got, dict) and got.keys() == exp.keys() and all(_equal(got[k], exp[k], atol) for k in exp)
-    return type(got) is type(exp) and got == exp
+# The in-process fallback (a reference without plain outputs): expected outputs come from the reference
+# run in its own namespace beside the candidate; arguments are deep-copied so a candidate that mutates
+# its input cannot change what the reference sees. The comparison is checks.evalplus_equal's own source.
+COMPARE_TEMPLATE = "import copy as _copy, json as _json, math\nfrom typing import Any\n" + inspect.getsource(evalplus_equal).replace("{", "{{").replace(
+    "}", "}}") + """
 _inputs = _json.loads({inputs})
 _ref_ns = {{"__name__": "reference"}}
 exec(compile({reference}, "reference.py", "exec"), _ref_ns)
@@ -116,7 +149,7 @@ _reference, _candidate = _ref_ns[{entry}], globals()[{entry}]
 for _i, _args in enumerate(_inputs):
     _exp = _reference(*_copy.deepcopy(_args))
     _got = _candidate(*_copy.deepcopy(_args))
-    if not _equal(_got, _exp, {atol}):
+    if not evalplus_equal(_got, _exp, {atol}):
         raise AssertionError("input #%d: expected %.80r, got %.80r" % (_i, _exp, _got))
 """
 

@@ -2,19 +2,24 @@
 
 Reads JSONL lines `{"task_id": ..., "completion": ...}` (or evalplus' `"solution"`: complete code),
 checks every line before running anything, runs each sample in the sandbox, writes
-`<samples>_results.jsonl` atomically (each line plus `passed` and `result`), returns pass@k.
+`<samples>_results.jsonl` atomically (each line plus `passed`, `result` and `decided`: `outside` where the
+verdict was made here from the values the program reported, `in-process` where it ran its own tests),
+returns pass@k and the share decided outside.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import defaultdict
 from typing import Optional, Sequence
 
-from scoder_ray.evaluate.benchmarks import Problem, load_problems, program_for
+from scoder_ray.evaluate.benchmarks import Problem, load_problems, program_for, with_expected
 from scoder_ray.evaluate.passk import mean_pass_at_k
-from scoder_ray.evaluate.sandbox import Limits, run_batch
+from scoder_ray.evaluate.sandbox import Limits, Sandbox
+
+log = logging.getLogger(__name__)
 
 
 class SampleFileError(ValueError):
@@ -59,17 +64,25 @@ def evaluate_samples(
 ) -> dict[str, float]:
     problems = load_problems(benchmark, problems_path)
     samples = read_samples(samples_path, problems)
-    pairs = [program_for(problems[s["task_id"]], s.get("completion"), s.get("solution") if "completion" not in s else None)
-             for s in samples]
     limits = Limits(timeout_s=timeout, cpu_seconds=max(1, math.ceil(timeout)))
-    verdicts = run_batch(pairs, limits, workers=workers, progress=progress, isolation=isolation)
+    with Sandbox(workers=workers, isolation=isolation) as sandbox:
+        # evalplus: each reference runs once, alone, for the expected outputs (a few per problem's inputs).
+        wanted = {s["task_id"]: problems[s["task_id"]] for s in samples}
+        ref_limits = Limits(timeout_s=max(60.0, 3 * timeout), cpu_seconds=max(60, 3 * math.ceil(timeout)))
+        wanted, unchecked = with_expected(wanted, sandbox, ref_limits)
+        if unchecked:
+            log.warning("%s: %d reference solution(s) gave no plain outputs; their samples are judged in-process: %s",
+                        benchmark, len(unchecked), "; ".join(unchecked[:5]))
+        pairs = [program_for(wanted[s["task_id"]], s.get("completion"), s.get("solution") if "completion" not in s else None)
+                 for s in samples]
+        verdicts = sandbox.run_batch(pairs, limits, progress=progress)
 
     out_path = f"{samples_path}_results.jsonl"
     tmp = f"{out_path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for s, v in zip(samples, verdicts):
             result = v.status if not v.reason else f"{v.status}: {v.reason}"
-            f.write(json.dumps({**s, "passed": v.passed, "result": result}) + "\n")
+            f.write(json.dumps({**s, "passed": v.passed, "result": result, "decided": v.extra.get("decided")}) + "\n")
     os.replace(tmp, out_path)
 
     per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -79,6 +92,8 @@ def evaluate_samples(
     scores, skipped = mean_pass_at_k([tuple(nc) for nc in per_task.values()], ks)
     if skipped:
         scores["skipped_k"] = skipped  # type: ignore[assignment]
+    # Share of verdicts decided outside the program (checks.py); the rest ran their own tests.
+    scores["decided_outside"] = round(sum(v.extra.get("decided") == "outside" for v in verdicts) / len(verdicts), 4)
     missing = len(problems) - len(per_task)
     if missing:
         scores["problems_without_samples"] = missing  # type: ignore[assignment]

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from scoder_ray.evaluate.checks import CheckedTests, decode, judge
+
 HARNESS = str(Path(__file__).with_name("_harness.py"))
 UID_BASE = int(os.environ.get("SCODER_SANDBOX_UID_BASE", "61000"))  # uids no account on the machine uses
 UID_SLOTS = 1000
@@ -119,18 +121,22 @@ class Sandbox:
             self._all.append(server)
         return server
 
-    def run(self, solution: str, tests: str, limits: Limits = Limits()) -> Verdict:
-        """Run `solution` then `tests` (code that raises on failure)."""
+    def run(self, solution: str, tests: "str | CheckedTests", limits: Limits = Limits()) -> Verdict:
+        """Run `solution` then `tests`: code that raises on failure (decided in the program's process), or
+        checks whose values the program reports and this process judges (`checks.py`)."""
+        checked = isinstance(tests, CheckedTests)
         server = self._idle.get()
         try:
             with _uid_slot() as uid:
-                spec = {"nonce": secrets.token_hex(16), "solution": solution, "tests": tests, "uid": uid,
+                spec = {"nonce": secrets.token_hex(16), "solution": solution, "tests": "" if checked else tests, "uid": uid,
                         "keep_read_search": KEEP_READ_SEARCH and uid is not None, "readable": READABLE,
                         "isolation": self.isolation, "env": CHILD_ENV,
                         "timeout_s": limits.timeout_s, "output_cap": limits.output_cap,
                         "limits": {"cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_mb": limits.memory_mb,
                                    "file_size_mb": limits.file_size_mb, "open_files": limits.open_files,
                                    "processes": limits.processes}}
+                if checked:
+                    spec.update(calls=[c.expr for c in tests.checks], entry_point=tests.entry_point, inputs=tests.inputs)
                 answer = _ask(server, spec, limits.timeout_s + 30)
         except (OSError, ValueError, TimeoutError) as e:  # the server itself broke: replace it
             _stop(server)
@@ -144,11 +150,21 @@ class Sandbox:
         if verdict.status == "error" and verdict.reason.startswith("isolation unavailable"):
             raise SandboxUnavailable(f"sandbox {verdict.reason}. Evaluation stops rather than run model-written "
                                      "code unconfined; evaluate.isolation=none accepts running without isolation")
+        if checked and verdict.passed:  # the program ran to its end: now the verdict is ours to make
+            try:
+                values = json.loads(answer.get("values") or "null")
+            except ValueError:
+                values = None
+            ok, reason = judge(tests, values) if isinstance(values, list) else (False, "no values reported")
+            verdict = Verdict("passed" if ok else "failed", reason)
+            if ok and any(c.op == "record" for c in tests.checks):
+                verdict.extra["values"] = [decode(v["value"]) for v in values]
+        verdict.extra["decided"] = "outside" if checked else "in-process"
         verdict.seconds = round(answer["seconds"], 4)
         verdict.stdout, verdict.stderr = answer["stdout"], answer["stderr"]
         return verdict
 
-    def run_batch(self, pairs: Sequence[tuple[str, str]], limits: Limits = Limits(),
+    def run_batch(self, pairs: Sequence[tuple[str, "str | CheckedTests"]], limits: Limits = Limits(),
                   progress: bool = False) -> list[Verdict]:
         """Many (solution, tests) pairs, `workers` at a time, results in input order. One runaway holds
         one worker for its own timeout and never stalls the others."""
@@ -174,13 +190,13 @@ class Sandbox:
         self.close()
 
 
-def run_program(solution: str, tests: str, limits: Limits = Limits()) -> Verdict:
+def run_program(solution: str, tests: "str | CheckedTests", limits: Limits = Limits()) -> Verdict:
     """One program in a one-off sandbox (start-up included; keep a `Sandbox` for many)."""
     with Sandbox(workers=1) as sandbox:
         return sandbox.run(solution, tests, limits)
 
 
-def run_batch(pairs: Sequence[tuple[str, str]], limits: Limits = Limits(), workers: int = 2,
+def run_batch(pairs: Sequence[tuple[str, "str | CheckedTests"]], limits: Limits = Limits(), workers: int = 2,
               progress: bool = False, isolation: str = "full") -> list[Verdict]:
     with Sandbox(workers=workers, isolation=isolation) as sandbox:
         return sandbox.run_batch(pairs, limits, progress)

@@ -2,6 +2,8 @@
 
 Examples are the `assert ...` lines of the problem statement (inside or outside code fences) that
 compile on their own; the solution itself runs as a module (its own asserts and `__main__` block too).
+Examples of the form `assert f(x) == <literal>` are judged here from the values the program reports
+(checks.py); others run in the program's process.
 Verdict `passed` scores 9, anything else 0; with `score.exec_filter` a failing candidate is not kept.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 
 import numpy as np
 
+from scoder_ray.evaluate.checks import CheckedTests, NotCheckable, from_asserts
 from scoder_ray.evaluate.sandbox import Limits, Sandbox
 
 _ASSERT = re.compile(r"^\s*(?:>>>\s*)?(assert\b.+)$", re.MULTILINE)
@@ -29,12 +32,22 @@ def stated_examples(problem: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def examples_tests(problem: str) -> "str | CheckedTests":
+    """The stated examples as checks decided outside the program where each is `assert <call> <op> <literal>`
+    (or a bare call, or abs/isclose), else as test code the program runs itself."""
+    code = stated_examples(problem)
+    try:
+        return from_asserts(code, "")
+    except NotCheckable:
+        return code
+
+
 _SANDBOXES: dict[tuple[float, int, str], tuple[Sandbox, Limits]] = {}
 
 
 def execute_batch(batch: dict[str, np.ndarray], timeout_s: float, workers: int,
                   isolation: str = "full") -> dict[str, np.ndarray]:
-    """Ray Data task function: adds `exec_verdict` and `exec_reason`. A task, not an actor, so it never
+    """Ray Data task function: adds `exec_verdict`, `exec_reason` and `exec_decided` (outside | in-process). A task, not an actor, so it never
     holds a CPU that the stage's readers need; the worker process keeps its warm sandbox between tasks."""
     key = (timeout_s, workers, isolation)
     if key not in _SANDBOXES:
@@ -42,9 +55,10 @@ def execute_batch(batch: dict[str, np.ndarray], timeout_s: float, workers: int,
         _SANDBOXES[key] = (Sandbox(workers=workers, site_packages=True, isolation=isolation),
                            Limits(timeout_s=timeout_s, cpu_seconds=max(1, int(timeout_s))))
     sandbox, limits = _SANDBOXES[key]
-    pairs = [(sol, stated_examples(prob)) for sol, prob in zip(batch["solution"], batch["problem"])]
+    pairs = [(sol, examples_tests(prob)) for sol, prob in zip(batch["solution"], batch["problem"])]
     verdicts = sandbox.run_batch(pairs, limits)
     result = dict(batch)
     result["exec_verdict"] = np.array([v.status for v in verdicts], dtype=object)
     result["exec_reason"] = np.array([v.reason[:200] for v in verdicts], dtype=object)
+    result["exec_decided"] = np.array([v.extra.get("decided", "") for v in verdicts], dtype=object)
     return result

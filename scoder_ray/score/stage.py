@@ -63,7 +63,7 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
         executed.write_parquet(f"{tmp}/data")
         names = [a.name for a in cfg.score.aspects]
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
-            [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "ckpt", "engine_start_s"]).to_pandas()
+            [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "exec_decided", "ckpt", "engine_start_s"]).to_pandas()
         signal = judge_signal(stats, names, cfg.score.min_aspect_std)
         if signal["degenerate"] and cfg.score.require_signal:
             raise ValueError(f"iter_{iteration:02d}/score: the scorer {cfg.models.scorer} is a degenerate judge "
@@ -77,6 +77,7 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
                 "parse_fallbacks": int(stats["aspects_fallback"].sum()),
                 "unparsed": int((stats[[f"aspect_{n}" for n in names]] < 0).any(axis=1).sum()),
                 "exec_verdicts": dict(Counter(stats["exec_verdict"])),
+                "exec_decided": dict(Counter(stats["exec_decided"])),  # outside: judged from reported values
                 "engine_start_s": round(float(stats["engine_start_s"].sum()), 2)}
 
     sections = {"score.aspects": cfg.score.aspects, "score.max_tokens": cfg.score.max_tokens,
