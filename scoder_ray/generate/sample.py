@@ -22,7 +22,7 @@ import numpy as np
 
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
-from scoder_ray.generate.bootstrap import derived_seed
+from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.ray_env import gpu_options, in_blocks, one_block_each
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
@@ -190,30 +190,4 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
 
 
 def _seed_subset(store: RunStore, n: int, run_seed: int, iteration: int) -> list[dict[str, str]]:
-    from scoder_ray.generate.bootstrap import pick_seeds
-
     return pick_seeds(store, n, run_seed + 1000 * iteration)
-
-
-def synthesizer_stage(iteration: int) -> str:
-    """The training stage whose checkpoints iteration `iteration` samples from."""
-    return "train_synthesizer" if iteration == 1 else f"iter_{iteration - 1:02d}/train"
-
-
-def synthesizer_digest(store: RunStore, iteration: int) -> str:
-    done = store.read_done(synthesizer_stage(iteration))
-    return done["output_digest"] if done else ""
-
-
-def synthesizer_checkpoints(store: RunStore, iteration: int) -> list[tuple[str, str]]:
-    """The M checkpoints of the synthesizer that iteration `iteration` samples from."""
-    stage = synthesizer_stage(iteration)
-    done = store.read_done(stage)
-    if done is None:
-        raise ValueError(f"sampling for iteration {iteration} needs the synthesizer's checkpoints: run {stage} first")
-    return [(c["name"], f"{store.uri(stage)}/{c['name']}") for c in done["checkpoints"]]
-
-
-def current_synthesizer(store: RunStore, iteration: int) -> str:
-    """The model folder (URI) iteration `iteration` builds on: the last checkpoint of the synthesizer it samples."""
-    return synthesizer_checkpoints(store, iteration)[-1][1]

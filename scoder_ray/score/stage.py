@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray.config import Config
 from scoder_ray.generate.sample import engine_actor_options
+from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import in_blocks
 from scoder_ray.score.aspects import Scorer
 from scoder_ray.score.execution import execute_batch
@@ -222,7 +223,6 @@ def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = N
                 "labels_unmatched": len(unknown),
                 "objective": "non-negative ridge least squares on centred data (scipy nnls), normalised to sum 1"}
 
-    from scoder_ray.train.stage import input_digest
 
     if labels_file and not os.path.isfile(labels_file):
         raise ValueError(f"score.labels_file {labels_file}: no such file (JSONL/Parquet with cand_id and label 0-9)")
@@ -257,7 +257,6 @@ Solution:
 
 def _teacher_labels(cfg: Config, scored: pd.DataFrame, n: int) -> pd.DataFrame:
     from scoder_ray import prompts
-    from scoder_ray.generate.bootstrap import derived_seed
     from scoder_ray.generate.teacher import Teacher, completion_text, request_body
 
     pick = scored.sort_values("cand_id").sample(n=min(n, len(scored)), random_state=cfg.run.seed)

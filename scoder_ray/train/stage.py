@@ -5,12 +5,12 @@ folders), checkpoints.json (step and mean lr of each), metrics.jsonl (per step),
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Optional
 
 from scoder_ray.config import Config, TrainConf, to_dict
+from scoder_ray.lineage import current_synthesizer, input_digest, synthesizer_digest
 from scoder_ray.store import RunStore, filesystem, read_text
 from scoder_ray.train.data import Schedule, check_columns, tokenize_batch
 
@@ -29,20 +29,6 @@ def read_rows(uri: str):
     if "://" not in uri:
         return ray.data.from_arrow(pads.dataset(uri, format="json" if jsonl else "parquet").to_table())
     return ray.data.read_json(uri) if jsonl else ray.data.read_parquet(uri)
-
-
-def input_digest(uri: str) -> str:
-    """Digest of a data path's files (names, sizes, mtimes): a changed input redoes the stage."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    h = hashlib.sha256()
-    for i in sorted(infos, key=lambda i: i.path):
-        if i.type == pafs.FileType.File:
-            h.update(f"{i.path}\0{i.size}\0{i.mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_uri: str, cfg: Config,
@@ -182,7 +168,6 @@ def run_retrain(cfg: Config, store: RunStore, iteration: int, force: bool = Fals
     iteration sampled from (previous), on `iter_TT/train_data`; its checkpoints feed iteration T+1."""
     from dataclasses import replace
 
-    from scoder_ray.generate.sample import current_synthesizer, synthesizer_digest
 
     data_stage = f"iter_{iteration:02d}/train_data"
     data = store.read_done(data_stage)
