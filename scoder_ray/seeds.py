@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from scoder_ray import jsonl
 from scoder_ray.config import Config, SeedsConf
 from scoder_ray.evaluate.benchmarks import benchmark_texts
 from scoder_ray.evaluate.decontam import NgramIndex, shingles
@@ -288,13 +289,7 @@ def _read_records(path: str, data: bytes) -> Iterator[tuple[Any, str]]:
         for record in table.select([column] + extra).to_pylist():
             yield record[column], _record_language(record)
         return
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, record in jsonl.records(path, data):
         column = next((c for c in TEXT_COLUMNS if c in record), None)
         if column is None:
             raise ValueError(f"{path}:{lineno}: no code field; expected one of {TEXT_COLUMNS}")

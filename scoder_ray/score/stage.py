@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scoder_ray import jsonl
 from scoder_ray.config import Config
 from scoder_ray.generate.sample import engine_actor_options
 from scoder_ray.lineage import derived_seed, input_digest
@@ -233,14 +234,31 @@ def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = N
 
 
 def _read_labels(path: str) -> pd.DataFrame:
-    df = pq.read_table(path).to_pandas() if path.endswith(".parquet") else pd.read_json(path, lines=True)
-    missing = [c for c in ("cand_id", "label") if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (need cand_id and label 0-9)")
-    bad = df[(df["label"] < 0) | (df["label"] > 9)]
-    if len(bad):
-        raise ValueError(f"{path}: label {bad['label'].iat[0]!r} of {bad['cand_id'].iat[0]!r} is outside 0-9")
-    return df[["cand_id", "label"]]
+    """(cand_id, label) rows of a JSONL or Parquet label file; every bad row is named by its line (row):
+    not an object, no cand_id, a label missing or outside 0-9, one cand_id labelled twice differently."""
+    if path.endswith(".parquet"):
+        df = pq.read_table(path).to_pandas()
+        missing = [c for c in ("cand_id", "label") if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (need cand_id and label 0-9)")
+        records = enumerate(df[["cand_id", "label"]].to_dict("records"), 1)
+        unit = "row"
+    else:
+        records, unit = jsonl.records(path), "line"
+    seen: dict[str, tuple[int, float]] = {}
+    for n, r in records:
+        where = f"{path}:{n}" if unit == "line" else f"{path} row {n}"
+        cand, label = r.get("cand_id"), r.get("label")
+        if not isinstance(cand, str) or not cand:
+            raise ValueError(f"{where}: no cand_id (a string)")
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 9:  # NaN fails too
+            raise ValueError(f"{where}: label {label!r} of {cand!r} is not a number in 0-9")
+        if cand in seen and seen[cand][1] != label:
+            raise ValueError(f"{where}: {cand!r} is labelled {label!r} here and {seen[cand][1]!r} on {unit} {seen[cand][0]}")
+        seen.setdefault(cand, (n, float(label)))
+    if not seen:
+        raise ValueError(f"{path}: no labels")
+    return pd.DataFrame({"cand_id": list(seen), "label": [v for _, v in seen.values()]})
 
 
 JUDGE_INSTRUCTION = """Rate the overall quality of this programming exercise (problem and solution) for training a
