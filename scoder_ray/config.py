@@ -86,7 +86,7 @@ class TeacherConf:
     max_requests: int = 0
     max_cost_usd: float = 0.0
     cache_dir: str = "~/.cache/scoder-ray/teacher"  # responses by request digest: never pay twice
-    samples_file: Optional[str] = None  # superior samples you already have (JSONL/Parquet: problem, solution[, snippet])
+    samples_file: Optional[str] = None  # superior samples you already have (JSONL/Parquet: snippet, problem, solution)
     # vLLM-served teachers only: guided decoding to the sample layout (vLLM's `structured_outputs` request
     # field; other APIs reject it). For weak stand-in teachers such as the demo's.
     constrain_layout: bool = False

