@@ -278,6 +278,10 @@ class InfluenceConf:
 @dataclass
 class LoopConf:
     iterations: int = 2  # T
+    # An iteration that keeps nothing (no candidate parsed, or none survived selection) trains nothing:
+    # `stop` ends the iterations there and goes on to `final` with the synthesizer so far, `continue` samples
+    # the next iteration (other seeds) from that same synthesizer, `fail` stops the run with the reason.
+    on_empty_iteration: str = "stop"
     # Retrain the synthesizer each iteration from `base` (models.synthesizer) on teacher + every sample
     # kept so far (the default: no drift compounds across iterations), or from the `previous` synthesizer.
     retrain_from: str = "base"
@@ -494,6 +498,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _check(cfg.loop.retrain_lr >= 0, "loop.retrain_lr", "a number >= 0 (0: train.synthesizer.lr)", cfg.loop.retrain_lr)
     _check(cfg.loop.retrain_epochs >= 0, "loop.retrain_epochs", "an integer >= 0", cfg.loop.retrain_epochs)
     _check(cfg.loop.retrain_from in ("base", "previous"), "loop.retrain_from", "base or previous", cfg.loop.retrain_from)
+    _check(cfg.loop.on_empty_iteration in ("stop", "continue", "fail"), "loop.on_empty_iteration",
+           "stop, continue or fail", cfg.loop.on_empty_iteration)
     ev = cfg.evaluate
     for b in ev.benchmarks:
         _check(b in BENCHMARKS, "evaluate.benchmarks", f"a list of {', '.join(BENCHMARKS)}", b)

@@ -44,19 +44,39 @@ def pick_seeds(store: RunStore, n: int, run_seed: int) -> list[dict[str, str]]:
     return rows[:n] if n else rows
 
 
-def synthesizer_stage(iteration: int) -> str:
-    """The training stage whose checkpoints iteration `iteration` samples from."""
-    return "train_synthesizer" if iteration == 1 else f"iter_{iteration - 1:02d}/train"
+def synthesizer_stage(store: RunStore, iteration: int) -> str:
+    """The training stage whose checkpoints iteration `iteration` samples from: the last iteration before it
+    that trained. An iteration that kept nothing trained nothing (its `train` stage is marked `empty`), and
+    one marked `stop` ended the iterations. A stage not run yet is named as is (its callers say: run it)."""
+    stage = "train_synthesizer"
+    for u in range(1, iteration):
+        done = store.read_done(f"iter_{u:02d}/train")
+        if done is None:
+            return f"iter_{u:02d}/train"
+        if not done.get("empty"):
+            stage = f"iter_{u:02d}/train"
+        elif done.get("stop"):
+            break
+    return stage
+
+
+def stopped_after(store: RunStore, iteration: int) -> str:
+    """The iteration before `iteration` after which the loop stopped (loop.on_empty_iteration=stop), or ''."""
+    for u in range(1, iteration):
+        done = store.read_done(f"iter_{u:02d}/train")
+        if done is not None and done.get("stop"):
+            return f"iter_{u:02d}"
+    return ""
 
 
 def synthesizer_digest(store: RunStore, iteration: int) -> str:
-    done = store.read_done(synthesizer_stage(iteration))
+    done = store.read_done(synthesizer_stage(store, iteration))
     return done["output_digest"] if done else ""
 
 
 def synthesizer_checkpoints(store: RunStore, iteration: int) -> list[tuple[str, str]]:
     """The M checkpoints of the synthesizer that iteration `iteration` samples from."""
-    stage = synthesizer_stage(iteration)
+    stage = synthesizer_stage(store, iteration)
     done = store.read_done(stage)
     if done is None:
         raise ValueError(f"sampling for iteration {iteration} needs the synthesizer's checkpoints: run {stage} first")

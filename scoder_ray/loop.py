@@ -16,7 +16,7 @@ from scoder_ray.evaluate.stage import run_evaluate
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.final import run_final
 from scoder_ray.generate.sample import run_sample
-from scoder_ray.lineage import current_synthesizer
+from scoder_ray.lineage import current_synthesizer, stopped_after, synthesizer_stage
 from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import apply_endpoint, check_run_root, init_ray
 from scoder_ray.score.stage import WEIGHTS_STAGE, run_fit_weights, run_rank, run_score
@@ -27,31 +27,60 @@ from scoder_ray.train.stage import run_retrain, run_train, run_train_data
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
 
 
-def _warmup(t: int) -> StageFn:
-    def run(cfg: Config, store: RunStore, force: bool) -> dict[str, Any]:
-        rank = store.read_done(f"iter_{t:02d}/rank")
-        if rank is not None and rank["rows"] == 0:  # nothing to filter: influence writes an empty kept set
-            return {"rows": 0, "skipped": True, "note": "no candidate survived selection"}
-        return run_warmup(cfg, store, t, current_synthesizer(store, t), force=force)
-    return run
-
-
 def _influence(t: int) -> StageFn:
     return lambda cfg, store, force: run_influence(cfg, store, t, current_synthesizer(store, t)
                                                    if store.read_done(f"iter_{t:02d}/warmup") else "", force=force)
 
 
+def empty_reason(store: RunStore, t: int) -> str:
+    """Why iteration t keeps nothing ('' while it may keep something): no candidate parsed, or none
+    survived selection."""
+    it = f"iter_{t:02d}"
+    score = store.read_done(f"{it}/score")
+    if score is not None and score.get("empty"):
+        return score["empty"]
+    rank = store.read_done(f"{it}/rank")
+    if rank is not None and rank["rows"] == 0:
+        return f"{it}/rank: no candidate survived selection (dropped: {rank.get('dropped', {})})"
+    return ""
+
+
+def _guarded(t: int, name: str, fn: StageFn) -> StageFn:
+    """An iteration stage, unless the loop stopped before iteration t or iteration t keeps nothing: then, as
+    loop.on_empty_iteration says, a committed `empty` stage (no data; `stop` marks the train stage), or an
+    error. Sampling and scoring always run: they are where an iteration finds out."""
+    def run(cfg: Config, store: RunStore, force: bool) -> dict[str, Any]:
+        stopped = stopped_after(store, t)
+        if stopped:
+            return {"rows": 0, "skipped": True, "note": f"the loop stopped after {stopped} (loop.on_empty_iteration=stop)"}
+        reason = "" if name.endswith(("/sample", "/score")) else empty_reason(store, t)
+        if not reason:
+            return fn(cfg, store, force)
+        mode = cfg.loop.on_empty_iteration
+        if mode == "fail":
+            raise ValueError(f"{reason}; loop.on_empty_iteration=fail stops the run here (stop: go on to final with "
+                             "the synthesizer so far; continue: sample the next iteration with it)")
+        last = name.endswith("/train")
+        then = (f"the loop stops: final uses {synthesizer_stage(store, t)}'s synthesizer" if mode == "stop" else
+                f"iteration {t + 1} samples from {synthesizer_stage(store, t)} again")
+        summary = {"rows": 0, "empty": reason, "stop": mode == "stop" and last,
+                   "warnings": [f"iteration {t} kept nothing ({reason}); {then} (loop.on_empty_iteration={mode})"] if last else []}
+        return store.run_stage(name, {"loop.on_empty_iteration": mode}, {"empty": reason}, lambda tmp: summary, force=force)
+    return run
+
+
 def iteration_stages(t: int) -> dict[str, StageFn]:
     it = f"iter_{t:02d}"
-    return {
+    stages: dict[str, StageFn] = {
         f"{it}/sample": lambda cfg, store, force: run_sample(cfg, store, t, force=force),
         f"{it}/score": lambda cfg, store, force: run_score(cfg, store, t, force=force),
         f"{it}/rank": lambda cfg, store, force: run_rank(cfg, store, t, force=force),
-        f"{it}/warmup": _warmup(t),
+        f"{it}/warmup": lambda cfg, store, force: run_warmup(cfg, store, t, current_synthesizer(store, t), force=force),
         f"{it}/influence": _influence(t),
         f"{it}/train_data": lambda cfg, store, force: run_train_data(cfg, store, t, force=force),
         f"{it}/train": lambda cfg, store, force: run_retrain(cfg, store, t, force=force),
     }
+    return {name: _guarded(t, name, fn) for name, fn in stages.items()}
 
 
 def _fit_weights(cfg: Config, store: RunStore, force: bool) -> dict[str, Any]:

@@ -166,11 +166,12 @@ def test_regex_is_the_compact_schema_and_config_errors():
         load_config("tiny", ["score.aspects=[{name: execution, rubric: x}]"])
 
 
-def test_an_iteration_where_no_candidate_parses_stops_in_words(tmp_path):
-    from scoder_ray.score.stage import run_score
-
-    cfg = load_config("tiny", [f"run.root={tmp_path}", "run.id=empty"])
+def unparsed_iteration(tmp_path, mode: str, run_id: str):
+    """A run whose synthesizer was trained and whose iteration 1 wrote 3 candidates, none parsed."""
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "loop.iterations=3",
+                               f"loop.on_empty_iteration={mode}"])
     store = RunStore.for_config(cfg)
+    store.run_stage("train_synthesizer", {}, {}, lambda tmp: {"rows": 8, "checkpoints": [{"name": "ckpt_01"}]})
 
     def unparsed(tmp: str) -> dict:
         pq.write_table(pa.Table.from_pylist([{"cand_id": f"c{i}", "parse_ok": False, "reason": "no solution block"}
@@ -178,10 +179,67 @@ def test_an_iteration_where_no_candidate_parses_stops_in_words(tmp_path):
         return {"rows": 3, "parse_rate": 0.0, "rejected": {"no solution block": 2, "empty problem": 1}, "truncated": 2}
 
     store.run_stage("iter_01/sample", {}, {}, unparsed)
+    return cfg, store
+
+
+def test_an_iteration_where_no_candidate_parses_fails_in_words_when_asked(tmp_path):
+    from scoder_ray.score.stage import run_score
+
+    cfg, store = unparsed_iteration(tmp_path, "fail", "fail")
     with pytest.raises(ValueError, match=r"iter_01/sample: none of the 3 candidates parsed .*no solution block x2, "
-                                         r"empty problem x1; 2 hit sample.max_tokens\)"):
+                                         r"empty problem x1; 2 hit sample.max_tokens\).*on_empty_iteration=fail"):
         run_score(cfg, store, 1)
     assert store.read_done("iter_01/score") is None  # nothing half-written
+
+
+def test_an_empty_iteration_stops_the_loop_and_final_uses_the_synthesizer_so_far(tmp_path):
+    from scoder_ray.lineage import synthesizer_checkpoints
+    from scoder_ray.loop import plan
+
+    cfg, store = unparsed_iteration(tmp_path, "stop", "stop")
+    stages = plan(cfg)
+    score = stages["iter_01/score"](cfg, store, False)
+    assert score["rows"] == 0 and "none of the 3 candidates parsed" in score["empty"] and score["warnings"]
+    for name in ("rank", "warmup", "influence", "train_data", "train"):
+        done = stages[f"iter_01/{name}"](cfg, store, False)
+        assert done["rows"] == 0 and done["empty"] and "skipped" not in done, name
+    assert done["stop"] and "the loop stops: final uses train_synthesizer's synthesizer" in done["warnings"][0]
+    later = stages["iter_02/sample"](cfg, store, False)
+    assert later["skipped"] and "stopped after iter_01" in later["note"] and store.read_done("iter_02/sample") is None
+    assert synthesizer_checkpoints(store, 4) == [("ckpt_01", f"{store.uri('train_synthesizer')}/ckpt_01")]
+    assert stages["iter_01/train"](cfg, store, False)["skipped"]  # committed: a rerun resumes past it
+
+
+def test_an_empty_iteration_can_continue_with_the_same_synthesizer(tmp_path):
+    from scoder_ray.lineage import synthesizer_stage
+    from scoder_ray.loop import plan
+    from scoder_ray.store import write_table
+    from scoder_ray.train.stage import run_train_data
+
+    cfg, store = unparsed_iteration(tmp_path, "continue", "cont")
+    stages = plan(cfg)
+    for name in ("score", "rank", "warmup", "influence", "train_data", "train"):
+        done = stages[f"iter_01/{name}"](cfg, store, False)
+    assert not done["stop"] and "iteration 2 samples from train_synthesizer again" in done["warnings"][0]
+    assert synthesizer_stage(store, 2) == "train_synthesizer"
+    row = {"snippet": "s", "problem": "p", "solution": "def f():\n    return 1\n", "lang": "python"}
+    store.run_stage("bootstrap", {}, {}, lambda tmp: write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist([row]))
+                    or {"rows": 1})
+    store.run_stage("iter_02/influence", {}, {}, lambda tmp: write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(
+        [dict(row, problem="q", kept=True), dict(row, problem="r", kept=False)])) or {"rows": 1})
+    data = run_train_data(cfg, store, 2)  # the empty iteration 1 adds nothing; iteration 2's kept row is there
+    assert data["rows"] == 2 and data["by_origin"] == {"teacher": 1, "iter_02": 1}
+
+
+def test_nothing_kept_after_selection_fails_when_asked(tmp_path):
+    from scoder_ray.loop import plan
+
+    cfg, store = unparsed_iteration(tmp_path, "fail", "rank0")
+    store.run_stage("iter_01/score", {}, {}, lambda tmp: {"rows": 3})
+    store.run_stage("iter_01/rank", {}, {}, lambda tmp: {"rows": 0, "dropped": {"below_threshold": 3}})
+    with pytest.raises(ValueError, match=r"iter_01/rank: no candidate survived selection .*below_threshold.*"
+                                         r"on_empty_iteration=fail"):
+        plan(cfg)["iter_01/warmup"](cfg, store, False)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -73,8 +73,11 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
 def final_plan(cfg: Config, store: RunStore, n_seeds: int) -> tuple[int, int]:
     """(seeds to use, samples per seed): enough for final_dataset_size at the last measured parse rate
     (x1.25 headroom), spread over as many distinct seeds as the pool has before repeating any."""
-    last = store.read_done(f"iter_{cfg.loop.iterations:02d}/sample") if cfg.loop.iterations else None
-    parse_rate = max(0.05, last["parse_rate"]) if last else 0.5
+    # The latest iteration that parsed anything (an empty one, or those after a stop, say nothing of it).
+    rates = [d.get("parse_rate", 0) for t in range(cfg.loop.iterations, 0, -1)
+             if (d := store.read_done(f"iter_{t:02d}/sample")) is not None]
+    last = next((r for r in rates if r > 0), None)
+    parse_rate = max(0.05, last) if last else 0.5
     needed = math.ceil(1.25 * cfg.loop.final_dataset_size / parse_rate)
     if cfg.loop.final_samples_per_seed:
         per_seed = cfg.loop.final_samples_per_seed

@@ -42,13 +42,19 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
     if done is None:
         raise ValueError(f"scoring needs candidates: run {upstream} first")
     if not done["rows"] or not done.get("parse_rate", 1.0):
-        # Nothing to score: stop here, in words, rather than go on with an iteration that can keep nothing.
+        # Nothing to score: said in words, with the sample stage's reasons; the loop then ends, goes on or
+        # fails as loop.on_empty_iteration says (an `empty` score stage is what it reads).
         reasons = sorted(done.get("rejected", {}).items(), key=lambda kv: -kv[1])[:3]
-        raise ValueError(f"{upstream}: none of the {done['rows']} candidates parsed into a (problem, solution) pair"
-                         + (f" (most common reasons: {', '.join(f'{r} x{n}' for r, n in reasons)}"
-                            f"; {done.get('truncated', 0)} hit sample.max_tokens)" if reasons else "")
-                         + ". The synthesizer does not follow the sample prompt: check models.synthesizer, "
-                         "sample.max_tokens and the bootstrap's training data before rerunning")
+        why = (f"{upstream}: none of the {done['rows']} candidates parsed into a (problem, solution) pair"
+               + (f" (most common reasons: {', '.join(f'{r} x{n}' for r, n in reasons)}"
+                  f"; {done.get('truncated', 0)} hit sample.max_tokens)" if reasons else "")
+               + ". The synthesizer does not follow the sample prompt: check models.synthesizer, "
+               "sample.max_tokens and the bootstrap's training data")
+        if cfg.loop.on_empty_iteration == "fail":
+            raise ValueError(why + " (loop.on_empty_iteration=fail)")
+        return store.run_stage(f"iter_{iteration:02d}/score", {"loop.on_empty_iteration": cfg.loop.on_empty_iteration},
+                               {upstream: done["output_digest"]}, lambda tmp: {"rows": 0, "empty": why, "warnings": [why]},
+                               force=force)
     model_path = cfg.models.scorer  # resolved on the engines' nodes (model_cache.local_model)
 
     def produce(tmp: str) -> dict[str, Any]:

@@ -139,6 +139,7 @@ def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = F
     missing = [s for s, d in dones.items() if d is None]
     if missing:
         raise ValueError(f"iter_{iteration:02d}/train_data needs {', '.join(missing)}: run them first")
+    sources = [s for s in sources if not dones[s].get("empty")]  # an iteration that kept nothing adds nothing
 
     def produce(tmp: str) -> dict[str, Any]:
         rows, counts = [], {}
