@@ -297,3 +297,18 @@ def test_the_evaluators_packages_stay_importable_read_only():
     with Sandbox(workers=1, site_packages=True) as box:
         v = box.run(code, "assert numpy.arange(3).sum() == 3 and not writable and not planted\n", FAST)
     assert v.status == "passed", v.reason
+
+
+def test_memory_is_limited_for_the_runs_processes_together():
+    """Four children of 300 MB each stay under a 512 MB per-process limit; together they do not."""
+    code = ("import os, time\npids = []\nfor i in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        x = bytearray(300 * 2**20)\n        for j in range(0, len(x), 4096):\n            x[j] = 1\n"
+            "        time.sleep(1)\n        os._exit(0)\n    pids.append(pid)\n"
+            "for p in pids:\n    assert os.waitpid(p, 0)[1] == 0\n")
+    v = run_program(code, "pass\n", Limits(timeout_s=20, cpu_seconds=20, memory_mb=512))
+    if not v.extra["limits"].startswith("cgroup"):
+        pytest.skip(f"no cgroup on this machine: {v.extra['limits']}")
+    assert (v.status, v.reason) == ("error", "memory limit (512 MB for the run's processes together)")
+    alone = run_program(code.replace("range(4)", "range(1)"), "pass\n", Limits(timeout_s=20, cpu_seconds=20, memory_mb=512))
+    assert alone.passed, alone
+    assert not [d for d in Path("/sys/fs/cgroup").glob("*/**/scoder-sbx-*")], "a run's cgroup was left behind"

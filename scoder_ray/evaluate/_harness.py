@@ -288,6 +288,98 @@ def _report_values(spec: dict, namespace: dict, fd: int) -> None:
         data = data[os.write(fd, data):]
 
 
+class RunCgroup:
+    """Memory and process limits on one run's processes together, not each alone: a cgroup made for the
+    run under the server's own (v2, or v1's memory and pids controllers), removed after it. Where none
+    can be made (not root, a read-only /sys/fs/cgroup, v2 without delegated controllers) `kind` says why,
+    and the per-process rlimits are all there is."""
+
+    def __init__(self, name: str, memory_mb: int, processes: int):
+        self.dirs: list = []
+        self.kind, self.memory_mb = "", memory_mb
+        own = {}
+        try:
+            with open("/proc/self/cgroup") as f:
+                for line in f:
+                    _, controllers, path = line.rstrip("\n").split(":", 2)
+                    for c in controllers.split(",") if controllers else [""]:
+                        own[c] = path
+        except OSError as e:
+            self.kind = f"rlimits only (no /proc/self/cgroup: {e.strerror})"
+            return
+        try:
+            if os.path.exists("/sys/fs/cgroup/cgroup.controllers") and "" in own:  # v2, unified
+                parent = "/sys/fs/cgroup" + own[""].rstrip("/")
+                with open(f"{parent}/cgroup.subtree_control") as f:
+                    enabled = f.read().split()
+                if not {"memory", "pids"} <= set(enabled):
+                    _write(f"{parent}/cgroup.subtree_control", "+memory +pids")
+                d = f"{parent}/{name}"
+                os.mkdir(d)
+                self.dirs.append(d)
+                _write(f"{d}/memory.max", str(memory_mb << 20))
+                _write(f"{d}/pids.max", str(processes))
+                if os.path.exists(f"{d}/memory.swap.max"):
+                    _write(f"{d}/memory.swap.max", "0")
+                self.kind = "cgroup v2 (memory, pids) per run"
+            else:
+                for ctrl, files in (("memory", {"memory.limit_in_bytes": str(memory_mb << 20)}),
+                                    ("pids", {"pids.max": str(processes)})):
+                    d = f"/sys/fs/cgroup/{ctrl}{own.get(ctrl, '/').rstrip('/')}/{name}"
+                    os.mkdir(d)
+                    self.dirs.append(d)
+                    for file, value in files.items():
+                        _write(f"{d}/{file}", value)
+                self.kind = "cgroup v1 (memory, pids) per run"
+        except OSError as e:
+            self.remove()
+            self.kind = f"rlimits only (no cgroup for the run: {e.strerror or e})"
+
+    def enter(self) -> None:
+        """In the run's first process, still privileged: it and everything it starts are in the cgroup."""
+        for d in self.dirs:
+            _write(f"{d}/cgroup.procs", "0")
+
+    def out_of_memory(self) -> bool:
+        for d in self.dirs:
+            for file in ("memory.events", "memory.oom_control"):  # v2, v1: the kernel's OOM kills in it
+                try:
+                    with open(f"{d}/{file}") as f:
+                        counts = dict(line.split() for line in f if len(line.split()) == 2)
+                except OSError:
+                    continue
+                if int(counts.get("oom_kill", 0)) > 0:
+                    return True
+        return False
+
+    def remove(self) -> None:
+        """Once its processes are gone (the PID namespace's end kills them, asynchronously)."""
+        for d in self.dirs:
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    try:
+                        with open(f"{d}/cgroup.procs") as f:
+                            for pid in f.read().split():
+                                os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+                    time.sleep(0.005)
+        self.dirs = []
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+_RUNS = [0]
+
+
 def run_one(spec: dict) -> dict:
     """In the server: one run from directory to answer. Never runs untrusted code itself."""
     workdir = tempfile.mkdtemp(prefix="scoder-sbx-")
@@ -301,10 +393,14 @@ def run_one(spec: dict) -> dict:
         out_fd, err_fd, res_fd = (os.open(os.path.join(workdir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                                   for name in (".stdout", ".stderr", ".values"))
         read_fd, write_fd = os.pipe()
+        _RUNS[0] += 1
+        limits = spec["limits"]
+        group = RunCgroup(f"scoder-sbx-{os.getpid()}-{_RUNS[0]}", int(limits["memory_mb"]), int(limits["processes"]))
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
             try:
+                group.enter()
                 os.setsid()
                 os.chdir(workdir)
                 null = os.open(os.devnull, os.O_RDONLY)
@@ -331,7 +427,10 @@ def run_one(spec: dict) -> dict:
             pass
         _, status = os.waitpid(pid, 0)
         returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        out_of_memory = group.out_of_memory()
+        group.remove()
         answer = {"message": _read_message(read_fd, spec["nonce"]), "returncode": returncode,
+                  "limits": group.kind, "out_of_memory": out_of_memory,
                   "timed_out": timed_out, "seconds": time.monotonic() - start,
                   "stdout": _head(out_fd, int(spec["output_cap"])), "stderr": _head(err_fd, int(spec["output_cap"]))}
         if "calls" in spec:

@@ -4,7 +4,9 @@ verdict established by the harness, not by the program.
 Each program (solution + test code) runs in a child forked from a warm fork server (`_harness.py`, one
 per worker, started as `python -I -S`), in a fresh temporary directory that is removed afterwards, with:
 - resource limits: CPU seconds, address space, file size (which also caps captured output: stdout and
-  stderr go to files in the sandbox directory), open files, processes, no core dumps;
+  stderr go to files in the sandbox directory), open files, processes, no core dumps; memory and processes
+  also for the run's processes together, through a cgroup per run where one can be made
+  (`_harness.RunCgroup`; `Verdict.extra["limits"]` says which applied);
 - a wall-clock timeout that kills the whole process group (and the PID namespace with it);
 - new network, PID and mount namespaces (see `_harness.isolate`, `_harness.private_mounts`): no TCP/UDP
   even to loopback; the program sees no process outside its namespace, and every process it started dies
@@ -147,6 +149,8 @@ class Sandbox:
         if "fault" in answer:
             return Verdict("error", f"sandbox fault: {answer['fault']}")
         verdict = _judge(answer["message"], answer["returncode"], answer["timed_out"], limits)
+        if answer.get("out_of_memory") and verdict.status != "passed":
+            verdict = Verdict("error", f"memory limit ({limits.memory_mb} MB for the run's processes together)")
         if verdict.status == "error" and verdict.reason.startswith("isolation unavailable"):
             raise SandboxUnavailable(f"sandbox {verdict.reason}. Evaluation stops rather than run model-written "
                                      "code unconfined; evaluate.isolation=none accepts running without isolation")
@@ -160,6 +164,7 @@ class Sandbox:
             if ok and any(c.op == "record" for c in tests.checks):
                 verdict.extra["values"] = [decode(v["value"]) for v in values]
         verdict.extra["decided"] = "outside" if checked else "in-process"
+        verdict.extra["limits"] = answer.get("limits", "")
         verdict.seconds = round(answer["seconds"], 4)
         verdict.stdout, verdict.stderr = answer["stdout"], answer["stderr"]
         return verdict
