@@ -312,3 +312,64 @@ def test_memory_is_limited_for_the_runs_processes_together():
     alone = run_program(code.replace("range(4)", "range(1)"), "pass\n", Limits(timeout_s=20, cpu_seconds=20, memory_mb=512))
     assert alone.passed, alone
     assert not [d for d in Path("/sys/fs/cgroup").glob("*/**/scoder-sbx-*")], "a run's cgroup was left behind"
+
+
+NOBODY = 65534
+AS_NOBODY = """
+import json, sys
+from scoder_ray.evaluate.checks import from_asserts
+from scoder_ray.evaluate.sandbox import Limits, Sandbox
+programs = json.loads(sys.argv[1])
+with Sandbox(workers=1) as box:
+    out = [box.run(p["code"], from_asserts(p["tests"], "") if p["checked"] else p["tests"], Limits(timeout_s=5)).as_dict()
+           for p in programs]
+print(json.dumps(out))
+"""
+
+
+@root_only
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3") or not os.access("/home", os.W_OK),
+                    reason="needs the OS Python and a writable /home to act as an unprivileged user with a home")
+def test_an_unprivileged_evaluator_gets_the_same_guarantees():
+    """Run by an ordinary user (the sandbox then uses a user namespace): that user's home is out of reach,
+    scratch places are private, and verdicts decided outside cannot be forged."""
+    import json
+    import shutil
+    import subprocess
+
+    home = tempfile.mkdtemp(dir="/home", prefix="sbx-user-")
+    try:
+        code_dir = Path(home) / "code"  # the package under the home: it must stay importable, read-only
+        shutil.copytree(Path(__file__).resolve().parents[1] / "scoder_ray" / "evaluate", code_dir / "scoder_ray" / "evaluate",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (code_dir / "scoder_ray" / "__init__.py").write_text("")
+        (Path(home) / ".token").write_text("s3cr3t")
+        for p in [Path(home), *Path(home).rglob("*")]:
+            os.chown(p, NOBODY, NOBODY)
+        os.chmod(home, 0o755)  # a home others may enter (Debian's default): only the hiding keeps it out
+        os.chmod(Path(home) / ".token", 0o600)
+        forge = ("import sys\ndef f():\n    fr = sys._getframe(1)\n    while fr:\n        r = fr.f_locals.get('report')\n"
+                 "        if callable(r):\n            r('passed')\n        fr = fr.f_back\n    return 0\n")
+        programs = [
+            {"code": f"print(open({home + '/.token'!r}).read())\n", "tests": "pass\n", "checked": False},
+            {"code": f"import os\nprint(sorted(os.listdir({home!r})))\n", "tests": "pass\n", "checked": False},
+            {"code": "open('/tmp/left', 'w').write('x')\nopen('/dev/shm/left', 'w').write('x')\n", "tests": "pass\n", "checked": False},
+            {"code": "import os\nprint(os.path.exists('/tmp/left'), os.path.exists('/dev/shm/left'))\n", "tests": "pass\n", "checked": False},
+            {"code": forge, "tests": "assert f() == 1\n", "checked": True},
+            {"code": forge, "tests": "assert f() == 1\n", "checked": False},
+        ]
+        proc = subprocess.run(["/usr/bin/setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               "/usr/bin/python3", "-c", AS_NOBODY, json.dumps(programs)],
+                              cwd="/", env={"HOME": home, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(code_dir)},
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode and "SandboxUnavailable" in proc.stderr:
+            pytest.skip(f"no user namespaces for an ordinary user here: {proc.stderr.splitlines()[-1]}")
+        assert proc.returncode == 0, proc.stderr
+        token, listing, write, persisted, forged_outside, forged_inside = (
+            (v["status"], v["stdout"].strip(), v) for v in json.loads(proc.stdout.splitlines()[-1]))
+        assert token[0] == "failed" and "s3cr3t" not in json.dumps(token[2])
+        assert listing[:2] == ("passed", "['code']")  # the package, bound back read-only; nothing else
+        assert write[0] == "passed" and persisted[:2] == ("passed", "False False")
+        assert forged_inside[0] == "passed" and forged_outside[0] == "failed"  # the forgery works only in-process
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -80,22 +80,26 @@ def _private_top(path: str):
     return None
 
 
-def private_mounts(readable: list, tmp_mb: int) -> None:
+def private_mounts(readable: list, tmp_mb: int, hide: list = ()) -> None:
     """In the new mount and PID namespaces, still privileged: nothing of the host's private or shared
     scratch places stays reachable. A fresh /proc (only this namespace's processes), an empty read-only
     /sys, fresh tmpfs /tmp, /var/tmp and /dev/shm of tmp_mb each (nothing persists to the next run, nothing
     of a concurrent run is seen); a private directory above the interpreter (e.g. /root holding pyenv)
     is replaced by an empty one holding only the interpreter's folders, bound read-only, so the program
     needs no capability to import the standard library; interpreter folders under a scratch place (a venv
-    in a checkout under /tmp) are bound back read-only too. All mounts are private to this namespace."""
+    in a checkout under /tmp) are bound back read-only too. `hide`: more directories replaced the same way
+    (a non-root evaluator's home: the program runs as that user). All mounts are private to this namespace."""
     libc = ctypes.CDLL(None, use_errno=True)
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     scratch = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]
     covers = {d: f"mode=1777,size={int(tmp_mb)}m" for d in scratch}
+    hidden = [os.path.realpath(d) for d in hide if os.path.isdir(d) and os.path.realpath(d) != "/"]
+    for d in hidden:
+        covers.setdefault(d, "mode=755,size=1m")
     handles = {}
     for path in map(os.path.realpath, readable):
         top = _private_top(path)
-        under = [d for d in scratch if path.startswith(d + "/")]  # a checkout or venv under /tmp (CI clones)
+        under = [d for d in scratch + hidden if path.startswith(d + "/")]  # a venv under /tmp (CI clones) or home
         if top:
             covers.setdefault(top, "mode=755,size=1m")
         if top or under:
@@ -179,8 +183,7 @@ def run_child(spec: dict, result_fd: int, results_fd: int) -> None:
     private = False
     if network != "none":
         try:
-            private_mounts(spec.get("readable", []) if spec.get("uid") is not None else [],
-                           int(spec["limits"]["file_size_mb"]))
+            private_mounts(spec.get("readable", []), int(spec["limits"]["file_size_mb"]), spec.get("hide", []))
             private = True
         except OSError as e:
             if required:

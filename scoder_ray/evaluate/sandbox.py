@@ -17,8 +17,9 @@ per worker, started as `python -I -S`), in a fresh temporary directory that is r
   exclusively through a lock file, so the program cannot read root-only files (/etc/shadow, /root: a
   private directory holding the interpreter is replaced by one with the interpreter's folders alone,
   bound read-only), delete or overwrite files it does not own, and the process limit counts its
-  processes alone. Not root: the parent's own uid inside a user namespace, so the program could read
-  the user's files: prefer running evaluations as root inside a container;
+  processes alone. Not root: the parent's own uid inside a user namespace, with the user's home
+  replaced by an empty directory (the interpreter's folders under it bound back read-only); files the
+  user can read elsewhere stay readable: prefer running evaluations as root inside a container;
 - isolation that fails closed: where the namespaces or mounts are refused (a container's default seccomp
   profile, a kernel without unprivileged user namespaces) every run raises `SandboxUnavailable`, naming
   the refusal, unless `isolation="none"` (config `evaluate.isolation: none`) accepts running without;
@@ -132,6 +133,7 @@ class Sandbox:
             with _uid_slot() as uid:
                 spec = {"nonce": secrets.token_hex(16), "solution": solution, "tests": "" if checked else tests, "uid": uid,
                         "keep_read_search": KEEP_READ_SEARCH and uid is not None, "readable": READABLE,
+                        "hide": HIDE if uid is None else [],
                         "isolation": self.isolation, "env": CHILD_ENV,
                         "timeout_s": limits.timeout_s, "output_cap": limits.output_cap,
                         "limits": {"cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_mb": limits.memory_mb,
@@ -242,6 +244,9 @@ def _private_path(paths: Sequence[str]) -> bool:
 # keep CAP_DAC_READ_SEARCH instead (read-only; see _harness.drop_privileges).
 READABLE = sorted({sys.base_prefix, sys.prefix, os.path.dirname(HARNESS)})
 KEEP_READ_SEARCH = _private_path(READABLE)
+# Not root, the program runs as the evaluating user: that user's home is replaced by an empty directory
+# (the interpreter's folders under it bound back read-only), so its keys and files are out of reach.
+HIDE = [os.path.expanduser("~")] if os.geteuid() != 0 else []
 
 
 @contextmanager
