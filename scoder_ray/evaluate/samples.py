@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Optional, Sequence
 
 from scoder_ray import jsonl
-from scoder_ray.evaluate.benchmarks import Problem, load_problems, program_for, with_expected
+from scoder_ray.evaluate.benchmarks import Problem, answer_key, load_problems, program_for, with_expected
 from scoder_ray.evaluate.passk import mean_pass_at_k
 from scoder_ray.evaluate.sandbox import Limits, Sandbox
 
@@ -59,7 +59,7 @@ def evaluate_samples(
     problems = load_problems(benchmark, problems_path)
     samples = read_samples(samples_path, problems)
     limits = Limits(timeout_s=timeout, cpu_seconds=max(1, math.ceil(timeout)))
-    with Sandbox(workers=workers, isolation=isolation) as sandbox:
+    with Sandbox(workers=workers, isolation=isolation, hide=answer_key(benchmark, problems_path)) as sandbox:
         # evalplus: each reference runs once, alone, for the expected outputs (a few per problem's inputs).
         wanted = {s["task_id"]: problems[s["task_id"]] for s in samples}
         ref_limits = Limits(timeout_s=max(60.0, 3 * timeout), cpu_seconds=max(60, 3 * math.ceil(timeout)))

@@ -96,10 +96,12 @@ class Sandbox:
     """A pool of fork servers (one per worker), thread-safe; keep one alive to amortise start-up.
 
     `site_packages=False` runs the servers as `python -I -S` (standard library only, as HumanEval and
-    MBPP need); True lets programs import what the evaluator's environment has (numpy & co.).
+    MBPP need); True lets programs import what the evaluator's environment has (numpy & co.). `hide`:
+    files and folders that read as empty inside every run (a benchmark's tests: the answer key).
     """
 
-    def __init__(self, workers: int = 2, site_packages: bool = False, isolation: str = "full"):
+    def __init__(self, workers: int = 2, site_packages: bool = False, isolation: str = "full",
+                 hide: Sequence[str] = ()):
         if isolation not in ("full", "none"):
             raise ValueError(f"isolation={isolation!r}: expected 'full' or 'none'")
         if isolation == "none":
@@ -109,6 +111,7 @@ class Sandbox:
                 "sandbox isolation is OFF (evaluate.isolation=none): model-written code runs without network, "
                 "PID or mount namespaces; it can reach the network and this machine's files")
         self.site_packages, self.isolation = site_packages, isolation
+        self.hide = list(hide)  # files and folders the programs must not read (e.g. the benchmark's answer key)
         self._idle: "queue.Queue[subprocess.Popen]" = queue.Queue()
         self._all: list[subprocess.Popen] = []
         self._lock = threading.Lock()
@@ -133,7 +136,7 @@ class Sandbox:
             with _uid_slot() as uid:
                 spec = {"nonce": secrets.token_hex(16), "solution": solution, "tests": "" if checked else tests, "uid": uid,
                         "keep_read_search": KEEP_READ_SEARCH and uid is not None, "readable": READABLE,
-                        "hide": HIDE if uid is None else [],
+                        "hide": (HIDE if uid is None else []) + self.hide,
                         "isolation": self.isolation, "env": CHILD_ENV,
                         "timeout_s": limits.timeout_s, "output_cap": limits.output_cap,
                         "limits": {"cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_mb": limits.memory_mb,
