@@ -237,18 +237,23 @@ def test_killed_engine_actor_is_restarted_without_missing_or_duplicate_ids(ray_l
                         started = any("EngineCore" in " ".join(c.cmdline()) for c in p.children(recursive=True))
                     except psutil.Error:
                         started = False
-                    if started:
-                        time.sleep(3)  # let it write a few batches first
+                    # Only once it has served a block: the stage's first output file exists.
+                    if started and list(Path(store.stage_dir("iter_01/sample")).glob("attempt-*/data/*.parquet")):
                         p.send_signal(signal.SIGKILL)
                         killed.append(p.pid)
                         return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir)])
     thread.join(timeout=1)
     assert killed, "no engine actor was killed"
+    from ray._private import state  # the GCS actor table (the state API needs the dashboard, off here)
+
+    samplers = [a for a in state.actors().values() if "Sampler" in a["ActorClassName"]]
+    restarted = [a for a in samplers if a["NumRestarts"] >= 1]
+    assert restarted, [(a["ActorClassName"], a["State"], a["NumRestarts"]) for a in samplers]
     rows = pq.read_table(Path(store.path("iter_01/sample")) / "data").to_pylist()
     ids = [r["cand_id"] for r in rows]
     assert done["rows"] == len(ids) == 48 and len(set(ids)) == 48

@@ -407,37 +407,66 @@ def test_progress_counters_reach_the_metrics_endpoint(job_run):
     assert any('stage="iter_01/sample"' in line and 'run="job"' in line for line in rows_out)
 
 
-def run_until(args: list[str], env: dict[str, str], kill_at: str | None, timeout: float = 1800) -> str:
-    """Run the driver; when `kill_at` (a stage name) starts, SIGKILL its whole process group."""
+def run_until(args: list[str], env: dict[str, str], kill_when=None, timeout: float = 1800) -> str:
+    """Run the driver; the moment `kill_when()` (polled every 20 ms) is true, SIGKILL its whole process group."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=ROOT)
     out, deadline = [], time.time() + timeout
+
+    def killer():
+        while proc.poll() is None and time.time() < deadline:
+            if kill_when and kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    watcher = threading.Thread(target=killer, daemon=True)
+    watcher.start()
     for line in proc.stdout:
         out.append(line)
-        if kill_at and re.search(rf"\] {re.escape(kill_at)} \.\.\.$", line.strip()):
-            time.sleep(3)  # inside the stage
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise TimeoutError("".join(out[-50:]))
     proc.wait()
+    watcher.join(timeout=5)
+    if time.time() > deadline:
+        raise TimeoutError("".join(out[-50:]))
     return "".join(out)
+
+
+def writing(stage_dir: Path, pattern: str, killed: dict) -> bool:
+    """True while an attempt of a stage under `stage_dir` has files matching `pattern` and no _DONE.json:
+    the stage is writing its outputs. Notes that attempt in `killed` (stage folder -> attempt name)."""
+    for path in stage_dir.glob(pattern):
+        attempt = next(p for p in [path, *path.parents] if p.name.startswith("attempt-"))
+        if not (attempt.parent / "_DONE.json").exists():
+            killed[str(attempt.parent)] = attempt.name
+            return True
+    return False
 
 
 @pytest.mark.timeout(2400)  # three driver starts, most of the loop once (~13 min on 2 cores)
 def test_killed_twice_and_resumed_gives_the_same_dataset(job_run, tmp_path):
+    """The driver is SIGKILLed at two hard moments: while an influence feature shard of iteration 1 is being
+    computed (its attempt exists, no _DONE.json), and while `final` is writing its generated blocks. Each
+    rerun resumes, collects the killed attempt, and the dataset is the uninterrupted two-node run's."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    run, killed = tmp_path / "resumed", {}
     args = [SCODER, "run", "--preset", "tiny-loop", f"run.root={tmp_path}", "run.id=resumed"]
-    first = run_until(args, env, kill_at="iter_01/score")
-    assert "iter_01/score ..." in first and "final dataset" not in first
-    second = run_until(args, env, kill_at="iter_02/train")
-    assert "iter_01/sample: skipped (already done)" in second and "final dataset" not in second
-    third = run_until(args, env, kill_at=None)
+    first = run_until(args, env, kill_when=lambda: writing(run / "iter_01" / "features", "*-candidate/attempt-*", killed))
+    assert "iter_01/influence ..." in first and "final dataset" not in first, first[-3000:]
+    feature_stage, feature_attempt = next(iter(killed.items()))
+    second = run_until(args, env, kill_when=lambda: writing(run / "final", "attempt-*/raw/data/*.parquet", killed))
+    assert "iter_01/sample: skipped (already done)" in second and "final ..." in second
+    assert "final dataset" not in second, second[-3000:]
+    final_attempt = killed[str(run / "final")]
+    third = run_until(args, env)
     assert "iter_02/sample: skipped (already done)" in third
     digest = re.search(r"final dataset: \d+ samples, digest ([0-9a-f]{64})", third).group(1)
     assert digest == job_run["done"]("final")["dataset_digest"]  # local root, one node == S3 root, two nodes
+    for stage, attempt in ((feature_stage, feature_attempt), (str(run / "final"), final_attempt)):
+        done = json.loads((Path(stage) / "_DONE.json").read_text())
+        assert done["attempt"] != attempt and not (Path(stage) / attempt).exists()  # redone, the killed one collected
 
     # w learned inside `run` from a label file: the weights stage comes after iter_01/score and the ranking
     # uses it. Labels that follow one aspect must give that aspect most of w. (--until: no second loop.)
@@ -451,7 +480,7 @@ def test_killed_twice_and_resumed_gives_the_same_dataset(job_run, tmp_path):
     labels.write_text("".join(json.dumps({"cand_id": r["cand_id"], "label": r["aspect_relevance"]}) + "\n"
                               for r in scored if r["aspect_relevance"] >= 0)
                       + json.dumps({"cand_id": "not-in-this-run", "label": 3}) + "\n")
-    fourth = run_until(args + [f"score.labels_file={labels}", "--until", "iter_01/rank"], env, kill_at=None)
+    fourth = run_until(args + [f"score.labels_file={labels}", "--until", "iter_01/rank"], env)
     assert re.search(r"\] weights: done in", fourth) and "stopped after iter_01/rank (--until)" in fourth, fourth[-3000:]
     assert "iter_01/warmup ..." not in fourth and "iter_01/score: skipped (already done)" in fourth
     weights, rank = store.read_done("weights"), store.read_done("iter_01/rank")
