@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: a user error then shows its traceback too
+    argv = [a for a in argv if a != "--debug"]
     # Overrides may follow options (`stage seeds --preset tiny run.id=x`), which plain argparse rejects.
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -129,6 +132,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _export(args)
         cfg = load_config(args.preset, args.overrides, config_file=args.config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
+        if debug:
+            raise
         print(f"scoder-ray: error: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
@@ -168,7 +173,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             loop.run(cfg, until=args.until)
             print(f"[scoder-ray] run directory: {cfg.run.root}/{cfg.run.id}  (scoder-ray status {cfg.run.root}/{cfg.run.id})")
     except (ValueError, FileNotFoundError, TeacherError, SandboxUnavailable) as e:  # one line, no traceback
-        print(f"scoder-ray: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"scoder-ray: error: {e} (--debug shows where)", file=sys.stderr)
         return 2
     return 0
 

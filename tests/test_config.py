@@ -187,3 +187,10 @@ def test_a_bare_hub_id_is_a_hub_model():
     assert cfg.models.synthesizer == "hf:Qwen/Qwen2.5-Coder-7B-Instruct"
     with pytest.raises(ConfigError, match="model path './nope/x' does not exist"):
         load_config("tiny", ["models.synthesizer=./nope/x"])  # a path, not an id
+
+
+def test_debug_shows_the_traceback_of_a_user_error(capsys):
+    assert main(["stage", "seeds", "--preset", "tiny", "train.synthesizer.epochs=-1"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train.synthesizer.epochs"):
+        main(["stage", "seeds", "--preset", "tiny", "--debug", "train.synthesizer.epochs=-1"])
