@@ -82,7 +82,7 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
             inf.num_actors * inf.gpus_per_actor, pools * inf.num_actors, examples / rate, pools * tp["actor_start_s"])
         kept_total += inf.keep_count or inf.keep_fraction * selected
         retrain_rows = teacher_rows + kept_total
-        train(f"{it}/train_synthesizer", syn, retrain_rows, cfg.loop.retrain_epochs or syn.epochs)
+        train(f"{it}/train", syn, retrain_rows, cfg.loop.retrain_epochs or syn.epochs)  # the stage's own name
     final_rows = cfg.loop.final_dataset_size / tp["parse_rate"] * tp.get("final_oversample", 1.25)
     generate("final", final_rows, tp["sample_output_tokens"], 1)
     train("train_scoder", cfg.train.scoder, cfg.loop.final_dataset_size, cfg.train.scoder.epochs)

@@ -85,6 +85,27 @@ def sample_rows(store: RunStore, stage: str, n: int = 3) -> str:
     return f"<h3>{html.escape(stage)}</h3>" + _table(rows, ["", "reason", "problem", "solution", "raw (when unparsed)"])
 
 
+def plan_beside_measured(store: RunStore, dones: dict[str, dict]) -> str:
+    """`scoder-ray plan`'s estimate for this run's config beside what each stage took."""
+    from scoder_ray.plan import load_throughput, plan
+
+    cfg = store.read_config()
+    if cfg is None:
+        return ""
+    tp = load_throughput()
+    rows = []
+    for s in plan(cfg, tp):
+        d = dones.get(s.stage)
+        wall = d.get("seconds", 0) / 3600 if d and not d.get("skipped") else None
+        rows.append([s.stage, s.gpus or "cpu", f"{s.wall_hours:.2f}" if s.gpus else "-",
+                     f"{wall:.3f}" if wall is not None else "not run", f"{s.gpu_hours:.1f}" if s.gpus else "-",
+                     f"{s.gpus * wall:.2f}" if s.gpus and wall is not None else "-"])
+    return ("<h3>Plan beside measured</h3>" + _table(rows, ["stage", "GPUs (plan)", "wall h (plan)", "wall h (measured)",
+                                                            "GPU-h (plan)", "GPU-h (measured: GPUs x wall)"])
+            + f"<p>Estimates from conf/throughput.yaml ({html.escape(str(tp.get('gpu', '?')))} per GPU), as "
+              "<code>scoder-ray plan</code> prints them before a run; CPU stages are not estimated.</p>")
+
+
 def build(store: RunStore) -> str:
     import matplotlib
 
@@ -114,6 +135,7 @@ def build(store: RunStore) -> str:
     if feature_rows:  # the influence stage's seconds include these
         parts.append("<h3>Influence time per checkpoint and kind</h3>" + _table(feature_rows, ["stage", "features",
                                                                                              "seconds"]))
+    parts.append(plan_beside_measured(store, dones))
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(names))))
     ax.barh(names[::-1], [dones[n].get("seconds", 0) for n in names[::-1]], color="#4c72b0")
     ax.set_xlabel("seconds")

@@ -25,7 +25,7 @@ def test_paper_7b_volumes_and_hours_follow_the_config_and_the_throughput_file():
     influence = stages["iter_01/influence"]
     assert influence.volume.startswith("82,000 examples")  # (20,000 selected + 500 teacher) x 4 checkpoints
     # retraining grows with the kept samples: teacher + 5% of the selected per iteration so far
-    assert [stages[f"iter_0{t}/train_synthesizer"].volume.split()[0] for t in (1, 2, 3)] == ["1,500", "2,500", "3,500"]
+    assert [stages[f"iter_0{t}/train"].volume.split()[0] for t in (1, 2, 3)] == ["1,500", "2,500", "3,500"]
     assert stages["bootstrap"].gpus == 0 and stages["bootstrap"].gpu_hours == 0
     # twice the engines: sampling's work wall time halves (start-ups stay)
     wide = by_stage(load_config("paper-7b", ["engine.num_engines=16"]), tp)["iter_01/sample"]

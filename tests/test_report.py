@@ -1,5 +1,6 @@
 """The run report and the final dataset digest, on a run store with real stage folders (no Ray)."""
 import json
+import re
 
 import pyarrow as pa
 
@@ -42,8 +43,10 @@ def test_report_has_plots_tables_and_config(tmp_path):
                                                                            "scoder": {"humaneval": {"pass@1": 0.5}}}})
     html = open(write_report(store)).read()
     assert html.count("data:image/png;base64,") == 3  # durations, iteration distributions, loss curves
-    for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r"):
+    for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured"):
         assert text in html
+    assert re.search(r"<td>iter_01/train</td><td>[^<]+</td><td>[^<]+</td><td>0\.\d{3}</td>", html)  # measured
+    assert re.search(r"<td>train_scoder</td>(<td>[^<]+</td>){2}<td>not run</td>", html)
 
 
 def test_builtin_rows_file_is_written_once(tmp_path):
