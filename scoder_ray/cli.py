@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=names, metavar="{" + ",".join(s.replace("_", "-") for s in STAGES) + "}",
                    help="the stage to run")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is done")
+    p.add_argument("--iteration", type=int, default=1, metavar="T",
+                   help="for an iteration's stage (sample ... train): which iteration (default 1)")
     _config_args(p)
 
     p = sub.add_parser("fit-weights", help="fit the aspect weights w on labelled candidates", epilog=EPILOG,
@@ -167,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps({k: done[k] for k in ("weights", "heldout_spearman", "rows", "labels")}, indent=2))
             return 0
         if args.command == "stage":
-            done = loop.run_stage(cfg, args.name.replace("-", "_"), force=args.force)
+            done = loop.run_stage(cfg, args.name.replace("-", "_"), force=args.force, iteration=args.iteration)
             print(json.dumps(done, indent=2, sort_keys=True, default=str))
         else:
             loop.run(cfg, until=args.until)

@@ -119,8 +119,8 @@ def run_order(names: list[str], cfg: Optional[Config]) -> list[str]:
     return sorted(names, key=position)
 
 
-# Stages runnable alone (`scoder-ray stage NAME`), iteration-scoped ones for iteration 1
-# (`scoder-ray stage sample` = iter_01/sample; later iterations run inside `scoder-ray run`).
+# Stages runnable alone (`scoder-ray stage NAME`); an iteration's stages for iteration 1 unless
+# `--iteration T` (`scoder-ray stage sample --iteration 2` = iter_02/sample).
 STAGES: dict[str, StageFn] = {
     "seeds": run_seeds,
     "bootstrap": run_bootstrap,
@@ -152,12 +152,21 @@ def needs_teacher(cfg: Config, store: RunStore) -> bool:
             or (bool(cfg.score.teacher_labels) and not cfg.score.labels_file and store.read_done(WEIGHTS_STAGE) is None))
 
 
-def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
+def run_stage(cfg: Config, name: str, force: bool = False, iteration: int = 1) -> dict[str, Any]:
+    """One stage; an iteration's stage (sample ... train) of iteration `iteration`."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    per_iteration = iteration_stages(iteration)
+    scoped = f"iter_{iteration:02d}/{name}"
+    if iteration != 1 and scoped not in per_iteration:
+        raise ValueError(f"--iteration applies to an iteration's stages ({', '.join(n.split('/')[1] for n in per_iteration)}), "
+                         f"not {name!r}")
+    if not 1 <= iteration <= cfg.loop.iterations:
+        raise ValueError(f"--iteration {iteration}: this run has iterations 1..{cfg.loop.iterations} (loop.iterations)")
+    fn = per_iteration.get(scoped, STAGES[name])
     store = open_run(cfg)
     try:
-        return STAGES[name](cfg, store, force)
+        return fn(cfg, store, force)
     finally:
         store.lease.release()
 

@@ -194,3 +194,10 @@ def test_debug_shows_the_traceback_of_a_user_error(capsys):
     assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(ConfigError, match="train.synthesizer.epochs"):
         main(["stage", "seeds", "--preset", "tiny", "--debug", "train.synthesizer.epochs=-1"])
+
+
+def test_stage_iteration_is_checked_before_any_work(capsys):
+    assert main(["stage", "sample", "--preset", "tiny", "--iteration", "5"]) == 2
+    assert "--iteration 5: this run has iterations 1..2" in capsys.readouterr().err
+    assert main(["stage", "seeds", "--preset", "tiny", "--iteration", "2"]) == 2
+    assert "--iteration applies to an iteration's stages" in capsys.readouterr().err
