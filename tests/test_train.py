@@ -90,7 +90,31 @@ def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_
 def test_lora_warmup_saves_adapters_and_moments_with_matching_keys(ray_local, tmp_path, tiny_model_dir, train_rows):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.lora.enabled=true", "train.synthesizer.lora.r=8",
                    "train.synthesizer.lora.alpha=32", "train.synthesizer.epochs=2", "train.synthesizer.lora.export_merged=true")
+    seen: dict[str, tuple] = {}  # resume states Ray Train kept while training (removed after): keys, step
+
+    def watch():
+        while not done_flag:
+            for f in (tmp_path / "t" / "_ray_train").glob("*/checkpoint_*/state/mp_rank_00_model_states.pt"):
+                if str(f) not in seen:
+                    try:
+                        keys = sorted(torch.load(f, map_location="cpu", weights_only=False)["module"])
+                        seen[str(f)] = (keys, json.loads((f.parents[1] / "train_state.json").read_text())["step"])
+                    except Exception:  # still being written or already removed: look again
+                        pass
+            time.sleep(0.05)
+
+    done_flag = False
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     done, store = run(cfg, data=train_rows)
+    done_flag = True
+    watcher.join(timeout=5)
+    # Resume state after the first epoch's export, none after the last step; the adapter's weights only,
+    # not the frozen base model.
+    # (the tiny model ties lm_head to the embeddings: DeepSpeed keeps that one tied name; a 7B model has none)
+    assert seen and all([k for k in keys if "lora_" not in k] in ([], ["base_model.model.lm_head.weight"])
+                        for keys, _ in seen.values()), [[k for k in keys if "lora_" not in k][:5] for keys, _ in seen.values()]
+    assert max(step for _, step in seen.values()) < done["total_steps"]
     out = Path(store.path("train_synthesizer"))
     for c in done["checkpoints"]:
         folder = out / c["name"]

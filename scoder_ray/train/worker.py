@@ -91,7 +91,7 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group: continue after the last reported step
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag="state")
+            engine.load_checkpoint(d, tag="state", load_module_strict=not conf["lora"]["enabled"])
             with open(os.path.join(d, "train_state.json")) as f:
                 state = json.load(f)
         if rank == 0:
@@ -127,9 +127,13 @@ def train_loop(config: dict[str, Any]) -> None:
             start_step = state["exports"][-1]["step"] if state["exports"] else 0
             lrs = [h["lr"] for h in state["history"] if start_step < h["step"] <= step + 1]
             state["exports"].append({"name": name, "step": step + 1, "mean_lr": sum(lrs) / len(lrs)})
-        if is_export or (conf["resume_every"] and (step + 1) % conf["resume_every"] == 0):
+        # Resume state (weights, optimizer, this loop's state) at each export and every resume_every steps,
+        # never after the last step: nothing resumes from there, and for a 7B model under ZeRO-3 it is ~100 GB.
+        # A LoRA run keeps the trainable parameters only: the frozen base is reloaded from its reference.
+        resumable = is_export or (conf["resume_every"] and (step + 1) % conf["resume_every"] == 0)
+        if resumable and step + 1 < total:
             with tempfile.TemporaryDirectory(prefix="scoder-train-") as d:
-                engine.save_checkpoint(d, tag="state")
+                engine.save_checkpoint(d, tag="state", exclude_frozen_parameters=conf["lora"]["enabled"])
                 if rank == 0:
                     with open(os.path.join(d, "train_state.json"), "w") as f:
                         json.dump(state, f)
