@@ -160,11 +160,14 @@ def test_response_only_labels_on_a_real_batch(tiny_model_dir, train_rows):
         assert (batch["labels"][row, len(ids):] == IGNORE).all() and batch["attention_mask"][row].sum() == len(ids)
 
 
-def test_killed_worker_is_replaced_and_steps_are_exact(ray_local, tmp_path, tiny_model_dir, train_rows):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_killed_worker_is_replaced_and_steps_are_exact(ray_local, tmp_path, tiny_model_dir, train_rows, lora):
     """SIGKILL one training worker after the first resumable checkpoint: the group restarts from it and
-    the run ends with exactly max_steps steps and the same weights as an uninterrupted run."""
+    the run ends with exactly max_steps steps and the same weights as an uninterrupted run (LoRA: the same
+    adapter, dropout masks included: each rank's RNG state is part of the resume state)."""
     steps = ["train.synthesizer.max_steps=24", "train.synthesizer.resume_every=4", "train.synthesizer.checkpoint_at=steps",
-             "train.synthesizer.num_checkpoints=1"]
+             "train.synthesizer.num_checkpoints=1"] + (["train.synthesizer.lora.enabled=true", "train.synthesizer.lora.r=8"]
+                                                       if lora else [])
     cfg = tiny_cfg(tmp_path / "killed", tiny_model_dir, *steps)
     storage = tmp_path / "killed" / "t" / "_ray_train"
     killed = []
@@ -189,8 +192,9 @@ def test_killed_worker_is_replaced_and_steps_are_exact(ray_local, tmp_path, tiny
     assert [m["step"] for m in metrics] == list(range(1, 25))
 
     clean, clean_store = run(tiny_cfg(tmp_path / "clean", tiny_model_dir, *steps), data=train_rows)
-    a = load_file(Path(store.path("train_synthesizer")) / "ckpt_01" / "model.safetensors")
-    b = load_file(Path(clean_store.path("train_synthesizer")) / "ckpt_01" / "model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a = load_file(Path(store.path("train_synthesizer")) / "ckpt_01" / weights)
+    b = load_file(Path(clean_store.path("train_synthesizer")) / "ckpt_01" / weights)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 

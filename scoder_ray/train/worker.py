@@ -92,6 +92,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:  # a restarted worker group: continue after the last reported step
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="state", load_module_strict=not conf["lora"]["enabled"])
+            rng = os.path.join(d, f"rng_rank{rank}.pt")
+            if os.path.exists(rng):  # dropout masks (LoRA's) as the uninterrupted run draws them
+                _set_rng(torch.load(rng, weights_only=False))
             with open(os.path.join(d, "train_state.json")) as f:
                 state = json.load(f)
         if rank == 0:
@@ -134,6 +137,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if resumable and step + 1 < total:
             with tempfile.TemporaryDirectory(prefix="scoder-train-") as d:
                 engine.save_checkpoint(d, tag="state", exclude_frozen_parameters=conf["lora"]["enabled"])
+                torch.save(_get_rng(), os.path.join(d, f"rng_rank{rank}.pt"))  # each rank's own, merged by Ray Train
                 if rank == 0:
                     with open(os.path.join(d, "train_state.json"), "w") as f:
                         json.dump(state, f)
@@ -146,6 +150,20 @@ def train_loop(config: dict[str, Any]) -> None:
         write_text(f"{out_uri}/checkpoints.json", json.dumps(
             {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
              "checkpoints": state["exports"]}, indent=2))
+
+
+def _get_rng() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def deepspeed_config(conf: dict[str, Any], world: int, betas: tuple[float, float], eps: float) -> dict[str, Any]:
