@@ -241,8 +241,14 @@ def cut_file(item: dict[str, Any], conf: SeedsConf) -> list[dict]:
     if size > conf.max_file_bytes and not path.endswith(RECORD_SUFFIXES):
         return [_row(source, path, 0, 0, "", "too_large", f"{size} bytes", lang=lang)]
     if path.endswith(RECORD_SUFFIXES):
-        return [r for i, (text, lang) in enumerate(_read_records(item["abs"], item["data"]))
-                for r in _cut_record(text, source, f"{path}#{i}", conf, lang)]
+        rows, i = [], 0
+        for text, lang in _read_records(item["abs"], item["data"]):
+            if isinstance(text, Rejected):  # unreadable: a row with its reason; readable records keep their numbers
+                rows += _cut_record(text, source, f"{path}#{text.detail.split(':')[0]}", conf, lang)
+                continue
+            rows += _cut_record(text, source, f"{path}#{i}", conf, lang)
+            i += 1
+        return rows
     data = item["data"]
     if b"\0" in data:
         return [_row(source, path, 0, 0, "", "binary", lang=lang)]
@@ -254,6 +260,8 @@ def cut_file(item: dict[str, Any], conf: SeedsConf) -> list[dict]:
 
 
 def _cut_record(text: Any, source: str, path: str, conf: SeedsConf, lang: str = "python") -> list[dict]:
+    if isinstance(text, Rejected):
+        return [_row(source, path, 0, 0, "", str(text), text.detail, lang=lang)]
     if conf.languages and lang not in conf.languages:
         return []  # not asked for: not a rejection
     if not isinstance(text, str) or len(text.encode("utf-8", "replace")) > conf.max_file_bytes:
@@ -289,11 +297,26 @@ def _read_records(path: str, data: bytes) -> Iterator[tuple[Any, str]]:
         for record in table.select([column] + extra).to_pylist():
             yield record[column], _record_language(record)
         return
-    for lineno, record in jsonl.records(path, data):
+    bad: list = []
+    for lineno, record in jsonl.records(path, data, skip=lambda n, reason, detail: bad.append((n, reason, detail))):
+        while bad:  # lines skipped before this one: rejected rows with their reason
+            n, reason, detail = bad.pop(0)
+            yield Rejected(reason, f"line {n}: {detail}"), "python"
         column = next((c for c in TEXT_COLUMNS if c in record), None)
         if column is None:
             raise ValueError(f"{path}:{lineno}: no code field; expected one of {TEXT_COLUMNS}")
         yield record[column], _record_language(record)
+    for n, reason, detail in bad:
+        yield Rejected(reason, f"line {n}: {detail}"), "python"
+
+
+class Rejected(str):
+    """A corpus record that could not be read: its reason, and where (the row keeps both)."""
+
+    def __new__(cls, reason: str, detail: str) -> "Rejected":
+        obj = super().__new__(cls, reason)
+        obj.detail = detail
+        return obj
 
 
 # -- features for dedup and decontamination ---------------------------------------------------------

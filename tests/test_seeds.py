@@ -79,8 +79,9 @@ def fixture_tree(tmp_path):
     (src / "__pycache__").mkdir()
     (src / "__pycache__" / "good.py").write_text(GOOD)  # skipped folder: must not count as a duplicate
     records = tmp_path / "records.jsonl"
-    records.write_text(json.dumps({"code": FLATTEN.replace("    return out", "    return out  # collected")}) + "\n"
-                       + json.dumps({"code": GOOD}) + "\n")  # a renamed twin (near dup) and exact dups
+    records.write_bytes((json.dumps({"code": FLATTEN.replace("    return out", "    return out  # collected")}) + "\n"
+                         + json.dumps({"code": GOOD}) + "\n").encode()  # a renamed twin (near dup) and exact dups
+                        + '{"code": "caf\u00e9"}\n'.encode("latin-1") + b'[1, 2]\n{oops\n')  # unreadable rows
     return src, records
 
 
@@ -94,7 +95,8 @@ def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
     assert dropped["exact_duplicate"] == 1 + 2  # the vendored copy; the record copies of tokenize_words/add
     assert dropped["near_duplicate"] == 2  # flatten2.py and the reworded record
     assert dropped["contaminated"] == 1
-    assert (dropped["binary"], dropped["not_utf8"], dropped["empty"]) == (1, 1, 1)
+    assert (dropped["binary"], dropped["not_utf8"], dropped["empty"]) == (1, 1 + 1, 1)
+    assert (dropped["not_object"], dropped["not_json"]) == (1, 1)  # a corpus's bad rows drop, the rest counts
     assert (dropped["auto_generated"], dropped["syntax_error"]) == (1, 1)
     assert dropped["too_short"] == 2  # short() in good.py and in the record
     table = pq.read_table(seeds_uri(RunStore.for_config(cfg))).to_pylist()
@@ -106,6 +108,8 @@ def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
     rejected = pq.read_table(f"{RunStore.for_config(cfg).uri('seeds')}/rejected").to_pylist()
     leak = [r for r in rejected if r["reason"] == "contaminated"][0]
     assert leak["path"] == "leak.py" and leak["detail"].startswith("humaneval:HumanEval/0/")
+    bad = sorted((r["reason"], r["detail"]) for r in rejected if r["path"].startswith("records.jsonl#line"))
+    assert [b[0] for b in bad] == ["not_json", "not_object", "not_utf8"] and bad[2][1].startswith("line 3: not UTF-8")
     dup = [r for r in rejected if r["reason"] == "exact_duplicate" and r["path"].endswith("copy_of_other.py")]
     assert len(dup) == 1
     assert sum(dropped.values()) + done["rows"] == len(rejected) + len(table)
