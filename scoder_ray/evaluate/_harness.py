@@ -119,6 +119,9 @@ def private_mounts(readable: list, tmp_mb: int, hide: list = ()) -> None:
         _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
         _mount(libc, None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
+    for d in hidden:  # a hidden folder inside one just bound back (the answer key in a venv under /tmp): again
+        if any(d.startswith(os.path.realpath(p) + "/") for p in handles) and os.path.isdir(d):
+            _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
     for f in (f for f in hidden_files if os.path.isfile(f)):  # one under a place covered above is gone already
         _mount(libc, "/dev/null", f, None, MS_BIND)
         _mount(libc, None, f, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
