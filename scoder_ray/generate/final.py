@@ -74,8 +74,8 @@ def final_plan(cfg: Config, store: RunStore, n_seeds: int) -> tuple[int, int]:
     """(seeds to use, samples per seed): enough for final_dataset_size at the last measured parse rate
     (x1.25 headroom), spread over as many distinct seeds as the pool has before repeating any."""
     # The latest iteration that parsed anything (an empty one, or those after a stop, say nothing of it).
-    rates = [d.get("parse_rate", 0) for t in range(cfg.loop.iterations, 0, -1)
-             if (d := store.read_done(f"iter_{t:02d}/sample")) is not None]
+    rates = (d.get("parse_rate", 0) for t in range(cfg.loop.iterations, 0, -1)
+             if (d := store.read_done(f"iter_{t:02d}/sample")) is not None)  # read from the last back, lazily
     last = next((r for r in rates if r > 0), None)
     parse_rate = max(0.05, last) if last else 0.5
     needed = math.ceil(1.25 * cfg.loop.final_dataset_size / parse_rate)
