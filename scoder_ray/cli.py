@@ -11,7 +11,9 @@ from scoder_ray.config import ConfigError, load_config, presets, to_yaml
 from scoder_ray.evaluate.sandbox import SandboxUnavailable
 from scoder_ray.generate.teacher import TeacherError
 
-EPILOG = "Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-run  (see conf/config.yaml)."
+EPILOG = ("Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-run  (see conf/config.yaml). "
+          "Anywhere on the line: --verbose shows Ray's, Ray Data's, Ray Train's and vLLM's own output on the console "
+          "(RUN_DIR/logs/ always has it); --debug shows a user error's traceback.")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: a user error then shows its traceback too
-    argv = [a for a in argv if a != "--debug"]
+    verbose = "--verbose" in argv  # anywhere: Ray's, Ray Data's, Ray Train's and vLLM's own lines on the console
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     # Overrides may follow options (`stage seeds --preset tiny run.id=x`), which plain argparse rejects.
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -155,8 +158,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             path = resolve_model(f"builtin:{name}", cfg.models.cache_dir, cfg.models.tiny_seed)
             print(f"{name}: {path}")
         return 0
-    from scoder_ray import loop
+    from scoder_ray import console, loop
 
+    captured = console.start(verbose) if args.command in ("run", "stage") else None  # and to RUN_DIR/logs/
     try:
         if args.command == "fit-weights":
             from scoder_ray.score.stage import run_fit_weights
@@ -179,6 +183,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"scoder-ray: error: {e} (--debug shows where)", file=sys.stderr)
         return 2
+    finally:
+        if captured:
+            captured.stop()
     return 0
 
 

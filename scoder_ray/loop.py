@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
+from scoder_ray import console
 from scoder_ray.config import Config
 from scoder_ray.evaluate.stage import run_evaluate
 from scoder_ray.generate.bootstrap import run_bootstrap
@@ -32,9 +33,10 @@ def _influence(t: int) -> StageFn:
                                                    if store.read_done(f"iter_{t:02d}/warmup") else "", force=force)
 
 
-def empty_reason(store: RunStore, t: int) -> str:
-    """Why iteration t keeps nothing ('' while it may keep something): no candidate parsed, or none
-    survived selection."""
+def empty_reason(store: RunStore, t: int, cfg: Optional[Config] = None) -> str:
+    """Why iteration t keeps nothing ('' while it may keep something): no candidate parsed, none survived
+    selection, or fewer survived than one optimizer step of the LoRA warm-up (with `cfg`): too few to
+    rank by influence, and keeping them unfiltered would skip a filter."""
     it = f"iter_{t:02d}"
     score = store.read_done(f"{it}/score")
     if score is not None and score.get("empty"):
@@ -42,6 +44,13 @@ def empty_reason(store: RunStore, t: int) -> str:
     rank = store.read_done(f"{it}/rank")
     if rank is not None and rank["rows"] == 0:
         return f"{it}/rank: no candidate survived selection (dropped: {rank.get('dropped', {})})"
+    if rank is not None and cfg is not None:
+        w = cfg.train.warmup
+        step = w.num_workers * w.micro_batch_size * w.grad_accum
+        if rank["rows"] < step:
+            return (f"{it}/rank: {rank['rows']} candidate(s) survived selection, fewer than one optimizer step of "
+                    f"the influence warm-up ({w.num_workers} workers x {w.micro_batch_size} micro-batch x "
+                    f"{w.grad_accum} accumulation = {step}): too few to rank by influence")
     return ""
 
 
@@ -53,7 +62,9 @@ def _guarded(t: int, name: str, fn: StageFn) -> StageFn:
         stopped = stopped_after(store, t)
         if stopped:
             return {"rows": 0, "skipped": True, "note": f"the loop stopped after {stopped} (loop.on_empty_iteration=stop)"}
-        reason = "" if name.endswith(("/sample", "/score")) else empty_reason(store, t)
+        # The warm-up-size rule is for the stages after rank (rank's own output is what it reads).
+        reason = ("" if name.endswith(("/sample", "/score")) else
+                  empty_reason(store, t, None if name.endswith("/rank") else cfg))
         if not reason:
             return fn(cfg, store, force)
         mode = cfg.loop.on_empty_iteration
@@ -142,6 +153,7 @@ def open_run(cfg: Config) -> RunStore:
     store = RunStore.for_config(cfg)
     store.acquire_lease(cfg.run.lease_ttl_s)
     store.write_config(cfg)
+    console.attach(store)  # the driver's log (when the CLI captures it) goes to RUN_DIR/logs/ from here on
     return store
 
 
@@ -205,6 +217,7 @@ def _run(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageFn],
               f"({time.time() - started:.0f}s elapsed)", flush=True)
         for warning in done.get("warnings", []):
             print(f"[scoder-ray] WARNING {name}: {warning}", flush=True)
+        console.sync()
         if name == until:
             print(f"[scoder-ray] stopped after {name} (--until); `run` again to go on", flush=True)
             break

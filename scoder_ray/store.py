@@ -273,14 +273,22 @@ class RunStore:
         except FileNotFoundError:
             return None
 
+    def write_log(self, name: str, data: bytes) -> None:
+        """RUN_DIR/logs/<name>, replaced whole (the driver's console log, copied after every stage)."""
+        self.fs.create_dir(f"{self.base}/logs", recursive=True)
+        self._write_bytes_atomic(f"{self.base}/logs/{name}", data)
+
     def _write_text_atomic(self, path: str, text: str) -> None:
+        self._write_bytes_atomic(path, text.encode())
+
+    def _write_bytes_atomic(self, path: str, data: bytes) -> None:
         if not self.local:  # an object PUT is atomic: readers see the old object or the new one
             with self.fs.open_output_stream(path) as f:
-                f.write(text.encode())
+                f.write(data)
             return
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         with open(tmp, "wb") as f:
-            f.write(text.encode())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -8,8 +8,11 @@
 - the first job's driver is SIGKILLed while a stage writes its files and the resubmitted job resumes from
   the object store; a training worker on the worker node is SIGKILLed and resumes from its checkpoint there;
 - the driver's progress counters reach the head's Prometheus metrics endpoint;
-- a second run on a local root and a local Ray, its driver SIGKILLed at two different stages and restarted
-  each time, ends with the same final dataset (digest) as the two-node job on S3.
+- a second run on a local root and a local Ray, its driver SIGKILLed at three hard moments (while the teacher's
+  requests are in flight, during an influence feature shard, while `final` writes) and restarted each time,
+  ends with the same final dataset (digest) as the two-node job on S3.
+Both runs ask a teacher over HTTP (a stand-in for a proprietary one, tests/stand_in_teacher.py) and retrain
+the synthesizer from the base model each iteration (`loop.retrain_from: base`, the default).
 """
 from __future__ import annotations
 
@@ -37,11 +40,21 @@ import psutil
 import pytest
 
 from scoder_ray import s3_local
+from stand_in_teacher import StandInTeacher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # a module fixture runs two whole loops
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 SCODER = str(Path(sys.executable).with_name("scoder-ray"))
+
+
+def loop_args(teacher: StandInTeacher, cache_dir: str) -> list[str]:
+    """The tiny loop as a user runs it: a teacher over HTTP (its 64 seeds, as many as the preset's stand-in
+    samples file holds) and every retrain from the base model (the default; 8 epochs: the tiny model is
+    pretrained on the standard library and relearns the layout in that many)."""
+    return ["--preset", "tiny-loop", "teacher.samples_file=", f"teacher.base_url={teacher.url}",
+            f"teacher.model={teacher.model}", "teacher.num_seeds=64", f"teacher.cache_dir={cache_dir}",
+            "loop.retrain_from=base", "loop.retrain_epochs=8", "loop.retrain_lr=0"]
 
 
 def free_port() -> int:
@@ -135,22 +148,25 @@ def private_network():
 def cluster(tmp_path_factory):
     """Two Ray nodes on one machine that share nothing but a private loopback network: a token-auth head
     with 0 CPUs (so the driver is all it runs) and a worker node with the 2 CPUs, in its own mount
-    namespace, where every engine, training worker, tokenizer task and feature actor runs; and an S3
-    server (moto) for the run root, whose variables this process uses meanwhile."""
+    namespace, where every engine, training worker, tokenizer task and feature actor runs; an S3
+    server (moto) for the run root, whose variables this process uses meanwhile; and the stand-in teacher
+    on that network."""
     with private_network():
         proc, s3_env = s3_local.start(buckets=("scoder-test",))
         saved = {k: os.environ.get(k) for k in s3_env}
         os.environ.update(s3_env)
+        teacher = StandInTeacher()
         try:
-            yield from _two_nodes(tmp_path_factory, s3_env)
+            yield from _two_nodes(tmp_path_factory, s3_env, teacher)
         finally:
+            teacher.shutdown()
             proc.terminate()
             proc.wait(timeout=30)
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def _two_nodes(tmp_path_factory, s3_env: dict[str, str]):
+def _two_nodes(tmp_path_factory, s3_env: dict[str, str], teacher: StandInTeacher):
     temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token of the user's gets read or written
     token = secrets.token_hex(16)
@@ -187,7 +203,7 @@ def _two_nodes(tmp_path_factory, s3_env: dict[str, str]):
             assert time.time() < deadline, f"the worker node did not join: {nodes.stdout}{nodes.stderr}"
             time.sleep(2)
         yield {"env": env, "address": address, "metrics": metrics, "token": token, "home": home, "temp_dir": temp_dir,
-               "nodes": alive, "worker": worker, "worker_ns": ns_of(worker.pid)}
+               "nodes": alive, "worker": worker, "worker_ns": ns_of(worker.pid), "teacher": teacher}
     finally:
         kill_namespace(ns_of(worker.pid))
         kill_ray_under(temp_dir)
@@ -273,8 +289,8 @@ def job_run(cluster):
     out["no_token_status"] = http_status(f"{address}/api/jobs/", {})
     out["wrong_token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": "Bearer nope"})
     out["token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
-    entry = [sys.executable, "jobs/run_loop.py", "--preset", "tiny-loop", f"run.root={root}", "run.id=job",
-             "train.scoder.resume_every=2", "train.scoder.epochs=3"]
+    entry = [sys.executable, "jobs/run_loop.py", *loop_args(cluster["teacher"], f"{cluster['home']}/teacher-cache"),
+             f"run.root={root}", "run.id=job", "train.scoder.resume_every=2", "train.scoder.epochs=3"]
     wrong = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait", "--", *entry],
                            env={**cluster["env"], "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True, timeout=120)
     out["wrong_submit"] = (wrong.returncode, wrong.stdout + wrong.stderr)
@@ -367,6 +383,9 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert f"digest {final['dataset_digest']}" in logs
     assert final["rows"] > 0 and final["parse_rate"] > 0
     seeds = done("seeds")["rows"]
+    boot = done("bootstrap")  # asked over HTTP, once: the resubmitted job skipped the stage
+    assert boot["teacher"]["model"] == "stand-in-teacher" and boot["usage"]["requests_sent"] == 64 == boot["rows"]
+    assert boot["parse_rate"] == 1.0 and boot["usage"]["cache_hits"] == 0
     for t in (1, 2):  # candidates flowed through every filter of both iterations
         it = f"iter_{t:02d}"
         assert seeds == 64 and done(f"{it}/sample")["rows"] == 2 * 2 * 32  # M x N x sample.num_seeds
@@ -375,6 +394,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
         data = done(f"{it}/train_data")
         assert data["by_origin"]["teacher"] == 64 and data["by_origin"][it] == kept["rows"]
         train = done(f"{it}/train")
+        assert train["inputs"]["from"] == "base" and "train_synthesizer" not in train["model"]  # retrained from base
         assert "config.json" in s3_files(f"{job_run['run']}/{it}/train/{train['attempt']}/ckpt_02")
         assert "degenerate" in done(f"{it}/score")["judge_signal"]  # the judge was checked
     ev = done("evaluate")
@@ -386,6 +406,17 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert final["audit"]["placeholders"] == final["audit"]["prompt_echoes"] == 0
     assert 0 < final["seeds_yielding"] <= final["seeds"]
     assert any("seeds" in w and "yielded" in w for w in final["warnings"]) == (final["seeds_yielding"] < final["seeds"] / 2)
+    # The console (the job's log) is scoder-ray's lines and real warnings; RUN_DIR/logs/ has everything, per driver.
+    from scoder_ray.console import noise
+
+    assert not [line for line in logs.splitlines() if noise(line)] and "[scoder-ray] log: s3://scoder-test/" in logs
+    driver_logs = [f for f in s3_files(f"{job_run['run']}/logs") if f.startswith("driver-")]
+    assert len(driver_logs) == 2, driver_logs  # the killed job's (copied after each of its stages) and this one's
+    full = max((s3_text(f"{job_run['run']}/logs/{f}") for f in driver_logs), key=len)
+    assert "RayTrainWorker pid=" in full and "final dataset: " in full
+    # Training shows its progress from rank 0 (Ray Train's own per-step reports are in the log file only).
+    assert re.search(r"\[scoder-ray\] train_scoder: step \d+/\d+ \(\d+%\), loss [\d.]+, [\d,]+ tokens/s, ETA \d+m\d\ds", logs)
+    assert "Reporting training result" not in logs and "Reporting training result" in full
     # The object store's credentials reached every node through its environment, and nothing wrote them down.
     secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
     assert secret not in logs and secret not in job_run["first_logs"]
@@ -444,17 +475,32 @@ def writing(stage_dir: Path, pattern: str, killed: dict) -> bool:
     return False
 
 
-@pytest.mark.timeout(2400)  # three driver starts, most of the loop once (~13 min on 2 cores)
-def test_killed_twice_and_resumed_gives_the_same_dataset(job_run, tmp_path):
-    """The driver is SIGKILLed at two hard moments: while an influence feature shard of iteration 1 is being
-    computed (its attempt exists, no _DONE.json), and while `final` is writing its generated blocks. Each
-    rerun resumes, collects the killed attempt, and the dataset is the uninterrupted two-node run's."""
+@pytest.mark.timeout(2400)  # four driver starts, most of the loop once (~14 min on 2 cores)
+def test_killed_three_times_and_resumed_gives_the_same_dataset(job_run, tmp_path):
+    """The driver is SIGKILLed at three hard moments: while the teacher's requests are in flight (some answers
+    cached, most not), while an influence feature shard of iteration 1 is being computed (its attempt exists,
+    no _DONE.json), and while `final` is writing its generated blocks. Each rerun resumes: the teacher is not
+    paid twice for an answer it already gave, each killed attempt is collected and redone, and the dataset is
+    the uninterrupted two-node run's."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    teacher, cache = job_run["teacher"], tmp_path / "teacher-cache"
     run, killed = tmp_path / "resumed", {}
-    args = [SCODER, "run", "--preset", "tiny-loop", f"run.root={tmp_path}", "run.id=resumed"]
+    args = [SCODER, "run", *loop_args(teacher, str(cache)), f"run.root={tmp_path}", "run.id=resumed"]
+    cached = lambda: sorted(cache.glob("*/*.json"))  # noqa: E731 - answers written (a temp file has another suffix)
+    teacher.delay_s, served_before = 0.5, len(teacher.served)  # 16 requests at a time, 4 waves of 0.5 s
+    zeroth = run_until(args, env, kill_when=lambda: len(cached()) >= 4)
+    teacher.delay_s = 0.0
+    paid = len(teacher.served) - served_before
+    answered = len(cached())
+    assert "bootstrap ..." in zeroth and "bootstrap: done" not in zeroth, zeroth[-3000:]
+    assert 4 <= answered < 64 and answered <= paid < 64, (answered, paid)  # killed mid-requests
     first = run_until(args, env, kill_when=lambda: writing(run / "iter_01" / "features", "*-candidate/attempt-*", killed))
     assert "iter_01/influence ..." in first and "final dataset" not in first, first[-3000:]
+    boot = json.loads((run / "bootstrap" / "_DONE.json").read_text())
+    assert boot["usage"]["cache_hits"] == answered and boot["usage"]["requests_sent"] == 64 - answered, boot["usage"]
+    assert len(teacher.served) - served_before == paid + 64 - answered  # only the unanswered ones asked again
+    assert boot["rows"] == 64 and boot["parse_rate"] == 1.0
     feature_stage, feature_attempt = next(iter(killed.items()))
     second = run_until(args, env, kill_when=lambda: writing(run / "final", "attempt-*/raw/data/*.parquet", killed))
     assert "iter_01/sample: skipped (already done)" in second and "final ..." in second

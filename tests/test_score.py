@@ -242,6 +242,24 @@ def test_nothing_kept_after_selection_fails_when_asked(tmp_path):
         plan(cfg)["iter_01/warmup"](cfg, store, False)
 
 
+def test_fewer_survivors_than_one_warmup_step_end_the_iteration_in_words(tmp_path):
+    """Found by a tiny loop retrained from base: iteration 2 kept 1 candidate and the warm-up died with "1
+    training sequences are fewer than one optimizer step", failing the run. Too few to rank by influence
+    (and keeping them unfiltered would skip a filter): the iteration ends as empty, and says why."""
+    from scoder_ray.loop import plan
+
+    cfg, store = unparsed_iteration(tmp_path, "stop", "few")
+    store.run_stage("iter_01/score", {}, {}, lambda tmp: {"rows": 3})
+    rank = store.run_stage("iter_01/rank", {}, {}, lambda tmp: {"rows": 1})
+    stages = plan(cfg)
+    for name in ("warmup", "influence", "train_data", "train"):
+        done = stages[f"iter_01/{name}"](cfg, store, False)
+        assert done["rows"] == 0 and "1 candidate(s) survived selection, fewer than one optimizer step of the " \
+                                     "influence warm-up (2 workers x 4 micro-batch x 1 accumulation = 8)" in done["empty"]
+    assert done["stop"] and "the loop stops: final uses train_synthesizer's synthesizer" in done["warnings"][0]
+    assert store.read_done("iter_01/rank")["attempt"] == rank["attempt"]  # rank's own output stays
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"cand_id": "a", "label": 3}\n{"cand_id": "a", "label": 5}\n', "l.jsonl:2: 'a' is labelled 5 here and 3.0 on line 1"),
     ('{"cand_id": "a"}\n', "l.jsonl:1: label None of 'a' is not a number in 0-9"),

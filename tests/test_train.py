@@ -160,11 +160,12 @@ def test_response_only_labels_on_a_real_batch(tiny_model_dir, train_rows):
         assert (batch["labels"][row, len(ids):] == IGNORE).all() and batch["attention_mask"][row].sum() == len(ids)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [True], ids=["lora"])  # full fine-tuning: the two-node job kills a worker too
 def test_killed_worker_is_replaced_and_steps_are_exact(ray_local, tmp_path, tiny_model_dir, train_rows, lora):
     """SIGKILL one training worker after the first resumable checkpoint: the group restarts from it and
-    the run ends with exactly max_steps steps and the same weights as an uninterrupted run (LoRA: the same
-    adapter, dropout masks included: each rank's RNG state is part of the resume state)."""
+    the run ends with exactly max_steps steps and the same adapter as an uninterrupted run, dropout masks
+    included (each rank's RNG state is part of the resume state). LoRA is the harder case: its resume state
+    leaves the frozen base out and must still restore every rank exactly. `[False]` runs full fine-tuning."""
     steps = ["train.synthesizer.max_steps=24", "train.synthesizer.resume_every=4", "train.synthesizer.checkpoint_at=steps",
              "train.synthesizer.num_checkpoints=1"] + (["train.synthesizer.lora.enabled=true", "train.synthesizer.lora.r=8"]
                                                        if lora else [])

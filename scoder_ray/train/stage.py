@@ -70,7 +70,7 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": to_dict(conf), "model_ref": model_ref, "models": cfg.models, "seed": cfg.run.seed,
-                           "tokenized_uri": f"{out_uri}/tokenized", "out_uri": out_uri},
+                           "tokenized_uri": f"{out_uri}/tokenized", "out_uri": out_uri, "stage": name},
         scaling_config=ScalingConfig(num_workers=conf.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": conf.gpus_per_worker} if use_gpu else {"CPU": 1},
                                      accelerator_type=(cfg.ray.accelerator_type or None) if use_gpu else None),

@@ -101,6 +101,7 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"[scoder-ray] training resumes after step {state['step']} of {total} from {checkpoint.path}",
                   file=sys.stderr, flush=True)
     out_uri = config["out_uri"]
+    progress = Progress(config.get("stage", "training"), total, state["step"]) if rank == 0 else None
 
     for step in range(state["step"], total):
         start = time.perf_counter()
@@ -123,6 +124,8 @@ def train_loop(config: dict[str, Any]) -> None:
                    "peak_rss_gib_max_worker": round(peak.item(), 3)}
         state["history"].append(metrics)
         state["step"] = step + 1
+        if progress:
+            progress.step(metrics)
         is_export = step + 1 in exports
         if is_export:
             name = f"ckpt_{exports.index(step + 1) + 1:02d}"
@@ -150,6 +153,24 @@ def train_loop(config: dict[str, Any]) -> None:
         write_text(f"{out_uri}/checkpoints.json", json.dumps(
             {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
              "checkpoints": state["exports"]}, indent=2))
+
+
+class Progress:
+    """Rank 0's progress line: at the first step, about every 5% of the steps, and the last; the console
+    shows it (a worker's `[scoder-ray]` line), where Ray Train's own per-step reports are left out."""
+
+    def __init__(self, stage: str, total: int, done: int):
+        self.stage, self.total, self.start_step, self.started = stage, total, done, time.time()
+        self.every = max(1, total // 20)
+
+    def step(self, m: dict[str, Any]) -> None:
+        s = m["step"]
+        if s != self.start_step + 1 and s % self.every and s != self.total:
+            return
+        rate = (s - self.start_step) / max(time.time() - self.started, 1e-9)
+        eta = (self.total - s) / rate if rate else 0.0
+        print(f"[scoder-ray] {self.stage}: step {s}/{self.total} ({100 * s / self.total:.0f}%), loss {m['loss']:.4f}, "
+              f"{m['tokens_per_s']:,.0f} tokens/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s", file=sys.stderr, flush=True)
 
 
 def _get_rng() -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""The driver's console: scoder-ray's own lines, progress bars and warnings by default; with `--verbose`
+everything Ray, Ray Data, Ray Train and vLLM print as well. Either way the whole output goes to
+RUN_DIR/logs/driver-<UTC time>-<pid>.log (on an object-store root: uploaded after every stage and at exit).
+
+It works on file descriptors 1 and 2 (pipes read by a thread), so it also catches what Ray's log monitor
+and C extensions write; the run's own code keeps printing as usual.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import tempfile
+import threading
+import time
+from typing import IO, Optional
+
+# Lines Ray forwards from its workers ("(MapWorker(MapBatches(Sampler)) pid=13048) ...", colour or not),
+# and Ray's own INFO/DEBUG log records on the driver (Ray Data's progress blocks among them).
+_WORKER = re.compile(r"^(?:\x1b\[[\d;]*m)?\(.*?pid=\d+")
+_RAY_INFO = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|DEBUG)\b")
+_ACTIVE: Optional["Console"] = None
+_MARKER = b"\x00scoder-ray-console-stop\x00"
+
+
+def noise(line: str) -> bool:
+    """Whether the quiet console leaves `line` out (the log file keeps it). A worker's line of our own
+    (`[scoder-ray] training resumes ...`) is for the user, and stays."""
+    return bool((_WORKER.match(line) and "[scoder-ray]" not in line) or _RAY_INFO.match(line))
+
+
+class Console:
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        self.local = tempfile.NamedTemporaryFile("ab", prefix="scoder-ray-driver-", suffix=".log", delete=False)
+        self.name = f"driver-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+        self.lock = threading.Lock()
+        self.store = None
+        self.saved: dict[int, tuple[int, threading.Event, int]] = {}
+
+    def start(self) -> "Console":
+        global _ACTIVE
+        import sys
+
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            stream.flush()
+            read, write = os.pipe()
+            saved, stopped = os.dup(fd), threading.Event()
+            self.saved[fd] = (saved, stopped, os.fstat(write).st_ino)
+            os.dup2(write, fd)
+            os.close(write)
+            threading.Thread(target=self._pump, args=(read, saved, stopped), daemon=True, name=f"console-{fd}").start()
+        _ACTIVE = self
+        atexit.register(self.stop)
+        return self
+
+    def _pump(self, read: int, out: int, stopped: threading.Event) -> None:
+        """Copy everything to the log file; lines that are not noise (all, when verbose) to the console. A
+        progress bar's carriage-return updates pass at once, not at the end of its line. After `stop()`'s
+        marker, whatever still arrives (from processes that inherited the descriptor) goes straight out."""
+        pending = b""
+        while True:
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            if stopped.is_set():
+                os.write(out, chunk)
+                continue
+            end = chunk.find(_MARKER)  # one write of fewer than PIPE_BUF bytes: never split by a read
+            if end >= 0:
+                chunk, after = chunk[:end], chunk[end + len(_MARKER):]
+            with self.lock:
+                self.local.write(chunk)
+                self.local.flush()
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            shown = [ln + b"\n" for ln in lines if self.verbose or not noise(ln.decode(errors="replace"))]
+            if pending.endswith(b"\r") or (b"\r" in pending and not noise(pending.decode(errors="replace"))):
+                shown.append(pending)
+                pending = b""
+            if end >= 0:
+                shown.append(pending)
+                shown.append(after)
+                pending = b""
+            if shown:
+                os.write(out, b"".join(shown))
+            if end >= 0:
+                stopped.set()
+
+    def attach(self, store) -> None:
+        """From now on the log belongs to `store`'s run: RUN_DIR/logs/<name>."""
+        if self.store is None:
+            print(f"[scoder-ray] log: {store.file_uri('logs/' + self.name)}"
+                  + ("" if self.verbose else "  (the console leaves out Ray's and vLLM's own lines: --verbose shows them)"),
+                  flush=True)
+        self.store = store
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy the log so far to the run directory (the whole file, atomically)."""
+        if self.store is None:
+            return
+        with self.lock:
+            self.local.flush()
+            data = open(self.local.name, "rb").read()
+        try:
+            self.store.write_log(self.name, data)
+        except OSError:  # a log that cannot be copied must not fail the run; the local file stays
+            pass
+
+    def stop(self) -> None:
+        """Drain the pipes up to a marker, give the descriptors back, and copy the log a last time."""
+        global _ACTIVE
+        import sys
+
+        if not self.saved:
+            return
+        for fd, (saved, stopped, pipe) in self.saved.items():
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            if os.fstat(fd).st_ino != pipe:  # someone else's descriptor now (a test harness's capture): leave it
+                continue
+            os.write(fd, _MARKER)
+            stopped.wait(timeout=10)
+            os.dup2(saved, fd)
+        self.saved = {}
+        self.sync()
+        self.local.close()
+        _ACTIVE = None
+
+
+def start(verbose: bool = False) -> Console:
+    return Console(verbose).start()
+
+
+def attach(store) -> None:
+    """Send the active console's log (if any) to `store`'s run directory."""
+    if _ACTIVE is not None:
+        _ACTIVE.attach(store)
+
+
+def sync() -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.sync()
+
+
+def log_file() -> Optional[IO[bytes]]:
+    return _ACTIVE.local if _ACTIVE is not None else None

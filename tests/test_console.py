@@ -1,0 +1,49 @@
+"""The driver's console: quiet by default, everything with --verbose, the whole output in RUN_DIR/logs/."""
+import subprocess
+import sys
+import textwrap
+
+DRIVER = textwrap.dedent(r"""
+    import subprocess, sys, time
+    from scoder_ray import console
+    from scoder_ray.store import RunStore
+
+    console.start(verbose=sys.argv[2] == "verbose")
+    console.attach(RunStore(sys.argv[1], "r"))
+    print("[scoder-ray] [1/2] seeds ...", flush=True)
+    print("\x1b[36m(MapWorker(MapBatches(Sampler)) pid=13048)\x1b[0m INFO 12-05 [core.py:133] Initializing an engine", flush=True)
+    print("(RayTrainWorker pid=77) [scoder-ray] training resumes after step 4 of 8 from s3://b/x", flush=True)
+    print("2026-12-05 00:33:03,307\tINFO logging_progress.py:231 -- Write: 0/1", file=sys.stderr, flush=True)
+    print("2026-12-05 00:33:03,308\tWARNING dataset.py:12 -- a real warning", file=sys.stderr, flush=True)
+    sys.stderr.write("teacher:  50%|#####     | 1/2\r"); sys.stderr.flush()
+    time.sleep(0.1)
+    sys.stderr.write("teacher: 100%|##########| 2/2\n"); sys.stderr.flush()
+    subprocess.run(["echo", "a child's line"])  # inherits the captured descriptors
+    print("[scoder-ray] [1/2] seeds: done", flush=True)
+""")
+
+
+def run_driver(tmp_path, mode):
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), mode], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    logs = list((tmp_path / "r" / "logs").glob("driver-*.log"))
+    assert len(logs) == 1
+    return out, logs[0].read_text()
+
+
+def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path):
+    out, log = run_driver(tmp_path, "quiet")
+    assert "[scoder-ray] log: " in out.stdout and "--verbose shows them" in out.stdout
+    assert "seeds ..." in out.stdout and "seeds: done" in out.stdout and "a child's line" in out.stdout
+    assert "training resumes after step 4" in out.stdout  # a worker's line of our own stays
+    assert "Initializing an engine" not in out.stdout and "Write: 0/1" not in out.stderr
+    assert "a real warning" in out.stderr and "teacher:  50%" in out.stderr and "2/2" in out.stderr
+    for line in ("Initializing an engine", "Write: 0/1", "a real warning", "teacher:  50%", "a child's line",
+                 "training resumes", "seeds: done"):
+        assert line in log, line
+
+
+def test_verbose_shows_everything(tmp_path):
+    out, log = run_driver(tmp_path, "verbose")
+    assert "Initializing an engine" in out.stdout and "Write: 0/1" in out.stderr
+    assert "--verbose shows them" not in out.stdout and "Initializing an engine" in log
