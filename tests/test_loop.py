@@ -50,11 +50,9 @@ SCODER = str(Path(sys.executable).with_name("scoder-ray"))
 
 def loop_args(teacher: StandInTeacher, cache_dir: str) -> list[str]:
     """The tiny loop as a user runs it: a teacher over HTTP (its 64 seeds, as many as the preset's stand-in
-    samples file holds) and every retrain from the base model (the default; 8 epochs: the tiny model is
-    pretrained on the standard library and relearns the layout in that many)."""
+    samples file holds); the preset retrains from the base model, the default."""
     return ["--preset", "tiny-loop", "teacher.samples_file=", f"teacher.base_url={teacher.url}",
-            f"teacher.model={teacher.model}", "teacher.num_seeds=64", f"teacher.cache_dir={cache_dir}",
-            "loop.retrain_from=base", "loop.retrain_epochs=8", "loop.retrain_lr=0"]
+            f"teacher.model={teacher.model}", "teacher.num_seeds=64", f"teacher.cache_dir={cache_dir}"]
 
 
 def free_port() -> int:
@@ -436,6 +434,15 @@ def test_progress_counters_reach_the_metrics_endpoint(job_run):
             "scoder_ray_stages_done_total"} <= seen, seen
     rows_out = [line for name, line in named if name == "scoder_ray_stage_rows_out"]
     assert any('stage="iter_01/sample"' in line and 'run="job"' in line for line in rows_out)
+    # While a stage runs, its progress gauge moves (per block): iter_01/sample seen part-way (its first
+    # checkpoint's candidates done, the second's engine still starting) and the console says the same.
+    fractions = {}
+    for name, line in named:
+        if name == "scoder_ray_stage_done_fraction" and 'run="job"' in line:
+            fractions.setdefault(re.search(r'stage="([^"]+)"', line).group(1), set()).add(float(line.rsplit(" ", 1)[1]))
+    assert any(0 < f < 1 for f in fractions.get("iter_01/sample", ())), fractions
+    assert re.search(r"\[scoder-ray\] iter_01/sample: \d+/256 candidates \(\d+%\), [\d.]+/s, ETA", job_run["logs"])
+    assert re.search(r"\[scoder-ray\] final: \d+/\d+ samples \(100%\)", job_run["logs"])
 
 
 def run_until(args: list[str], env: dict[str, str], kill_when=None, timeout: float = 1800) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scoder_ray import progress
 from scoder_ray.config import Config
 from scoder_ray.generate.sample import sample_checkpoint
 from scoder_ray.lineage import pick_seeds, synthesizer_checkpoints, synthesizer_digest
@@ -102,7 +103,9 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet", "lang"]).filter(
             lambda r: r["seed_id"] in chosen)
-        sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n)
+        bar = progress.start(cfg.run.id, "final", len(chosen) * n, "samples")
+        sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n, progress=bar)
+        progress.stop(bar)
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()
         raw["reason"] = raw["reason"].astype(object)
         kept, checks = final_filter(cfg, store, raw)

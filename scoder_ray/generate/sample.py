@@ -38,10 +38,11 @@ class EngineActor:
     """Holds one vLLM engine. Construction errors are kept and raised on the first batch, so the stage
     fails with the engine's own message rather than restarting a broken actor forever."""
 
-    def __init__(self, model_path: str, engine: EngineConf, seed: int, models: ModelsConf):
+    def __init__(self, model_path: str, engine: EngineConf, seed: int, models: ModelsConf, progress: Any = None):
         from scoder_ray.generate.engine import make_llm, pin_to_free_cores
         from scoder_ray.model_cache import local_model
 
+        self.progress = progress  # the stage's progress actor (scoder_ray.progress), told of every block done
         self.error: Optional[str] = None
         started = time.perf_counter()
         if not engine.gpus_per_engine:
@@ -65,6 +66,11 @@ class EngineActor:
         if self.error:
             raise RuntimeError(self.error)
 
+    def tick(self, n: int) -> None:
+        from scoder_ray import progress
+
+        progress.tick(self.progress, n)
+
     def chat_prompts(self, users: list[str]) -> list[str]:
         return [self.tokenizer.apply_chat_template(prompts.chat(u), tokenize=False, add_generation_prompt=True)
                 for u in users]
@@ -72,8 +78,9 @@ class EngineActor:
 
 class Sampler(EngineActor):
     def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int, models: ModelsConf,
-                 quality: Optional[QualityConf] = None, decontam_texts: Optional[dict[str, str]] = None):
-        super().__init__(model_path, engine, seed, models)
+                 quality: Optional[QualityConf] = None, decontam_texts: Optional[dict[str, str]] = None,
+                 progress: Any = None):
+        super().__init__(model_path, engine, seed, models, progress)
         from scoder_ray.evaluate.decontam import NgramIndex
 
         self.sample, self.quality = sample, quality
@@ -100,6 +107,7 @@ class Sampler(EngineActor):
         out_batch.update({k: np.array(v, dtype=object if k in ("problem", "solution", "raw", "reason") else None)
                           for k, v in cols.items()})
         out_batch["engine_start_s"] = self.startup_column(len(outputs))
+        self.tick(len(outputs))
         return out_batch
 
 
@@ -135,8 +143,9 @@ def engine_actor_options(engine: EngineConf, accelerator_type: str = "") -> dict
 
 
 def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str,
-                      n: Optional[int] = None) -> int:
-    """Write n (default N) candidates per seed from one checkpoint; returns n."""
+                      n: Optional[int] = None, progress: Any = None) -> int:
+    """Write n (default N) candidates per seed from one checkpoint; returns n. `progress`: the stage's
+    progress actor."""
     from scoder_ray.quality import decontam_texts
 
     n = n or cfg.sample.samples_per_seed
@@ -145,7 +154,7 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
                                         "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
-                                        "decontam_texts": texts},
+                                        "decontam_texts": texts, "progress": progress},
         batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
     out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
     return n
@@ -157,6 +166,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
     synthesizer's checkpoints from `train_synthesizer` (iteration 1) or `iter_{T-1}/train`."""
     import ray
 
+    from scoder_ray import progress
     from scoder_ray.quality import decontam_report
 
     seeds_done = store.read_done("seeds")
@@ -173,8 +183,11 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
         if cfg.sample.num_seeds:
             keep = {s["seed_id"] for s in _seed_subset(store, cfg.sample.num_seeds, cfg.run.seed, iteration)}
             seeds = seeds.filter(lambda r: r["seed_id"] in keep)
+        total = seeds.count() * cfg.sample.samples_per_seed * len(checkpoints)
+        bar = progress.start(cfg.run.id, stage, total, "candidates")
         for name, path in checkpoints:
-            sample_checkpoint(cfg, seeds, iteration, name, path, tmp)
+            sample_checkpoint(cfg, seeds, iteration, name, path, tmp, progress=bar)
+        progress.stop(bar)
         out = ray.data.read_parquet(f"{tmp}/data")
         stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt", "engine_start_s"]).to_pandas()
         return {"rows": len(stats), "checkpoints": [n for n, _ in checkpoints],

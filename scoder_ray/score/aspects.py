@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -70,8 +70,9 @@ def parse_aspects(text: str, names: list[str]) -> tuple[Optional[dict[str, int]]
 class Scorer(EngineActor):
     """A vLLM engine actor that adds `aspect_<name>` columns (-1 where unparseable) and `aspects_fallback`."""
 
-    def __init__(self, model_path: str, engine: EngineConf, score: ScoreConf, seed: int, models: ModelsConf):
-        super().__init__(model_path, engine, seed, models)
+    def __init__(self, model_path: str, engine: EngineConf, score: ScoreConf, seed: int, models: ModelsConf,
+                 progress: Any = None):
+        super().__init__(model_path, engine, seed, models, progress)
         self.score = score
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,4 +102,5 @@ class Scorer(EngineActor):
         result["aspects_fallback"] = np.array(fallback)
         result["scorer_raw"] = np.array(raw, dtype=object)
         result["engine_start_s"] = self.startup_column(len(outputs))
+        self.tick(len(outputs))
         return result

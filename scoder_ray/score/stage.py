@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scoder_ray import jsonl
+from scoder_ray import jsonl, progress
 from scoder_ray.config import Config
 from scoder_ray.generate.sample import engine_actor_options
 from scoder_ray.lineage import derived_seed, input_digest
@@ -60,15 +60,17 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
     def produce(tmp: str) -> dict[str, Any]:
         cands = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
                           cfg.sample.batch_size)
+        bar = progress.start(cfg.run.id, f"iter_{iteration:02d}/score", cands.count(), "candidates")
         scored = cands.map_batches(
             Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
-                                           "seed": cfg.run.seed, "models": cfg.models},
+                                           "seed": cfg.run.seed, "models": cfg.models, "progress": bar},
             batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
         executed = scored.map_batches(
             execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers,
                                      "isolation": cfg.evaluate.isolation},
             batch_size=32, num_cpus=1, batch_format="numpy")
         executed.write_parquet(f"{tmp}/data")
+        progress.stop(bar)
         names = [a.name for a in cfg.score.aspects]
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
             [f"aspect_{n}" for n in names] + ["aspects_fallback", "exec_verdict", "exec_decided", "ckpt", "engine_start_s"]).to_pandas()

@@ -98,8 +98,7 @@ def train_loop(config: dict[str, Any]) -> None:
             with open(os.path.join(d, "train_state.json")) as f:
                 state = json.load(f)
         if rank == 0:
-            print(f"[scoder-ray] training resumes after step {state['step']} of {total} from {checkpoint.path}",
-                  file=sys.stderr, flush=True)
+            say(f"training resumes after step {state['step']} of {total} from {checkpoint.path}")
     out_uri = config["out_uri"]
     progress = Progress(config.get("stage", "training"), total, state["step"]) if rank == 0 else None
 
@@ -169,8 +168,15 @@ class Progress:
             return
         rate = (s - self.start_step) / max(time.time() - self.started, 1e-9)
         eta = (self.total - s) / rate if rate else 0.0
-        print(f"[scoder-ray] {self.stage}: step {s}/{self.total} ({100 * s / self.total:.0f}%), loss {m['loss']:.4f}, "
-              f"{m['tokens_per_s']:,.0f} tokens/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s", file=sys.stderr, flush=True)
+        say(f"{self.stage}: step {s}/{self.total} ({100 * s / self.total:.0f}%), loss {m['loss']:.4f}, "
+            f"{m['tokens_per_s']:,.0f} tokens/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def say(message: str) -> None:
+    """A line for the user's console. Not `print`: Ray Train patches it in its workers and, with stderr
+    wrapped, prints each line twice (to the stream and through its logger)."""
+    sys.stderr.write(f"[scoder-ray] {message}\n")
+    sys.stderr.flush()
 
 
 def _get_rng() -> dict[str, Any]:
