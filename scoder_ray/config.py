@@ -53,6 +53,9 @@ class RayConf:
     # The GPU model every GPU actor, engine and training worker asks for (Ray's `accelerator_type:X`
     # resource, e.g. H100, A100, A100-80G): one pool never mixes GPU models. Empty: any GPU.
     accelerator_type: str = ""
+    # Engine pools of different checkpoints running side by side in a sampling stage (0: all M at once; 1:
+    # one after another). On a GPU cluster the autoscaler is asked for all of their GPUs up front.
+    parallel_checkpoints: int = 0
 
 
 @dataclass

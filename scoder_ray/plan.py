@@ -2,7 +2,7 @@
 actors and workers it starts, and estimated GPU-hours and wall time — from the volumes the config implies
 and the per-GPU throughput in conf/throughput.yaml (each number there says where it was measured or that it
 is assumed). Stages run one after another, so the wall time is their sum; a stage holds its GPUs for its
-whole wall time, start-ups included.
+whole wall time, start-ups included (a sampling stage's checkpoint pools side by side: `ray.parallel_checkpoints`).
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
         add(stage, f"{rows:,.0f} rows x {epochs} epochs = {tokens / 1e6:,.1f}M tokens",
             conf.num_workers * conf.gpus_per_worker, 1, tokens / tp["train_tokens_per_s"], tp["train_start_s"])
 
-    def generate(stage: str, rows: float, tokens_each: float, pools: int) -> None:
+    def generate(stage: str, rows: float, tokens_each: float, pools: int, at_once: int = 1) -> None:
+        """`pools` engine pools, `at_once` of them side by side (their start-ups overlap)."""
         tokens = rows * tokens_each
-        add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", engine_gpus, pools * engines,
-            tokens / tp["generation_tokens_per_s"], pools * tp["engine_start_s"])
+        add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", engine_gpus * at_once, pools * engines,
+            tokens / tp["generation_tokens_per_s"], -(-pools // at_once) * tp["engine_start_s"])
 
     teacher_rows = cfg.teacher.num_seeds
     out.append(StagePlan("bootstrap", f"{teacher_rows:,} teacher requests", 0, 0, 0.0, 0.0))
@@ -67,7 +68,8 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
     for t in range(1, cfg.loop.iterations + 1):
         it = f"iter_{t:02d}"
         cands = pool * m * n
-        generate(f"{it}/sample", cands, tp["sample_output_tokens"], m)  # one engine pool per checkpoint
+        side_by_side = min(m, cfg.ray.parallel_checkpoints or m)
+        generate(f"{it}/sample", cands, tp["sample_output_tokens"], m, side_by_side)  # a pool per checkpoint
         scored = cands * tp["parse_rate"]
         score_gpu_s = (scored * tp["score_prompt_tokens"] / tp["prefill_tokens_per_s"]
                        + scored * cfg.score.max_tokens / tp["generation_tokens_per_s"])

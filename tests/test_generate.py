@@ -189,6 +189,8 @@ def test_bad_samples_files_name_the_line(tmp_path, content, message):
 
 
 def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_path, tiny_model_dir):
+    """Every (checkpoint, seed, index) once; the same candidates whether the checkpoints' pools run side by
+    side (run a) or a checkpoint is written again alone with more engines (run b)."""
     results = []
     # The same candidates however many engines write them: run b writes ckpt_02's again with two engines
     # (one checkpoint only: each engine start costs ~28 s here).
@@ -211,6 +213,9 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
         assert all(r["truncated"] == (r["tokens"] == 24) for r in rows)
         assert all(r["reason"] for r in rows if not r["parse_ok"])
         results.append(sorted((r["cand_id"], r["raw"]) for r in rows if r["ckpt"] == "ckpt_02"))
+        if run_id == "a":  # the two checkpoints' engine pools ran side by side (ray.parallel_checkpoints: 0)
+            (a0, a1), (b0, b1) = done["pools"]["ckpt_01"], done["pools"]["ckpt_02"]
+            assert max(a0, b0) < min(a1, b1), done["pools"]
         assert run_sample(cfg, store, 1, checkpoints=checkpoints)["skipped"]
         if run_id == "a":
             # Each (checkpoint, seed, index) has its own sampling seed: the same weights under two checkpoint

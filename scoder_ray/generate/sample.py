@@ -156,8 +156,51 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
                                         "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
                                         "decontam_texts": texts, "progress": progress},
         batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
-    out.write_parquet(f"{out_uri}/data")  # file names carry a per-write id: checkpoints never collide
+    # File names carry a per-write id: checkpoints never collide. No CPU for the writes: pools of several
+    # checkpoints running side by side may hold every CPU of a node until their writes are done.
+    out.write_parquet(f"{out_uri}/data", ray_remote_args={"num_cpus": 0})
     return n
+
+
+def sample_side_by_side(cfg: Config, seeds, iteration: int, checkpoints: list[tuple[str, str]], out_uri: str,
+                        progress: Any = None) -> dict[str, list[float]]:
+    """`sample_checkpoint` for every checkpoint, `ray.parallel_checkpoints` of them at once (0: all), each
+    pool with its own engines; returns each checkpoint's pool lifetime (start, end in seconds since the
+    epoch) for the report's timeline. On GPUs, the autoscaler is asked for every engine of the pools that
+    run at once before the first starts, so they come up together rather than one node at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    at_once = min(len(checkpoints), cfg.ray.parallel_checkpoints or len(checkpoints))
+    gpus = cfg.engine.gpus_per_engine
+    if gpus:
+        request_gpus([{"GPU": gpus, **({f"accelerator_type:{cfg.ray.accelerator_type}": 0.001}
+                                        if cfg.ray.accelerator_type else {})}] * (at_once * cfg.engine.num_engines))
+    windows: dict[str, list[float]] = {}
+
+    def one(ckpt: tuple[str, str]) -> None:
+        start = time.time()
+        sample_checkpoint(cfg, seeds, iteration, ckpt[0], ckpt[1], out_uri, progress=progress)
+        windows[ckpt[0]] = [round(start, 3), round(time.time(), 3)]
+
+    try:
+        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="sample") as pool:
+            for future in [pool.submit(one, c) for c in checkpoints]:
+                future.result()  # the first failure, with its own message
+    finally:
+        if gpus:
+            request_gpus([])
+    return {name: windows[name] for name, _ in checkpoints}
+
+
+def request_gpus(bundles: list[dict[str, float]]) -> None:
+    """Ask the cluster's autoscaler for these bundles now (an empty list withdraws the request); a cluster
+    without one ignores it."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception:  # noqa: BLE001 - no autoscaler (a fixed or local cluster): nothing to ask
+        pass
 
 
 def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Optional[list[tuple[str, str]]] = None,
@@ -185,8 +228,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
             seeds = seeds.filter(lambda r: r["seed_id"] in keep)
         total = seeds.count() * cfg.sample.samples_per_seed * len(checkpoints)
         bar = progress.start(cfg.run.id, stage, total, "candidates")
-        for name, path in checkpoints:
-            sample_checkpoint(cfg, seeds, iteration, name, path, tmp, progress=bar)
+        pools = sample_side_by_side(cfg, seeds, iteration, checkpoints, tmp, progress=bar)
         progress.stop(bar)
         out = ray.data.read_parquet(f"{tmp}/data")
         stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt", "engine_start_s"]).to_pandas()
@@ -195,7 +237,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
                 "parse_rate_by_ckpt": {k: round(float(v), 4) for k, v in stats.groupby("ckpt")["parse_ok"].mean().items()},
                 "rejected": {k: int(v) for k, v in stats["reason"][stats["reason"] != ""].value_counts().items()},
                 "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum()),
-                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2),
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), "pools": pools,
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems))}
 
     sections = {"sample": cfg.sample, "quality": cfg.quality, "engine": cfg.engine, "run.seed": cfg.run.seed}
