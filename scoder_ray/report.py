@@ -106,6 +106,22 @@ def plan_beside_measured(store: RunStore, dones: dict[str, dict]) -> str:
               "<code>scoder-ray plan</code> prints them before a run; CPU stages are not estimated.</p>")
 
 
+def pool_timeline(dones: dict[str, dict], plt) -> str:
+    """When each sampling stage's checkpoint pools ran (side by side, or one after another): a Gantt-like
+    chart, seconds from the stage's first pool start."""
+    bars = [(f"{n} {ckpt}", t0 - min(w[0] for w in d["pools"].values()), t1 - t0)
+            for n, d in dones.items() if d.get("pools") for ckpt, (t0, t1) in d["pools"].items()]
+    if not bars:
+        return ""
+    fig, ax = plt.subplots(figsize=(9, max(1.8, 0.3 * len(bars))))
+    for i, (_, start, width) in enumerate(bars[::-1]):
+        ax.broken_barh([(start, width)], (i - 0.4, 0.8), color="#55a868")
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars[::-1]])
+    ax.set_xlabel("seconds from the stage's first pool start")
+    ax.set_title("engine pools per sampling stage")
+    return "<h3>Engine pools</h3>" + _png(fig)
+
+
 def build(store: RunStore) -> str:
     import matplotlib
 
@@ -136,6 +152,7 @@ def build(store: RunStore) -> str:
         parts.append("<h3>Influence time per checkpoint and kind</h3>" + _table(feature_rows, ["stage", "features",
                                                                                              "seconds"]))
     parts.append(plan_beside_measured(store, dones))
+    parts.append(pool_timeline(dones, plt))
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(names))))
     ax.barh(names[::-1], [dones[n].get("seconds", 0) for n in names[::-1]], color="#4c72b0")
     ax.set_xlabel("seconds")

@@ -34,7 +34,8 @@ def test_report_has_plots_tables_and_config(tmp_path):
                                                                "tokens": 100}) + "\n" for i in range(1, 5)))
         return {"rows": 3}
 
-    store.run_stage("iter_01/sample", {}, {}, lambda tmp: {"rows": 4, "parse_rate": 0.5, "tokens": 400})
+    store.run_stage("iter_01/sample", {}, {}, lambda tmp: {"rows": 4, "parse_rate": 0.5, "tokens": 400,
+                                                            "pools": {"ckpt_01": [100.0, 130.0], "ckpt_02": [101.0, 128.5]}})
     store.run_stage("iter_01/score", {}, {}, scored)
     store.run_stage("iter_01/influence", {}, {}, influence)
     store.run_stage("iter_01/train", {}, {}, trained)
@@ -42,7 +43,8 @@ def test_report_has_plots_tables_and_config(tmp_path):
     store.run_stage("evaluate", {}, {}, lambda tmp: {"rows": 2, "results": {"base": {"humaneval": {"pass@1": 0.0}},
                                                                            "scoder": {"humaneval": {"pass@1": 0.5}}}})
     html = open(write_report(store)).read()
-    assert html.count("data:image/png;base64,") == 3  # durations, iteration distributions, loss curves
+    assert html.count("data:image/png;base64,") == 4  # durations, engine pools, iteration distributions, losses
+    assert "<h3>Engine pools</h3>" in html
     for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured"):
         assert text in html
     assert re.search(r"<td>iter_01/train</td><td>[^<]+</td><td>[^<]+</td><td>0\.\d{3}</td>", html)  # measured
