@@ -72,9 +72,14 @@ class ModelsConf:
 
 @dataclass
 class TeacherConf:
-    base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint
+    # openai: any OpenAI-compatible chat-completions API (OpenAI, vLLM, SGLang, LiteLLM, OpenRouter...);
+    # anthropic: Anthropic's Messages API (base_url https://api.anthropic.com/v1).
+    provider: str = "openai"
+    base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "teacher"
-    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable: the key itself never enters the config
+    # The name of the variable holding the key (the key itself never enters the config); empty: the
+    # provider's own, OPENAI_API_KEY or ANTHROPIC_API_KEY.
+    api_key_env: str = ""
     num_seeds: int = 256  # seeds the teacher writes superior samples for
     temperature: float = 0.7
     max_tokens: int = 1024
@@ -82,8 +87,10 @@ class TeacherConf:
     timeout_s: float = 120.0
     max_retries: int = 6  # on 429/5xx/timeouts/connection errors, with exponential backoff
     max_backoff_s: float = 60.0
-    price_in_per_mtok: float = 0.0  # USD per million prompt tokens, for the cost estimate
-    price_out_per_mtok: float = 0.0
+    # USD per million prompt / completion tokens, for the cost and teacher.max_cost_usd; null: the list
+    # price of teacher.model from generate/prices.py (0 for a model not there, which the run says).
+    price_in_per_mtok: Optional[float] = None
+    price_out_per_mtok: Optional[float] = None
     # A run-level budget: past either, no new request is sent and the bootstrap stops with an error; what
     # was answered is cached, so a rerun with a larger budget resumes (0: no limit).
     max_requests: int = 0
@@ -461,8 +468,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     non_negative = {
         "teacher.num_seeds": cfg.teacher.num_seeds,
         "teacher.max_retries": cfg.teacher.max_retries,
-        "teacher.price_in_per_mtok": cfg.teacher.price_in_per_mtok,
-        "teacher.price_out_per_mtok": cfg.teacher.price_out_per_mtok,
+        "teacher.price_in_per_mtok": cfg.teacher.price_in_per_mtok or 0.0,
+        "teacher.price_out_per_mtok": cfg.teacher.price_out_per_mtok or 0.0,
         "teacher.max_requests": cfg.teacher.max_requests,
         "teacher.max_cost_usd": cfg.teacher.max_cost_usd,
         "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
@@ -561,6 +568,17 @@ def _validate_sampling(cfg: Config) -> None:
         _check(0.0 <= lora.dropout < 1.0, f"train.{name}.lora.dropout", "a probability in [0, 1)", lora.dropout)
     _check(cfg.teacher.base_url.startswith(("http://", "https://")), "teacher.base_url",
            "an http:// or https:// URL of an OpenAI-compatible API", cfg.teacher.base_url)
+    _check(cfg.teacher.provider in ("openai", "anthropic"), "teacher.provider", "openai or anthropic",
+           cfg.teacher.provider)
+    _check(not (cfg.teacher.provider == "anthropic" and cfg.teacher.constrain_layout), "teacher.constrain_layout",
+           "false with teacher.provider=anthropic (guided decoding is a vLLM request field)", cfg.teacher.constrain_layout)
+    if cfg.teacher.max_cost_usd and not cfg.teacher.samples_file:
+        from scoder_ray.generate.prices import teacher_prices
+
+        _check(teacher_prices(cfg.teacher)[2] != "unknown", "teacher.max_cost_usd",
+               f"a budget needs prices: teacher.model={cfg.teacher.model!r} is not in the price table "
+               "(scoder_ray/generate/prices.py); set teacher.price_in_per_mtok and teacher.price_out_per_mtok",
+               cfg.teacher.max_cost_usd)
 
 
 def _validate_input_files(cfg: Config) -> None:

@@ -18,7 +18,8 @@ from typing import IO, Optional
 # Lines Ray forwards from its workers ("(MapWorker(MapBatches(Sampler)) pid=13048) ...", colour or not),
 # and Ray's own INFO/DEBUG log records on the driver (Ray Data's progress blocks among them).
 _WORKER = re.compile(r"^(?:\x1b\[[\d;]*m)?\(.*?pid=\d+")
-_RAY_INFO = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|DEBUG)\b")
+_RAY_INFO = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|DEBUG)\b"  # Python records
+                       r"|^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IW] \d+ \d+\]")  # Ray core's C++ (I, W)
 _ACTIVE: Optional["Console"] = None
 _MARKER = b"\x00scoder-ray-console-stop\x00"
 

@@ -1,6 +1,6 @@
 """A stand-in for a proprietary teacher behind an OpenAI-compatible API, for whole-loop tests.
 
-It answers `POST /v1/chat/completions` for a seed it knows (one of the 64 documented stdlib functions, as
+It answers `POST /v1/chat/completions` (and Anthropic's `POST /v1/messages`) for a seed it knows (one of the 64 documented stdlib functions, as
 the tiny-loop preset's seeds are) with the sample a good teacher would write for it, in the synthesizer's
 layout, with token usage; any other prompt gets a refusal (which the bootstrap counts as unparsable).
 `GET /v1/models` lists its model, for the pre-flight check. It is an external service's stand-in, not a
@@ -27,8 +27,9 @@ class StandInTeacher(ThreadingHTTPServer):
     daemon_threads = True
     model = MODEL
 
-    def __init__(self, delay_s: float = 0.0):
-        self.delay_s, self.served, self.lock = delay_s, [], threading.Lock()
+    def __init__(self, delay_s: float = 0.0, models: tuple[str, ...] = (MODEL,)):
+        self.delay_s, self.served, self.lock, self.models = delay_s, [], threading.Lock(), models
+        self.requests: list[tuple[str, dict, dict]] = []  # (path, headers, body) of every POST
         self.samples = {r["snippet"].strip("\n"): r for r in documented_functions(64, seed="itself")}
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -59,18 +60,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         if self.path.rstrip("/").endswith("/models"):
-            return self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+            return self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.server.models]})
         self._json(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+        with self.server.lock:
+            self.server.requests.append((self.path, dict(self.headers), body))
         text, name = self.server.answer(body)
         time.sleep(self.server.delay_s)
         words = sum(len(m["content"].split()) for m in body["messages"])
-        self._json(200, {"id": "chatcmpl-stand-in", "object": "chat.completion", "model": MODEL,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": words, "completion_tokens": len(text.split())}})
+        if self.path.rstrip("/").endswith("/messages"):  # Anthropic's Messages API
+            self._json(200, {"id": "msg_stand_in", "type": "message", "role": "assistant", "model": body["model"],
+                             "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                             "usage": {"input_tokens": words, "output_tokens": len(text.split())}})
+        else:
+            self._json(200, {"id": "chatcmpl-stand-in", "object": "chat.completion", "model": MODEL,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": words, "completion_tokens": len(text.split())}})
         with self.server.lock:
             self.server.served.append(name)
 

@@ -14,6 +14,7 @@ DRIVER = textwrap.dedent(r"""
     print("\x1b[36m(MapWorker(MapBatches(Sampler)) pid=13048)\x1b[0m INFO 12-05 [core.py:133] Initializing an engine", flush=True)
     print("(RayTrainWorker pid=77) [scoder-ray] training resumes after step 4 of 8 from s3://b/x", flush=True)
     print("2026-12-05 00:33:03,307\tINFO logging_progress.py:231 -- Write: 0/1", file=sys.stderr, flush=True)
+    print("[2026-12-05 00:57:45,116 W 2686 2686] network_util.cc:330: Failed to determine local IP", file=sys.stderr, flush=True)
     print("2026-12-05 00:33:03,308\tWARNING dataset.py:12 -- a real warning", file=sys.stderr, flush=True)
     sys.stderr.write("teacher:  50%|#####     | 1/2\r"); sys.stderr.flush()
     time.sleep(0.1)
@@ -37,8 +38,9 @@ def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path
     assert "seeds ..." in out.stdout and "seeds: done" in out.stdout and "a child's line" in out.stdout
     assert "training resumes after step 4" in out.stdout  # a worker's line of our own stays
     assert "Initializing an engine" not in out.stdout and "Write: 0/1" not in out.stderr
+    assert "Failed to determine local IP" not in out.stderr
     assert "a real warning" in out.stderr and "teacher:  50%" in out.stderr and "2/2" in out.stderr
-    for line in ("Initializing an engine", "Write: 0/1", "a real warning", "teacher:  50%", "a child's line",
+    for line in ("Initializing an engine", "Write: 0/1", "Failed to determine local IP", "a real warning", "teacher:  50%", "a child's line",
                  "training resumes", "seeds: done"):
         assert line in log, line
 

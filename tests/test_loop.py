@@ -441,7 +441,7 @@ def test_progress_counters_reach_the_metrics_endpoint(job_run):
         if name == "scoder_ray_stage_done_fraction" and 'run="job"' in line:
             fractions.setdefault(re.search(r'stage="([^"]+)"', line).group(1), set()).add(float(line.rsplit(" ", 1)[1]))
     assert any(0 < f < 1 for f in fractions.get("iter_01/sample", ())), fractions
-    assert re.search(r"\[scoder-ray\] iter_01/sample: \d+/256 candidates \(\d+%\), [\d.]+/s, ETA", job_run["logs"])
+    assert re.search(r"\[scoder-ray\] iter_01/sample: \d+/128 candidates \(\d+%\), [\d.]+/s, ETA", job_run["logs"])
     assert re.search(r"\[scoder-ray\] final: \d+/\d+ samples \(100%\)", job_run["logs"])
 
 

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from scoder_ray.config import load_config
-from scoder_ray.generate.teacher import Teacher, TeacherError, request_body, retry_after_s
+from scoder_ray.config import ConfigError
+from scoder_ray.generate.teacher import Teacher, TeacherError, completion_text, request_body, retry_after_s
 
 GOOD = {"choices": [{"message": {"content": "### Problem\nAdd two numbers."}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}}
@@ -154,3 +155,49 @@ def test_run_checks_the_teacher_before_any_work(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "teacher at http://127.0.0.1:9/v1 is not reachable" in err and "Traceback" not in err
     assert not (tmp_path / "t").exists()
+
+
+def test_list_prices_match_dated_ids_and_the_config_overrides_them():
+    from scoder_ray.generate.prices import list_price, teacher_prices
+
+    assert list_price("gpt-4o-2024-08-06") == ("gpt-4o", 2.5, 10.0)
+    assert list_price("gpt-4o-mini") == ("gpt-4o-mini", 0.15, 0.6)  # its own entry, not gpt-4o's
+    assert list_price("anthropic/claude-sonnet-4-20250514")[0] == "claude-sonnet-4"
+    assert list_price("o3-mini") is None and list_price("teacher") is None
+    conf = lambda *o: load_config("tiny", list(o)).teacher  # noqa: E731
+    assert teacher_prices(conf("teacher.model=gpt-4.1-mini")) == (0.4, 1.6, "list price of gpt-4.1-mini")
+    assert teacher_prices(conf("teacher.model=gpt-4.1-mini", "teacher.price_in_per_mtok=1")) == (1.0, 0.0, "config")
+    assert teacher_prices(conf("teacher.model=mine"))[2] == "local"  # the default endpoint is 127.0.0.1
+    assert teacher_prices(conf("teacher.model=mine", "teacher.base_url=https://llm.example.com/v1"))[2] == "unknown"
+    with pytest.raises(ConfigError, match=r"teacher.max_cost_usd: .*a budget needs prices: teacher.model='mine'"):
+        load_config("tiny", ["teacher.model=mine", "teacher.base_url=https://llm.example.com/v1", "teacher.max_cost_usd=5"])
+    with pytest.raises(ConfigError, match="teacher.provider"):
+        load_config("tiny", ["teacher.provider=cohere"])
+
+
+def test_the_anthropic_messages_api_is_a_second_provider(tmp_path, monkeypatch):
+    """Requests go to /v1/messages with Anthropic's headers and body; answers come back (and are cached) in
+    the chat-completion shape the parser reads; usage is priced at the model's list price."""
+    from scoder_ray import prompts
+    from scoder_ray.generate.teacher import preflight
+    from scoder_ray.seeds import documented_functions
+    from stand_in_teacher import StandInTeacher
+
+    server = StandInTeacher(models=("claude-sonnet-4-20250514",))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    t, conf = teacher(tmp_path, server.url, "teacher.provider=anthropic", "teacher.model=claude-sonnet-4-20250514")
+    rows = documented_functions(3, seed="itself")
+    bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(r["snippet"])), seed=7) for r in rows]
+    answers = t.run(bodies, progress=False)
+    path, headers, sent = server.requests[0]
+    assert path == "/v1/messages" and headers["x-api-key"] == "sk-ant-test" and headers["anthropic-version"]
+    assert "authorization" not in {k.lower() for k in headers} and "seed" not in sent and sent["max_tokens"]
+    for row, answer in zip(rows, answers):
+        text, finish = completion_text(answer)
+        assert finish == "stop" and prompts.parse_sample(text, row["snippet"])[:2] == (row["problem"], row["solution"])
+    assert t.usage.completion_tokens > 0
+    assert t.usage.cost(conf) == pytest.approx((3 * t.usage.prompt_tokens + 15 * t.usage.completion_tokens) / 1e6)
+    again, _ = teacher(tmp_path, server.url, "teacher.provider=anthropic", "teacher.model=claude-sonnet-4-20250514")
+    assert again.run(bodies, progress=False) == answers and again.usage.cached == 3 and len(server.requests) == 3
+    preflight(conf)  # GET /v1/models lists the model
+    server.shutdown()

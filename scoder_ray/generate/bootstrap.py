@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray import prompts
 from scoder_ray.config import Config
+from scoder_ray.generate.prices import teacher_prices
 from scoder_ray.generate.teacher import Teacher, completion_text, request_body
 from scoder_ray.lineage import derived_seed, input_digest, pick_seeds
 from scoder_ray.store import RunStore, write_table
@@ -70,8 +71,14 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
     summary["usage"] = {"requests_sent": u.requests, "cache_hits": u.cached, "retries": u.retries, "errors": u.errors,
                         "prompt_tokens_paid": u.prompt_tokens, "completion_tokens_paid": u.completion_tokens}
     summary["estimated_cost_usd"] = round(u.cost(conf), 4)
+    price_in, price_out, source = teacher_prices(conf)
+    summary["price"] = {"in_per_mtok": price_in, "out_per_mtok": price_out, "source": source}
+    if source == "unknown":
+        summary.setdefault("warnings", []).append(
+            f"teacher.model={conf.model!r} is not in the price table and no teacher.price_* is set: the cost "
+            f"(${summary['estimated_cost_usd']}) counts its {u.prompt_tokens + u.completion_tokens:,} paid tokens as free")
     summary["decontam"] = _decontam_report(cfg)
-    summary["teacher"] = {"base_url": conf.base_url, "model": conf.model}
+    summary["teacher"] = {"provider": conf.provider, "base_url": conf.base_url, "model": conf.model}
     return summary
 
 

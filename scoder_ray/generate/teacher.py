@@ -1,4 +1,9 @@
-"""The teacher: any OpenAI-compatible chat-completions endpoint, called with bounded concurrency.
+"""The teacher: any OpenAI-compatible chat-completions endpoint, or Anthropic's Messages API
+(`teacher.provider: anthropic`), called with bounded concurrency.
+
+- Requests are built, cached and read back in one shape (OpenAI's chat completion): an Anthropic request is
+  translated when it is sent and its answer normalised before it is cached, so everything downstream (the
+  cache, the parser, usage and cost) is the same for both.
 
 - Every response is cached on disk under `teacher.cache_dir`, keyed by a digest of the request body
   (model, messages, sampling parameters — never the key), written atomically as soon as it arrives:
@@ -9,8 +14,10 @@
   fail at once with the server's message. Every failure is one line naming the endpoint, the request
   (the seed) and the cause.
 - `teacher.max_requests` / `teacher.max_cost_usd` bound a run: past them no new request is sent.
-- The API key is read from the environment variable named by `teacher.api_key_env`. It lives only in
-  the request header: it is not in the config, the cache, the logs or any error text.
+- The API key is read from the environment variable named by `teacher.api_key_env` (default: the
+  provider's own). It lives only in the request header: it is not in the config, the cache, the logs or
+  any error text.
+- Cost: token usage times `teacher.price_*`, or the model's list price (generate/prices.py).
 """
 from __future__ import annotations
 
@@ -28,7 +35,9 @@ import httpx
 
 from scoder_ray.config import TeacherConf
 
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}  # 529: Anthropic's `overloaded`
+ANTHROPIC_VERSION = "2023-06-01"
+_STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
 class TeacherError(RuntimeError):
@@ -59,9 +68,40 @@ def not_a_completion(r: "httpx.Response") -> tuple[str, str]:
         return "a 200 whose JSON is not an object", ""
     if data.get("error"):
         return "a 200 carrying an error", f": {str(data['error'])[:200]}"
-    if not data.get("choices"):
+    if not data.get("choices") and not isinstance(data.get("content"), list):  # OpenAI's / Anthropic's shape
         return "a 200 without choices", ""
     return "", ""
+
+
+def key_env(conf: TeacherConf) -> str:
+    """The environment variable that holds the key."""
+    return conf.api_key_env or ("ANTHROPIC_API_KEY" if conf.provider == "anthropic" else "OPENAI_API_KEY")
+
+
+def auth_headers(conf: TeacherConf, key: str) -> dict[str, str]:
+    if conf.provider == "anthropic":
+        return {"anthropic-version": ANTHROPIC_VERSION, **({"x-api-key": key} if key else {})}
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped chat request as a Messages API request (system messages become `system`; the
+    sampling seed has no counterpart there and is left out)."""
+    system = "\n\n".join(m["content"] for m in body["messages"] if m["role"] == "system")
+    out = {"model": body["model"], "max_tokens": body["max_tokens"], "temperature": body["temperature"],
+           "messages": [m for m in body["messages"] if m["role"] != "system"]}
+    return {**out, "system": system} if system else out
+
+
+def from_anthropic(data: dict[str, Any]) -> dict[str, Any]:
+    """A Messages API answer in the chat-completion shape the cache and the parser read."""
+    text = "".join(c.get("text", "") for c in data.get("content") or [] if c.get("type") == "text")
+    usage = data.get("usage") or {}
+    return {"id": data.get("id"), "model": data.get("model"), "provider": "anthropic",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": _STOP.get(data.get("stop_reason") or "", data.get("stop_reason") or "")}],
+            "usage": {"prompt_tokens": int(usage.get("input_tokens") or 0),
+                      "completion_tokens": int(usage.get("output_tokens") or 0)}}
 
 
 @dataclass
@@ -74,7 +114,10 @@ class Usage:
     errors: dict[str, int] = field(default_factory=dict)
 
     def cost(self, conf: TeacherConf) -> float:
-        return (self.prompt_tokens * conf.price_in_per_mtok + self.completion_tokens * conf.price_out_per_mtok) / 1e6
+        from scoder_ray.generate.prices import teacher_prices
+
+        price_in, price_out, _ = teacher_prices(conf)
+        return (self.prompt_tokens * price_in + self.completion_tokens * price_out) / 1e6
 
 
 def request_body(conf: TeacherConf, messages: list[dict[str, str]], seed: Optional[int] = None,
@@ -100,7 +143,7 @@ class Teacher:
         self.conf = conf
         self.cache = Path(os.path.expanduser(conf.cache_dir))
         self.usage = Usage()
-        self._key = os.environ.get(conf.api_key_env, "")
+        self._key = os.environ.get(key_env(conf), "")
 
     def _cache_path(self, key: str) -> Path:
         return self.cache / key[:2] / f"{key}.json"
@@ -136,19 +179,21 @@ class Teacher:
                                "with a larger budget resumes")
 
     async def _post(self, client: httpx.AsyncClient, body: dict[str, Any], label: str = "") -> dict[str, Any]:
-        url = self.conf.base_url.rstrip("/") + "/chat/completions"
+        anthropic = self.conf.provider == "anthropic"
+        url = self.conf.base_url.rstrip("/") + ("/messages" if anthropic else "/chat/completions")
         about = f" for {label}" if label else ""
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        headers = auth_headers(self.conf, self._key)
+        payload = anthropic_request(body) if anthropic else body
         delay = 1.0
         for attempt in range(self.conf.max_retries + 1):
             self.usage.requests += 1
             retry_after: Optional[float] = None
             try:
-                r = await client.post(url, json=body, headers=headers, timeout=self.conf.timeout_s)
+                r = await client.post(url, json=payload, headers=headers, timeout=self.conf.timeout_s)
                 if r.status_code == 200:
                     kind, detail = not_a_completion(r)
                     if not kind:
-                        return r.json()
+                        return from_anthropic(r.json()) if anthropic else r.json()
                 else:
                     kind, detail = f"HTTP {r.status_code}", ""
                     if r.status_code not in RETRY_STATUS:
@@ -196,17 +241,18 @@ def preflight(conf: TeacherConf, timeout_s: float = 10.0) -> None:
     """Before any work: the endpoint answers `GET /models`, accepts the key (or needs none), and serves
     the model. Raises TeacherError in one line saying what to do."""
     url = conf.base_url.rstrip("/")
-    key = os.environ.get(conf.api_key_env, "")
+    env = key_env(conf)
+    key = os.environ.get(env, "")
     try:
-        r = httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=timeout_s)
+        r = httpx.get(url + "/models", headers=auth_headers(conf, key), timeout=timeout_s)
     except (httpx.TimeoutException, httpx.TransportError) as e:
         raise TeacherError(f"teacher at {url} is not reachable ({type(e).__name__}): start the endpoint, fix "
                            "teacher.base_url, or set teacher.samples_file (the demo: teacher.samples_file="
                            "builtin:stdlib-documented)") from None
     if r.status_code in (401, 403):
         raise TeacherError(f"teacher at {url} refused the request (HTTP {r.status_code}): " + (
-            f"the key in ${conf.api_key_env} is wrong" if key else
-            f"${conf.api_key_env} is not set (teacher.api_key_env names the variable that holds the key)"))
+            f"the key in ${env} is wrong" if key else
+            f"${env} is not set (teacher.api_key_env names the variable that holds the key)"))
     if r.status_code != 200:
         return  # some gateways do not list models: the requests themselves will tell
     try:
