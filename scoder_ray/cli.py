@@ -11,6 +11,7 @@ from scoder_ray.config import ConfigError, load_config, presets, to_yaml
 from scoder_ray.evaluate.sandbox import SandboxUnavailable
 from scoder_ray.generate.teacher import TeacherError
 
+STAND_IN = "builtin:stdlib-documented"
 EPILOG = ("Overrides are OmegaConf dot-keys, e.g.  seeds.max_lines=60 run.id=my-run  (see conf/config.yaml). "
           "Anywhere on the line: --verbose shows Ray's, Ray Data's, Ray Train's and vLLM's own output on the console "
           "(RUN_DIR/logs/ always has it); --debug shows a user error's traceback.")
@@ -20,6 +21,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"a preset from conf/preset/ ({', '.join(presets())})")
     p.add_argument("--config", metavar="FILE", help="a YAML file of settings, merged after the preset and before "
                    "the key=value overrides")
+    p.add_argument("--stand-in-teacher", action="store_true",
+                   help=f"no teacher endpoint: use the demo's stand-in teacher samples ({STAND_IN}: documented stdlib "
+                   "functions, the problem their docstring's first line) instead; for trying the tool, not for data")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (anywhere on the line)")
 
 
@@ -135,6 +139,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate_samples(args)
         if args.command == "export":
             return _export(args)
+        if getattr(args, "stand_in_teacher", False):
+            args.overrides = [f"teacher.samples_file={STAND_IN}", *args.overrides]
+            print(f"[scoder-ray] STAND-IN TEACHER SAMPLES ({STAND_IN}) take the teacher's place: documented stdlib "
+                  "functions, not a teacher's writing; for trying the tool, not for training data", file=sys.stderr)
         cfg = load_config(args.preset, args.overrides, config_file=args.config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if debug:

@@ -201,3 +201,16 @@ def test_the_anthropic_messages_api_is_a_second_provider(tmp_path, monkeypatch):
     assert again.run(bodies, progress=False) == answers and again.usage.cached == 3 and len(server.requests) == 3
     preflight(conf)  # GET /v1/models lists the model
     server.shutdown()
+
+
+def test_the_stand_in_teacher_is_one_flag_away(tmp_path, capsys):
+    """`--stand-in-teacher`: the demo's stand-in samples instead of an endpoint, said loudly; no pre-flight."""
+    from scoder_ray.cli import main
+    from scoder_ray.loop import needs_teacher
+    from scoder_ray.store import RunStore
+
+    assert main(["config", "--preset", "tiny", "--stand-in-teacher", "teacher.base_url=http://127.0.0.1:9/v1"]) == 0
+    out = capsys.readouterr()
+    assert "samples_file: builtin:stdlib-documented" in out.out and "STAND-IN TEACHER SAMPLES" in out.err
+    cfg = load_config("tiny", ["teacher.samples_file=builtin:stdlib-documented", f"run.root={tmp_path}"])
+    assert not needs_teacher(cfg, RunStore(str(tmp_path), "x", create=False))
