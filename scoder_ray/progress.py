@@ -1,7 +1,8 @@
 """Live progress of a data stage while it runs: the engine actors report each block they finish to one
 small actor per stage, on the driver's node, which prints `[scoder-ray] STAGE: done/total UNIT (p%),
 rate, ETA` (at most every 10 s, and at the end) and sets the dashboard gauge
-`scoder_ray_stage_done_fraction{run, stage}` (on the driver node's metrics endpoint, as the loop's own).
+`scoder_ray_stage_done_fraction{run, stage}` and the counter `scoder_ray_stage_rows_done` (on the driver
+node's metrics endpoint, as the loop's own; cluster/grafana/ charts them).
 """
 from __future__ import annotations
 
@@ -12,17 +13,20 @@ from typing import Any, Optional
 
 class StageProgress:
     def __init__(self, run_id: str, stage: str, total: int, unit: str):
-        from ray.util.metrics import Gauge
+        from ray.util.metrics import Counter, Gauge
 
         self.stage, self.total, self.unit, self.done = stage, max(0, total), unit, 0
         self.started, self.printed = time.time(), 0.0
         self.tags = {"run": run_id, "stage": stage}
         self.gauge = Gauge("scoder_ray_stage_done_fraction", "fraction of a running stage's rows done",
                            tag_keys=("run", "stage"))
+        self.rows = Counter("scoder_ray_stage_rows_done", "rows a running stage has finished (rows/s: its rate)",
+                            tag_keys=("run", "stage"))
         self.gauge.set(0.0, self.tags)
 
     def add(self, n: int) -> None:
         self.done += n
+        self.rows.inc(n, self.tags)
         shown = min(self.done, self.total)  # a restarted engine redoes its block: never past the total
         self.gauge.set(shown / self.total if self.total else 1.0, self.tags)
         now = time.time()

@@ -2,6 +2,7 @@
 login user, one GPU model per pool, requests inside a node's allocatable, the project's interpreter
 everywhere), and the GPU flavour's pins resolving."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,11 @@ def test_autoscaler_configs_boot_the_project_stack_on_the_right_image(name):
     types = config["available_node_types"]
     # Ray runs everything on the venv's interpreter: every `ray` command inside the activated venv
     for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
-        assert cmd.startswith(VENV_RAY + " && ") and " ray " in f" {cmd} ", cmd
+        assert cmd.startswith(VENV_RAY + " && ") and (" ray " in f" {cmd} " or "cluster/grafana/start-metrics.sh" in cmd), cmd
+    # The dashboard's Metrics view: Prometheus and Grafana started on the head, their URLs known to the dashboard
+    head = " ".join(config["head_start_ray_commands"])
+    assert "RAY_PROMETHEUS_HOST=http://127.0.0.1:9090" in head and "RAY_GRAFANA_HOST=http://127.0.0.1:3000" in head
+    assert head.index("ray start --head") < head.index("cluster/grafana/start-metrics.sh")  # after Ray wrote its config
     # no Ray default sneaks in (its defaults pip-install a nightly Ray into the system Python)
     assert config["setup_commands"] == [] and not any("pip install" in c for c in config["head_setup_commands"])
     head_setup = " ".join(config["head_setup_commands"])
@@ -250,3 +255,16 @@ def test_gpu_requests_carry_the_accelerator_type():
     assert gpu_options(8, "") == {"num_gpus": 8} and gpu_options(0, "H100") == {}
     cpu = load_config("tiny")
     assert "accelerator_type" not in engine_actor_options(cpu.engine, cpu.ray.accelerator_type)
+
+
+def test_the_grafana_dashboard_charts_metrics_the_code_exports():
+    """Every series the scoder-ray Grafana dashboard queries is one the loop or the progress actors export
+    (with Ray's `ray_` prefix; counters with `_total`), and the start script is valid bash."""
+    dash = json.loads((ROOT / "cluster" / "grafana" / "scoder-ray-dashboard.json").read_text())
+    exported = set(re.findall(r'(?:Gauge|Counter)\(\s*"(scoder_ray_\w+)"', (ROOT / "scoder_ray" / "metrics.py").read_text()
+                              + (ROOT / "scoder_ray" / "progress.py").read_text()))
+    queried = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_(scoder_ray_\w+)", t["expr"])}
+    assert queried and {q.removesuffix("_total") for q in queried} <= exported, queried - exported
+    assert {"scoder_ray_stage_done_fraction", "scoder_ray_stage_rows_done_total", "scoder_ray_stage_tokens_per_s",
+            "scoder_ray_stage_kept_fraction"} <= queried
+    assert subprocess.run(["bash", "-n", str(ROOT / "cluster" / "grafana" / "start-metrics.sh")]).returncode == 0
