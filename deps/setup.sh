@@ -15,6 +15,15 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
 else
   flavour=cpu
 fi
+# The report's browser test renders report.html in headless Chromium from the OS packages (root + apt only;
+# elsewhere install `chromium` yourself, or that one test says what is missing).
+if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1 \
+   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium-headless-shell (apt) for the report's browser test"
+  apt_install="apt-get install -y -q --no-install-recommends chromium-headless-shell"
+  $apt_install >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $apt_install >/dev/null 2>&1; } \
+    || echo "setup: could not install chromium-headless-shell (apt); the report's browser test will fail"
+fi
 stamp=$VENV/.scoder-ray-setup
 want="$flavour $(cat deps/*.txt deps/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

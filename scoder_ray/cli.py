@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and tables of every stage")
     p.add_argument("run_dir", help="e.g. runs/demo")
+    p.add_argument("--screenshot", action="store_true", help="also RUN_DIR/report.png, drawn by headless Chromium")
 
     p = sub.add_parser("export", help="write a run's final dataset (and its SCoder model) for fine-tuning tools",
                        description="Writes OUT/data/train.jsonl (or .parquet) and a dataset card that "
@@ -130,10 +131,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "status":
             return _status(args.run_dir, args.json, args.verify)
         if args.command == "report":
-            from scoder_ray.report import write_report
+            from scoder_ray.report import screenshot, write_report
             from scoder_ray.store import RunStore
 
-            print(write_report(RunStore.open(args.run_dir)))
+            store = RunStore.open(args.run_dir)
+            print(write_report(store))
+            if args.screenshot:
+                print(screenshot(store))
             return 0
         if args.command == "evaluate-samples":
             return _evaluate_samples(args)

@@ -1,4 +1,5 @@
-"""`scoder-ray report RUN_DIR`: one self-contained report.html (PNG plots inlined) from the run store.
+"""`scoder-ray report RUN_DIR`: one self-contained report.html from the run store, its charts interactive
+(Plotly, with plotly.js inlined once: the file opens offline, hover shows values, legends toggle series).
 
 Per iteration: candidates, parse rate, aspect score distributions, influence distribution, kept counts;
 synthesizer loss curves; stage durations and tokens/s; the final dataset and pass@k of the SCoder model
@@ -6,22 +7,18 @@ beside its base; the run's config and lineage (where the kept samples came from)
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from typing import Any, Optional
 
 from scoder_ray.store import RunStore, StoreError, filesystem, read_text, write_text
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+def _chart(fig, height: int = 320) -> str:
+    """One Plotly figure as a <div> (plotly.js itself is inlined once, in the page's head)."""
+    fig.update_layout(template="plotly_white", height=height, margin={"l": 60, "r": 20, "t": 50, "b": 40})
+    return ('<div class="chart">' + fig.to_html(full_html=False, include_plotlyjs=False,
+                                                config={"displaylogo": False, "responsive": True}) + "</div>")
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -106,27 +103,25 @@ def plan_beside_measured(store: RunStore, dones: dict[str, dict]) -> str:
               "<code>scoder-ray plan</code> prints them before a run; CPU stages are not estimated.</p>")
 
 
-def pool_timeline(dones: dict[str, dict], plt) -> str:
+def pool_timeline(dones: dict[str, dict]) -> str:
     """When each sampling stage's checkpoint pools ran (side by side, or one after another): a Gantt-like
     chart, seconds from the stage's first pool start."""
+    import plotly.graph_objects as go
+
     bars = [(f"{n} {ckpt}", t0 - min(w[0] for w in d["pools"].values()), t1 - t0)
             for n, d in dones.items() if d.get("pools") for ckpt, (t0, t1) in d["pools"].items()]
     if not bars:
         return ""
-    fig, ax = plt.subplots(figsize=(9, max(1.8, 0.3 * len(bars))))
-    for i, (_, start, width) in enumerate(bars[::-1]):
-        ax.broken_barh([(start, width)], (i - 0.4, 0.8), color="#55a868")
-    ax.set_yticks(range(len(bars)), [b[0] for b in bars[::-1]])
-    ax.set_xlabel("seconds from the stage's first pool start")
-    ax.set_title("engine pools per sampling stage")
-    return "<h3>Engine pools</h3>" + _png(fig)
+    fig = go.Figure(go.Bar(y=[b[0] for b in bars][::-1], base=[b[1] for b in bars][::-1], x=[b[2] for b in bars][::-1],
+                           orientation="h", marker_color="#55a868", hovertemplate="%{y}: %{base:.0f}-%{x:.0f}s<extra></extra>"))
+    fig.update_layout(title="engine pools per sampling stage", xaxis_title="seconds from the stage's first pool start")
+    return "<h3>Engine pools</h3>" + _chart(fig, max(200, 40 * len(bars) + 100))
 
 
 def build(store: RunStore) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
+    from plotly.subplots import make_subplots
 
     from scoder_ray.loop import run_order
 
@@ -145,19 +140,23 @@ def build(store: RunStore) -> str:
     for n in names:
         d = dones[n]
         tps = f"{d['tokens'] / d['seconds']:.0f}" if d.get("tokens") and d.get("seconds") else ""
-        rows.append([n, d.get("rows", ""), f"{d.get('seconds', 0):.1f}", tps, d.get("started_at", "")])
-    parts.append("<h2>Stages</h2>" + _table(rows, ["stage", "rows out", "seconds", "tokens/s", "started"]))
+        starts = f"{d['engine_start_s']:.1f}" if d.get("engine_start_s") else ""
+        rows.append([n, d.get("rows", ""), f"{d.get('seconds', 0):.1f}", starts, tps, d.get("started_at", ""),
+                     d.get("finished_at", "")])
+    parts.append("<h2>Stages</h2>" + _table(rows, ["stage", "rows out", "seconds (sub-stages included)",
+                                                   "engine start-up s (summed over engines)",
+                                                   "tokens/s (wall, start-ups included)", "started", "finished"]))
     feature_rows = [[n, part, f"{s:.1f}"] for n in names for part, s in dones[n].get("feature_seconds", {}).items()]
     if feature_rows:  # the influence stage's seconds include these
         parts.append("<h3>Influence time per checkpoint and kind</h3>" + _table(feature_rows, ["stage", "features",
                                                                                              "seconds"]))
     parts.append(plan_beside_measured(store, dones))
-    parts.append(pool_timeline(dones, plt))
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * len(names))))
-    ax.barh(names[::-1], [dones[n].get("seconds", 0) for n in names[::-1]], color="#4c72b0")
-    ax.set_xlabel("seconds")
-    ax.set_title("stage durations")
-    parts.append(_png(fig))
+    fig = go.Figure(go.Bar(y=names[::-1], x=[dones[n].get("seconds", 0) for n in names[::-1]], orientation="h",
+                           marker_color="#4c72b0", customdata=[dones[n].get("rows", "") for n in names[::-1]],
+                           hovertemplate="%{y}: %{x:.1f} s, %{customdata} rows<extra></extra>"))
+    fig.update_layout(title="stage durations (run order)", xaxis_title="seconds")
+    parts.append(_chart(fig, max(260, 22 * len(names) + 100)))
+    parts.append(pool_timeline(dones))
 
     # -- per iteration
     if iterations:
@@ -175,13 +174,11 @@ def build(store: RunStore) -> str:
         parts.append(_table(rows, ["iteration", "candidates", "parse rate", "scored", "selected", "kept (influence)",
                                    "acceptance rate", "exec pass rate", "mean score", "judge", "training rows"]))
         if len(trend) > 1:
-            fig, ax = plt.subplots(figsize=(6, 2.8))
-            for key in ("parse_rate", "acceptance_rate", "exec_pass_rate", "mean_score_9"):
-                ax.plot(iterations, [t[key] if t[key] != "" else float("nan") for t in trend], marker="o", label=key)
-            ax.set_ylim(0, 1.05)
-            ax.legend(fontsize=7)
-            ax.set_title("per iteration (mean score / 9)")
-            parts.append(_png(fig))
+            fig = go.Figure([go.Scatter(x=iterations, y=[t[key] if t[key] != "" else None for t in trend],
+                                        mode="lines+markers", name=key)
+                             for key in ("parse_rate", "acceptance_rate", "exec_pass_rate", "mean_score_9")])
+            fig.update_layout(title="trends across iterations (mean score / 9)", yaxis_range=[0, 1.05])
+            parts.append(_chart(fig, 300))
         for it in iterations:
             scored = _read_parquet(store, f"{it}/score")
             aspects = [c for c in scored.columns if c.startswith("aspect_") and c != "aspects_fallback"] if scored is not None else []
@@ -189,19 +186,18 @@ def build(store: RunStore) -> str:
             cols = len(aspects) + (1 if infl is not None and len(infl) else 0)
             if not cols:
                 continue
-            fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.4), squeeze=False)
-            for ax, a in zip(axes[0], aspects):
+            titles = [a.replace("aspect_", "") for a in aspects] + (["influence"] if cols > len(aspects) else [])
+            fig = make_subplots(rows=1, cols=cols, subplot_titles=titles)
+            for i, a in enumerate(aspects, 1):
                 vals = scored[a][scored[a] >= 0]
-                ax.hist(vals, bins=range(11), color="#55a868", align="left")
-                ax.set_title(a.replace("aspect_", ""), fontsize=9)
-            if infl is not None and len(infl):
-                ax = axes[0][-1]
-                ax.hist([infl["influence"][~infl["kept"]], infl["influence"][infl["kept"]]], bins=20, stacked=True,
-                        color=["#bbbbbb", "#c44e52"], label=["dropped", "kept"])
-                ax.set_title("influence", fontsize=9)
-                ax.legend(fontsize=7)
-            fig.suptitle(f"{it}: aspect scores (0-9) and influence", fontsize=10, y=1.06)
-            parts.append(_png(fig))
+                fig.add_trace(go.Histogram(x=vals, xbins={"start": -0.5, "end": 9.5, "size": 1}, marker_color="#55a868",
+                                           name=a.replace("aspect_", ""), showlegend=False), row=1, col=i)
+            if cols > len(aspects):
+                for kept, color in ((False, "#bbbbbb"), (True, "#c44e52")):
+                    fig.add_trace(go.Histogram(x=infl["influence"][infl["kept"] == kept], nbinsx=20, marker_color=color,
+                                               name="kept" if kept else "dropped"), row=1, col=cols)
+            fig.update_layout(title=f"{it}: aspect scores (0-9) and influence", barmode="stack")
+            parts.append(_chart(fig, 280))
 
     # -- the data itself: accepted and rejected rows with their reasons
     examples = []
@@ -215,16 +211,16 @@ def build(store: RunStore) -> str:
     train_stages = [n for n in dones if n in ("train_synthesizer", "train_scoder") or n.endswith(("/train", "/warmup"))]
     curves = {n: _metrics(store, n) for n in train_stages}
     curves = {n: m for n, m in curves.items() if m}
-    if curves:
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        for n, m in curves.items():
-            ax.plot([x["step"] for x in m], [x["loss"] for x in m], label=n)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-        ax.set_title("training loss")
-        parts.append("<h2>Training</h2>" + _png(fig))
+    if curves:  # one chart per training run: their steps are not one axis
+        rows_n = -(-len(curves) // 2)
+        fig = make_subplots(rows=rows_n, cols=2, subplot_titles=list(curves))
+        for i, (n, m) in enumerate(curves.items()):
+            fig.add_trace(go.Scatter(x=[x["step"] for x in m], y=[x["loss"] for x in m], mode="lines", name=n,
+                                     showlegend=False), row=i // 2 + 1, col=i % 2 + 1)
+        fig.update_yaxes(type="log", title_text="loss")
+        fig.update_xaxes(title_text="step")
+        fig.update_layout(title="training loss, per training run")
+        parts.append("<h2>Training</h2>" + _chart(fig, 260 * rows_n + 60))
 
     # -- final dataset, evaluation, lineage
     final = dones.get("final")
@@ -255,7 +251,8 @@ def build(store: RunStore) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top;white-space:pre-wrap}"
              ".warn{border:2px solid #c44e52;background:#fff3f3;padding:0 1em}pre{background:#f6f6f6;padding:1em;font-size:12px}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>scoder-ray report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>scoder-ray report</title><style>{style}</style>"
+            f"<script>{get_plotlyjs()}</script></head><body>{''.join(parts)}</body></html>")
 
 
 def write_report(store: RunStore) -> str:
@@ -263,3 +260,49 @@ def write_report(store: RunStore) -> str:
     uri = store.file_uri("report.html")
     write_text(uri, build(store))
     return uri
+
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+
+
+def browser() -> str:
+    """A headless Chromium on PATH."""
+    import shutil
+
+    for name in BROWSERS:
+        if shutil.which(name):
+            return shutil.which(name)
+    raise FileNotFoundError("no headless Chromium on PATH (one of " + ", ".join(BROWSERS) + "): on Debian/Ubuntu "
+                            "`apt-get install chromium-headless-shell` (make setup does, as root)")
+
+
+def render(html_path: str, screenshot: Optional[str] = None, width: int = 1200, height: int = 3200) -> str:
+    """Open a local HTML file in headless Chromium, scripts run: its DOM after rendering, or (with
+    `screenshot`) a PNG of the page at that path."""
+    import subprocess
+    from pathlib import Path
+
+    out = ["--screenshot=" + screenshot] if screenshot else ["--dump-dom"]
+    args = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},{height}",
+            "--virtual-time-budget=20000", *out, Path(html_path).resolve().as_uri()]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed on {html_path} ({done.returncode}): {done.stderr[-500:]}")
+    return done.stdout
+
+
+def screenshot(store: RunStore) -> str:
+    """`<run>/report.png`: the report as headless Chromium draws it; returns its URI."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="scoder-report-") as d:
+        page = f"{d}/report.html"
+        with open(page, "w", encoding="utf-8") as f:
+            f.write(read_text(store.file_uri("report.html")))
+        render(page, screenshot=f"{d}/report.png")
+        with open(f"{d}/report.png", "rb") as f:
+            data = f.read()
+    fs, path = filesystem(store.file_uri("report.png"))
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    return store.file_uri("report.png")

@@ -16,7 +16,8 @@ def test_dataset_digest_depends_on_content_not_order():
     assert dataset_digest(rows) != dataset_digest([rows[0], {"problem": "p2", "solution": "s2 "}])
 
 
-def test_report_has_plots_tables_and_config(tmp_path):
+def small_run(tmp_path) -> RunStore:
+    """A run store with one iteration's stages, a training run, final and evaluate."""
     store = RunStore(str(tmp_path), "r")
     write_text(store.file_uri("config.yaml"), "run:\n  id: r\n")
 
@@ -42,8 +43,17 @@ def test_report_has_plots_tables_and_config(tmp_path):
     store.run_stage("final", {}, {}, lambda tmp: {"rows": 1, "target": 2, "dataset_digest": "abc"})
     store.run_stage("evaluate", {}, {}, lambda tmp: {"rows": 2, "results": {"base": {"humaneval": {"pass@1": 0.0}},
                                                                            "scoder": {"humaneval": {"pass@1": 0.5}}}})
+    return store
+
+
+CHARTS = 4  # durations, engine pools, iteration distributions, loss curves
+
+
+def test_report_has_plots_tables_and_config(tmp_path):
+    store = small_run(tmp_path)
     html = open(write_report(store)).read()
-    assert html.count("data:image/png;base64,") == 4  # durations, engine pools, iteration distributions, losses
+    assert html.count('class="plotly-graph-div"') == CHARTS
+    assert not re.search(r"<script[^>]* src=", html) and "Plotly.newPlot" in html  # plotly.js inlined: opens offline
     assert "<h3>Engine pools</h3>" in html
     for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured"):
         assert text in html
@@ -57,3 +67,19 @@ def test_builtin_rows_file_is_written_once(tmp_path):
     assert rows == documented_functions(5)
     assert resolve_rows_file("builtin:stdlib-documented:5", str(tmp_path)) == path
     assert resolve_rows_file("other.jsonl", str(tmp_path)) == "other.jsonl"
+
+
+def test_the_report_draws_its_charts_in_a_headless_browser(tmp_path):
+    """Chromium from the OS packages (make setup installs it) opens report.html offline, runs its scripts and
+    draws every chart; `scoder-ray report --screenshot` keeps the picture as RUN_DIR/report.png."""
+    from scoder_ray.cli import main
+    from scoder_ray.report import render
+
+    store = small_run(tmp_path)
+    assert main(["report", str(tmp_path / "r"), "--screenshot"]) == 0
+    dom = render(str(tmp_path / "r" / "report.html"))
+    assert dom.count('class="main-svg"') >= CHARTS  # Plotly drew an SVG per chart (more: its hover layers)
+    assert dom.count('class="plotly-graph-div') >= CHARTS and "iter_01/train" in dom
+    assert re.search(r'class="trace bars"', dom) and re.search(r'class="scatterlayer', dom)  # bars and loss lines
+    png = (tmp_path / "r" / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 50_000, len(png)
