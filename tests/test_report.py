@@ -75,7 +75,7 @@ def test_the_report_draws_its_charts_in_a_headless_browser(tmp_path):
     from scoder_ray.cli import main
     from scoder_ray.report import render
 
-    store = small_run(tmp_path)
+    small_run(tmp_path)
     assert main(["report", str(tmp_path / "r"), "--screenshot"]) == 0
     dom = render(str(tmp_path / "r" / "report.html"))
     assert dom.count('class="main-svg"') >= CHARTS  # Plotly drew an SVG per chart (more: its hover layers)
