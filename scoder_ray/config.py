@@ -325,6 +325,17 @@ class EvaluateConf:
 
 
 @dataclass
+class TrackingConf:
+    """Experiment tracking, off by default: per-stage counts and every training run's per-step metrics,
+    logged by the driver as each stage ends (scoder_ray/tracking.py)."""
+    backends: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
+    dir: str = ""  # TensorBoard's log dir and MLflow's file store (default: RUN_DIR/tracking on a local root)
+    mlflow_uri: str = ""  # an MLflow tracking server instead of the file store
+    experiment: str = "scoder-ray"  # MLflow experiment / W&B project
+    wandb_mode: str = "online"  # online | offline (W&B; the key from WANDB_API_KEY)
+
+
+@dataclass
 class Config:
     run: RunConf = field(default_factory=RunConf)
     ray: RayConf = field(default_factory=RayConf)
@@ -339,6 +350,7 @@ class Config:
     influence: InfluenceConf = field(default_factory=InfluenceConf)
     loop: LoopConf = field(default_factory=LoopConf)
     evaluate: EvaluateConf = field(default_factory=EvaluateConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
 
 
 def presets() -> list[str]:
@@ -570,6 +582,10 @@ def _validate_sampling(cfg: Config) -> None:
            "an http:// or https:// URL of an OpenAI-compatible API", cfg.teacher.base_url)
     _check(cfg.teacher.provider in ("openai", "anthropic"), "teacher.provider", "openai or anthropic",
            cfg.teacher.provider)
+    bad = [b for b in cfg.tracking.backends if b not in ("tensorboard", "mlflow", "wandb")]
+    _check(not bad, "tracking.backends", "a list of tensorboard, mlflow, wandb", list(cfg.tracking.backends))
+    _check(cfg.tracking.wandb_mode in ("online", "offline"), "tracking.wandb_mode", "online or offline",
+           cfg.tracking.wandb_mode)
     _check(not (cfg.teacher.provider == "anthropic" and cfg.teacher.constrain_layout), "teacher.constrain_layout",
            "false with teacher.provider=anthropic (guided decoding is a vLLM request field)", cfg.teacher.constrain_layout)
     if cfg.teacher.max_cost_usd and not cfg.teacher.samples_file:

@@ -203,8 +203,19 @@ def run(cfg: Config, report: bool = True, until: Optional[str] = None) -> dict[s
 def _run(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageFn],
          until: Optional[str]) -> dict[str, dict[str, Any]]:
     from scoder_ray.metrics import LoopMetrics
+    from scoder_ray.tracking import open_tracker
 
     metrics = LoopMetrics(cfg.run.id, len(stages))
+    tracker = open_tracker(cfg, store)
+    try:
+        return _stages(cfg, store, report, stages, until, metrics, tracker)
+    finally:
+        if tracker:
+            tracker.close()
+
+
+def _stages(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageFn], until: Optional[str],
+            metrics, tracker) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
     for i, (name, fn) in enumerate(stages.items()):
@@ -212,6 +223,8 @@ def _run(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageFn],
         done = fn(cfg, store, False)
         results[name] = done
         metrics.record(name, done, i)
+        if tracker:
+            tracker.stage(i, name, done)
         verb = "skipped (already done)" if done.get("skipped") else f"done in {done.get('seconds', 0):.1f}s"
         print(f"[scoder-ray] [{i + 1}/{len(stages)}] {name}: {verb}, {done.get('rows', 0)} rows "
               f"({time.time() - started:.0f}s elapsed)", flush=True)
