@@ -17,7 +17,16 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-CONF_DIR = Path(os.environ.get("SCODER_RAY_CONF", Path(__file__).resolve().parent.parent / "conf"))
+def _conf_dir() -> Path:
+    """conf/ of the checkout this code runs from, else the wheel's copy (scoder_ray/_data/conf, with
+    _data/cluster beside it, as cluster/ is beside conf/ in a checkout); $SCODER_RAY_CONF overrides both."""
+    if os.environ.get("SCODER_RAY_CONF"):
+        return Path(os.environ["SCODER_RAY_CONF"])
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    return checkout if (checkout / "config.yaml").is_file() else Path(__file__).resolve().parent / "_data" / "conf"
+
+
+CONF_DIR = _conf_dir()
 BUILTIN_MODELS = ("tiny", "smollm2-135m")
 BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp+")  # as in scoder_ray.evaluate.benchmarks
 

@@ -7,14 +7,13 @@ whole wall time, start-ups included (a sampling stage's checkpoint pools side by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from scoder_ray.config import Config
+from scoder_ray.config import CONF_DIR, Config
 
-THROUGHPUT = Path(__file__).resolve().parent.parent / "conf" / "throughput.yaml"
+THROUGHPUT = CONF_DIR / "throughput.yaml"
 
 
 @dataclass

@@ -201,3 +201,31 @@ def test_stage_iteration_is_checked_before_any_work(capsys):
     assert "--iteration 5: this run has iterations 1..2" in capsys.readouterr().err
     assert main(["stage", "seeds", "--preset", "tiny", "--iteration", "2"]) == 2
     assert "--iteration applies to an iteration's stages" in capsys.readouterr().err
+
+
+def test_a_wheel_install_carries_the_presets_and_cluster_configs(tmp_path):
+    """Built as a wheel and installed away from the checkout, `scoder-ray` still finds its presets, defaults,
+    throughput table and the cluster config paper-7b checks its GPU requests against."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:  # the tracked tree only: what a clone would build from
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_bytes((root / f).read_bytes())
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("scoder_ray-*.whl"))
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    code = ("import scoder_ray.config as c, scoder_ray.plan as p; assert '/site/' in c.__file__, c.__file__; "
+            "print(c.presets()); cfg = c.load_config('paper-7b'); print(cfg.ray.cluster_config); "
+            "print(p.load_throughput()['gpu'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['demo', 'paper-7b', 'tiny', 'tiny-loop']" in out.stdout and "cluster/aws.yaml" in out.stdout
