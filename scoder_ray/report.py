@@ -199,6 +199,18 @@ def build(store: RunStore) -> str:
             fig.update_layout(title=f"{it}: aspect scores (0-9) and influence", barmode="stack")
             parts.append(_chart(fig, 280))
 
+    # -- what the teacher cost
+    boot = dones.get("bootstrap", {})
+    if boot.get("usage", {}).get("requests_sent") or boot.get("usage", {}).get("cache_hits"):
+        u, price = boot["usage"], boot.get("price", {})
+        parts.append("<h2>Teacher</h2>" + _table(
+            [[boot.get("teacher", {}).get("model", ""), u.get("requests_sent", 0), u.get("cache_hits", 0),
+              u.get("retries", 0), json.dumps(u.get("errors", {})), u.get("prompt_tokens_paid", 0),
+              u.get("completion_tokens_paid", 0), f"${boot.get('estimated_cost_usd', 0):.4f}",
+              f"{price.get('in_per_mtok', '?')} / {price.get('out_per_mtok', '?')} ({price.get('source', '?')})"]],
+            ["model", "requests sent", "cache hits", "retries", "errors", "prompt tokens paid", "completion tokens paid",
+             "estimated cost", "USD per M tokens in / out (source)"]))
+
     # -- the data itself: accepted and rejected rows with their reasons
     examples = []
     for stage in ["bootstrap"] + [f"{it}/sample" for it in iterations] + ["final"]:

@@ -35,6 +35,12 @@ def small_run(tmp_path) -> RunStore:
                                                                "tokens": 100}) + "\n" for i in range(1, 5)))
         return {"rows": 3}
 
+    store.run_stage("bootstrap", {}, {}, lambda tmp: {"rows": 3, "teacher": {"model": "gpt-4o"}, "estimated_cost_usd": 0.0125,
+                                                      "usage": {"requests_sent": 5, "cache_hits": 2, "retries": 1,
+                                                                "errors": {"HTTP 429": 1}, "prompt_tokens_paid": 3000,
+                                                                "completion_tokens_paid": 500},
+                                                      "price": {"in_per_mtok": 2.5, "out_per_mtok": 10.0,
+                                                                "source": "list price of gpt-4o"}})
     store.run_stage("iter_01/sample", {}, {}, lambda tmp: {"rows": 4, "parse_rate": 0.5, "tokens": 400,
                                                             "pools": {"ckpt_01": [100.0, 130.0], "ckpt_02": [101.0, 128.5]}})
     store.run_stage("iter_01/score", {}, {}, scored)
@@ -55,6 +61,7 @@ def test_report_has_plots_tables_and_config(tmp_path):
     assert html.count('class="plotly-graph-div"') == CHARTS
     assert not re.search(r"<script[^>]* src=", html) and "Plotly.newPlot" in html  # plotly.js inlined: opens offline
     assert "<h3>Engine pools</h3>" in html
+    assert re.search(r"<h2>Teacher</h2>.*<td>gpt-4o</td><td>5</td><td>2</td><td>1</td>.*\$0\.0125.*list price of gpt-4o", html)
     for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured"):
         assert text in html
     assert re.search(r"<td>iter_01/train</td><td>[^<]+</td><td>[^<]+</td><td>0\.\d{3}</td>", html)  # measured
