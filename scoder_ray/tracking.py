@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 from scoder_ray.config import Config
@@ -49,7 +50,10 @@ class Tracker:
         if "tensorboard" in self.backends:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard", self.run_id))
+            # Its file name holds the second and the host: a driver resumed within the same second would
+            # replace the last one's events. A suffix unique to this writer keeps both.
+            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard", self.run_id),
+                                    filename_suffix=f".{os.getpid()}.{time.time_ns()}")
         if "mlflow" in self.backends:
             self._open_mlflow(conf.mlflow_uri, conf.experiment)
         if "wandb" in self.backends:
