@@ -13,7 +13,7 @@ import re
 import tempfile
 import threading
 import time
-from typing import IO, Optional
+from typing import Optional
 
 # Lines Ray forwards from its workers ("(MapWorker(MapBatches(Sampler)) pid=13048) ...", colour or not),
 # and Ray's own INFO/DEBUG log records on the driver (Ray Data's progress blocks among them).
@@ -142,7 +142,3 @@ def attach(store) -> None:
 def sync() -> None:
     if _ACTIVE is not None:
         _ACTIVE.sync()
-
-
-def log_file() -> Optional[IO[bytes]]:
-    return _ACTIVE.local if _ACTIVE is not None else None

@@ -8,6 +8,21 @@ from __future__ import annotations
 from typing import Any
 
 
+def rows_in(done: dict[str, Any]) -> Any:
+    """The rows a stage read (candidates, generated samples, training rows), None when it does not say."""
+    return done.get("candidates", done.get("candidates_in", done.get("generated", done.get("input_rows"))))
+
+
+def stage_rates(done: dict[str, Any]) -> dict[str, float]:
+    """A stage's kept fraction (rows out / rows in) and tokens per second, where its _DONE.json has them."""
+    out, read = {}, rows_in(done)
+    if read:
+        out["kept_fraction"] = float(done.get("rows", 0)) / float(read)
+    if done.get("tokens") and done.get("seconds"):
+        out["tokens_per_s"] = float(done["tokens"]) / max(1e-9, float(done["seconds"]))
+    return out
+
+
 class LoopMetrics:
     def __init__(self, run_id: str, total_stages: int):
         from ray.util.metrics import Counter, Gauge
@@ -28,14 +43,14 @@ class LoopMetrics:
         self.done.inc(1, tags)
         self.rows_out.set(float(done.get("rows", 0)), tags)
         self.seconds.set(float(done.get("seconds", 0.0)), tags)
-        rows_in = done.get("candidates", done.get("candidates_in", done.get("generated", done.get("input_rows"))))
-        if rows_in is not None:
-            self.rows_in.set(float(rows_in), tags)
-            if rows_in:
-                self.kept_fraction.set(float(done.get("rows", 0)) / float(rows_in), tags)
+        if rows_in(done) is not None:
+            self.rows_in.set(float(rows_in(done)), tags)
+        rates = stage_rates(done)
+        if "kept_fraction" in rates:
+            self.kept_fraction.set(rates["kept_fraction"], tags)
         if "parse_rate" in done:
             total = done.get("generated", done.get("rows", 0))
             self.parse_failures.set(float(round(total * (1 - done["parse_rate"]))), tags)
-        if done.get("tokens") and done.get("seconds"):
-            self.tokens_per_s.set(float(done["tokens"]) / max(1e-9, float(done["seconds"])), tags)
+        if "tokens_per_s" in rates:
+            self.tokens_per_s.set(rates["tokens_per_s"], tags)
         self.progress.set((index + 1) / self.total, {"run": self.run_id})

@@ -34,13 +34,18 @@ class StageProgress:
             return
         self.printed = now
         rate = shown / max(now - self.started, 1e-9)
-        eta = (self.total - shown) / rate if rate else 0.0
         sys.stderr.write(f"[scoder-ray] {self.stage}: {shown}/{self.total} {self.unit} "
-                         f"({100 * shown / max(self.total, 1):.0f}%), {rate:.1f}/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s\n")
+                         f"({100 * shown / max(self.total, 1):.0f}%), {rate:.1f}/s, {eta(self.total - shown, rate)}\n")
         sys.stderr.flush()
 
     def fraction(self) -> float:
         return min(self.done, self.total) / self.total if self.total else 1.0
+
+
+def eta(left: float, rate: float) -> str:
+    """`ETA 1m05s` for `left` units at `rate` per second (training steps use it too)."""
+    seconds = left / rate if rate else 0.0
+    return f"ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def start(run_id: str, stage: str, total: int, unit: str = "rows") -> Any:

@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional
 
 from scoder_ray.config import Config
+from scoder_ray.metrics import stage_rates
 from scoder_ray.store import RunStore, StoreError, read_text
 
 COUNTS = ("rows", "seconds", "parse_rate", "candidates", "generated", "input_rows", "total_steps", "engine_start_s",
@@ -24,12 +25,7 @@ STEP_KEYS = ("loss", "lr", "tokens_per_s", "step_time_s")
 def stage_numbers(done: dict[str, Any]) -> dict[str, float]:
     """The numbers of a stage's _DONE.json worth charting across runs."""
     out = {k: float(done[k]) for k in COUNTS if isinstance(done.get(k), (int, float)) and not isinstance(done[k], bool)}
-    rows_in = done.get("candidates", done.get("candidates_in", done.get("generated", done.get("input_rows"))))
-    if rows_in:
-        out["kept_fraction"] = float(done.get("rows", 0)) / float(rows_in)
-    if done.get("tokens") and done.get("seconds"):
-        out["tokens_per_s"] = float(done["tokens"]) / float(done["seconds"])
-    return out
+    return {**out, **stage_rates(done)}
 
 
 def training_steps(store: RunStore, stage: str) -> list[dict[str, Any]]:

@@ -166,10 +166,11 @@ class Progress:
         s = m["step"]
         if s != self.start_step + 1 and s % self.every and s != self.total:
             return
+        from scoder_ray.progress import eta
+
         rate = (s - self.start_step) / max(time.time() - self.started, 1e-9)
-        eta = (self.total - s) / rate if rate else 0.0
         say(f"{self.stage}: step {s}/{self.total} ({100 * s / self.total:.0f}%), loss {m['loss']:.4f}, "
-            f"{m['tokens_per_s']:,.0f} tokens/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+            f"{m['tokens_per_s']:,.0f} tokens/s, {eta(self.total - s, rate)}")
 
 
 def say(message: str) -> None:
