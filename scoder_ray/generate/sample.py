@@ -143,13 +143,15 @@ def engine_actor_options(engine: EngineConf, accelerator_type: str = "") -> dict
 
 
 def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str,
-                      n: Optional[int] = None, progress: Any = None) -> int:
+                      n: Optional[int] = None, progress: Any = None,
+                      decontam: Optional[dict[str, str]] = None) -> int:
     """Write n (default N) candidates per seed from one checkpoint; returns n. `progress`: the stage's
     progress actor."""
     from scoder_ray.quality import decontam_texts
 
     n = n or cfg.sample.samples_per_seed
-    texts, _ = decontam_texts(cfg.quality, dict(cfg.evaluate.problems))  # read here: the files may be on this node only
+    # Read here (the files may be on this node only), once per stage when several checkpoints share it.
+    texts = decontam if decontam is not None else decontam_texts(cfg.quality, dict(cfg.evaluate.problems))[0]
     rows = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
@@ -170,6 +172,11 @@ def sample_side_by_side(cfg: Config, seeds, iteration: int, checkpoints: list[tu
     run at once before the first starts, so they come up together rather than one node at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from scoder_ray.quality import decontam_texts
+
+    # Once, before the threads: parsing the benchmark files in two threads at once broke CPython 3.11's
+    # `ast.parse` ("AST constructor recursion depth mismatch", measured in a tiny-loop run).
+    texts, _ = decontam_texts(cfg.quality, dict(cfg.evaluate.problems))
     at_once = min(len(checkpoints), cfg.ray.parallel_checkpoints or len(checkpoints))
     gpus = cfg.engine.gpus_per_engine
     if gpus:
@@ -179,7 +186,7 @@ def sample_side_by_side(cfg: Config, seeds, iteration: int, checkpoints: list[tu
 
     def one(ckpt: tuple[str, str]) -> None:
         start = time.time()
-        sample_checkpoint(cfg, seeds, iteration, ckpt[0], ckpt[1], out_uri, progress=progress)
+        sample_checkpoint(cfg, seeds, iteration, ckpt[0], ckpt[1], out_uri, progress=progress, decontam=texts)
         windows[ckpt[0]] = [round(start, 3), round(time.time(), 3)]
 
     try:
