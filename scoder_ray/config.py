@@ -94,8 +94,8 @@ class TeacherConf:
     max_tokens: int = 1024
     max_concurrency: int = 16
     timeout_s: float = 120.0
-    max_retries: int = 6  # on 429/5xx/timeouts/connection errors, with exponential backoff
-    max_backoff_s: float = 60.0
+    max_retries: int = 6  # per request, on 429/5xx/timeouts/connection errors (the SDK's) or a 200 that is no completion
+    max_backoff_s: float = 60.0  # longest wait between the retries the SDK does not make (and the Anthropic path's)
     # USD per million prompt / completion tokens, for the cost and teacher.max_cost_usd; null: the list
     # price of teacher.model from generate/prices.py (0 for a model not there, which the run says).
     price_in_per_mtok: Optional[float] = None

@@ -25,6 +25,7 @@ class StandInTeacher(ThreadingHTTPServer):
     seed each answered request was for, in order."""
 
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 resets connections under 16 concurrent requests (a ReadError)
     model = MODEL
 
     def __init__(self, delay_s: float = 0.0, models: tuple[str, ...] = (MODEL,)):

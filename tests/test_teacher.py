@@ -20,7 +20,7 @@ class Scripted(ThreadingHTTPServer):
     """Answers each POST with the next (status, headers, body) of `script`, then GOOD forever."""
 
     def __init__(self, script):
-        self.script, self.served = list(script), []
+        self.script, self.served, self.headers = list(script), [], []
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -34,6 +34,7 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         status, headers, body = self.server.script.pop(0) if self.server.script else (200, {}, json.dumps(GOOD))
         self.server.served.append((status, time.monotonic()))
+        self.server.headers.append({k.lower(): v for k, v in self.headers.items()})
         self.send_response(status)
         for k, v in {"content-type": "application/json", **headers}.items():
             self.send_header(k, v)
@@ -85,7 +86,7 @@ def test_retry_after_in_both_forms():
     assert retry_after_s(formatdate(time.time() - 30, usegmt=True)) == 0.0
 
 
-def test_an_http_date_retry_after_is_honoured(tmp_path):
+def test_an_http_date_retry_after_is_honoured_by_the_sdk(tmp_path):
     # An HTTP date has whole seconds: a date 3 s past the next whole second is 3-4 s ahead when written, so
     # at least 2 s ahead whatever the server and client add; the first backoff alone is at most 1.5 s.
     server = Scripted([(429, {"retry-after": formatdate(math.ceil(time.time()) + 3, usegmt=True)}, "{}")])
@@ -93,6 +94,10 @@ def test_an_http_date_retry_after_is_honoured(tmp_path):
     t.run([request_body(conf, [{"role": "user", "content": "z"}])], progress=False)
     (_, first), (_, second) = server.served
     assert second - first >= 2.0
+    # The official SDK sent both attempts (its retry counted by it); our transport counted both too.
+    assert all(h["user-agent"].startswith("AsyncOpenAI/Python") for h in server.headers)
+    assert [h.get("x-stainless-retry-count") for h in server.headers] == ["0", "1"]
+    assert t.usage.requests == 2 and t.usage.retries == 1 and t.usage.errors == {"HTTP 429": 1}
 
 
 def test_the_budget_stops_new_requests_and_a_larger_one_resumes(tmp_path):

@@ -64,6 +64,9 @@ def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_
     assert done["truncated"] >= 0 and done["rows"] + done["dropped_no_response"] == 64
     for c in ckpts:
         probe = assert_export_reproduces_training_logits(out / c["name"])
+    loaded = done["loaded"]  # ZeRO-3: each of the 2 ranks loaded about its half of the weights, not a copy
+    assert loaded["params_on_rank0"] == loaded["params"] if zero_stage == 2 else \
+        loaded["params_on_rank0"] <= loaded["params"] // 2 + 1024, loaded
     if zero_stage == 3:  # the consolidated ZeRO-3 export also runs in vLLM, with the same log-probs
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

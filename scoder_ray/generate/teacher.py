@@ -1,19 +1,21 @@
-"""The teacher: any OpenAI-compatible chat-completions endpoint, or Anthropic's Messages API
-(`teacher.provider: anthropic`), called with bounded concurrency.
+"""The teacher: any OpenAI-compatible chat-completions endpoint through the official `openai` SDK, or
+Anthropic's Messages API (`teacher.provider: anthropic`) over HTTP, called with bounded concurrency.
 
 - Requests are built, cached and read back in one shape (OpenAI's chat completion): an Anthropic request is
   translated when it is sent and its answer normalised before it is cached, so everything downstream (the
   cache, the parser, usage and cost) is the same for both.
-
 - Every response is cached on disk under `teacher.cache_dir`, keyed by a digest of the request body
   (model, messages, sampling parameters — never the key), written atomically as soon as it arrives:
   an interrupted or repeated bootstrap never pays twice for the same request.
-- 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter (honouring
-  Retry-After in seconds or as an HTTP date), up to `teacher.max_retries`; so is a 200 that is not a
-  completion (a gateway's HTML page, an `error` object, no `choices`), which is never cached. Other 4xx
-  fail at once with the server's message. Every failure is one line naming the endpoint, the request
+- Retries, up to `teacher.max_retries` per request: 408/409/429/5xx, timeouts and connection errors by the
+  SDK's own policy (exponential backoff, Retry-After honoured in seconds or as an HTTP date; the Anthropic
+  path does the same by hand, its waits capped at `teacher.max_backoff_s`); and by this module a 200 that is
+  not a completion (a gateway's HTML page, an `error` object, no `choices`), which is never cached. Other
+  4xx fail at once with the server's message. Every failure is one line naming the endpoint, the request
   (the seed) and the cause.
-- `teacher.max_requests` / `teacher.max_cost_usd` bound a run: past them no new request is sent.
+- Every HTTP attempt, the SDK's own retries included, is counted by the client's transport: the usage
+  record and `teacher.max_requests` see them all. `teacher.max_requests` / `teacher.max_cost_usd` bound a
+  run: past them no new request is sent.
 - The API key is read from the environment variable named by `teacher.api_key_env` (default: the
   provider's own). It lives only in the request header: it is not in the config, the cache, the logs or
   any error text.
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
+import httpx2
 
 from scoder_ray.config import TeacherConf
 
@@ -113,6 +116,9 @@ class Usage:
     retries: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
+    def note(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
     def cost(self, conf: TeacherConf) -> float:
         from scoder_ray.generate.prices import teacher_prices
 
@@ -134,6 +140,32 @@ def request_body(conf: TeacherConf, messages: list[dict[str, str]], seed: Option
     return body
 
 
+class CountingTransport(httpx2.AsyncBaseTransport):
+    """The SDK client's transport: counts every HTTP attempt it makes (its retries included) and notes each
+    failed one by kind (`HTTP 500`, `ReadTimeout`...)."""
+
+    def __init__(self, usage: Usage, max_connections: int):
+        self.usage = usage
+        self.inner = httpx2.AsyncHTTPTransport(limits=httpx2.Limits(max_connections=max_connections))
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.usage.requests += 1
+        try:
+            response = await self.inner.handle_async_request(request)
+        except Exception as e:
+            self.usage.note(type(e).__name__)
+            raise
+        if response.status_code != 200:
+            self.usage.note(f"HTTP {response.status_code}")
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+SDK_FIELDS = ("model", "messages", "temperature", "max_tokens", "seed")  # the rest goes as extra_body
+
+
 def cache_key(base_url: str, body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"url": base_url.rstrip("/"), "body": body}, sort_keys=True).encode()).hexdigest()
 
@@ -148,7 +180,7 @@ class Teacher:
     def _cache_path(self, key: str) -> Path:
         return self.cache / key[:2] / f"{key}.json"
 
-    async def complete(self, client: httpx.AsyncClient, body: dict[str, Any], label: str = "") -> dict[str, Any]:
+    async def complete(self, client: Any, body: dict[str, Any], label: str = "") -> dict[str, Any]:
         """One chat completion (the parsed JSON response), from the cache when it has it. `label` names the
         request (e.g. its seed) in errors."""
         key = cache_key(self.conf.base_url, body)
@@ -157,7 +189,8 @@ class Teacher:
             self.usage.cached += 1
             return json.loads(path.read_text())
         self._check_budget(label)
-        response = await self._post(client, body, label)
+        post = self._post_anthropic if self.conf.provider == "anthropic" else self._post_openai
+        response = await post(client, body, label)
         usage = response.get("usage") or {}
         self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
         self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
@@ -178,12 +211,46 @@ class Teacher:
                                f"(teacher.max_cost_usd={conf.max_cost_usd}); the answers so far are cached, a rerun "
                                "with a larger budget resumes")
 
-    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any], label: str = "") -> dict[str, Any]:
-        anthropic = self.conf.provider == "anthropic"
-        url = self.conf.base_url.rstrip("/") + ("/messages" if anthropic else "/chat/completions")
+    async def _post_openai(self, client: Any, body: dict[str, Any], label: str = "") -> dict[str, Any]:
+        """One completion through the SDK, which retries HTTP failures; a 200 that is not a completion is
+        retried here, within the same `max_retries` for the request."""
+        import openai  # (1 s to import: not at the CLI's start)
+
+        about = f" for {label}" if label else ""
+        known = {k: body[k] for k in SDK_FIELDS if k in body}
+        extra = {k: v for k, v in body.items() if k not in known} or None
+        used, delay = 0, 1.0
+        while True:
+            try:
+                raw = await client.with_options(max_retries=self.conf.max_retries - used) \
+                    .chat.completions.with_raw_response.create(**known, extra_body=extra)
+            except openai.APIStatusError as e:
+                if e.status_code in RETRY_STATUS:
+                    raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {self.conf.max_retries + 1} "
+                                       f"attempts: last HTTP {e.status_code}") from None
+                raise TeacherError(f"teacher at {self.conf.base_url} refused the request{about}: HTTP {e.status_code}: "
+                                   f"{e.response.text[:300]}") from None
+            except openai.APIConnectionError as e:  # timeouts included, after the SDK's retries
+                raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {self.conf.max_retries + 1} "
+                                   f"attempts: last {type(e.__cause__ or e).__name__}") from None
+            used += raw.retries_taken + 1
+            self.usage.retries += raw.retries_taken
+            kind, detail = not_a_completion(raw.http_response)
+            if not kind:
+                return raw.http_response.json()
+            self.usage.note(kind)
+            if used > self.conf.max_retries:
+                raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {used} attempts: "
+                                   f"last {kind}{detail}")
+            self.usage.retries += 1
+            await asyncio.sleep(min(self.conf.max_backoff_s, delay * (0.5 + random.random())))
+            delay *= 2
+
+    async def _post_anthropic(self, client: httpx.AsyncClient, body: dict[str, Any], label: str = "") -> dict[str, Any]:
+        url = self.conf.base_url.rstrip("/") + "/messages"
         about = f" for {label}" if label else ""
         headers = auth_headers(self.conf, self._key)
-        payload = anthropic_request(body) if anthropic else body
+        payload = anthropic_request(body)
         delay = 1.0
         for attempt in range(self.conf.max_retries + 1):
             self.usage.requests += 1
@@ -193,7 +260,7 @@ class Teacher:
                 if r.status_code == 200:
                     kind, detail = not_a_completion(r)
                     if not kind:
-                        return from_anthropic(r.json()) if anthropic else r.json()
+                        return from_anthropic(r.json())
                 else:
                     kind, detail = f"HTTP {r.status_code}", ""
                     if r.status_code not in RETRY_STATUS:
@@ -203,7 +270,7 @@ class Teacher:
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 kind, detail = type(e).__name__, ""
             what = kind + detail
-            self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
+            self.usage.note(kind)
             if attempt == self.conf.max_retries:
                 raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {attempt + 1} attempts: "
                                    f"last {what}")
@@ -223,8 +290,7 @@ class Teacher:
 
         limit = asyncio.Semaphore(self.conf.max_concurrency)
         bar = tqdm(total=len(bodies), desc="teacher", unit="req", disable=not progress)
-        limits = httpx.Limits(max_connections=self.conf.max_concurrency)
-        async with httpx.AsyncClient(limits=limits) as client:
+        async with self._client() as client:
             async def one(body: dict[str, Any], label: str) -> dict[str, Any]:
                 async with limit:
                     result = await self.complete(client, body, label)
@@ -235,6 +301,18 @@ class Teacher:
                 return await asyncio.gather(*(one(b, label) for b, label in zip(bodies, labels)))
             finally:
                 bar.close()
+
+
+    def _client(self) -> Any:
+        import openai
+
+        conf = self.conf
+        if conf.provider == "anthropic":
+            return httpx.AsyncClient(limits=httpx.Limits(max_connections=conf.max_concurrency))
+        transport = CountingTransport(self.usage, conf.max_concurrency)
+        # "EMPTY": the SDK needs a key; a server without one (vLLM's default) ignores it.
+        return openai.AsyncOpenAI(base_url=conf.base_url, api_key=self._key or "EMPTY", max_retries=conf.max_retries,
+                                  timeout=conf.timeout_s, http_client=httpx2.AsyncClient(transport=transport))
 
 
 def preflight(conf: TeacherConf, timeout_s: float = 10.0) -> None:

@@ -53,7 +53,18 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf["precision"], torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    betas, eps = (0.9, 0.999), 1e-8
+    ds_config = deepspeed_config(conf, world, betas, eps)
+    if conf["zero_stage"] == 3:
+        # Each rank builds the model already partitioned (transformers' `deepspeed.zero.Init` while this
+        # object lives) and loads the weights one file at a time into its share: no full copy per rank.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # Ray Train's group: zero.Init's world
+        zero3_load = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay referenced until the model exists
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    loaded = {"params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+              "params_on_rank0": sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())}
     lora = conf["lora"]
     torch.manual_seed(config["seed"])  # the adapter's initial weights: the same on every rank and every run
     if lora["enabled"]:
@@ -75,8 +86,6 @@ def train_loop(config: dict[str, Any]) -> None:
     config["probe_ids"] = list(examples[0][0][:32])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    betas, eps = (0.9, 0.999), 1e-8
-    ds_config = deepspeed_config(conf, world, betas, eps)
     schedule_fn = lr_lambda(total, conf["warmup_ratio"], conf["lr_schedule"])
     if on_gpu:  # DeepSpeed's fused Adam (or its CPU Adam when offloading), built from the config
         optimizer = None
@@ -151,7 +160,7 @@ def train_loop(config: dict[str, Any]) -> None:
         write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
         write_text(f"{out_uri}/checkpoints.json", json.dumps(
             {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
-             "checkpoints": state["exports"]}, indent=2))
+             "checkpoints": state["exports"], "loaded": loaded}, indent=2))
 
 
 class Progress:
