@@ -61,6 +61,11 @@ def node_types(path: str) -> list[NodeType]:
     return types
 
 
+def gpu_capacity(types: list[NodeType], accelerator_type: str = "") -> int:
+    """GPUs the node types scale to (only those of `accelerator_type`, when set)."""
+    return sum(t.gpus * t.max_nodes for t in types if t.gpus and (not accelerator_type or accelerator_type in t.accelerators))
+
+
 def fit_problems(cfg, types: list[NodeType]) -> list[tuple[str, str]]:
     """(config key, problem) for every GPU request the node types cannot serve."""
     requests = {"engine.gpus_per_engine": (cfg.engine.gpus_per_engine, cfg.engine.num_engines),
@@ -82,7 +87,7 @@ def fit_problems(cfg, types: list[NodeType]) -> list[tuple[str, str]]:
         return [("ray.accelerator_type", f"empty, but the cluster has GPU node types of {len(models)} models "
                                          f"({', '.join(models)}): set it so one pool never mixes GPU models")]
     most = max(t.gpus for t in gpu_types)
-    total = sum(t.gpus * t.max_nodes for t in gpu_types)
+    total = gpu_capacity(gpu_types)
     offer = ", ".join(f"{t.name}: {t.gpus} GPU x {t.max_nodes}" for t in gpu_types)
     problems = []
     for key, (per_unit, units) in requests.items():

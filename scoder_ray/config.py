@@ -54,6 +54,9 @@ class RunConf:
 class RayConf:
     address: Optional[str] = None  # None: $RAY_ADDRESS if set, else a local instance
     num_cpus: Optional[int] = None  # local instance only; None = all cores
+    # Local instance only: GPUs Ray accounts for (None: the ones it finds). More than the machine has is
+    # accounting only: engines and actors then run on the CPU, as in tests of how pools share GPUs.
+    num_gpus: Optional[int] = None
     object_store_gib: Optional[float] = None  # local instance only; None = Ray's 30% of RAM
     include_dashboard: bool = True
     # The cluster this config runs on (cluster/*.yaml, relative to the repository or absolute): every GPU
@@ -62,9 +65,15 @@ class RayConf:
     # The GPU model every GPU actor, engine and training worker asks for (Ray's `accelerator_type:X`
     # resource, e.g. H100, A100, A100-80G): one pool never mixes GPU models. Empty: any GPU.
     accelerator_type: str = ""
-    # Engine pools of different checkpoints running side by side in a sampling stage (0: all M at once; 1:
-    # one after another). On a GPU cluster the autoscaler is asked for all of their GPUs up front.
+    # Pools of different checkpoints running side by side: a sampling stage's M engine pools and an influence
+    # stage's feature pools (0: all at once; 1: one after another). On a GPU cluster the autoscaler is asked
+    # for all of their GPUs up front.
     parallel_checkpoints: int = 0
+    # GPUs a stage may hold at once. The engine pools of a sampling, scoring, final or evaluation stage and the
+    # feature pools of an influence stage share it (engine.num_engines / influence.num_actors are then set by
+    # it, split evenly over the pools that run side by side). 0: the GPUs ray.cluster_config's node types scale
+    # to, when it is set; else no budget (each pool has engine.num_engines / influence.num_actors).
+    gpu_budget: int = 0
 
 
 @dataclass
@@ -447,11 +456,16 @@ def _merge(layers: list[DictConfig]) -> DictConfig:
         raise ConfigError(f"{e.full_key}: {msg}") from None
 
 
+def cluster_config_path(cfg: Config) -> Path:
+    """ray.cluster_config as a path (relative ones from the repository, or the packaged copy's root)."""
+    path = Path(cfg.ray.cluster_config or "").expanduser()
+    return path if path.is_absolute() else CONF_DIR.parent / path
+
+
 def _check_cluster(cfg: Config) -> None:
     from scoder_ray.cluster import fit_problems, node_types
 
-    path = Path(cfg.ray.cluster_config).expanduser()
-    path = path if path.is_absolute() else CONF_DIR.parent / path
+    path = cluster_config_path(cfg)
     _check(path.is_file(), "ray.cluster_config", "a Ray autoscaler YAML or KubeRay manifest (cluster/*.yaml)",
            cfg.ray.cluster_config)
     for key, problem in fit_problems(cfg, node_types(str(path))):
@@ -499,6 +513,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "sample.num_seeds": cfg.sample.num_seeds,
         "loop.iterations": cfg.loop.iterations,
         "models.tiny_seed": cfg.models.tiny_seed,
+        "ray.gpu_budget": cfg.ray.gpu_budget,
+        "ray.parallel_checkpoints": cfg.ray.parallel_checkpoints,
+        "ray.num_gpus": cfg.ray.num_gpus or 0,
     }
     for key, value in non_negative.items():
         _check(value >= 0, key, "a number >= 0", value)
@@ -526,6 +543,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _validate_run(cfg)
     if cfg.ray.cluster_config:
         _check_cluster(cfg)
+    for key, per_unit in (("engine.gpus_per_engine", cfg.engine.gpus_per_engine),
+                          ("influence.gpus_per_actor", inf.gpus_per_actor)):
+        _check(not (cfg.ray.gpu_budget and per_unit > cfg.ray.gpu_budget), key,
+               f"<= ray.gpu_budget ({cfg.ray.gpu_budget}): one engine or actor must fit the budget", per_unit)
     _check(cfg.loop.retrain_lr >= 0, "loop.retrain_lr", "a number >= 0 (0: train.synthesizer.lr)", cfg.loop.retrain_lr)
     _check(cfg.loop.retrain_epochs >= 0, "loop.retrain_epochs", "an integer >= 0", cfg.loop.retrain_epochs)
     _check(cfg.loop.retrain_from in ("base", "previous"), "loop.retrain_from", "base or previous", cfg.loop.retrain_from)

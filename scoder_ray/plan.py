@@ -2,16 +2,20 @@
 actors and workers it starts, and estimated GPU-hours and wall time — from the volumes the config implies
 and the per-GPU throughput in conf/throughput.yaml (each number there says where it was measured or that it
 is assumed). Stages run one after another, so the wall time is their sum; a stage holds its GPUs for its
-whole wall time, start-ups included (a sampling stage's checkpoint pools side by side: `ray.parallel_checkpoints`).
+whole wall time, start-ups included. Pools are sized as the run sizes them (ray_env.pool_sizes): a sampling
+stage's checkpoint pools and an influence stage's feature pools side by side (`ray.parallel_checkpoints`),
+sharing `ray.gpu_budget` (by default what `ray.cluster_config` scales to).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import yaml
 
 from scoder_ray.config import CONF_DIR, Config
+from scoder_ray.ray_env import gpu_budget, pool_sizes
 
 THROUGHPUT = CONF_DIR / "throughput.yaml"
 
@@ -33,8 +37,8 @@ def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
 
 def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
     out: list[StagePlan] = []
-    engines = cfg.engine.num_engines
-    engine_gpus = engines * cfg.engine.gpus_per_engine
+    budget = gpu_budget(cfg)
+    g = cfg.engine.gpus_per_engine
 
     def add(stage: str, volume: str, gpus: int, starts: int, work_gpu_s: float, start_s: float) -> None:
         """work_gpu_s: GPU-seconds of work, spread over `gpus`; start_s: the stage's start-up wall time."""
@@ -44,16 +48,25 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
         wall_s = work_gpu_s / gpus + start_s
         out.append(StagePlan(stage, volume, gpus, starts, gpus * wall_s / 3600, wall_s / 3600))
 
+    def pools(n: int, per_unit: float, size: int, at_most: int, blocks: float = 0) -> tuple[int, int, int]:
+        """(GPUs held at once, units started, waves of start-ups) for n pools side by side as the run sizes them
+        (no more units in a pool than the blocks of `blocks` rows it gets)."""
+        sizes = pool_sizes(n, per_unit, size, budget, at_most)
+        if blocks:
+            sizes = [max(1, min(s, math.ceil(blocks / n))) for s in sizes]
+        return int(sum(sizes) * per_unit), sum(sizes[i % len(sizes)] for i in range(n)), -(-n // len(sizes))
+
     def train(stage: str, conf, rows: float, epochs: int) -> None:
         tokens = rows * epochs * tp["train_example_tokens"]
         add(stage, f"{rows:,.0f} rows x {epochs} epochs = {tokens / 1e6:,.1f}M tokens",
             conf.num_workers * conf.gpus_per_worker, 1, tokens / tp["train_tokens_per_s"], tp["train_start_s"])
 
-    def generate(stage: str, rows: float, tokens_each: float, pools: int, at_once: int = 1) -> None:
-        """`pools` engine pools, `at_once` of them side by side (their start-ups overlap)."""
+    def generate(stage: str, rows: float, tokens_each: float, n: int = 1, at_most: int = 1) -> None:
+        """`n` engine pools, side by side as sampling runs them (`at_most` at once, 0: all)."""
         tokens = rows * tokens_each
-        add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", engine_gpus * at_once, pools * engines,
-            tokens / tp["generation_tokens_per_s"], -(-pools // at_once) * tp["engine_start_s"])
+        gpus, starts, waves = pools(n, g, cfg.engine.num_engines, at_most, rows / cfg.sample.batch_size)
+        add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", gpus, starts,
+            tokens / tp["generation_tokens_per_s"], waves * tp["engine_start_s"])
 
     teacher_rows = cfg.teacher.num_seeds
     out.append(StagePlan("bootstrap", f"{teacher_rows:,} teacher requests", 0, 0, 0.0, 0.0))
@@ -67,31 +80,33 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
     for t in range(1, cfg.loop.iterations + 1):
         it = f"iter_{t:02d}"
         cands = pool * m * n
-        side_by_side = min(m, cfg.ray.parallel_checkpoints or m)
-        generate(f"{it}/sample", cands, tp["sample_output_tokens"], m, side_by_side)  # a pool per checkpoint
+        generate(f"{it}/sample", cands, tp["sample_output_tokens"], m, cfg.ray.parallel_checkpoints)  # a pool per checkpoint
         scored = cands * tp["parse_rate"]
         score_gpu_s = (scored * tp["score_prompt_tokens"] / tp["prefill_tokens_per_s"]
                        + scored * cfg.score.max_tokens / tp["generation_tokens_per_s"])
-        add(f"{it}/score", f"{scored:,.0f} candidates scored", engine_gpus, engines, score_gpu_s, tp["engine_start_s"])
+        gpus, starts, _ = pools(1, g, cfg.engine.num_engines, 1, scored / cfg.sample.batch_size)
+        add(f"{it}/score", f"{scored:,.0f} candidates scored", gpus, starts, score_gpu_s, tp["engine_start_s"])
         selected = pool * cfg.score.top_k
         warm_rows = max(inf.warmup_min_rows, inf.warmup_fraction * selected)
         train(f"{it}/warmup", wu, warm_rows, wu.epochs)
         examples = (selected + teacher_rows) * wu.num_checkpoints
         rate = tp["influence_examples_per_s"] * tp["influence_tokens_at_rate"] / tp["influence_example_tokens"]
-        pools = wu.num_checkpoints * 2  # a feature pool per (checkpoint, candidates | teacher samples)
+        # a feature pool per (checkpoint, candidates | teacher samples), side by side as the run sizes them
+        gpus, starts, waves = pools(wu.num_checkpoints * 2, inf.gpus_per_actor, inf.num_actors,
+                                    2 * cfg.ray.parallel_checkpoints)
         add(f"{it}/influence", f"{examples:,.0f} examples ({wu.num_checkpoints} checkpoints)",
-            inf.num_actors * inf.gpus_per_actor, pools * inf.num_actors, examples / rate, pools * tp["actor_start_s"])
+            gpus, starts, examples / rate, waves * tp["actor_start_s"])
         kept_total += inf.keep_count or inf.keep_fraction * selected
         retrain_rows = teacher_rows + kept_total
         train(f"{it}/train", syn, retrain_rows, cfg.loop.retrain_epochs or syn.epochs)  # the stage's own name
     final_rows = cfg.loop.final_dataset_size / tp["parse_rate"] * tp.get("final_oversample", 1.25)
-    generate("final", final_rows, tp["sample_output_tokens"], 1)
+    generate("final", final_rows, tp["sample_output_tokens"])
     train("train_scoder", cfg.train.scoder, cfg.loop.final_dataset_size, cfg.train.scoder.epochs)
     problems = sum(tp["evaluate_problems"].get(b, 0) for b in cfg.evaluate.benchmarks)
     if cfg.evaluate.limit:
         problems = min(problems, cfg.evaluate.limit * len(cfg.evaluate.benchmarks))
     models = 2 if cfg.evaluate.compare_base else 1
-    generate("evaluate", problems * cfg.evaluate.num_samples * models, tp["evaluate_output_tokens"], models)
+    generate("evaluate", problems * cfg.evaluate.num_samples * models, tp["evaluate_output_tokens"], models)  # one after another
     return out
 
 

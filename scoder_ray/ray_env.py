@@ -1,10 +1,12 @@
-"""Connecting to Ray: a cluster when one is named, else a local instance sized by the config; and the
-checks that a run's state can live where the config puts it before any work starts."""
+"""Connecting to Ray: a cluster when one is named, else a local instance sized by the config; the checks
+that a run's state can live where the config puts it before any work starts; and how a stage's pools share
+the GPUs it may hold (pool_sizes, side_by_side)."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 from scoder_ray.config import Config, ConfigError, RayConf
 
@@ -25,6 +27,7 @@ def init_ray(conf: RayConf, env_vars: Optional[dict[str, str]] = None) -> None:
         else:
             ray.init(
                 num_cpus=conf.num_cpus,
+                num_gpus=conf.num_gpus,
                 object_store_memory=int(conf.object_store_gib * 2**30) if conf.object_store_gib else None,
                 include_dashboard=conf.include_dashboard,
                 runtime_env=runtime_env or None,
@@ -51,15 +54,126 @@ def gpu_options(gpus: float, accelerator_type: str = "") -> dict[str, Any]:
     return {"num_gpus": gpus, **({"accelerator_type": accelerator_type} if accelerator_type else {})}
 
 
+def gpu_budget(cfg: Config) -> int:
+    """GPUs a stage may hold at once: ray.gpu_budget, else what ray.cluster_config's GPU node types (of
+    ray.accelerator_type) scale to, else 0 (no budget: each pool keeps its configured size)."""
+    if cfg.ray.gpu_budget or not cfg.ray.cluster_config:
+        return cfg.ray.gpu_budget
+    from scoder_ray.cluster import gpu_capacity, node_types
+    from scoder_ray.config import cluster_config_path
+
+    return gpu_capacity(node_types(str(cluster_config_path(cfg))), cfg.ray.accelerator_type)
+
+
+def pool_sizes(pools: int, per_unit: float, size: int, budget: int = 0, at_most: int = 0) -> list[int]:
+    """Sizes of the pools that run side by side when `pools` pools of engines or actors of `per_unit` GPUs
+    each are due: at most `at_most` at once (0: all), each of `size` units, unless a GPU budget is set, which
+    is then split evenly over them (and caps how many run at once: one unit each at least)."""
+    at_once = max(1, min(pools, at_most or pools))
+    if not (budget and per_unit):
+        return [size] * at_once
+    units = max(1, int(budget // per_unit))
+    at_once = min(at_once, units)
+    return [units // at_once + (1 if i < units % at_once else 0) for i in range(at_once)]
+
+
+def request_gpus(bundles: list[dict[str, float]]) -> None:
+    """Ask the cluster's autoscaler for these bundles now (an empty list withdraws the request); a cluster
+    without one ignores it."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception:  # noqa: BLE001 - no autoscaler (a fixed or local cluster): nothing to ask
+        pass
+
+
+def side_by_side(jobs: dict[str, Callable[[int], Any]], sizes: list[int], per_unit_gpus: float = 0,
+                 accelerator_type: str = "") -> dict[str, Any]:
+    """Run each job (name -> job(pool size)) with one of `sizes` as its pool size, len(sizes) jobs at once in
+    threads; a job takes a free slot and hands it on when done. On GPUs the autoscaler is asked for every
+    slot's GPUs before the first pool starts, so they come up together rather than one node at a time.
+    Returns {"pools": {name: [start, end, size]} (seconds since the epoch), "gpus": the cluster's GPUs in
+    use, sampled while the jobs ran: {"peak", "total", "trace": [[seconds, in use], ...]}}. The first
+    failure is raised with its own message."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    if per_unit_gpus:
+        extra = {f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {}
+        request_gpus([{"GPU": per_unit_gpus, **extra}] * sum(sizes))
+    slots: queue.Queue = queue.Queue()
+    for size in sizes:
+        slots.put(size)
+    pools: dict[str, list[float]] = {}
+
+    def run(name: str) -> None:
+        size = slots.get()
+        try:
+            start = time.time()
+            jobs[name](size)
+            pools[name] = [round(start, 3), round(time.time(), 3), size]
+        finally:
+            slots.put(size)
+
+    watch = GpuWatch() if per_unit_gpus else None
+    try:
+        with ThreadPoolExecutor(max_workers=len(sizes), thread_name_prefix="pool") as executor:
+            for future in [executor.submit(run, name) for name in jobs]:
+                future.result()
+    finally:
+        gpus = watch.stop() if watch else None
+        if per_unit_gpus:
+            request_gpus([])
+    return {"pools": {name: pools[name] for name in jobs}, **({"gpus": gpus} if gpus else {})}
+
+
+class GpuWatch:
+    """The cluster's GPUs in use (total minus available, as Ray accounts them), sampled every `every_s` in a
+    thread until `stop`: how much of the budget a stage really held, and when."""
+
+    def __init__(self, every_s: float = 0.5):
+        import threading
+
+        self.every_s, self.trace, self.total = every_s, [], 0.0
+        self.started = time.time()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._done.is_set():
+            try:
+                total = ray.cluster_resources().get("GPU", 0.0)
+                used = total - ray.available_resources().get("GPU", 0.0)
+                self.total = max(self.total, total)
+                self.trace.append([round(time.time() - self.started, 1), round(used, 2)])
+            except Exception:  # noqa: BLE001 - a missed sample is not worth failing a stage for
+                pass
+            self._done.wait(self.every_s)
+
+    def stop(self) -> dict[str, Any]:
+        self._done.set()
+        self._thread.join(timeout=10)
+        trace = self.trace[:: max(1, len(self.trace) // 400)]  # at most ~400 points in _DONE.json
+        return {"peak": max((u for _, u in self.trace), default=0.0), "total": self.total, "trace": trace}
+
+
 def in_blocks(ds, rows_per_block: int):
-    """`ds` materialised as blocks of at most `rows_per_block` rows, one actor call each (map with
-    batch_size=None). Ray Data hands an actor pool whole blocks, so data read from one file (one block)
-    would feed one engine or feature actor while the rest idle. Materialised before the actors start:
-    the repartition (an all-to-all step) must not wait for CPUs the actors hold. Rows keep their input
-    order, so the blocks, and each row's batch-mates, are the same on every run."""
+    """(`ds` as blocks of at most `rows_per_block` rows, the rows per block): one actor call each, given to
+    `map_batches` as its batch_size (Ray Data asks for one whenever GPUs are requested; each block but the last
+    holds exactly that many rows, so a batch is a block). Ray Data hands an actor pool whole blocks, so data
+    read from one file (one block) would feed one engine or feature actor while the rest idle. The blocks are
+    even (102 rows at 32: 26, 26, 26, 24), and materialised before the actors start: the repartition must not
+    wait for CPUs the actors hold. Rows keep their input order, so the blocks, and each row's batch-mates, are
+    the same on every run."""
     ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
-    return ds.repartition(max(1, -(-ds.count() // rows_per_block))).materialize()
+    rows = ds.count()
+    size = max(1, -(-rows // max(1, -(-rows // rows_per_block))))
+    return ds.repartition(target_num_rows_per_block=size, strict=True).materialize(), size
 
 
 def one_block_each(actors: int):

@@ -104,18 +104,21 @@ def plan_beside_measured(store: RunStore, dones: dict[str, dict]) -> str:
 
 
 def pool_timeline(dones: dict[str, dict]) -> str:
-    """When each sampling stage's checkpoint pools ran (side by side, or one after another): a Gantt-like
-    chart, seconds from the stage's first pool start."""
+    """When each stage's pools ran (a sampling stage's engine pools, an influence stage's feature pools; side by
+    side, or one after another), with their sizes: a Gantt-like chart, seconds from the stage's first pool
+    start; and the GPUs each stage held at most, as sampled while its pools ran."""
     import plotly.graph_objects as go
 
-    bars = [(f"{n} {ckpt}", t0 - min(w[0] for w in d["pools"].values()), t1 - t0)
-            for n, d in dones.items() if d.get("pools") for ckpt, (t0, t1) in d["pools"].items()]
+    bars = [(f"{n} {name}" + (f" x{w[2]}" if len(w) > 2 else ""), w[0] - min(v[0] for v in d["pools"].values()), w[1] - w[0])
+            for n, d in dones.items() if d.get("pools") for name, w in d["pools"].items()]
     if not bars:
         return ""
     fig = go.Figure(go.Bar(y=[b[0] for b in bars][::-1], base=[b[1] for b in bars][::-1], x=[b[2] for b in bars][::-1],
                            orientation="h", marker_color="#55a868", hovertemplate="%{y}: %{base:.0f}-%{x:.0f}s<extra></extra>"))
-    fig.update_layout(title="engine pools per sampling stage", xaxis_title="seconds from the stage's first pool start")
-    return "<h3>Engine pools</h3>" + _chart(fig, max(200, 40 * len(bars) + 100))
+    fig.update_layout(title="pools per stage (x engines or actors each)", xaxis_title="seconds from the stage's first pool start")
+    held = [f"{html.escape(n)}: {d['gpus']['peak']:g} of {d['gpus']['total']:g}" for n, d in dones.items() if d.get("gpus")]
+    note = f"<p>GPUs held at most while the pools ran: {'; '.join(held)}.</p>" if held else ""
+    return "<h3>Pools</h3>" + _chart(fig, max(200, 40 * len(bars) + 100)) + note
 
 
 def build(store: RunStore) -> str:

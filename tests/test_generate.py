@@ -33,9 +33,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model_dir):
-    """`vllm serve` of the tiny model on 127.0.0.1, started the way the demo starts its stand-in teacher."""
+    """`vllm serve` of the tiny model on 127.0.0.1, started the way the demo starts its stand-in teacher, and
+    refusing requests without KEY (as a hosted teacher does)."""
     port = free_port()
-    proc = start_vllm_server(tiny_model_dir, port, "teacher", max_model_len=1024, timeout_s=240)
+    proc = start_vllm_server(tiny_model_dir, port, "teacher", max_model_len=1024, timeout_s=240, api_key=KEY)
     yield f"http://127.0.0.1:{port}"
     stop_vllm_server(proc)
 
@@ -75,7 +76,8 @@ class FlakyProxy:
                     if n <= proxy.fail + proxy.slow:
                         time.sleep(proxy.delay)
                     req = urllib.request.Request(proxy.target + self.path, data=body,
-                                                 headers={"Content-Type": "application/json"})
+                                                 headers={"Content-Type": "application/json",
+                                                          "Authorization": self.headers.get("Authorization", "")})
                     with urllib.request.urlopen(req, timeout=120) as r:
                         data = r.read()
                 finally:
@@ -149,9 +151,28 @@ def test_bootstrap_caches_retries_and_keeps_the_key_secret(ray_local, tmp_path, 
     assert leaked == []
 
 
-def test_bootstrap_fails_clearly_when_the_teacher_refuses(ray_local, tmp_path, vllm_server):
+def test_preflight_against_vllm_serve_names_what_to_fix(vllm_server, monkeypatch):
+    """The pre-flight check on a real `vllm serve` that wants a key: a wrong key, a model it does not serve
+    and a closed port each fail in one line that says what to do; the right key and model pass."""
+    from scoder_ray.generate.teacher import TeacherError, preflight
+
+    conf = lambda url, *o: load_config("tiny", [f"teacher.base_url={url}", "teacher.api_key_env=SCODER_TEST_KEY",  # noqa: E731
+                                                "teacher.model=teacher", *o]).teacher
+    monkeypatch.setenv("SCODER_TEST_KEY", KEY)
+    preflight(conf(f"{vllm_server}/v1"))
+    with pytest.raises(TeacherError, match=r"does not serve teacher.model='gpt-4o'; it serves teacher"):
+        preflight(conf(f"{vllm_server}/v1", "teacher.model=gpt-4o"))
+    monkeypatch.setenv("SCODER_TEST_KEY", "sk-wrong")
+    with pytest.raises(TeacherError, match=r"HTTP 401.*the key in \$SCODER_TEST_KEY is wrong"):
+        preflight(conf(f"{vllm_server}/v1"))
+    with pytest.raises(TeacherError, match=r"is not reachable"):
+        preflight(conf(f"http://127.0.0.1:{free_port()}/v1"), timeout_s=2)
+
+
+def test_bootstrap_fails_clearly_when_the_teacher_refuses(ray_local, tmp_path, vllm_server, monkeypatch):
+    monkeypatch.setenv("SCODER_TEST_KEY", KEY)
     cfg, store = seeded_store(tmp_path, f"teacher.base_url={vllm_server}/v1", "teacher.model=no-such-model",
-                              f"teacher.cache_dir={tmp_path}/cache")
+                              f"teacher.cache_dir={tmp_path}/cache", "teacher.api_key_env=SCODER_TEST_KEY")
     with pytest.raises(RuntimeError, match=r"refused the request for seed [0-9a-f]+: HTTP 404"):
         run_bootstrap(cfg, store)
     assert store.read_done("bootstrap") is None
@@ -214,7 +235,7 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
         assert all(r["reason"] for r in rows if not r["parse_ok"])
         results.append(sorted((r["cand_id"], r["raw"]) for r in rows if r["ckpt"] == "ckpt_02"))
         if run_id == "a":  # the two checkpoints' engine pools ran side by side (ray.parallel_checkpoints: 0)
-            (a0, a1), (b0, b1) = done["pools"]["ckpt_01"], done["pools"]["ckpt_02"]
+            (a0, a1), (b0, b1) = done["pools"]["ckpt_01"][:2], done["pools"]["ckpt_02"][:2]
             assert max(a0, b0) < min(a1, b1), done["pools"]
         assert run_sample(cfg, store, 1, checkpoints=checkpoints)["skipped"]
         if run_id == "a":
@@ -225,7 +246,9 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
     assert results[0] == results[1]
 
 
-def test_killed_engine_actor_is_restarted_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):
+def test_engine_whose_core_is_killed_is_replaced_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):
+    """The vLLM core process of a serving engine is killed (the actor lives on with a dead engine, the harder
+    case: a retry in place would meet the same dead core); the actor replaces itself, and no id is lost."""
     cfg = load_config("tiny", [f"run.root={tmp_path}", "seeds.max_snippets=24", "sample.samples_per_seed=2",
                                "sample.max_tokens=64", "sample.batch_size=4"])
     store = RunStore.for_config(cfg)
@@ -239,13 +262,13 @@ def test_killed_engine_actor_is_restarted_without_missing_or_duplicate_ids(ray_l
                 cmd = " ".join(p.info["cmdline"] or [])
                 if "MapBatches(Sampler)" in cmd:
                     try:
-                        started = any("EngineCore" in " ".join(c.cmdline()) for c in p.children(recursive=True))
+                        cores = [c for c in p.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
                     except psutil.Error:
-                        started = False
+                        cores = []
                     # Only once it has served a block: the stage's first output file exists.
-                    if started and list(Path(store.stage_dir("iter_01/sample")).glob("attempt-*/data/*.parquet")):
-                        p.send_signal(signal.SIGKILL)
-                        killed.append(p.pid)
+                    if cores and list(Path(store.stage_dir("iter_01/sample")).glob("attempt-*/data/*.parquet")):
+                        cores[0].send_signal(signal.SIGKILL)
+                        killed.append(cores[0].pid)
                         return
             time.sleep(0.05)
 
@@ -253,7 +276,7 @@ def test_killed_engine_actor_is_restarted_without_missing_or_duplicate_ids(ray_l
     thread.start()
     done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir)])
     thread.join(timeout=1)
-    assert killed, "no engine actor was killed"
+    assert killed, "no engine core was killed"
     from ray._private import state  # the GCS actor table (the state API needs the dashboard, off here)
 
     samplers = [a for a in state.actors().values() if "Sampler" in a["ActorClassName"]]
@@ -277,14 +300,16 @@ def test_engine_that_cannot_start_fails_the_stage_with_its_reason(ray_local, tmp
     assert time.time() - start < 180 and store.read_done("iter_01/sample") is None
 
 
-def test_fit_weights_from_the_teachers_judgements(ray_local, tmp_path, vllm_server, tiny_model_dir):
+def test_fit_weights_from_the_teachers_judgements(ray_local, tmp_path, vllm_server, tiny_model_dir, monkeypatch):
     """`fit-weights` without a label file: the teacher (here the tiny model behind `vllm serve`) gives an
     overall 0-9 judgement per candidate; w is fitted on those and saved with the run."""
     from scoder_ray.score.stage import current_weights, run_fit_weights, run_score
     from scoder_ray.seeds import documented_functions
 
+    monkeypatch.setenv("SCODER_TEST_KEY", KEY)
     cfg = load_config("tiny", [f"run.root={tmp_path}", f"models.scorer={tiny_model_dir}", f"teacher.base_url={vllm_server}/v1",
-                               f"teacher.cache_dir={tmp_path}/cache", "teacher.max_tokens=96", "score.exec_timeout_s=3"])
+                               f"teacher.cache_dir={tmp_path}/cache", "teacher.max_tokens=96", "score.exec_timeout_s=3",
+                               "teacher.api_key_env=SCODER_TEST_KEY"])
     store = RunStore.for_config(cfg)
     rows = [{"cand_id": f"c{i:02d}", "seed_id": f"s{i}", "iteration": 1, "ckpt": "ckpt_01", "sample_idx": 0, **r,
              "raw": "", "parse_ok": True, "reason": "", "tokens": 1, "truncated": False}

@@ -257,5 +257,7 @@ def test_warmup_and_influence_stages_through_the_run_store(ray_local, tmp_path, 
     assert len(shards) == 5 and all(s.state == "done" for s in store.stages())  # candidates + 2 ckpts x 2 kinds
     # no hidden time: the stage's seconds include its feature sub-stages, listed per checkpoint and kind
     assert set(done["feature_seconds"]) == {f"ckpt_0{i}-{k}" for i in (1, 2) for k in ("candidate", "reference")}
-    assert done["seconds"] >= sum(done["feature_seconds"].values()) > 0
+    # (the sub-stages may run side by side: the stage's seconds cover the span of their pools, not their sum)
+    span = max(w[1] for w in done["pools"].values()) - min(w[0] for w in done["pools"].values())
+    assert done["seconds"] >= span >= max(done["feature_seconds"].values()) > 0
     assert run_influence(cfg, store, 1, tiny_model_dir)["skipped"]

@@ -17,23 +17,32 @@ def test_paper_7b_volumes_and_hours_follow_the_config_and_the_throughput_file():
     stages = by_stage(cfg, tp)
     assert list(stages)[:3] == ["bootstrap", "train_synthesizer", "iter_01/sample"] and list(stages)[-1] == "evaluate"
     sample = stages["iter_01/sample"]
-    # 20,000 seeds x M=3 checkpoints x N=4, 450 tokens each, one pool of 8 engines per checkpoint, the three
-    # side by side (24 GPUs at once, their start-ups overlapping)
+    # 20,000 seeds x M=3 checkpoints x N=4, 450 tokens each; the preset's cluster (cluster/aws.yaml) scales to 64
+    # H100s, the default GPU budget: the three pools side by side share it (22 + 21 + 21 engines)
     work_s = 20_000 * 3 * 4 * tp["sample_output_tokens"] / tp["generation_tokens_per_s"]
-    wall_s = work_s / 24 + tp["engine_start_s"]
-    assert (sample.gpus, sample.starts) == (24, 24)
-    assert sample.wall_hours == pytest.approx(wall_s / 3600) and sample.gpu_hours == pytest.approx(24 * wall_s / 3600)
-    # one after another (ray.parallel_checkpoints=1): 8 GPUs, three start-ups in a row
-    serial = by_stage(load_config("paper-7b", ["ray.parallel_checkpoints=1"]), tp)["iter_01/sample"]
-    assert serial.gpus == 8 and serial.wall_hours == pytest.approx((work_s / 8 + 3 * tp["engine_start_s"]) / 3600)
+    assert (sample.gpus, sample.starts) == (64, 64)
+    assert sample.wall_hours == pytest.approx((work_s / 64 + tp["engine_start_s"]) / 3600)
+    assert stages["iter_01/score"].gpus == 64 and stages["iter_01/influence"].gpus == 64
+    assert stages["evaluate"].starts == 2  # 328 rows: one block, one engine per model (not 64 idle ones)
+    # a budget of 24: three pools of 8, their start-ups overlapping
+    b24 = by_stage(load_config("paper-7b", ["ray.gpu_budget=24"]), tp)["iter_01/sample"]
+    assert (b24.gpus, b24.starts) == (24, 24)
+    assert b24.wall_hours == pytest.approx((work_s / 24 + tp["engine_start_s"]) / 3600)
+    assert b24.gpu_hours == pytest.approx(24 * (work_s / 24 + tp["engine_start_s"]) / 3600)
+    # one after another (ray.parallel_checkpoints=1): each pool gets the whole budget, three start-ups in a row
+    serial = by_stage(load_config("paper-7b", ["ray.gpu_budget=24", "ray.parallel_checkpoints=1"]), tp)["iter_01/sample"]
+    assert (serial.gpus, serial.starts) == (24, 72)
+    assert serial.wall_hours == pytest.approx((work_s / 24 + 3 * tp["engine_start_s"]) / 3600)
+    # no cluster config, no budget: engine.num_engines per pool (8), twice as many engines halve the work's time
+    free = ["ray.cluster_config=null", "ray.accelerator_type=''"]
+    assert by_stage(load_config("paper-7b", free), tp)["iter_01/sample"].gpus == 24
+    wide = by_stage(load_config("paper-7b", free + ["engine.num_engines=16"]), tp)["iter_01/sample"]
+    assert wide.wall_hours == pytest.approx((work_s / 48 + tp["engine_start_s"]) / 3600)
     influence = stages["iter_01/influence"]
     assert influence.volume.startswith("82,000 examples")  # (20,000 selected + 500 teacher) x 4 checkpoints
     # retraining grows with the kept samples: teacher + 5% of the selected per iteration so far
     assert [stages[f"iter_0{t}/train"].volume.split()[0] for t in (1, 2, 3)] == ["1,500", "2,500", "3,500"]
     assert stages["bootstrap"].gpus == 0 and stages["bootstrap"].gpu_hours == 0
-    # twice the engines: sampling's work wall time halves (start-ups stay)
-    wide = by_stage(load_config("paper-7b", ["engine.num_engines=16"]), tp)["iter_01/sample"]
-    assert wide.wall_hours == pytest.approx((work_s / 48 + tp["engine_start_s"]) / 3600)
 
 
 def test_plan_command_prints_the_table_from_a_given_throughput_file(tmp_path, capsys):
@@ -49,3 +58,14 @@ def test_plan_command_prints_the_table_from_a_given_throughput_file(tmp_path, ca
     assert "iter_03/influence" in default and str(path) in faster and total["faster"] < total["default"]
     assert main(["plan", "--preset", "demo"]) == 0
     assert "cpu" in capsys.readouterr().out
+
+
+def test_pools_side_by_side_share_the_gpu_budget():
+    from scoder_ray.ray_env import pool_sizes
+
+    assert pool_sizes(3, 1, 8, budget=8) == [3, 3, 2]  # M=3 pools hold all 8 GPUs at once
+    assert pool_sizes(3, 2, 8, budget=8) == [2, 1, 1]  # 2-GPU engines: 4 of them
+    assert pool_sizes(3, 4, 8, budget=8) == [1, 1]  # two 4-GPU engines: two pools at once, the third after
+    assert pool_sizes(3, 1, 8, budget=8, at_most=1) == [8]  # one after another, each with the whole budget
+    assert pool_sizes(3, 1, 8) == [8, 8, 8] and pool_sizes(3, 0, 2, budget=8) == [2, 2, 2]  # no budget; CPU pools
+    assert pool_sizes(4, 1, 1, budget=64, at_most=2) == [32, 32]

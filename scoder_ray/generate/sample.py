@@ -1,6 +1,7 @@
 """Multi-checkpoint sampling: each of the M synthesizer checkpoints writes N candidates per seed.
 
-Per checkpoint, a Ray Data pipeline runs over a pool of `engine.num_engines` vLLM actors. We use a
+Per checkpoint, a Ray Data pipeline runs over a pool of vLLM actors (`engine.num_engines`, or a share of
+`ray.gpu_budget`). We use a
 `map_batches` actor class holding `vllm.LLM` rather than `ray.data.llm`'s processor because we need
 (1) a sampling seed per row — vLLM takes a list of SamplingParams, one per prompt, so a candidate is
 the same whatever batch it lands in; (2) an engine that cannot start to fail the stage with its reason
@@ -14,7 +15,12 @@ solution, raw, parse_ok, reason, tokens, truncated (cut at sample.max_tokens).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
+import os
+import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -23,7 +29,7 @@ import numpy as np
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
-from scoder_ray.ray_env import gpu_options, in_blocks, one_block_each
+from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, one_block_each, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
 
@@ -50,6 +56,7 @@ class EngineActor:
         try:  # the model folder on this node (a copy from the run root, or built here): see model_cache
             self.llm = make_llm(engine, local_model(model_path, models), seed)
             self.tokenizer = self.llm.get_tokenizer()
+            watch_engine_core(self.llm)
         except Exception as e:  # noqa: BLE001 - reported on the first batch, with the cause
             self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e}"
         self.start_s: Optional[float] = time.perf_counter() - started
@@ -66,6 +73,15 @@ class EngineActor:
         if self.error:
             raise RuntimeError(self.error)
 
+    def generate(self, texts: list[str], params) -> list:
+        """vLLM's generate. An engine whose core died is replaced, not retried in place: see watch_engine_core."""
+        try:
+            return self.llm.generate(texts, params, use_tqdm=False)
+        except Exception as e:
+            if any(c.__name__ == "EngineDeadError" for c in type(e).__mro__):
+                replace_actor(f"the vLLM engine core of this actor died ({e})")
+            raise
+
     def tick(self, n: int) -> None:
         from scoder_ray import progress
 
@@ -74,6 +90,35 @@ class EngineActor:
     def chat_prompts(self, users: list[str]) -> list[str]:
         return [self.tokenizer.apply_chat_template(prompts.chat(u), tokenize=False, add_generation_prompt=True)
                 for u in users]
+
+
+def watch_engine_core(llm: Any, every_s: float = 0.5) -> None:
+    """Replace this actor when its vLLM engine core dies. Every retry in place would meet the same dead core,
+    and the pinned vLLM's synchronous `generate` never returns then (its monitor thread marks the client dead
+    and closes the sockets; the caller waits for outputs forever: measured by killing EngineCore). A thread
+    here polls that mark and ends the actor's process: Ray starts a fresh actor with a fresh engine
+    (max_restarts) and hands it the block again (max_task_retries); the rows are seeded, so the block's
+    candidates come out the same."""
+    resources = getattr(getattr(llm.llm_engine, "engine_core", None), "resources", None)
+    if resources is None or not hasattr(resources, "engine_dead"):
+        return  # an in-process engine core dies with this process
+
+    exiting = threading.Event()  # a process that ends on purpose shuts its engine down too: not a death
+    atexit.register(exiting.set)  # runs before vLLM's own exit handlers, registered earlier
+
+    def watch() -> None:
+        while not resources.engine_dead:
+            time.sleep(every_s)
+        if not exiting.is_set() and threading.main_thread().is_alive():
+            replace_actor("the vLLM engine core of this actor died")
+
+    threading.Thread(target=watch, daemon=True, name="engine-core-watch").start()
+
+
+def replace_actor(why: str) -> None:
+    logging.getLogger(__name__).error("%s: replacing the actor", why)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class Sampler(EngineActor):
@@ -91,7 +136,7 @@ class Sampler(EngineActor):
         self.check()
         langs = batch.get("lang", [None] * len(batch["snippet"]))  # runs from before seeds had a language
         texts = self.chat_prompts([prompts.synthesizer_prompt(s, lang) for s, lang in zip(batch["snippet"], langs)])
-        outputs = self.llm.generate(texts, sampling_params(self.sample, batch["sampling_seed"]), use_tqdm=False)
+        outputs = self.generate(texts, sampling_params(self.sample, batch["sampling_seed"]))
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):
             completion = out.outputs[0]
@@ -130,10 +175,12 @@ def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int
              "sampling_seed": derived_seed(run_seed, "sample", iteration, ckpt, row["seed_id"], i)} for i in range(n)]
 
 
-def engine_actor_options(engine: EngineConf, accelerator_type: str = "") -> dict[str, Any]:
-    """Pool, resources (GPUs of `accelerator_type`, when set) and restart policy for the engine actors of a
-    `map_batches`."""
-    opts: dict[str, Any] = {"compute": one_block_each(engine.num_engines),
+def engine_actor_options(engine: EngineConf, accelerator_type: str = "", engines: int = 0, blocks: int = 0) -> dict[str, Any]:
+    """Pool of `engines` (default engine.num_engines; no more than the `blocks` it will get, when given: an
+    engine without a block would only start and idle), resources (GPUs of `accelerator_type`, when set) and
+    restart policy for the engine actors of a `map_batches`."""
+    size = engines or engine.num_engines
+    opts: dict[str, Any] = {"compute": one_block_each(min(size, blocks) if blocks else size),
                             "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
     if engine.gpus_per_engine:
         opts.update(gpu_options(engine.gpus_per_engine, accelerator_type))
@@ -142,22 +189,31 @@ def engine_actor_options(engine: EngineConf, accelerator_type: str = "") -> dict
     return opts
 
 
+def engine_pools(cfg: Config, pools: int = 1) -> list[int]:
+    """Engines per pool for the pools of a stage that run side by side (`ray.parallel_checkpoints` of them,
+    sharing `ray.gpu_budget` when one applies): see ray_env.pool_sizes."""
+    return pool_sizes(pools, cfg.engine.gpus_per_engine, cfg.engine.num_engines, gpu_budget(cfg),
+                      cfg.ray.parallel_checkpoints)
+
+
 def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str,
                       n: Optional[int] = None, progress: Any = None,
-                      decontam: Optional[dict[str, str]] = None) -> int:
-    """Write n (default N) candidates per seed from one checkpoint; returns n. `progress`: the stage's
-    progress actor."""
+                      decontam: Optional[dict[str, str]] = None, engines: int = 0) -> int:
+    """Write n (default N) candidates per seed from one checkpoint on `engines` engines (default: the stage's
+    share of the GPU budget, or engine.num_engines); returns n. `progress`: the stage's progress actor."""
     from scoder_ray.quality import decontam_texts
 
     n = n or cfg.sample.samples_per_seed
+    engines = engines or engine_pools(cfg)[0]
     # Read here (the files may be on this node only), once per stage when several checkpoints share it.
     texts = decontam if decontam is not None else decontam_texts(cfg.quality, dict(cfg.evaluate.problems))[0]
-    rows = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
+    rows, batch = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
                                         "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
                                         "decontam_texts": texts, "progress": progress},
-        batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
+        batch_size=batch, batch_format="numpy",
+        **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engines, rows.num_blocks()))
     # File names carry a per-write id: checkpoints never collide. No CPU for the writes: pools of several
     # checkpoints running side by side may hold every CPU of a node until their writes are done.
     out.write_parquet(f"{out_uri}/data", ray_remote_args={"num_cpus": 0})
@@ -165,49 +221,20 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
 
 
 def sample_side_by_side(cfg: Config, seeds, iteration: int, checkpoints: list[tuple[str, str]], out_uri: str,
-                        progress: Any = None) -> dict[str, list[float]]:
-    """`sample_checkpoint` for every checkpoint, `ray.parallel_checkpoints` of them at once (0: all), each
-    pool with its own engines; returns each checkpoint's pool lifetime (start, end in seconds since the
-    epoch) for the report's timeline. On GPUs, the autoscaler is asked for every engine of the pools that
-    run at once before the first starts, so they come up together rather than one node at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+                        progress: Any = None) -> dict[str, Any]:
+    """`sample_checkpoint` for every checkpoint, its engine pool side by side with others' as
+    `engine_pools` says; returns ray_env.side_by_side's record (each pool's lifetime and size, the GPUs held)
+    for the report's timeline."""
     from scoder_ray.quality import decontam_texts
 
     # Once, before the threads: parsing the benchmark files in two threads at once broke CPython 3.11's
     # `ast.parse` ("AST constructor recursion depth mismatch", measured in a tiny-loop run).
     texts, _ = decontam_texts(cfg.quality, dict(cfg.evaluate.problems))
-    at_once = min(len(checkpoints), cfg.ray.parallel_checkpoints or len(checkpoints))
-    gpus = cfg.engine.gpus_per_engine
-    if gpus:
-        request_gpus([{"GPU": gpus, **({f"accelerator_type:{cfg.ray.accelerator_type}": 0.001}
-                                        if cfg.ray.accelerator_type else {})}] * (at_once * cfg.engine.num_engines))
-    windows: dict[str, list[float]] = {}
-
-    def one(ckpt: tuple[str, str]) -> None:
-        start = time.time()
-        sample_checkpoint(cfg, seeds, iteration, ckpt[0], ckpt[1], out_uri, progress=progress, decontam=texts)
-        windows[ckpt[0]] = [round(start, 3), round(time.time(), 3)]
-
-    try:
-        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="sample") as pool:
-            for future in [pool.submit(one, c) for c in checkpoints]:
-                future.result()  # the first failure, with its own message
-    finally:
-        if gpus:
-            request_gpus([])
-    return {name: windows[name] for name, _ in checkpoints}
-
-
-def request_gpus(bundles: list[dict[str, float]]) -> None:
-    """Ask the cluster's autoscaler for these bundles now (an empty list withdraws the request); a cluster
-    without one ignores it."""
-    try:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=bundles)
-    except Exception:  # noqa: BLE001 - no autoscaler (a fixed or local cluster): nothing to ask
-        pass
+    jobs = {name: (lambda engines, name=name, path=path: sample_checkpoint(
+        cfg, seeds, iteration, name, path, out_uri, progress=progress, decontam=texts, engines=engines))
+        for name, path in checkpoints}
+    return side_by_side(jobs, engine_pools(cfg, len(checkpoints)), cfg.engine.gpus_per_engine,
+                        cfg.ray.accelerator_type)
 
 
 def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Optional[list[tuple[str, str]]] = None,
@@ -235,7 +262,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
             seeds = seeds.filter(lambda r: r["seed_id"] in keep)
         total = seeds.count() * cfg.sample.samples_per_seed * len(checkpoints)
         bar = progress.start(cfg.run.id, stage, total, "candidates")
-        pools = sample_side_by_side(cfg, seeds, iteration, checkpoints, tmp, progress=bar)
+        side = sample_side_by_side(cfg, seeds, iteration, checkpoints, tmp, progress=bar)
         progress.stop(bar)
         out = ray.data.read_parquet(f"{tmp}/data")
         stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt", "engine_start_s"]).to_pandas()
@@ -244,7 +271,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
                 "parse_rate_by_ckpt": {k: round(float(v), 4) for k, v in stats.groupby("ckpt")["parse_ok"].mean().items()},
                 "rejected": {k: int(v) for k, v in stats["reason"][stats["reason"] != ""].value_counts().items()},
                 "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum()),
-                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), "pools": pools,
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), **side,
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems))}
 
     sections = {"sample": cfg.sample, "quality": cfg.quality, "engine": cfg.engine, "run.seed": cfg.run.seed}

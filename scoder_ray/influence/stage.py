@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf, ModelsConf
-from scoder_ray.ray_env import gpu_options, in_blocks, one_block_each
+from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, one_block_each, pool_sizes, side_by_side
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
 
@@ -32,6 +32,7 @@ class FeatureActor:
     def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str, conf: InfluenceConf, seed: int,
                  models: ModelsConf, stage_started: float = 0.0):
         import psutil
+        import torch
         from transformers import AutoTokenizer
 
         from scoder_ray.influence.features import GradientFeatures
@@ -40,7 +41,7 @@ class FeatureActor:
         # Start-up counts from this worker's birth (Python and torch imports), or from the stage's start
         # when Ray hands the actor a worker it had started before.
         started = max(psutil.Process().create_time(), stage_started)
-        device = "cuda" if conf.gpus_per_actor else "cpu"
+        device = "cuda" if conf.gpus_per_actor and torch.cuda.is_available() else "cpu"  # else Ray's accounting only
         self.kind, self.conf = kind, conf
         base_model, ckpt_dir = local_model(base_model, models), local_model(ckpt_dir, models)  # on this node
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
@@ -71,9 +72,10 @@ class FeatureActor:
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
                      conf: InfluenceConf, seed: int, models: ModelsConf, id_column: str = "cand_id",
-                     accelerator_type: str = "") -> dict[str, Any]:
-    """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id). Returns {rows,
-    actor_start_s, actor_busy_s}: the actors' start-up and time in calls, summed over actors."""
+                     accelerator_type: str = "", actors: int = 0) -> dict[str, Any]:
+    """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id) on `actors` actors
+    (default influence.num_actors). Returns {rows, actor_start_s, actor_busy_s}: the actors' start-up and
+    time in calls, summed over actors."""
     import ray
 
     ds = ray.data.read_parquet(rows_uri)
@@ -82,7 +84,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
         ds = ds.rename_columns({id_column: "cand_id"})
     # One block per actor call, of at most sort_window rows: the calls spread over the actors, and since
     # the blocks depend only on the data, every example meets the same batch-mates however many actors.
-    ds = in_blocks(ds, conf.sort_window)
+    ds, batch = in_blocks(ds, conf.sort_window)
     rows = ds.count()
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
     opts: dict[str, Any] = gpu_options(conf.gpus_per_actor, accelerator_type) or {"num_cpus": conf.cpus_per_actor}
@@ -90,10 +92,10 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
                                                                 "seed": seed, "models": models,
                                                                 "stage_started": time.time()},
-                           batch_size=None, batch_format="numpy",
-                           compute=one_block_each(conf.num_actors),
+                           batch_size=batch, batch_format="numpy",
+                           compute=one_block_each(max(1, min(actors or conf.num_actors, ds.num_blocks()))),
                            max_restarts=3, max_task_retries=3, **opts)
-    feats.write_parquet(out_uri)
+    feats.write_parquet(out_uri, ray_remote_args={"num_cpus": 0})  # pools side by side may hold every CPU
     done: dict[str, Any] = {"rows": rows, "actor_start_s": 0.0, "actor_busy_s": 0.0}
     if rows:
         fs, path = filesystem(out_uri)
@@ -190,14 +192,17 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
     feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
     parts: dict[str, float] = {}  # seconds of each (checkpoint, kind) feature sub-stage, as it ran
+    jobs = {}
     for c in warm["checkpoints"]:
         ckpt_dir = f"{store.uri(f'{it}/warmup')}/{c['name']}"
         for kind, (uri, id_column, rows_digest) in sources.items():
-            parts[f"{c['name']}-{kind}"] = store.run_stage(f"{it}/features/{c['name']}-{kind}", feat_sections,
-                            {"warmup": warm["output_digest"], "rows": rows_digest},
-                            lambda tmp, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column: compute_features(
-                                u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed, cfg.models, col,
-                                cfg.ray.accelerator_type))["seconds"]
+            def job(actors: int, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column, digest=rows_digest) -> None:
+                parts[f"{name}-{k}"] = store.run_stage(
+                    f"{it}/features/{name}-{k}", feat_sections, {"warmup": warm["output_digest"], "rows": digest},
+                    lambda tmp: compute_features(u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed,
+                                                 cfg.models, col, cfg.ray.accelerator_type, actors))["seconds"]
+            jobs[f"{c['name']}-{kind}"] = job
+    side = side_by_side(jobs, feature_pools(cfg, len(jobs)), conf.gpus_per_actor, cfg.ray.accelerator_type)
 
     def produce(tmp: str) -> dict[str, Any]:
         cand, refs, ids = {}, {}, None
@@ -216,13 +221,27 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         out = [{**rows[i], "influence": float(s), "rank": int(r), "kept": bool(k)} for i, s, r, k in zip(ids, scores, rank, kept)]
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(out))
         return {"rows": int(kept.sum()), "candidates": len(ids), "checkpoint_lrs": lrs, "aggregate": conf.aggregate,
-                "feature_seconds": parts,
+                "feature_seconds": parts, **side,
                 "influence_quantiles": {q: float(np.quantile(scores, q)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)}}
 
     inputs = {"warmup": warm["output_digest"], "rank": rank_done["output_digest"]}
     sections = {"influence.keep_fraction": conf.keep_fraction, "influence.keep_count": conf.keep_count,
                 "influence.aggregate": conf.aggregate, **feat_sections}
     return store.run_stage(f"{it}/influence", sections, inputs, produce, force=force, started=started)
+
+
+def feature_pools(cfg: Config, pools: int) -> list[int]:
+    """Actors per feature pool for the (checkpoint, kind) pools that run side by side: they share
+    `ray.gpu_budget` on GPUs; CPU pools run as many at once as the cluster's CPUs hold (a pool that cannot
+    get its CPUs would only wait), at most `ray.parallel_checkpoints` checkpoints' worth (0: all)."""
+    import ray
+
+    conf = cfg.influence
+    at_most = 2 * cfg.ray.parallel_checkpoints
+    if not conf.gpus_per_actor:
+        fit = max(1, int(ray.cluster_resources().get("CPU", 1) // (conf.num_actors * conf.cpus_per_actor)))
+        at_most = min(at_most or fit, fit)
+    return pool_sizes(pools, conf.gpus_per_actor, conf.num_actors, gpu_budget(cfg), at_most)
 
 
 def _empty_influence(store: RunStore, cand_stage: str, tmp: str) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class Scorer(EngineActor):
                                    zip(batch["snippet"], batch["problem"], batch["solution"], langs)])
         params = SamplingParams(temperature=0.0, max_tokens=self.score.max_tokens,
                                 structured_outputs=StructuredOutputsParams(regex=aspect_regex(aspects)))
-        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        outputs = self.generate(texts, params)
         cols = {f"aspect_{n}": [] for n in names}
         fallback, raw = [], []
         for out in outputs:

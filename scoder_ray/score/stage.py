@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray import jsonl, progress
 from scoder_ray.config import Config
-from scoder_ray.generate.sample import engine_actor_options
+from scoder_ray.generate.sample import engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import in_blocks
 from scoder_ray.score.aspects import Scorer
@@ -58,13 +58,14 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
     model_path = cfg.models.scorer  # resolved on the engines' nodes (model_cache.local_model)
 
     def produce(tmp: str) -> dict[str, Any]:
-        cands = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
+        cands, batch = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
                           cfg.sample.batch_size)
         bar = progress.start(cfg.run.id, f"iter_{iteration:02d}/score", cands.count(), "candidates")
         scored = cands.map_batches(
             Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
                                            "seed": cfg.run.seed, "models": cfg.models, "progress": bar},
-            batch_size=None, batch_format="numpy", **engine_actor_options(cfg.engine, cfg.ray.accelerator_type))
+            batch_size=batch, batch_format="numpy",
+            **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engine_pools(cfg)[0], cands.num_blocks()))
         executed = scored.map_batches(
             execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers,
                                      "isolation": cfg.evaluate.isolation},

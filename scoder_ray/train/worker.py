@@ -145,16 +145,20 @@ def train_loop(config: dict[str, Any]) -> None:
         # never after the last step: nothing resumes from there, and for a 7B model under ZeRO-3 it is ~100 GB.
         # A LoRA run keeps the trainable parameters only: the frozen base is reloaded from its reference.
         resumable = is_export or (conf["resume_every"] and (step + 1) % conf["resume_every"] == 0)
+        # Uploaded by Ray Train's background thread (the local copy deleted after): the steps go on meanwhile,
+        # and the state is registered, i.e. resumed from, only once its upload is complete. Every report is
+        # ASYNC: a SYNC one waits for the uploads queued before it (Ray Train keeps reports in order).
         if resumable and step + 1 < total:
-            with tempfile.TemporaryDirectory(prefix="scoder-train-") as d:
-                engine.save_checkpoint(d, tag="state", exclude_frozen_parameters=conf["lora"]["enabled"])
-                torch.save(_get_rng(), os.path.join(d, f"rng_rank{rank}.pt"))  # each rank's own, merged by Ray Train
-                if rank == 0:
-                    with open(os.path.join(d, "train_state.json"), "w") as f:
-                        json.dump(state, f)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            d = tempfile.mkdtemp(prefix="scoder-train-")
+            engine.save_checkpoint(d, tag="state", exclude_frozen_parameters=conf["lora"]["enabled"])
+            torch.save(_get_rng(), os.path.join(d, f"rng_rank{rank}.pt"))  # each rank's own, merged by Ray Train
+            if rank == 0:
+                with open(os.path.join(d, "train_state.json"), "w") as f:
+                    json.dump(state, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
         else:
-            ray.train.report(metrics)
+            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     if rank == 0:
         write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
