@@ -106,11 +106,8 @@ def stop(progress: Optional[Any]) -> None:
     import ray
 
     if progress is not None:
-        mirror = _mirrors.pop(progress, None)
-        if mirror is not None:
-            mirror.done.set()
-            mirror.thread.join(timeout=35)
-            mirror.update()  # the last count
-        else:
-            ray.get(progress.counts.remote(), timeout=30)
+        mirror = _mirrors.pop(progress)  # made by `start`, in this process
+        mirror.done.set()
+        mirror.thread.join(timeout=35)
+        mirror.update()  # the last count
         ray.kill(progress)

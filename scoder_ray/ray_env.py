@@ -176,13 +176,15 @@ def in_blocks(ds, rows_per_block: int):
     return ds.repartition(target_num_rows_per_block=size, strict=True).materialize(), size
 
 
-def one_block_each(actors: int):
+def one_block_each(actors: int, blocks: int = 0):
     """An actor pool that gives each actor one block (of `in_blocks`) at a time: with more in flight, the
     first actor up queued every block while the rest were still starting (2 engines, 2 blocks: both on
-    one). The actor works through a block in one call, so the gap between blocks is all this costs."""
+    one). The actor works through a block in one call, so the gap between blocks is all this costs. No more
+    actors than `blocks`, when given: an actor without a block would only start and idle."""
     import ray
 
-    return ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(size=max(1, min(actors, blocks) if blocks else actors),
+                                      max_tasks_in_flight_per_actor=1)
 
 
 def job_config() -> Optional[dict[str, Any]]:

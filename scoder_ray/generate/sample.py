@@ -176,11 +176,9 @@ def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int
 
 
 def engine_actor_options(engine: EngineConf, accelerator_type: str = "", engines: int = 0, blocks: int = 0) -> dict[str, Any]:
-    """Pool of `engines` (default engine.num_engines; no more than the `blocks` it will get, when given: an
-    engine without a block would only start and idle), resources (GPUs of `accelerator_type`, when set) and
-    restart policy for the engine actors of a `map_batches`."""
-    size = engines or engine.num_engines
-    opts: dict[str, Any] = {"compute": one_block_each(min(size, blocks) if blocks else size),
+    """Pool of `engines` (default engine.num_engines; no more than the `blocks` it will get), resources (GPUs
+    of `accelerator_type`, when set) and restart policy for the engine actors of a `map_batches`."""
+    opts: dict[str, Any] = {"compute": one_block_each(engines or engine.num_engines, blocks),
                             "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
     if engine.gpus_per_engine:
         opts.update(gpu_options(engine.gpus_per_engine, accelerator_type))
