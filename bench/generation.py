@@ -1,10 +1,11 @@
 """Sampling throughput: our Ray Data + vLLM-actor stage against bare `vllm.LLM.generate`.
 
     .venv/bin/python bench/generation.py [--model demo|tiny] [--seeds 32] [--n 4] [--max-tokens 128] [--engines 1]
-                                         [--batch-size B]
+                                         [--batch-size B] [--blocks-in-flight K]
 
 `--batch-size` (rows per engine call, the stage's `sample.batch_size`): small values give the many-blocks case,
-where each call's longest sequence holds the engine (the bare baseline generates all rows in one call).
+where the engine keeps full only with several blocks in flight (`engine.blocks_in_flight`, `--blocks-in-flight`;
+the bare baseline generates all rows in one call).
 
 Same model, prompts and per-row sampling parameters (seeded, guided decoding as the stage), one run.
 Engine start-up is measured on the bare engine and reported apart; our tokens/s is given both over the
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engines", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=0, help="sample.batch_size (0: the preset's)")
+    ap.add_argument("--blocks-in-flight", type=int, default=0, help="engine.blocks_in_flight (0: the preset's)")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -101,7 +103,8 @@ def main() -> None:
                                    "sample.num_seeds=0", f"sample.samples_per_seed={args.n}",
                                    f"sample.max_tokens={args.max_tokens}", f"engine.num_engines={args.engines}",
                                    "ray.include_dashboard=false"]
-                     + ([f"sample.batch_size={args.batch_size}"] if args.batch_size else []))
+                     + ([f"sample.batch_size={args.batch_size}"] if args.batch_size else [])
+                     + ([f"engine.blocks_in_flight={args.blocks_in_flight}"] if args.blocks_in_flight else []))
     model_path = resolve_model(cfg.models.synthesizer, cfg.models.cache_dir, cfg.models.tiny_seed)
     init_ray(cfg.ray)
     store = RunStore.for_config(cfg)
@@ -122,6 +125,7 @@ def main() -> None:
         "model": args.model, "candidates": done["rows"], "cpus": len(os.sched_getaffinity(0)),
         "engines": cfg.engine.num_engines, "cpus_per_engine": cfg.engine.cpus_per_engine,
         "rows_per_call": cfg.sample.batch_size, "calls": -(-done["rows"] // cfg.sample.batch_size),
+        "blocks_in_flight": cfg.engine.blocks_in_flight,
         "engine_start_s": round(engine_start, 1),
         "ours_stage_wall_s": round(ours_wall, 1), "ours_tokens": done["tokens"],
         "ours_tokens_per_s_wall": round(ours_tps, 1), "ours_tokens_per_s_minus_engine_start": round(ours_tps_no_start, 1),

@@ -129,9 +129,12 @@ class EngineConf:
     tensor_parallel_size: int = 1
     dtype: str = "float32"  # this CPU has no bf16 instructions; bf16 on GPU presets
     max_model_len: int = 2048
-    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU; ignored on GPU
+    kv_cache_gib: float = 1.0  # a CPU engine's KV cache (GiB, allocated at start); ignored on GPU
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = True  # compiled mode costs 47-76 s per start on CPU
+    # Blocks (of sample.batch_size rows) an engine works on at once, their requests in one continuous batch:
+    # a block's slowest sequence no longer holds the engine, the next blocks' requests fill in behind it.
+    blocks_in_flight: int = 4
 
 
 @dataclass
@@ -487,6 +490,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "engine.num_engines": cfg.engine.num_engines,
         "engine.tensor_parallel_size": cfg.engine.tensor_parallel_size,
         "engine.max_model_len": cfg.engine.max_model_len,
+        "engine.blocks_in_flight": cfg.engine.blocks_in_flight,
         "seeds.min_lines": cfg.seeds.min_lines,
         "seeds.max_file_bytes": cfg.seeds.max_file_bytes,
         "seeds.num_perm": cfg.seeds.num_perm,
@@ -508,7 +512,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "teacher.max_requests": cfg.teacher.max_requests,
         "teacher.max_cost_usd": cfg.teacher.max_cost_usd,
         "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
-        "engine.kv_cache_gib": cfg.engine.kv_cache_gib,
         "seeds.max_snippets": cfg.seeds.max_snippets,
         "sample.num_seeds": cfg.sample.num_seeds,
         "loop.iterations": cfg.loop.iterations,
@@ -534,6 +537,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
     _check(cfg.evaluate.base_prompt in ("completion", "chat"), "evaluate.base_prompt", "completion or chat",
            cfg.evaluate.base_prompt)
+    _check(cfg.engine.kv_cache_gib > 0, "engine.kv_cache_gib", "a number of GiB > 0 (e.g. 0.25)",
+           cfg.engine.kv_cache_gib)
     _check(inf.warmup_min_rows >= 1, "influence.warmup_min_rows", "an integer >= 1", inf.warmup_min_rows)
     _check(0 < inf.keep_fraction <= 1, "influence.keep_fraction", "a number in (0, 1]", inf.keep_fraction)
     _check(inf.keep_count >= 0, "influence.keep_count", "a number >= 0", inf.keep_count)

@@ -27,16 +27,17 @@ PORT = int(os.environ.get("SCODER_RAY_DEMO_TEACHER_PORT", "18000"))  # fixed: th
 
 
 def start_vllm_server(model_path: str, port: int, served_name: str, max_model_len: int = 2048,
-                      timeout_s: float = 300, api_key: str = "") -> subprocess.Popen:
+                      timeout_s: float = 300, api_key: str = "", kv_cache_gib: float = 1.0) -> subprocess.Popen:
     """A local OpenAI-compatible `vllm serve` on 127.0.0.1:port, returned once it answers /v1/models;
     with `api_key`, it refuses requests without that key (HTTP 401)."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override the size
     # The CPU build's `vllm` console script is broken (SETUP.md): run the server module.
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
          served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", str(max_model_len), "--enforce-eager", "--no-enable-chunked-prefill",
-         "--max-num-batched-tokens", "4096", *(["--api-key", api_key] if api_key else [])],
+         "--max-num-batched-tokens", "4096", "--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30)),
+         *(["--api-key", api_key] if api_key else [])],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -82,7 +83,7 @@ def main(overrides: list[str]) -> int:
         print("[scoder-ray] demo: STAND-IN TEACHER — a local `vllm serve` of SmolLM2-135M-Instruct plays the "
               "proprietary teacher (OpenAI-compatible API on 127.0.0.1); it stops after the bootstrap.", flush=True)
         teacher = start_vllm_server(resolve_model(cfg.models.synthesizer, cfg.models.cache_dir), PORT,
-                                    "stand-in-teacher")
+                                    "stand-in-teacher", kv_cache_gib=cfg.engine.kv_cache_gib)
         try:
             for name in ("seeds", "bootstrap"):
                 done = loop.run_stage(cfg, name)

@@ -176,15 +176,17 @@ def in_blocks(ds, rows_per_block: int):
     return ds.repartition(target_num_rows_per_block=size, strict=True).materialize(), size
 
 
-def one_block_each(actors: int, blocks: int = 0):
-    """An actor pool that gives each actor one block (of `in_blocks`) at a time: with more in flight, the
-    first actor up queued every block while the rest were still starting (2 engines, 2 blocks: both on
-    one). The actor works through a block in one call, so the gap between blocks is all this costs. No more
-    actors than `blocks`, when given: an actor without a block would only start and idle."""
+def actor_pool(actors: int, blocks: int = 0, in_flight: int = 1):
+    """An actor pool that gives each actor `in_flight` blocks (of `in_blocks`) at a time, running them at once
+    (an async engine actor's `engine.blocks_in_flight`; 1 for the feature actors, which work through a block
+    in one call). No more than that: with every block in flight, the first actor up queued them all while the
+    rest were still starting (2 engines, 2 blocks: both on one). No more actors than `blocks`, when given: an
+    actor without a block would only start and idle."""
     import ray
 
     return ray.data.ActorPoolStrategy(size=max(1, min(actors, blocks) if blocks else actors),
-                                      max_tasks_in_flight_per_actor=1)
+                                      max_tasks_in_flight_per_actor=in_flight,
+                                      max_concurrent_calls_per_actor=in_flight)
 
 
 def job_config() -> Optional[dict[str, Any]]:

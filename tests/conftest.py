@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -44,7 +43,7 @@ def tiny_llm(tiny_model_dir):
     from scoder_ray.config import EngineConf
     from scoder_ray.generate.engine import make_llm, shutdown_llm
 
-    llm = make_llm(EngineConf(max_model_len=512, kv_cache_gib=1), tiny_model_dir, seed=0)
+    llm = make_llm(EngineConf(max_model_len=512, kv_cache_gib=0.25), tiny_model_dir, seed=0)
     yield llm
     shutdown_llm(llm)
 

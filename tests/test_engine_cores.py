@@ -48,3 +48,21 @@ def test_engines_get_disjoint_cores_and_a_dead_engines_cores_come_back(tmp_path)
     first.wait()
     assert answer(waiter) == (allowed, allowed)
     release(waiter)
+
+
+def test_a_failed_engine_says_what_its_core_logged_and_the_free_memory(tmp_path):
+    """vLLM's exception in the actor says only "see root cause above": the root cause is in the log file the
+    engine core shares with the actor (a Ray worker's stderr). failure_context reads it from there."""
+    log = tmp_path / "worker.err"
+    log.write_text("INFO starting\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "ValueError: Available memory on node 0 (0.4/23.5 GiB) on kv cache allocation is less than "
+                   "requested\n"
+                   "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    code = "from scoder_ray.generate.engine import failure_context; print(failure_context())"
+    with open(log, "a") as err:
+        said = subprocess.run([sys.executable, "-c", code], stderr=err, stdout=subprocess.PIPE, text=True,
+                              check=True).stdout
+    assert "its log: ValueError: Available memory on node 0" in said and "initialization failed" not in said
+    assert "memory available on this node:" in said and " GiB" in said
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "its log" not in piped and "memory available" in piped  # stderr not a file: memory only

@@ -36,7 +36,8 @@ def vllm_server(tiny_model_dir):
     """`vllm serve` of the tiny model on 127.0.0.1, started the way the demo starts its stand-in teacher, and
     refusing requests without KEY (as a hosted teacher does)."""
     port = free_port()
-    proc = start_vllm_server(tiny_model_dir, port, "teacher", max_model_len=1024, timeout_s=240, api_key=KEY)
+    proc = start_vllm_server(tiny_model_dir, port, "teacher", max_model_len=1024, timeout_s=240, api_key=KEY,
+                             kv_cache_gib=0.25)
     yield f"http://127.0.0.1:{port}"
     stop_vllm_server(proc)
 
@@ -247,41 +248,55 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
 
 
 def test_engine_whose_core_is_killed_is_replaced_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):
-    """The vLLM core process of a serving engine is killed (the actor lives on with a dead engine, the harder
-    case: a retry in place would meet the same dead core); the actor replaces itself, and no id is lost."""
+    """The vLLM core process of an engine is killed twice: while the engine starts (as the kernel's OOM killer
+    would: the start fails, and the engine is tried once more in a fresh actor), then while it serves blocks
+    (the actor lives on with a dead engine, the harder case: a retry in place would meet the same dead core;
+    the actor replaces itself). The stage completes, and no id is lost or repeated."""
     cfg = load_config("tiny", [f"run.root={tmp_path}", "seeds.max_snippets=24", "sample.samples_per_seed=2",
-                               "sample.max_tokens=64", "sample.batch_size=4"])
+                               "sample.max_tokens=64", "sample.batch_size=4", "engine.blocks_in_flight=2"])
     store = RunStore.for_config(cfg)
     run_seeds(cfg, store)
-    killed = []
+    killed: list[tuple[int, bool, float]] = []  # (core pid, output existed then, the core's age in s then)
+    stop = threading.Event()
+
+    def outputs() -> bool:
+        return bool(list(Path(store.stage_dir("iter_01/sample")).glob("attempt-*/data/*.parquet")))
 
     def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
+        while not stop.is_set() and len(killed) < 2:
             for p in psutil.process_iter(["cmdline"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "MapBatches(Sampler)" in cmd:
-                    try:
-                        cores = [c for c in p.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
-                    except psutil.Error:
-                        cores = []
-                    # Only once it has served a block: the stage's first output file exists.
-                    if cores and list(Path(store.stage_dir("iter_01/sample")).glob("attempt-*/data/*.parquet")):
-                        cores[0].send_signal(signal.SIGKILL)
-                        killed.append(cores[0].pid)
-                        return
+                # A Ray worker with a vLLM core: only this stage's engines run now.
+                title = " ".join(p.info["cmdline"] or [])
+                if not title.startswith("ray::"):
+                    continue
+                try:
+                    # a core names itself once its imports are done; before, it is the worker's spawned child
+                    cores = [c for c in p.children()
+                             if re.search(r"EngineCore|multiprocessing.spawn", " ".join(c.cmdline()))]
+                except psutil.Error:
+                    cores = []
+                # First as soon as a core exists (it is starting), then once the stage has written a block.
+                if cores and cores[0].pid not in [k[0] for k in killed] and (not killed or outputs()):
+                    wrote, age = outputs(), time.time() - cores[0].create_time()
+                    cores[0].send_signal(signal.SIGKILL)
+                    killed.append((cores[0].pid, wrote, age))
+                    break
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir)])
-    thread.join(timeout=1)
-    assert killed, "no engine core was killed"
+    try:
+        done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", tiny_model_dir)])
+    finally:
+        stop.set()  # a killer left running would kill the next test's engines
+        thread.join(timeout=5)
+    # The first while the engine started (a core younger than 2 s is still loading), the second while it served.
+    assert [wrote for _, wrote, _ in killed] == [False, True] and killed[0][2] < 2.0, killed
     from ray._private import state  # the GCS actor table (the state API needs the dashboard, off here)
 
     samplers = [a for a in state.actors().values() if "Sampler" in a["ActorClassName"]]
-    restarted = [a for a in samplers if a["NumRestarts"] >= 1]
-    assert restarted, [(a["ActorClassName"], a["State"], a["NumRestarts"]) for a in samplers]
+    assert sum(a["NumRestarts"] for a in samplers) >= 2, [(a["ActorClassName"], a["State"], a["NumRestarts"])
+                                                          for a in samplers]
     rows = pq.read_table(Path(store.path("iter_01/sample")) / "data").to_pylist()
     ids = [r["cand_id"] for r in rows]
     assert done["rows"] == len(ids) == 48 and len(set(ids)) == 48

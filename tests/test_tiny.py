@@ -79,7 +79,7 @@ def test_smollm2_converts_and_writes_python_in_vllm():
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Write a Python function add(a, b) that returns the sum of a and b."}],
         tokenize=False, add_generation_prompt=True)
-    llm = make_llm(EngineConf(max_model_len=1024, kv_cache_gib=1), path)
+    llm = make_llm(EngineConf(max_model_len=1024, kv_cache_gib=0.25), path)
     try:
         out = llm.generate([prompt], SamplingParams(max_tokens=96, temperature=0), use_tqdm=False)[0].outputs[0].text
     finally:

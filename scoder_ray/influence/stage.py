@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf, ModelsConf
-from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, one_block_each, pool_sizes, side_by_side
+from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, actor_pool, pool_sizes, side_by_side
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
 
@@ -93,7 +93,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                                                                 "seed": seed, "models": models,
                                                                 "stage_started": time.time()},
                            batch_size=batch, batch_format="numpy",
-                           compute=one_block_each(actors or conf.num_actors, ds.num_blocks()),
+                           compute=actor_pool(actors or conf.num_actors, ds.num_blocks()),
                            max_restarts=3, max_task_retries=3, **opts)
     feats.write_parquet(out_uri, ray_remote_args={"num_cpus": 0})  # pools side by side may hold every CPU
     done: dict[str, Any] = {"rows": rows, "actor_start_s": 0.0, "actor_busy_s": 0.0}

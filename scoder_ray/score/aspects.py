@@ -75,7 +75,7 @@ class Scorer(EngineActor):
         super().__init__(model_path, engine, seed, models, progress)
         self.score = score
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -87,7 +87,7 @@ class Scorer(EngineActor):
                                    zip(batch["snippet"], batch["problem"], batch["solution"], langs)])
         params = SamplingParams(temperature=0.0, max_tokens=self.score.max_tokens,
                                 structured_outputs=StructuredOutputsParams(regex=aspect_regex(aspects)))
-        outputs = self.generate(texts, params)
+        outputs = await self.generate(texts, params)
         cols = {f"aspect_{n}": [] for n in names}
         fallback, raw = [], []
         for out in outputs:
