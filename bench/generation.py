@@ -9,8 +9,9 @@ the bare baseline generates all rows in one call).
 
 Same model, prompts and per-row sampling parameters (seeded, guided decoding as the stage), one run.
 Engine start-up is measured on the bare engine and reported apart; our tokens/s is given both over the
-whole stage wall time and with one engine start subtracted (the comparable figure: engines start in
-parallel). Baselines: one bare engine in one process and, with --engines > 1, the strongest one: that
+whole stage wall time, with one engine start subtracted (engines start in parallel), and over the
+engine's generation span alone (first block's start to last block's end, timed in the actor: the stage's
+fixed costs apart, which a small run is mostly made of). Baselines: one bare engine in one process and, with --engines > 1, the strongest one: that
 many bare engines in their own processes at once, each pinned to its own `engine.cpus_per_engine`
 cores, each generating an equal share of the prompts (tokens/s from the first start of generation to
 the last end). Goal: >= 0.8 of the bare engine(s).
@@ -76,6 +77,68 @@ def bare_engines_at_once(engine_conf, sample_conf, model_path: str, seed: int, r
     return {"tokens": tokens, "s": seconds, "tokens_per_s": tokens / seconds, "cores": [r["cores"] for r in results]}
 
 
+def ray_data_llm(engine_conf, sample_conf, model_path: str, seed: int, rows: list[dict], blocks_in_flight: int) -> dict:
+    """The same rows through Ray's own `ray.data.llm` vLLM processor (one engine actor, the same engine
+    arguments, prompts, per-row seeds and batch size, `max_concurrent_batches` = our blocks in flight); the
+    other way issue 19 names to keep an engine full. It starts and stops its own local Ray."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from transformers import AutoTokenizer
+
+    from scoder_ray import prompts
+    from scoder_ray.generate.engine import engine_kwargs
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    texts = [tok.apply_chat_template(prompts.chat(prompts.synthesizer_prompt(r["snippet"])), tokenize=False,
+                                     add_generation_prompt=True) for r in rows]
+    kwargs = engine_kwargs(engine_conf, model_path, seed, gpu=False)
+    kwargs.pop("model")
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path, engine_kwargs=kwargs, batch_size=sample_conf.batch_size, concurrency=1,
+        max_concurrent_batches=blocks_in_flight, placement_group_config={"bundles": [{"CPU": 1}]},
+        log_engine_metrics=False, chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    sp = {"temperature": sample_conf.temperature, "top_p": sample_conf.top_p, "max_tokens": sample_conf.max_tokens}
+    processor = build_processor(
+        config, preprocess=lambda r: {"prompt": r["text"], "sampling_params": {**sp, "seed": int(r["sampling_seed"])}},
+        postprocess=lambda r: {"tokens": int(r["num_generated_tokens"])})
+    ds = ray.data.from_items([{"text": t, "sampling_seed": r["sampling_seed"]} for t, r in zip(texts, rows)])
+    t = time.perf_counter()
+    tokens = int(processor(ds).to_pandas()["tokens"].sum())
+    wall = time.perf_counter() - t
+    ray.shutdown()
+    return {"tokens": tokens, "wall_s": wall}
+
+
+def timed_sampler() -> None:
+    """Run the stage with `TimedSampler`: the stage's Sampler, and each block's start and end times as two more
+    columns (bench only). The span from the first block's start to the last one's end is the engine's share of
+    the stage, apart from Ray Data's fixed costs (materialising blocks, starting the actor process, writing,
+    shutting the engine down). Taken from this file as a module (`generation`, on the workers' path as the
+    driver's script folder), so the workers import it, and the stage's Sampler it extends, by name."""
+    import generation
+
+    from scoder_ray.generate import sample
+
+    sample.Sampler = generation.TimedSampler
+
+
+def _timed_sampler_class():
+    import numpy as np
+
+    from scoder_ray.generate.sample import Sampler
+
+    class TimedSampler(Sampler):
+        async def __call__(self, batch):
+            t0 = time.time()
+            out = await super().__call__(batch)
+            n = len(out["cand_id"])
+            out["gen_t0"], out["gen_t1"] = np.full(n, t0), np.full(n, time.time())
+            return out
+
+    return TimedSampler
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo", choices=["demo", "tiny"])
@@ -85,6 +148,7 @@ def main() -> None:
     ap.add_argument("--engines", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=0, help="sample.batch_size (0: the preset's)")
     ap.add_argument("--blocks-in-flight", type=int, default=0, help="engine.blocks_in_flight (0: the preset's)")
+    ap.add_argument("--ray-data-llm", action="store_true", help="also run the rows through ray.data.llm's processor")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -109,10 +173,14 @@ def main() -> None:
     init_ray(cfg.ray)
     store = RunStore.for_config(cfg)
     run_seeds(cfg, store)
+    timed_sampler()
     t = time.perf_counter()
     done = run_sample(cfg, store, 1, checkpoints=[("ckpt_01", model_path)])
     ours_wall = time.perf_counter() - t
     ray.shutdown()
+    times = pq.read_table(store.path("iter_01/sample") + "/data",
+                          columns=["gen_t0", "gen_t1"]).to_pandas()
+    span = float(times.gen_t1.max() - times.gen_t0.min())
 
     seeds = pq.read_table(seeds_uri(store).replace("file://", "")).to_pylist()
     rows = [r for s in seeds for r in expand(s, 1, "ckpt_01", args.n, cfg.run.seed)]
@@ -134,7 +202,15 @@ def main() -> None:
         "ratio_ours_over_bare": round(ours_tps_no_start / bare_tps, 3),
         "ratio_ours_over_bare_wall": round(ours_tps / bare_tps, 3),
         "identical_token_counts": one["tokens"] == done["tokens"],
+        "ours_generation_span_s": round(span, 1),  # first block's start to last block's end, in the engine actor
+        "ratio_generation_span_over_bare": round(done["tokens"] / span / bare_tps, 3),
     }
+    if args.ray_data_llm:
+        theirs = ray_data_llm(cfg.engine, cfg.sample, model_path, cfg.run.seed, rows, cfg.engine.blocks_in_flight)
+        theirs_tps = theirs["tokens"] / max(1e-6, theirs["wall_s"] - engine_start)
+        report.update({"ray_data_llm_wall_s": round(theirs["wall_s"], 1), "ray_data_llm_tokens": theirs["tokens"],
+                       "ray_data_llm_tokens_per_s_minus_engine_start": round(theirs_tps, 1),
+                       "ratio_ours_over_ray_data_llm": round(ours_tps_no_start / theirs_tps, 3)})
     if cfg.engine.num_engines > 1:
         many = bare_engines_at_once(cfg.engine, cfg.sample, model_path, cfg.run.seed, rows)
         report.update({
@@ -146,6 +222,10 @@ def main() -> None:
         })
     print(json.dumps(report, indent=2))
 
+
+if __name__ == "generation":  # imported by timed_sampler() in the driver, and by the engine workers
+    TimedSampler = _timed_sampler_class()
+    TimedSampler.__module__, TimedSampler.__qualname__ = __name__, "TimedSampler"
 
 if __name__ == "__main__":
     main()

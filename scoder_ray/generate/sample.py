@@ -63,6 +63,7 @@ class EngineActor:
             self.llm = make_async_llm(engine, local_model(model_path, models), seed)
             self.tokenizer = self.llm.get_tokenizer()
             watch_engine_core(self.llm.engine_core, self.stopping)
+            atexit.register(self.shutdown)
         except Exception as e:  # noqa: BLE001 - reported on the first batch, with the cause
             self.error = f"vLLM engine for {model_path} failed to start: {type(e).__name__}: {e} ({failure_context()})"
             if first_life():  # a start can fail for a passing reason: a core killed for memory, say
@@ -70,12 +71,19 @@ class EngineActor:
                 replace_actor(f"{self.error}: starting once more in a fresh actor")
         self.start_s: Optional[float] = time.perf_counter() - started
 
-    def __del__(self) -> None:
-        """Ray Data drops the actor's UDF when the stage is done: stop the engine before the process goes."""
+    def shutdown(self) -> None:
+        """Stop the engine (once): when Ray Data drops the actor's UDF at the end of the stage, or at the
+        actor's exit, while modules still stand (vLLM's own finaliser, run during interpreter teardown, raises
+        "'NoneType' object is not callable" into the job's log)."""
         self.stopping.set()
-        llm = getattr(self, "llm", None)
+        llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.shutdown()
+            del llm  # the last reference: AsyncLLM's finaliser runs now, not at teardown
+
+    def __del__(self) -> None:
+        if not sys.is_finalizing():
+            self.shutdown()
 
     def startup_column(self, n: int) -> np.ndarray:
         """`engine_start_s`: this engine's start-up time on the first row it returns, 0 after, so a stage
