@@ -29,7 +29,7 @@ import numpy as np
 from scoder_ray import prompts
 from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
-from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, actor_pool, pool_sizes, side_by_side
+from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore
 
@@ -72,18 +72,13 @@ class EngineActor:
         self.start_s: Optional[float] = time.perf_counter() - started
 
     def shutdown(self) -> None:
-        """Stop the engine (once): when Ray Data drops the actor's UDF at the end of the stage, or at the
-        actor's exit, while modules still stand (vLLM's own finaliser, run during interpreter teardown, raises
-        "'NoneType' object is not callable" into the job's log)."""
+        """Stop the engine (once), at the actor's exit while modules still stand (vLLM's own finaliser, run
+        during interpreter teardown, raises "'NoneType' object is not callable" into the job's log)."""
         self.stopping.set()
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.shutdown()
             del llm  # the last reference: AsyncLLM's finaliser runs now, not at teardown
-
-    def __del__(self) -> None:
-        if not sys.is_finalizing():
-            self.shutdown()
 
     def startup_column(self, n: int) -> np.ndarray:
         """`engine_start_s`: this engine's start-up time on the first row it returns, 0 after, so a stage
@@ -134,11 +129,10 @@ def watch_engine_core(engine_core: Any, stopping: threading.Event, every_s: floa
     EngineCore). A thread here polls the client's dead mark and ends the actor's process: Ray starts a fresh
     actor with a fresh engine (max_restarts) and hands it the blocks again (max_task_retries); the rows are
     seeded, so the blocks' candidates come out the same. `stopping`: set when the engine is shut down on
-    purpose (end of the stage, interpreter exit), which is not a death."""
+    purpose (EngineActor.shutdown, at the actor's exit), which is not a death."""
     resources = getattr(engine_core, "resources", None)
     if resources is None or not hasattr(resources, "engine_dead"):
         return  # an in-process engine core dies with this process
-    atexit.register(stopping.set)  # runs before vLLM's own exit handlers, registered earlier
 
     def watch() -> None:
         while not resources.engine_dead:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf, ModelsConf
-from scoder_ray.ray_env import gpu_budget, gpu_options, in_blocks, actor_pool, pool_sizes, side_by_side
+from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.store import RunStore, filesystem, write_table
 from scoder_ray.train.data import encode, prompt_response
 
