@@ -135,6 +135,9 @@ class EngineConf:
     # Blocks (of sample.batch_size rows) an engine works on at once, their requests in one continuous batch:
     # a block's slowest sequence no longer holds the engine, the next blocks' requests fill in behind it.
     blocks_in_flight: int = 4
+    # The scorer's engines kept from one iteration's scoring to the next (started once per run) when the GPUs they
+    # hold leave what the stages between need; never for CPU engines (generate/kept_engines.py says why).
+    keep_scorer: bool = True
 
 
 @dataclass

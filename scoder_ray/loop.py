@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from scoder_ray import console
 from scoder_ray.config import Config
 from scoder_ray.evaluate.stage import run_evaluate
+from scoder_ray.generate import kept_engines
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.final import run_final
 from scoder_ray.generate.sample import run_sample
@@ -180,6 +181,7 @@ def run_stage(cfg: Config, name: str, force: bool = False, iteration: int = 1) -
     try:
         return fn(cfg, store, force)
     finally:
+        kept_engines.release()
         store.lease.release()
 
 
@@ -197,6 +199,7 @@ def run(cfg: Config, report: bool = True, until: Optional[str] = None) -> dict[s
     try:
         return _run(cfg, store, report, stages, until)
     finally:
+        kept_engines.release()  # engines end with their stage's run, gracefully (each stops its vLLM engine)
         store.lease.release()
 
 
@@ -219,6 +222,8 @@ def _stages(cfg: Config, store: RunStore, report: bool, stages: dict[str, StageF
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
     for i, (name, fn) in enumerate(stages.items()):
+        if not name.startswith("iter_") and name != WEIGHTS_STAGE:
+            kept_engines.release()  # no stage after the iterations uses the scorer (a stopped loop may have kept it)
         print(f"[scoder-ray] [{i + 1}/{len(stages)}] {name} ...", flush=True)
         done = fn(cfg, store, False)
         results[name] = done

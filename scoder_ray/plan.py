@@ -15,6 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from scoder_ray.config import CONF_DIR, Config
+from scoder_ray.generate.kept_engines import scorer_keep_reason
 from scoder_ray.ray_env import gpu_budget, pool_sizes
 
 THROUGHPUT = CONF_DIR / "throughput.yaml"
@@ -37,7 +38,8 @@ def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
 
 def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
     out: list[StagePlan] = []
-    budget = gpu_budget(cfg)
+    budget = total = gpu_budget(cfg)
+    kept = 0  # GPUs of scorer engines kept from one iteration's scoring to the next (generate/kept_engines.py)
     g = cfg.engine.gpus_per_engine
 
     def add(stage: str, volume: str, gpus: int, starts: int, work_gpu_s: float, start_s: float) -> None:
@@ -84,8 +86,15 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
         scored = cands * tp["parse_rate"]
         score_gpu_s = (scored * tp["score_prompt_tokens"] / tp["prefill_tokens_per_s"]
                        + scored * cfg.score.max_tokens / tp["generation_tokens_per_s"])
-        gpus, starts, _ = pools(1, g, cfg.engine.num_engines, 1, scored / cfg.sample.batch_size)
-        add(f"{it}/score", f"{scored:,.0f} candidates scored", gpus, starts, score_gpu_s, tp["engine_start_s"])
+        budget = total  # the kept scorer's GPUs are its own again
+        if kept:  # the last iteration's scorer engines, already started
+            gpus, starts, start_s = kept, 0, 0.0
+        else:
+            gpus, starts, _ = pools(1, g, cfg.engine.num_engines, 1, scored / cfg.sample.batch_size)
+            start_s = tp["engine_start_s"]
+        add(f"{it}/score", f"{scored:,.0f} candidates scored", gpus, starts, score_gpu_s, start_s)
+        kept = 0 if scorer_keep_reason(cfg, t, gpus // g if g else 0, total) else gpus
+        budget = max(1, total - kept) if total else 0  # as ray_env.gpu_budget says while engines are kept
         selected = pool * cfg.score.top_k
         warm_rows = max(inf.warmup_min_rows, inf.warmup_fraction * selected)
         train(f"{it}/warmup", wu, warm_rows, wu.epochs)

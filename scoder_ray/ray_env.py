@@ -56,13 +56,17 @@ def gpu_options(gpus: float, accelerator_type: str = "") -> dict[str, Any]:
 
 def gpu_budget(cfg: Config) -> int:
     """GPUs a stage may hold at once: ray.gpu_budget, else what ray.cluster_config's GPU node types (of
-    ray.accelerator_type) scale to, else 0 (no budget: each pool keeps its configured size)."""
-    if cfg.ray.gpu_budget or not cfg.ray.cluster_config:
-        return cfg.ray.gpu_budget
-    from scoder_ray.cluster import gpu_capacity, node_types
-    from scoder_ray.config import cluster_config_path
+    ray.accelerator_type) scale to, else 0 (no budget: each pool keeps its configured size); less the GPUs
+    of engines this driver keeps between stages (generate/kept_engines.py)."""
+    from scoder_ray.generate.kept_engines import held_gpus
 
-    return gpu_capacity(node_types(str(cluster_config_path(cfg))), cfg.ray.accelerator_type)
+    budget = cfg.ray.gpu_budget
+    if not budget and cfg.ray.cluster_config:
+        from scoder_ray.cluster import gpu_capacity, node_types
+        from scoder_ray.config import cluster_config_path
+
+        budget = gpu_capacity(node_types(str(cluster_config_path(cfg))), cfg.ray.accelerator_type)
+    return max(1, int(budget - held_gpus())) if budget else 0
 
 
 def pool_sizes(pools: int, per_unit: float, size: int, budget: int = 0, at_most: int = 0) -> list[int]:
@@ -174,6 +178,17 @@ def in_blocks(ds, rows_per_block: int):
     rows = ds.count()
     size = max(1, -(-rows // max(1, -(-rows // rows_per_block))))
     return ds.repartition(target_num_rows_per_block=size, strict=True).materialize(), size
+
+
+def table_to_batch(table) -> dict[str, Any]:
+    """An Arrow block as Ray Data's numpy batch format (what a map_batches callable takes)."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def batch_to_table(batch: dict[str, Any]):
+    import pyarrow as pa
+
+    return pa.table({k: pa.array(list(v) if getattr(v, "dtype", None) == object else v) for k, v in batch.items()})
 
 
 def actor_pool(actors: int, blocks: int = 0, in_flight: int = 1):

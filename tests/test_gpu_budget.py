@@ -1,7 +1,8 @@
 """Stages hold the GPUs they may have: on a Ray instance that declares 8 logical GPUs (Ray's accounting only:
 the engines and feature actors run on the CPU, and say so), a sampling stage with M=3 checkpoints and the
 feature pools of 2 checkpoints x (candidates, references) run side by side and hold all 8 at once, as the
-cluster's own resource view shows while they run (`ray_env.GpuWatch`).
+cluster's own resource view shows while they run (`ray_env.GpuWatch`); and the scorer's engines, where they
+leave room, are kept from one iteration's scoring to the next, their GPUs off the others' budget.
 
 Its own driver process: the suite's `ray_local` declares no GPUs, and one process has one Ray."""
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,16 @@ def test_sampling_and_feature_pools_hold_the_whole_gpu_budget(tmp_path, tiny_mod
     assert overlapping(features["pools"]) and features["gpus"]["peak"] == 8, features
     assert got["feature_rows"] == {name: 16 for name in features["pools"]}
     assert "no CUDA device is visible here" in proc.stdout + proc.stderr  # the engines said they ran on the CPU
+    # The scorer: two 2-GPU engines (two blocks) leave 4 of 8, more than the stages before the next scoring
+    # need (a 1-GPU feature actor, a 2-GPU sampling engine): kept, their GPUs off the budget, then reused.
+    first, second = got["score"]
+    assert first["scorer_engines"] == {"engines": 2, "reused": False, "kept": True, "why_not_kept": ""}, first
+    assert got["while_kept"] == {"budget": 4, "gpus_free": 4.0}
+    assert second["scorer_engines"] == {"engines": 2, "reused": True, "kept": False,
+                                        "why_not_kept": "no later iteration scores"}, second
+    assert first["engine_start_s"] > 0 and second["engine_start_s"] == 0  # no engine started for iteration 2
+    assert got["after"] == {"budget": 8, "gpus_free": 8.0}  # ended with the last scoring
+    assert got["same_scores"] and first["rows"] == second["rows"] == 12  # the kept engines score as fresh ones
 
 
 def drive(args: dict) -> None:
@@ -89,7 +101,43 @@ def drive(args: dict) -> None:
                                                    actors=actors)["rows"]))
             for d in args["ckpts"] for kind in ("candidate", "reference")}
     features = side_by_side(jobs, feature_pools(cfg, len(jobs)), cfg.influence.gpus_per_actor)
-    Path(args["out"]).write_text(json.dumps({"sample": sample, "features": features, "feature_rows": counts}))
+
+    # Two iterations' scoring of the same 12 candidates, in blocks of 6 (two engines).
+    from test_score import CANDIDATES
+
+    from scoder_ray.ray_env import gpu_budget
+    from scoder_ray.score.stage import run_score
+
+    scoring = load_config("tiny", [f"run.root={args['root']}", "run.id=gpus", "ray.num_cpus=8", "ray.num_gpus=8",
+                                   "ray.gpu_budget=8", "engine.gpus_per_engine=2", "influence.gpus_per_actor=1",
+                                   "sample.batch_size=6", "loop.iterations=2", "score.exec_timeout_s=2"])
+    cands = [{"cand_id": f"c{s}{i}", "seed_id": f"s{s}", "iteration": 1, "ckpt": "c1", "sample_idx": i,
+              "snippet": "def f(x):\n    return x\n", "problem": p, "solution": sol, "raw": "", "parse_ok": True,
+              "reason": "", "tokens": 10, "truncated": False} for s in range(3) for i, (p, sol) in enumerate(CANDIDATES)]
+
+    def free(settle_at: float = 0) -> dict:  # an ended actor's GPUs come back a moment after it exits
+        for _ in range(40):
+            gpus = ray.available_resources().get("GPU", 0.0)
+            if gpus >= settle_at:
+                break
+            time.sleep(0.5)
+        return {"budget": gpu_budget(scoring), "gpus_free": gpus}
+
+    scores, seen = [], {}
+    for t in (1, 2):
+        def candidates(tmp: str) -> dict:
+            write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(cands))
+            return {"rows": len(cands), "parse_rate": 1.0}
+
+        store.run_stage(f"iter_{t:02d}/sample", {}, {}, candidates)
+        scores.append(run_score(scoring, store, t))
+        table = pq.read_table(Path(store.path(f"iter_{t:02d}/score")) / "data").to_pandas().sort_values("cand_id")
+        seen[t] = table.filter(like="aspect_").to_numpy().tolist()
+        if t == 1:
+            while_kept = free()
+    Path(args["out"]).write_text(json.dumps({"sample": sample, "features": features, "feature_rows": counts,
+                                             "score": scores, "while_kept": while_kept, "after": free(settle_at=8),
+                                             "same_scores": seen[1] == seen[2]}))
     ray.shutdown()
 
 

@@ -69,3 +69,22 @@ def test_pools_side_by_side_share_the_gpu_budget():
     assert pool_sizes(3, 1, 8, budget=8, at_most=1) == [8]  # one after another, each with the whole budget
     assert pool_sizes(3, 1, 8) == [8, 8, 8] and pool_sizes(3, 0, 2, budget=8) == [2, 2, 2]  # no budget; CPU pools
     assert pool_sizes(4, 1, 1, budget=64, at_most=2) == [32, 32]
+
+
+def test_the_scorer_is_kept_between_iterations_only_where_it_leaves_room():
+    from scoder_ray.generate.kept_engines import scorer_keep_reason
+
+    tp = load_throughput()
+    # paper-7b: the scorer's pool is the whole budget (64), the fastest scoring: started in every iteration
+    full = by_stage(load_config("paper-7b"), tp)
+    assert [full[f"iter_0{t}/score"].starts for t in (1, 2, 3)] == [64, 64, 64]
+    # 8,192-row blocks: 24 engines for 192,000 candidates leave 40 GPUs: kept, and influence gets those 40
+    few = by_stage(load_config("paper-7b", ["sample.batch_size=8192"]), tp)
+    assert [few[f"iter_0{t}/score"].starts for t in (1, 2, 3)] == [24, 0, 0]
+    assert few["iter_02/score"].wall_hours < few["iter_01/score"].wall_hours  # no start-up
+    assert few["iter_01/influence"].gpus == 40 and full["iter_01/influence"].gpus == 64
+    cfg = load_config("paper-7b")
+    assert scorer_keep_reason(cfg, 1, 24, 64) == "" and "no later iteration" in scorer_keep_reason(cfg, 3, 24, 64)
+    assert "need 8" in scorer_keep_reason(cfg, 1, 60, 64)  # 4 left, the training workers need 8
+    assert "CPU engines" in scorer_keep_reason(load_config("tiny"), 1, 1, 0)
+    assert "keep_scorer=false" in scorer_keep_reason(load_config("paper-7b", ["engine.keep_scorer=false"]), 1, 24, 64)

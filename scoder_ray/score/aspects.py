@@ -68,7 +68,8 @@ def parse_aspects(text: str, names: list[str]) -> tuple[Optional[dict[str, int]]
 
 
 class Scorer(EngineActor):
-    """A vLLM engine actor that adds `aspect_<name>` columns (-1 where unparseable) and `aspects_fallback`."""
+    """A vLLM engine actor that adds `aspect_<name>` columns (-1 where unparseable) and `aspects_fallback`: a
+    Ray actor of the driver's (score/stage.py deals it blocks; it may serve several scoring stages)."""
 
     def __init__(self, model_path: str, engine: EngineConf, score: ScoreConf, seed: int, models: ModelsConf,
                  progress: Any = None):
@@ -104,3 +105,10 @@ class Scorer(EngineActor):
         result["engine_start_s"] = self.startup_column(len(outputs))
         self.tick(len(outputs))
         return result
+
+    async def score_block(self, block, progress: Any = None) -> tuple[Any, int]:
+        """(the Arrow block with its scores, its rows), for kept_engines.deal; `progress`: this stage's."""
+        from scoder_ray.ray_env import batch_to_table, table_to_batch
+
+        self.progress = progress
+        return batch_to_table(await self(table_to_batch(block))), block.num_rows

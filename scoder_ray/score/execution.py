@@ -62,3 +62,12 @@ def execute_batch(batch: dict[str, np.ndarray], timeout_s: float, workers: int,
     result["exec_reason"] = np.array([v.reason[:200] for v in verdicts], dtype=object)
     result["exec_decided"] = np.array([v.extra.get("decided", "") for v in verdicts], dtype=object)
     return result
+
+
+def execute_table(table, out_uri: str, timeout_s: float, workers: int, isolation: str = "full") -> int:
+    """A Ray task: `execute_batch` over one scored block, written to `out_uri` (one Parquet file); its rows."""
+    from scoder_ray.ray_env import batch_to_table, table_to_batch
+    from scoder_ray.store import write_table
+
+    write_table(out_uri, batch_to_table(execute_batch(table_to_batch(table), timeout_s, workers, isolation)))
+    return table.num_rows

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 
 from scoder_ray import jsonl, progress
 from scoder_ray.config import Config
+from scoder_ray.generate import kept_engines
 from scoder_ray.generate.sample import engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
-from scoder_ray.ray_env import in_blocks
+from scoder_ray.ray_env import gpu_budget, in_blocks
 from scoder_ray.score.aspects import Scorer
-from scoder_ray.score.execution import execute_batch
+from scoder_ray.score.execution import execute_table
 from scoder_ray.score.select import feature_names, features, select_group
 from scoder_ray.score.weights import cross_validated_spearman, fit_weights, weight_vector
 from scoder_ray.store import RunStore, filesystem, write_table, write_text
@@ -55,22 +56,22 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
         return store.run_stage(f"iter_{iteration:02d}/score", {"loop.on_empty_iteration": cfg.loop.on_empty_iteration},
                                {upstream: done["output_digest"]}, lambda tmp: {"rows": 0, "empty": why, "warnings": [why]},
                                force=force)
-    model_path = cfg.models.scorer  # resolved on the engines' nodes (model_cache.local_model)
-
     def produce(tmp: str) -> dict[str, Any]:
-        cands, batch = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
+        cands, _ = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
                           cfg.sample.batch_size)
         bar = progress.start(cfg.run.id, f"iter_{iteration:02d}/score", cands.count(), "candidates")
-        scored = cands.map_batches(
-            Scorer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "score": cfg.score,
-                                           "seed": cfg.run.seed, "models": cfg.models, "progress": bar},
-            batch_size=batch, batch_format="numpy",
-            **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engine_pools(cfg)[0], cands.num_blocks()))
-        executed = scored.map_batches(
-            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers,
-                                     "isolation": cfg.evaluate.isolation},
-            batch_size=32, num_cpus=1, batch_format="numpy")
-        executed.write_parquet(f"{tmp}/data")
+        engines = scorer_engines(cfg, iteration, cands.num_blocks())
+        execute = ray.remote(execute_table).options(num_cpus=1)
+        try:
+            scored = kept_engines.deal(engines["actors"], cands.to_arrow_refs(), "score_block",
+                                       cfg.engine.blocks_in_flight, bar)
+        except BaseException:
+            kept_engines.release(engines["actors"])
+            raise
+        engines["kept"] = engines.pop("keep")()  # kept for the next iteration's scoring, or ended now
+        # The sandbox runs once the engines are kept or gone: on CPU engines they held the cores it needs.
+        ray.get([execute.remote(block, f"{tmp}/data/part-{i:05d}.parquet", cfg.score.exec_timeout_s,
+                                cfg.score.exec_workers, cfg.evaluate.isolation) for i, block in enumerate(scored)])
         progress.stop(bar)
         names = [a.name for a in cfg.score.aspects]
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
@@ -89,13 +90,48 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
                 "unparsed": int((stats[[f"aspect_{n}" for n in names]] < 0).any(axis=1).sum()),
                 "exec_verdicts": dict(Counter(stats["exec_verdict"])),
                 "exec_decided": dict(Counter(stats["exec_decided"])),  # outside: judged from reported values
-                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2)}
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), "scorer_engines": engines}
 
     sections = {"score.aspects": cfg.score.aspects, "score.max_tokens": cfg.score.max_tokens,
                 "score.exec_timeout_s": cfg.score.exec_timeout_s, "models.scorer": cfg.models.scorer,
                 "engine": cfg.engine, "run.seed": cfg.run.seed}
     return store.run_stage(f"iter_{iteration:02d}/score", sections, {upstream: done["output_digest"]}, produce,
                            force=force)
+
+
+def scorer_engines(cfg: Config, iteration: int, blocks: int) -> dict[str, Any]:
+    """The scorer's engine actors: those the last iteration's scoring kept (same model and settings), else a
+    pool started now (the stage's share of the GPU budget, no more engines than blocks). Returns {"actors",
+    "engines", "reused", "keep": a function that keeps them for the next scoring or ends them, and returns
+    whether it kept them; "why_not_kept" is added then}."""
+    import ray
+
+    key = repr((cfg.models.scorer, cfg.engine, cfg.score.aspects, cfg.score.max_tokens, cfg.run.seed, cfg.models))
+    actors = kept_engines.take(key)
+    reused = actors is not None
+    if actors is None:
+        opts = engine_actor_options(cfg.engine, cfg.ray.accelerator_type)
+        opts.pop("compute")
+        # The model folder is resolved on each engine's node (model_cache.local_model).
+        actors = [ray.remote(Scorer).options(**opts).remote(cfg.models.scorer, cfg.engine, cfg.score, cfg.run.seed,
+                                                           cfg.models)
+                  for _ in range(max(1, min(engine_pools(cfg)[0], blocks)))]
+    info: dict[str, Any] = {"actors": actors, "engines": len(actors), "reused": reused}
+
+    def keep() -> bool:
+        del info["actors"]
+        gpus = len(actors) * cfg.engine.gpus_per_engine
+        why = kept_engines.scorer_keep_reason(cfg, iteration, len(actors),
+                                              gpu_budget(cfg) or ray.cluster_resources().get("GPU", 0))
+        info["why_not_kept"] = why
+        if why:
+            kept_engines.release(actors)
+        else:
+            kept_engines.keep(key, actors, gpus)
+        return not why
+
+    info["keep"] = keep
+    return info
 
 
 def judge_signal(stats: pd.DataFrame, names: list[str], min_std: float) -> dict[str, Any]:
