@@ -61,6 +61,7 @@ def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_
     assert [c["name"] for c in ckpts] == ["ckpt_01", "ckpt_02"]
     assert [c["step"] for c in ckpts] == [done["total_steps"] * 3 // 4, done["total_steps"]]  # ends of epochs 3, 4
     assert ckpts[0]["mean_lr"] > ckpts[1]["mean_lr"] > 0  # cosine decay: the later interval has lower lr
+    assert all(c["upload_s"] > 0 and c["steps_while_uploading"] >= 0 for c in ckpts)  # uploaded in the background
     assert done["truncated"] >= 0 and done["rows"] + done["dropped_no_response"] == 64
     for c in ckpts:
         probe = assert_export_reproduces_training_logits(out / c["name"])
@@ -223,3 +224,25 @@ def test_bad_input_fails_before_workers_start(ray_local, tmp_path, tiny_model_di
 
     with pytest.raises(ConfigError, match="models.synthesizer: model path '/no/such/model' does not exist"):
         tiny_cfg(tmp_path, "/no/such/model")
+
+
+def test_export_uploads_run_beside_the_steps_and_a_failed_one_stops_training(tmp_path):
+    from scoder_ray.train.worker import ExportUploads
+
+    uploads = ExportUploads()
+    local = tmp_path / "export"
+    (local / "export_check").mkdir(parents=True)
+    (local / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    (local / "export_check" / "probe.safetensors").write_bytes(b"probe")
+    uploads.start(str(local), str(tmp_path / "stage" / "ckpt_01"))
+    while uploads.busy():  # the training loop's steps go on meanwhile
+        uploads.stepped()
+    uploads.join()
+    assert (tmp_path / "stage" / "ckpt_01" / "model.safetensors").stat().st_size == 1 << 20
+    assert (tmp_path / "stage" / "ckpt_01" / "export_check" / "probe.safetensors").read_bytes() == b"probe"
+    assert not local.exists() and uploads.timings["ckpt_01"]["upload_s"] > 0  # the local copy was the upload's
+    (tmp_path / "blocked").write_text("a file where the export's folder would go")
+    (local / "x").mkdir(parents=True)
+    uploads.start(str(local), str(tmp_path / "blocked" / "ckpt_02"))
+    with pytest.raises(RuntimeError, match="uploading .*blocked/ckpt_02"):
+        uploads.join()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -110,18 +112,21 @@ def train_loop(config: dict[str, Any]) -> None:
             say(f"training resumes after step {state['step']} of {total} from {checkpoint.path}")
     out_uri = config["out_uri"]
     progress = Progress(config.get("stage", "training"), total, state["step"]) if rank == 0 else None
+    uploads = ExportUploads()  # rank 0's exports, uploaded while the steps go on
+    pending = None  # a resume state waiting for the exports before it to be uploaded
 
     for step in range(state["step"], total):
         start = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, tokens)
+        loss_sum = torch.zeros(3, dtype=torch.float64)  # (sum of micro-batch losses, tokens, rank 0 uploading)
         for micro in range(conf["grad_accum"]):
             batch = collate([examples[i] for i in sched.indices(step, micro, rank)], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+            loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum()), 0.0], dtype=torch.float64)
+        loss_sum[2] = float(rank == 0 and uploads.busy())  # every rank learns it from the all-reduce
         torch.distributed.all_reduce(loss_sum)
         peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
@@ -134,10 +139,11 @@ def train_loop(config: dict[str, Any]) -> None:
         state["step"] = step + 1
         if progress:
             progress.step(metrics)
+        uploads.stepped()
         is_export = step + 1 in exports
         if is_export:
             name = f"ckpt_{exports.index(step + 1) + 1:02d}"
-            _export(engine, model, tokenizer, conf, config, f"{out_uri}/{name}", rank, betas, eps, lr)
+            _export(engine, model, tokenizer, conf, config, f"{out_uri}/{name}", rank, betas, eps, lr, uploads)
             start_step = state["exports"][-1]["step"] if state["exports"] else 0
             lrs = [h["lr"] for h in state["history"] if start_step < h["step"] <= step + 1]
             state["exports"].append({"name": name, "step": step + 1, "mean_lr": sum(lrs) / len(lrs)})
@@ -148,17 +154,29 @@ def train_loop(config: dict[str, Any]) -> None:
         # Uploaded by Ray Train's background thread (the local copy deleted after): the steps go on meanwhile,
         # and the state is registered, i.e. resumed from, only once its upload is complete. Every report is
         # ASYNC: a SYNC one waits for the uploads queued before it (Ray Train keeps reports in order).
+        # A state is reported only when no export before it is still uploading: resumed from a state past an
+        # export whose upload died with the worker, the run would never write that export again.
         if resumable and step + 1 < total:
-            d = tempfile.mkdtemp(prefix="scoder-train-")
-            engine.save_checkpoint(d, tag="state", exclude_frozen_parameters=conf["lora"]["enabled"])
-            torch.save(_get_rng(), os.path.join(d, f"rng_rank{rank}.pt"))  # each rank's own, merged by Ray Train
+            if pending:
+                shutil.rmtree(pending, ignore_errors=True)  # superseded by a later state
+            pending = tempfile.mkdtemp(prefix="scoder-train-")
+            engine.save_checkpoint(pending, tag="state", exclude_frozen_parameters=conf["lora"]["enabled"])
+            torch.save(_get_rng(), os.path.join(pending, f"rng_rank{rank}.pt"))  # each rank's own, merged by Ray Train
             if rank == 0:
-                with open(os.path.join(d, "train_state.json"), "w") as f:
+                with open(os.path.join(pending, "train_state.json"), "w") as f:
                     json.dump(state, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+        if pending and not is_export and not loss_sum[2].item():
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(pending),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            pending = None
         else:
             ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+    if pending:
+        shutil.rmtree(pending, ignore_errors=True)  # training is over: nothing resumes from it
+    uploads.join()  # the stage's output is complete only with every export in it
+    for export in state["exports"]:
+        export.update(uploads.timings.get(export["name"], {}))
 
     if rank == 0:
         write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
@@ -233,8 +251,53 @@ def deepspeed_config(conf: dict[str, Any], world: int, betas: tuple[float, float
     return cfg
 
 
-def _export(engine, model, tokenizer, conf, config, uri: str, rank: int, betas, eps, lr) -> None:
-    """Write one checkpoint folder. Collective: every rank must call it (ZeRO gathers)."""
+class ExportUploads:
+    """Rank 0's export uploads, a thread each: the next steps do not need them, only the end of the stage.
+    An upload that fails fails the training at the next step (`busy`), and the worker group restarts."""
+
+    def __init__(self):
+        self.threads: list[threading.Thread] = []
+        self.errors: list[str] = []
+        self.timings: dict[str, dict[str, float]] = {}  # export name -> upload_s, steps_while_uploading
+
+    def start(self, local: str, uri: str) -> None:
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        self.timings[name] = {"upload_s": 0.0, "steps_while_uploading": 0}
+        thread = threading.Thread(target=self._upload, args=(local, uri, name), name=f"upload-{name}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _upload(self, local: str, uri: str, name: str) -> None:
+        started = time.perf_counter()
+        try:
+            _upload_dir(local, uri)
+        except Exception as e:  # noqa: BLE001 - raised in the training loop
+            self.errors.append(f"uploading {uri}: {type(e).__name__}: {e}")
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+            self.timings[name]["upload_s"] = round(time.perf_counter() - started, 3)
+
+    def busy(self) -> bool:
+        if self.errors:
+            raise RuntimeError(self.errors[0])
+        return any(t.is_alive() for t in self.threads)
+
+    def stepped(self) -> None:
+        """A step ended: counted for each export still uploading."""
+        for t in self.threads:
+            if t.is_alive():
+                self.timings[t.name.split("-", 1)[1]]["steps_while_uploading"] += 1
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+        self.busy()
+
+
+def _export(engine, model, tokenizer, conf, config, uri: str, rank: int, betas, eps, lr,
+            uploads: ExportUploads) -> None:
+    """Write one checkpoint folder, uploaded in the background. Collective: every rank must call it (ZeRO
+    gathers)."""
     import torch
 
     lora = conf["lora"]["enabled"]
@@ -252,22 +315,22 @@ def _export(engine, model, tokenizer, conf, config, uri: str, rank: int, betas, 
     moments = _gather_moments(model) if lora else None
     if rank != 0:
         return
-    with tempfile.TemporaryDirectory(prefix="scoder-export-") as d:
-        state_dict = {k: v.detach().to("cpu").clone() for k, v in state_dict.items()}
-        if getattr(model.config, "tie_word_embeddings", False) and not lora:
-            state_dict.pop("lm_head.weight", None)  # ZeRO-3 gathers the tied copy too
-        model.save_pretrained(d, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(d)
-        from safetensors.torch import save_file
+    d = tempfile.mkdtemp(prefix="scoder-export-")  # the upload's: deleted once uploaded
+    state_dict = {k: v.detach().to("cpu").clone() for k, v in state_dict.items()}
+    if getattr(model.config, "tie_word_embeddings", False) and not lora:
+        state_dict.pop("lm_head.weight", None)  # ZeRO-3 gathers the tied copy too
+    model.save_pretrained(d, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(d)
+    from safetensors.torch import save_file
 
-        os.makedirs(os.path.join(d, "export_check"))  # a subfolder: vLLM loads every top-level *.safetensors
-        save_file({"input_ids": probe[0].cpu().contiguous(), "logits": probe_logits.contiguous()},
-                  os.path.join(d, "export_check", "probe.safetensors"))
-        if lora:
-            save_moments(os.path.join(d, "optimizer"), moments, optimizer_step=engine.global_steps, betas=betas, eps=eps, lr=lr)
-            if conf["lora"]["export_merged"]:
-                _save_merged(config["model_path"], d, os.path.join(d, "merged"), tokenizer)
-        _upload_dir(d, uri)
+    os.makedirs(os.path.join(d, "export_check"))  # a subfolder: vLLM loads every top-level *.safetensors
+    save_file({"input_ids": probe[0].cpu().contiguous(), "logits": probe_logits.contiguous()},
+              os.path.join(d, "export_check", "probe.safetensors"))
+    if lora:
+        save_moments(os.path.join(d, "optimizer"), moments, optimizer_step=engine.global_steps, betas=betas, eps=eps, lr=lr)
+        if conf["lora"]["export_merged"]:
+            _save_merged(config["model_path"], d, os.path.join(d, "merged"), tokenizer)
+    uploads.start(d, uri)
 
 
 def _gather_moments(model) -> dict[str, dict[str, Any]]:
