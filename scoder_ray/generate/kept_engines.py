@@ -9,7 +9,7 @@ hold its pinned cores and its memory through training."""
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from scoder_ray.config import Config
 
@@ -46,10 +46,13 @@ def release(actors: Optional[list] = None, wait_s: float = 60.0) -> None:
     ray.wait([a.__ray_terminate__.remote() for a in actors], num_returns=len(actors), timeout=wait_s)
 
 
-def deal(actors: list, blocks: list, method: str, in_flight: int, *args: Any) -> list:
+def deal(actors: list, blocks: list, method: str, in_flight: int, *args: Any,
+         then: Optional[Callable[[int, Any], Any]] = None) -> list:
     """Call `method(block, *args)` on the actors for every block, `in_flight` blocks at a time on each actor,
-    the next block to whichever actor finishes one first; returns the result refs in the blocks' order. The
-    method returns (result, rows): the small `rows` ref is read to surface a failed block at once."""
+    the next block to whichever actor finishes one first; returns the result refs in the blocks' order, or
+    what `then(block index, result ref)` returned for each (called as the block is dealt: a task given the
+    ref runs once the result exists). The method returns (result, rows): the small `rows` ref is read to
+    surface a failed block at once."""
     import ray
 
     queue = deque(enumerate(blocks))
@@ -61,7 +64,8 @@ def deal(actors: list, blocks: list, method: str, in_flight: int, *args: Any) ->
             while queue and busy[a] < in_flight:
                 i, block = queue.popleft()
                 result, rows = getattr(actors[a], method).options(num_returns=2).remote(block, *args)
-                results[i], pending[rows], busy[a] = result, (i, a), busy[a] + 1
+                results[i] = then(i, result) if then else result
+                pending[rows], busy[a] = (i, a), busy[a] + 1
         done, _ = ray.wait(list(pending), num_returns=1)
         ray.get(done[0])  # raises the block's error (an engine that could not start: its reason)
         busy[pending.pop(done[0])[1]] -= 1

@@ -62,16 +62,19 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
         bar = progress.start(cfg.run.id, f"iter_{iteration:02d}/score", cands.count(), "candidates")
         engines = scorer_engines(cfg, iteration, cands.num_blocks())
         execute = ray.remote(execute_table).options(num_cpus=1)
+
+        def sandbox(i: int, scored) -> Any:  # runs as soon as its block is scored, on a free CPU
+            return execute.remote(scored, f"{tmp}/data/part-{i:05d}.parquet", cfg.score.exec_timeout_s,
+                                  cfg.score.exec_workers, cfg.evaluate.isolation)
+
         try:
-            scored = kept_engines.deal(engines["actors"], cands.to_arrow_refs(), "score_block",
-                                       cfg.engine.blocks_in_flight, bar)
+            executed = kept_engines.deal(engines["actors"], cands.to_arrow_refs(), "score_block",
+                                         cfg.engine.blocks_in_flight, bar, then=sandbox)
         except BaseException:
             kept_engines.release(engines["actors"])
             raise
         engines["kept"] = engines.pop("keep")()  # kept for the next iteration's scoring, or ended now
-        # The sandbox runs once the engines are kept or gone: on CPU engines they held the cores it needs.
-        ray.get([execute.remote(block, f"{tmp}/data/part-{i:05d}.parquet", cfg.score.exec_timeout_s,
-                                cfg.score.exec_workers, cfg.evaluate.isolation) for i, block in enumerate(scored)])
+        ray.get(executed)
         progress.stop(bar)
         names = [a.name for a in cfg.score.aspects]
         stats = ray.data.read_parquet(f"{tmp}/data").select_columns(
