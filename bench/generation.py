@@ -57,6 +57,17 @@ def _bare_child(queue, *args) -> None:
     queue.put(bare_generate(*args))
 
 
+def bare_in_child(*args) -> dict:
+    """`bare_generate` in a process of its own, so that pinning it leaves this process's cores as they were."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_bare_child, args=(queue, *args))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
 def bare_engines_at_once(engine_conf, sample_conf, model_path: str, seed: int, rows: list[dict]) -> dict:
     """`engine.num_engines` bare engines in their own processes and cores, generating together."""
     n, per = engine_conf.num_engines, engine_conf.cpus_per_engine
@@ -148,6 +159,9 @@ def main() -> None:
     ap.add_argument("--engines", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=0, help="sample.batch_size (0: the preset's)")
     ap.add_argument("--blocks-in-flight", type=int, default=0, help="engine.blocks_in_flight (0: the preset's)")
+    ap.add_argument("--cpus-per-engine", type=int, default=0,
+                    help="engine.cpus_per_engine, the cores our engine pins to (0: the preset's); the bare engine is "
+                         "measured unpinned (every core) and pinned to as many cores")
     ap.add_argument("--ray-data-llm", action="store_true", help="also run the rows through ray.data.llm's processor")
     args = ap.parse_args()
 
@@ -168,7 +182,8 @@ def main() -> None:
                                    f"sample.max_tokens={args.max_tokens}", f"engine.num_engines={args.engines}",
                                    "ray.include_dashboard=false"]
                      + ([f"sample.batch_size={args.batch_size}"] if args.batch_size else [])
-                     + ([f"engine.blocks_in_flight={args.blocks_in_flight}"] if args.blocks_in_flight else []))
+                     + ([f"engine.blocks_in_flight={args.blocks_in_flight}"] if args.blocks_in_flight else [])
+                     + ([f"engine.cpus_per_engine={args.cpus_per_engine}"] if args.cpus_per_engine else []))
     model_path = resolve_model(cfg.models.synthesizer, cfg.models.cache_dir, cfg.models.tiny_seed)
     init_ray(cfg.ray)
     store = RunStore.for_config(cfg)
@@ -185,6 +200,11 @@ def main() -> None:
     seeds = pq.read_table(seeds_uri(store).replace("file://", "")).to_pylist()
     rows = [r for s in seeds for r in expand(s, 1, "ckpt_01", args.n, cfg.run.seed)]
     one = bare_generate(cfg.engine, cfg.sample, model_path, cfg.run.seed, rows, None)
+    # The same engine on the cores ours was given (engine.cpus_per_engine): equal resources.
+    cores = sorted(os.sched_getaffinity(0))[:cfg.engine.cpus_per_engine]
+    pinned = one if len(cores) == len(os.sched_getaffinity(0)) else bare_in_child(
+        cfg.engine, cfg.sample, model_path, cfg.run.seed, rows, cores)
+    pinned_tps = pinned["tokens"] / (pinned["t1"] - pinned["t0"])
     engine_start = one["start_s"]
     bare_tps = one["tokens"] / (one["t1"] - one["t0"])
     ours_tps = done["tokens"] / ours_wall
@@ -204,6 +224,9 @@ def main() -> None:
         "identical_token_counts": one["tokens"] == done["tokens"],
         "ours_generation_span_s": round(span, 1),  # first block's start to last block's end, in the engine actor
         "ratio_generation_span_over_bare": round(done["tokens"] / span / bare_tps, 3),
+        "bare_on_engine_cores": cores, "bare_on_engine_cores_tokens_per_s": round(pinned_tps, 1),
+        "ratio_ours_over_bare_on_engine_cores": round(ours_tps_no_start / pinned_tps, 3),
+        "ratio_generation_span_over_bare_on_engine_cores": round(done["tokens"] / span / pinned_tps, 3),
     }
     if args.ray_data_llm:
         theirs = ray_data_llm(cfg.engine, cfg.sample, model_path, cfg.run.seed, rows, cfg.engine.blocks_in_flight)

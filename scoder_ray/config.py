@@ -135,6 +135,9 @@ class EngineConf:
     # Blocks (of sample.batch_size rows) an engine works on at once, their requests in one continuous batch:
     # a block's slowest sequence no longer holds the engine, the next blocks' requests fill in behind it.
     blocks_in_flight: int = 4
+    # Sequences the engine's scheduler runs at once; 0: vLLM's offline default for the hardware, as `vllm.LLM`
+    # gets it (256 on CPU, 1024 on H100/H200). The async engine would otherwise get the server default, 128.
+    max_num_seqs: int = 0
     # The scorer's engines kept from one iteration's scoring to the next (started once per run) when the GPUs they
     # hold leave what the stages between need; never for CPU engines (generate/kept_engines.py says why).
     keep_scorer: bool = True
@@ -515,6 +518,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "teacher.max_requests": cfg.teacher.max_requests,
         "teacher.max_cost_usd": cfg.teacher.max_cost_usd,
         "engine.gpus_per_engine": cfg.engine.gpus_per_engine,
+        "engine.max_num_seqs": cfg.engine.max_num_seqs,
         "seeds.max_snippets": cfg.seeds.max_snippets,
         "sample.num_seeds": cfg.sample.num_seeds,
         "loop.iterations": cfg.loop.iterations,

