@@ -9,7 +9,8 @@ examples/s and the share of time in the projection (Adam transform, CountSketch,
 
 1. Training step path (issue 4): a randomly initialised ~1.1B Llama, bf16, our `deepspeed_config` (ZeRO-2,
    GPU path: DeepSpeed's fused Adam, gradient checkpointing as the worker enables it), one rank over NCCL.
-   Prints tokens/s and MFU (6 * params * tokens/s over the GPU's dense bf16 peak).
+   Prints tokens/s and MFU (6 * params * tokens/s over the GPU's dense bf16 peak), `--grad-accum` micro-batches
+   per optimizer step (4, as paper-7b's SCoder training), with the optimizer's step timed apart.
 2. Influence feature kernel (issue 7): the same Llama with LoRA r=128 on q/k/v/o, per-example gradients
    (vmap), Adam transform and the d=8192 Rademacher projection generated on the GPU. Prints examples/s.
 """
@@ -53,7 +54,10 @@ def on_gpu(config):
         torch.set_default_dtype(default)
 
 
-def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int = 2) -> dict:
+def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int = 2, grad_accum: int = 1) -> dict:
+    """`steps` optimizer steps of `grad_accum` micro-batches each. The optimizer step (Adam over every parameter on
+    one GPU: 16 B/param of traffic) is timed apart from the forward/backward micro-steps: on 8 GPUs under ZeRO-3
+    each holds an eighth of it, so `mfu_6N_8gpu_est` charges one eighth (without the collectives' time)."""
     import deepspeed
     from transformers import LlamaForCausalLM
 
@@ -68,7 +72,7 @@ def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int =
     n_params = sum(p.numel() for p in model.parameters())
     model.gradient_checkpointing_enable()
     conf = {"gpus_per_worker": 1, "zero_stage": zero_stage, "cpu_offload": False, "precision": "bf16", "micro_batch_size": micro,
-            "grad_accum": 1, "lr": 1e-4, "weight_decay": 0.0}
+            "grad_accum": grad_accum, "lr": 1e-4, "weight_decay": 0.0}
     ds_cfg = deepspeed_config(conf, 1, (0.9, 0.999), 1e-8)
     sched = lr_lambda(steps + 3, 0.0, "constant")
     t0 = time.perf_counter()
@@ -91,23 +95,35 @@ def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int =
                                                optimizer=opt, config=ds_cfg)
     init_s = time.perf_counter() - t0
     ids = torch.randint(0, 32000, (micro, seq), device="cuda")
-    for _ in range(3):
+    for _ in range(2 * grad_accum):  # warm-up: two optimizer steps
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
+    micro_s = opt_s = 0.0
     for _ in range(steps):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    tps = micro * seq * steps / dt
+        for _ in range(grad_accum):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            torch.cuda.synchronize()
+            micro_s += time.perf_counter() - t
+            t = time.perf_counter()
+            engine.step()  # the optimizer's step on the last micro-batch only
+            torch.cuda.synchronize()
+            opt_s += time.perf_counter() - t
+    dt = micro_s + opt_s
+    tokens = micro * seq * grad_accum * steps
+    tps = tokens / dt
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
-    out = {"gpu": name, "params": n_params, "zero_stage": zero_stage, "micro_batch": micro, "seq": seq, "steps": steps, "optimizer": optimizer_kind,
+    out = {"gpu": name, "params": n_params, "zero_stage": zero_stage, "micro_batch": micro, "grad_accum": grad_accum,
+           "seq": seq, "steps": steps, "optimizer": optimizer_kind,
            "deepspeed_init_s": round(init_s, 1), "step_s": round(dt / steps, 3), "tokens_per_s": round(tps),
-           "mfu_6N": round(6 * n_params * tps / peak, 3), "loss_last": round(loss.item(), 3),
+           "forward_backward_s": round(micro_s, 2), "optimizer_step_s": round(opt_s, 2),
+           "mfu_6N": round(6 * n_params * tps / peak, 3),
+           "mfu_6N_forward_backward_only": round(6 * n_params * tokens / micro_s / peak, 3),
+           "mfu_6N_8gpu_est": round(6 * n_params * tokens / (micro_s + opt_s / 8) / peak, 3),
+           "loss_last": round(loss.item(), 3),
            "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
     del engine, model
     torch.cuda.empty_cache()
@@ -174,6 +190,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--shape", choices=["1b", "7b"], default="1b")
+    ap.add_argument("--micro", type=int, default=0, help="training micro-batch (0: 8 for 1b, 2 for 7b)")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step (paper-7b's scoder: 4)")
     args = ap.parse_args()
     result = {}
 
@@ -192,8 +210,9 @@ def main() -> None:
     save("influence", lambda: influence_check(batch=4, seq=2048, batches=3, workdir="/tmp/scoder-gpu", config=llama_7b())
          if big else influence_check(batch=16, seq=512, batches=2, workdir="/tmp/scoder-gpu"))
     if not args.skip_train:
-        save("train", lambda: train_check(micro=2, seq=2048, steps=5, config=llama_7b(), zero_stage=3) if big
-             else train_check(micro=8, seq=1024, steps=10))
+        save("train", lambda: train_check(micro=args.micro or 2, seq=2048, steps=3, config=llama_7b(), zero_stage=3,
+                                          grad_accum=args.grad_accum) if big
+             else train_check(micro=args.micro or 8, seq=1024, steps=5, grad_accum=args.grad_accum))
 
 
 if __name__ == "__main__":
