@@ -112,7 +112,7 @@ def make_async_llm(conf: EngineConf, model: str, seed: int = 0):
 
     # An offline batch engine, as `vllm.LLM` is: its scheduler defaults (max_num_seqs, max_num_batched_tokens)
     # are the offline ones for the hardware; the async default context gets a server's, 128 sequences at most,
-    # which left 3/4 of a paper-7b engine's 4 x 512 rows in flight waiting in its queue.
+    # which left all but 128 of a paper-7b engine's 4 x 512 rows in flight waiting in its queue.
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(conf, model, seed, gpu), disable_log_stats=True),
                                      usage_context=UsageContext.LLM_CLASS)
 
