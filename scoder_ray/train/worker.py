@@ -256,16 +256,15 @@ class ExportUploads:
     An upload that fails fails the training at the next step (`busy`), and the worker group restarts."""
 
     def __init__(self):
-        self.threads: list[threading.Thread] = []
+        self.threads: dict[str, threading.Thread] = {}  # export name -> its upload
         self.errors: list[str] = []
         self.timings: dict[str, dict[str, float]] = {}  # export name -> upload_s, steps_while_uploading
 
     def start(self, local: str, uri: str) -> None:
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         self.timings[name] = {"upload_s": 0.0, "steps_while_uploading": 0}
-        thread = threading.Thread(target=self._upload, args=(local, uri, name), name=f"upload-{name}", daemon=True)
-        thread.start()
-        self.threads.append(thread)
+        self.threads[name] = threading.Thread(target=self._upload, args=(local, uri, name), daemon=True)
+        self.threads[name].start()
 
     def _upload(self, local: str, uri: str, name: str) -> None:
         started = time.perf_counter()
@@ -280,16 +279,16 @@ class ExportUploads:
     def busy(self) -> bool:
         if self.errors:
             raise RuntimeError(self.errors[0])
-        return any(t.is_alive() for t in self.threads)
+        return any(t.is_alive() for t in self.threads.values())
 
     def stepped(self) -> None:
         """A step ended: counted for each export still uploading."""
-        for t in self.threads:
+        for name, t in self.threads.items():
             if t.is_alive():
-                self.timings[t.name.split("-", 1)[1]]["steps_while_uploading"] += 1
+                self.timings[name]["steps_while_uploading"] += 1
 
     def join(self) -> None:
-        for t in self.threads:
+        for t in self.threads.values():
             t.join()
         self.busy()
 
