@@ -9,7 +9,7 @@ samples), which the quality gates now reject, so it is no longer the default. Wi
 OpenAI-compatible client, cache and retries a real teacher gets. Either way the demo shows the machinery at
 small scale, not the quality a real teacher would give.
 
-    .venv/bin/python -m scoder_ray.demo [key=value ...]
+    .venv/bin/python -m scoder_ray.demo [key=value ...] [--verbose]
 """
 from __future__ import annotations
 
@@ -61,12 +61,23 @@ def stop_vllm_server(proc: subprocess.Popen) -> None:
 
 
 def main(overrides: list[str]) -> int:
-    from scoder_ray import loop
-    from scoder_ray.store import RunStore
+    """The console as `scoder-ray run` has it: scoder-ray's lines and real warnings (`--verbose`: everything);
+    everything also in RUN_DIR/logs/."""
+    from scoder_ray import console
 
     if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)
         return 0
+    captured = console.start("--verbose" in overrides)
+    try:
+        return _demo([a for a in overrides if a != "--verbose"])
+    finally:
+        captured.stop()
+
+
+def _demo(overrides: list[str]) -> int:
+    from scoder_ray import loop
+    from scoder_ray.store import RunStore
 
     cfg = load_config("demo", overrides)
     if cfg.teacher.samples_file:
