@@ -66,3 +66,20 @@ def test_a_failed_engine_says_what_its_core_logged_and_the_free_memory(tmp_path)
     assert "memory available on this node:" in said and " GiB" in said
     piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "its log" not in piped and "memory available" in piped  # stderr not a file: memory only
+
+
+WATCH = ("import sys, threading, time, types; from scoder_ray.generate.sample import watch_engine_core; "
+         "core = types.SimpleNamespace(resources=types.SimpleNamespace(engine_dead=False)); "
+         "watch_engine_core(core, threading.Event(), every_s=0.05, grace_s=1.0); "
+         "core.resources.engine_dead = True; time.sleep(float(sys.argv[1]))")
+
+
+def test_a_dead_engine_core_replaces_an_idle_actor_but_not_one_that_is_ending():
+    """The watcher's two cases, in real processes over a client whose dead mark is set (as vLLM's is when its
+    core dies). An actor that lives on past the grace with a dead core ends with exit code 1 and says why (Ray
+    restarts it); an actor that ends within the grace (Ray ends a finished pool's actor by killing its
+    children, the core first, then the process) ends quietly: no false 'died' in the job's log."""
+    idle = subprocess.run([sys.executable, "-c", WATCH, "30"], capture_output=True, text=True, timeout=60)
+    assert idle.returncode == 1 and "engine core of this actor died: replacing the actor" in idle.stderr
+    ending = subprocess.run([sys.executable, "-c", WATCH, "0.3"], capture_output=True, text=True, timeout=60)
+    assert ending.returncode == 0 and "died" not in ending.stderr, ending.stderr

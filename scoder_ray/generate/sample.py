@@ -35,6 +35,7 @@ from scoder_ray.store import RunStore
 
 ACTOR_MAX_RESTARTS = 3  # a killed engine comes back; an engine that keeps dying fails the stage
 START_RETRY_PAUSE_S = 5.0  # before an engine that failed to start is tried once more, in a fresh actor
+EXIT_GRACE_S = 10.0  # an idle engine's dead core is a death only if the actor is not exiting by then
 
 
 def cand_id(iteration: int, ckpt: str, seed_id: str, sample_idx: int) -> str:
@@ -123,13 +124,15 @@ class EngineActor:
                 for u in users]
 
 
-def watch_engine_core(engine_core: Any, stopping: threading.Event, every_s: float = 0.5) -> None:
-    """Replace this actor when its vLLM engine core dies, busy or idle. Every retry in place would meet the
-    same dead core (and the pinned vLLM's synchronous `generate` never returned then: measured by killing
-    EngineCore). A thread here polls the client's dead mark and ends the actor's process: Ray starts a fresh
-    actor with a fresh engine (max_restarts) and hands it the blocks again (max_task_retries); the rows are
-    seeded, so the blocks' candidates come out the same. `stopping`: set when the engine is shut down on
-    purpose (EngineActor.shutdown, at the actor's exit), which is not a death."""
+def watch_engine_core(engine_core: Any, stopping: threading.Event, every_s: float = 0.5,
+                      grace_s: float = EXIT_GRACE_S) -> None:
+    """Replace this actor when its vLLM engine core dies while idle (a death mid-request is caught at once
+    by `generate`). Every retry in place would meet the same dead core. A thread here polls the client's
+    dead mark and ends the actor's process: Ray starts a fresh actor with a fresh engine (max_restarts) and
+    hands it the blocks again (max_task_retries); the rows are seeded, so the blocks' candidates come out
+    the same. Not a death: `stopping` (EngineActor.shutdown at the actor's exit), and Ray's own end of the
+    actor once its pool is done, which kills the worker's child processes, the engine core first, before
+    any Python hook runs; such a process is gone within `grace_s`, so the thread waits that long first."""
     resources = getattr(engine_core, "resources", None)
     if resources is None or not hasattr(resources, "engine_dead"):
         return  # an in-process engine core dies with this process
@@ -137,6 +140,7 @@ def watch_engine_core(engine_core: Any, stopping: threading.Event, every_s: floa
     def watch() -> None:
         while not resources.engine_dead:
             time.sleep(every_s)
+        stopping.wait(grace_s)
         if not stopping.is_set() and threading.main_thread().is_alive():
             replace_actor("the vLLM engine core of this actor died")
 
