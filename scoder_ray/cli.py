@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     from scoder_ray.loop import STAGES
 
     p = sub.add_parser("stage", help="run one stage", epilog=EPILOG)
-    names = [n for s in STAGES for n in (s, s.replace("_", "-"))]
-    p.add_argument("name", choices=names, metavar="{" + ",".join(s.replace("_", "-") for s in STAGES) + "}",
-                   help="the stage to run")
+    p.add_argument("name", type=lambda s: s.replace("_", "-"), choices=[s.replace("_", "-") for s in STAGES],
+                   help="the stage to run (train_data and train-data alike)")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is done")
     p.add_argument("--iteration", type=int, default=1, metavar="T",
                    help="for an iteration's stage (sample ... train): which iteration (default 1)")

@@ -201,6 +201,10 @@ def test_stage_iteration_is_checked_before_any_work(capsys):
     assert "--iteration 5: this run has iterations 1..2" in capsys.readouterr().err
     assert main(["stage", "seeds", "--preset", "tiny", "--iteration", "2"]) == 2
     assert "--iteration applies to an iteration's stages" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an unknown stage: each name once, as the usage line spells it
+        main(["stage", "nosuch", "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nosuch'" in err and err.count("'train-data'") == 1 and "'train_data'" not in err
 
 
 def test_a_wheel_install_carries_the_presets_and_cluster_configs(tmp_path):
