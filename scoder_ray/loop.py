@@ -23,7 +23,7 @@ from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import apply_endpoint, check_run_root, init_ray
 from scoder_ray.score.stage import WEIGHTS_STAGE, run_fit_weights, run_rank, run_score
 from scoder_ray.seeds import run_seeds
-from scoder_ray.store import RunStore
+from scoder_ray.store import RunStore, check_root
 from scoder_ray.train.stage import run_retrain, run_train, run_train_data
 
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
@@ -151,6 +151,7 @@ def open_run(cfg: Config) -> RunStore:
 
     init_ray(cfg.ray, apply_endpoint(cfg))
     check_run_root(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+    check_root(cfg.run.root)
     store = RunStore.for_config(cfg)
     store.acquire_lease(cfg.run.lease_ttl_s)
     store.write_config(cfg)

@@ -63,8 +63,12 @@ class RunStore:
     def open(cls, run_dir: str) -> "RunStore":
         """A store for an existing run directory (`scoder-ray status RUN_DIR`); refuses one that is not a run."""
         root, run_id = run_dir.rstrip("/").rsplit("/", 1) if "/" in run_dir.rstrip("/") else (".", run_dir)
-        store = cls(root, run_id, create=False)
-        if not store._exists(f"{store.base}/config.yaml"):
+        try:
+            store = cls(root, run_id, create=False)
+            found = store._exists(f"{store.base}/config.yaml")
+        except OSError as e:  # an unreachable endpoint or bucket: one line, not Arrow's traceback
+            raise StoreError(f"{run_dir}: cannot read it: {str(e).strip()}") from e
+        if not found:
             raise StoreError(f"{run_dir}: not a run directory (no config.yaml)")
         return store
 
@@ -394,6 +398,28 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def check_root(root: str) -> None:
+    """Before any work: a small object can be written under the run root, read back and deleted, from here
+    (the bucket exists, the endpoint answers, the credentials are accepted; a local folder is writable).
+    Otherwise a StoreError of one line naming run.root, the cause, and for s3:// the endpoint asked."""
+    try:
+        fs, base = filesystem(root)
+        fs.create_dir(base, recursive=True)
+        probe = f"{base.rstrip('/')}/.scoder-ray-probe-{secrets.token_hex(6)}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe")
+        with fs.open_input_stream(probe) as f:
+            f.read()
+        fs.delete_file(probe)
+    except OSError as e:  # Arrow's S3 and local errors alike
+        where = ""
+        if root.startswith("s3://"):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            where = (f" (endpoint {endpoint}, from run.endpoint_url or $AWS_ENDPOINT_URL)" if endpoint else
+                     " (AWS's own endpoint: for MinIO, Ceph or another S3-compatible store set run.endpoint_url)")
+        raise StoreError(f"run.root={root}: cannot write there: {str(e).strip()}{where}") from e
 
 
 def read_text(uri: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from scoder_ray.cli import main
 from scoder_ray.config import load_config
-from scoder_ray.store import ATTEMPT, DONE, LEASE, RunStore, StoreError, filesystem, write_table, write_text
+from scoder_ray.store import ATTEMPT, DONE, LEASE, RunStore, StoreError, check_root, filesystem, write_table, write_text
 
 
 def write_rows(n):
@@ -161,6 +161,30 @@ def test_status_and_report_refuse_what_is_not_a_run(run_root, capsys):
     assert main(["report", f"{run_root}/no-such-run"]) == 2
     fs, path = filesystem(f"{run_root}/no-such-run")
     assert fs.get_file_info(path).type == pafs.FileType.NotFound  # nothing was created
+
+
+def test_a_run_root_that_cannot_be_written_is_named_before_any_work(s3_server, tmp_path, capsys):
+    """A missing bucket, an endpoint that does not answer, a local root that is a file: one line naming
+    run.root and the cause (and for s3:// the endpoint asked), not Arrow's traceback from the first write."""
+    check_root(f"s3://{s3_server['bucket']}/probe-{os.getpid()}")  # a good root: written, read, deleted
+    fs, path = filesystem(f"s3://{s3_server['bucket']}/probe-{os.getpid()}")
+    assert fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)) == []  # no probe left behind
+    with pytest.raises(StoreError, match=r"run.root=s3://no-such-bucket/x: cannot write there: .*'no-such-bucket' "
+                                         rf"not found.*\(endpoint {s3_server['url']}"):
+        check_root("s3://no-such-bucket/x")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreError, match=f"run.root={tmp_path}/a-file/runs: cannot write there"):
+        check_root(f"{tmp_path}/a-file/runs")
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # discard port: nothing answers
+    try:
+        with pytest.raises(StoreError, match=r"run.root=s3://scoder-test/x: cannot write there: .*connect.*"
+                                             r"\(endpoint http://127.0.0.1:9"):
+            check_root("s3://scoder-test/x")
+        assert main(["status", "s3://scoder-test/x/run"]) == 2
+        assert "s3://scoder-test/x/run: cannot read it: " in capsys.readouterr().err
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
 
 
 def test_a_corrupt_done_file_is_named(run_root):
