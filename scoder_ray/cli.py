@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's final dataset (and its SCoder model) for fine-tuning tools",
                        description="Writes OUT/data/train.jsonl (or .parquet) and a dataset card that "
-                       "`datasets.load_dataset(OUT)` reads. Formats: messages (TRL, OpenRLHF), alpaca and sharegpt "
+                       "`datasets.load_dataset(OUT)` reads, and for the JSONL formats a dataset_info.json for "
+                       "LLaMA-Factory (dataset_dir: OUT). Formats: messages (TRL, OpenRLHF), alpaca and sharegpt "
                        "(LLaMA-Factory), parquet (raw columns).")
     p.add_argument("run_dir", help="e.g. runs/demo (a local path or s3://... URI)")
     p.add_argument("--format", default="messages", choices=["messages", "alpaca", "sharegpt", "parquet"])
@@ -207,6 +208,9 @@ def _export(args: argparse.Namespace) -> int:
     store = RunStore.open(args.run_dir)
     folder = export_dataset(store, args.out, args.format)
     print(f"dataset: {folder}  (datasets.load_dataset({str(folder)!r}))")
+    if (folder / "dataset_info.json").exists():
+        name = next(iter(json.loads((folder / "dataset_info.json").read_text())))
+        print(f"LLaMA-Factory: dataset_dir: {folder}  dataset: {name}")
     if args.model:
         print(f"model: {export_model(store, args.model)}")
     if args.to:

@@ -6,13 +6,17 @@ Dataset formats (one JSONL record per sample, the answer fenced as the SCoder mo
   sharegpt  {"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}   (LLaMA-Factory, FastChat)
   parquet   problem, solution, seed_id, cand_id                                 (raw columns)
 The folder holds `data/train.*` and a README.md dataset card whose YAML header tells `datasets` where the
-data is, so `datasets.load_dataset(FOLDER)` reads it; `--to hub:ORG/NAME` uploads it (HF_TOKEN).
+data is, so `datasets.load_dataset(FOLDER)` reads it; for the JSONL layouts also a `dataset_info.json`, so
+LLaMA-Factory trains on it with `dataset_dir: FOLDER` and `dataset: <run id>`; `--to hub:ORG/NAME` uploads
+it (HF_TOKEN).
 The model export copies the last train_scoder checkpoint (full weights) and writes a model card.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +26,14 @@ from scoder_ray import prompts
 from scoder_ray.store import RunStore, filesystem
 
 FORMATS = ("messages", "alpaca", "sharegpt", "parquet")
+# LLaMA-Factory's entry for each JSONL layout (its data/README.md: `dataset_info.json` in `dataset_dir`,
+# `file_name` relative to it); `messages` is its sharegpt formatting with OpenAI's role/content tags.
+LLAMAFACTORY = {
+    "alpaca": {"columns": {"prompt": "instruction", "query": "input", "response": "output"}},
+    "sharegpt": {"formatting": "sharegpt", "columns": {"messages": "conversations"}},
+    "messages": {"formatting": "sharegpt", "columns": {"messages": "messages"},
+                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
+}
 
 
 def record(row: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -58,11 +70,19 @@ def export_dataset(store: RunStore, out_dir: str, fmt: str = "messages") -> Path
     else:
         data_file = "data/train.jsonl"
         (tmp / data_file).write_text("".join(json.dumps(record(r, fmt), ensure_ascii=False) + "\n" for r in rows))
+        sha1 = hashlib.sha1((tmp / data_file).read_bytes()).hexdigest()
+        entry = {"file_name": data_file, "file_sha1": sha1, **LLAMAFACTORY[fmt]}
+        (tmp / "dataset_info.json").write_text(json.dumps({llamafactory_name(store): entry}, indent=2) + "\n")
     (tmp / "README.md").write_text(dataset_card(store, final, fmt, data_file, len(rows)))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def llamafactory_name(store: RunStore) -> str:
+    """The dataset's name in dataset_info.json (LLaMA-Factory's `dataset:`): the run id, as a plain word."""
+    return re.sub(r"[^\w.-]", "_", store.run_id)
 
 
 def dataset_card(store: RunStore, final: dict[str, Any], fmt: str, data_file: str, n: int) -> str:

@@ -1,4 +1,6 @@
-"""`scoder-ray export`: every format read back with `datasets`, the card, the model copy."""
+"""`scoder-ray export`: every format read back with `datasets` (and LLaMA-Factory's dataset_info.json), the card, the model copy."""
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -48,7 +50,26 @@ def test_export_is_read_back_by_datasets(finished_run, fmt, column, capsys):
     card = (out / "README.md").read_text()
     assert "dataset digest | " + "d" * 64 in card and "generated / kept | 9 / 3" in card
     assert '{"prompt_echo": 6}' in card and "Filters: placeholders" in card
-    assert "datasets.load_dataset" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "datasets.load_dataset" in said
+    if fmt != "parquet":  # LLaMA-Factory's registration, read as its data/README.md defines it
+        info = json.loads((out / "dataset_info.json").read_text())
+        assert list(info) == ["r"] and f"LLaMA-Factory: dataset_dir: {out}  dataset: r" in said
+        entry = info["r"]
+        data = out / entry["file_name"]
+        assert entry["file_sha1"] == hashlib.sha1(data.read_bytes()).hexdigest()
+        records = [json.loads(line) for line in data.read_text().splitlines()]
+        if entry.get("formatting", "alpaca") == "alpaca":
+            assert all(r[entry["columns"][c]] is not None for r in records for c in ("prompt", "query", "response"))
+        else:  # sharegpt: user turns at odd positions, assistant at even, under the named tags
+            tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                    **entry.get("tags", {})}
+            for r in records:
+                turns = r[entry["columns"]["messages"]]
+                assert [t[tags["role_tag"]] for t in turns] == [tags["user_tag"], tags["assistant_tag"]]
+                assert turns[1][tags["content_tag"]].startswith("```python\ndef add")
+    else:
+        assert not (out / "dataset_info.json").exists()
 
 
 @pytest.mark.slow  # builds the tiny model
