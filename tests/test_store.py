@@ -163,6 +163,7 @@ def test_status_and_report_refuse_what_is_not_a_run(run_root, capsys):
     assert fs.get_file_info(path).type == pafs.FileType.NotFound  # nothing was created
 
 
+@pytest.mark.slow  # Arrow retries an endpoint that does not answer for ~9 s, twice here
 def test_a_run_root_that_cannot_be_written_is_named_before_any_work(s3_server, tmp_path, capsys):
     """A missing bucket, an endpoint that does not answer, a local root that is a file: one line naming
     run.root and the cause (and for s3:// the endpoint asked), not Arrow's traceback from the first write."""
