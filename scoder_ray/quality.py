@@ -8,7 +8,10 @@
 - `seed_copy`: at least `max_seed_similarity` of the solution's tokens (comments and docstrings aside) are
   the seed snippet's, in order: the synthesizer pasted its input back;
 - `missing_definition`: the problem names a function (`name(...)` in backticks, or "function `name`") that
-  the solution neither defines nor imports.
+  the solution neither defines nor imports;
+- `stub_solution`: the solution does nothing: every function it defines is only a docstring, `pass`, `...`
+  or `raise NotImplementedError` (or, defining none, it holds nothing but imports and such statements). A
+  problem that states no examples has nothing for the sandbox to run, so only this gate stops a stub;
 - `contaminated`: the problem and solution overlap a benchmark's problem or solution (n-gram overlap, the
   seed stage's test: evaluate/decontam.py) of `quality.decontam_benchmarks`.
 """
@@ -56,6 +59,8 @@ def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
         return "seed_copy"
     if conf.check_definitions and missing_definitions(problem, solution):
         return "missing_definition"
+    if conf.reject_stubs and is_stub(solution):
+        return "stub_solution"
     if index is not None and index.contaminated_by(problem + "\n" + solution):
         return "contaminated"
     return ""
@@ -77,6 +82,35 @@ def is_prose(problem: str, min_words: int) -> bool:
         return True
     # Prose rarely parses; when it does it is a bare name or string. Code has statements.
     return all(isinstance(node, ast.Expr) and isinstance(node.value, (ast.Constant, ast.Name)) for node in tree.body)
+
+
+def is_stub(solution: str) -> bool:
+    """Whether `solution` (Python) does nothing: see `stub_solution` above. False for code that does not parse
+    (the parser names that)."""
+    try:
+        tree = ast.parse(solution)
+    except (SyntaxError, ValueError):
+        return False
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if functions:
+        return all(_does_nothing(f.body) for f in functions)
+    return _does_nothing([s for s in tree.body if not isinstance(s, (ast.Import, ast.ImportFrom))])
+
+
+def _does_nothing(body: list[ast.stmt]) -> bool:
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]  # the docstring
+    for stmt in body:
+        if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+                                          and stmt.value.value is Ellipsis):
+            continue
+        if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+            exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+            if isinstance(exc, ast.Name) and exc.id == "NotImplementedError":
+                continue
+        return False
+    return True
 
 
 def _code_only(code: str) -> list[str]:
@@ -195,10 +229,11 @@ def near_duplicates(texts: list[str], threshold: float, reference: Optional[list
 
 def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
     """What a finished dataset holds, checked whatever gates were on: placeholders, prompt echoes, seed copies
-    (at quality.max_seed_similarity, or 0.9 when that gate is off) and how many distinct seeds it covers."""
+    (at quality.max_seed_similarity, or 0.9 when that gate is off), stubs and how many distinct seeds it covers."""
     copy_at = conf.max_seed_similarity if conf.max_seed_similarity < 1.0 else 0.9
     return {"rows": len(rows),
             "placeholders": sum(has_placeholder(r["problem"]) or has_placeholder(r["solution"]) for r in rows),
             "prompt_echoes": sum(any(p in " ".join(r["problem"].lower().split()) for p in ECHO_PHRASES) for r in rows),
             "seed_copies": sum(bool(r.get("snippet")) and seed_similarity(r["solution"], r["snippet"]) >= copy_at for r in rows),
+            "stubs": sum(is_stub(r["solution"]) for r in rows),
             "distinct_seeds": len({r.get("seed_id") for r in rows})}

@@ -468,8 +468,9 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     if (rest and not rest.startswith(":")) or (count and not count.isdigit()):
         raise ValueError(f"{ref!r}: expected {BUILTIN_ROWS}[:N] or {BUILTIN_COPY}[:N]")
     n = int(count or 64)
-    # v2: the seed is the function before it in its module (v1 rows, cached by older versions, were their own seed)
-    name = f"stdlib-documented-v2-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v2-{n}.jsonl"
+    # v2: the seed is the function before it in its module (v1 rows were their own seed); v3: stub functions
+    # (quality.is_stub) are skipped, which changes the rows beyond the first 117
+    name = f"stdlib-documented-v3-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v3-{n}.jsonl"
     path = Path(cache_dir).expanduser() / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

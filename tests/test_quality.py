@@ -54,6 +54,12 @@ BAD = [
     ("seed_copy", sample("Write a function that splits the extension from a pathname and returns both parts.",
                          "# my solution\n" + SNIPPET.replace('    """Split the extension from a pathname."""\n', ""))),
     ("missing_definition", sample(GOOD_PROBLEM, "def other(paths):\n    return ''\n")),
+    ("stub_solution", sample(GOOD_PROBLEM, 'def common_suffix(paths):\n    """Return the shared extension."""\n    pass\n')),
+    ("stub_solution", sample(GOOD_PROBLEM, "def common_suffix(paths):\n    raise NotImplementedError('todo')\n")),
+    ("stub_solution", sample(GOOD_PROBLEM, "import os\n\n\ndef common_suffix(paths):\n    ...\n\n\n"
+                                           "def _helper(p):\n    # TODO\n    pass\n")),
+    ("stub_solution", sample("Write a small module that joins file paths for the current platform correctly.",
+                             "import os\nimport sys\n")),
     ("contaminated", sample("Implement the following function so that it passes its doctests, for any list of numbers.\n"
                             + HUMANEVAL_0["prompt"], HUMANEVAL_0["prompt"] + HUMANEVAL_0["canonical_solution"])),
     ("contaminated", sample("Write a function to find the shared elements from the given two lists, as a tuple.",
@@ -80,6 +86,18 @@ def test_a_good_sample_passes_every_gate(index):
     assert parse_sample(sample(GOOD_PROBLEM, GOOD_SOLUTION), SNIPPET, conf, idx) == (GOOD_PROBLEM, GOOD_SOLUTION.strip(), "")
     # Without a QualityConf the parser only parses (the placeholder passes): the gates are opt-in per caller.
     assert parse_sample(sample("<the problem statement>", GOOD_SOLUTION), SNIPPET)[2] == ""
+
+
+def test_code_that_does_something_is_not_a_stub():
+    from scoder_ray.quality import is_stub
+
+    abstract_and_concrete = ("class Shape:\n    def area(self):\n        raise NotImplementedError\n\n\n"
+                             "class Square(Shape):\n    def __init__(self, s):\n        self.s = s\n\n"
+                             "    def area(self):\n        return self.s ** 2\n")
+    fields_only = "from dataclasses import dataclass\n\n\n@dataclass\nclass Point:\n    x: int\n    y: int\n"
+    script = "import sys\nprint(sum(int(x) for x in sys.argv[1:]))\n"
+    assert not any(is_stub(code) for code in (GOOD_SOLUTION, abstract_and_concrete, fields_only, script, "def f(:"))
+    assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    pass\n", None, QualityConf(reject_stubs=False)) == ""
 
 
 def test_seed_similarity_ignores_comments_and_docstrings_but_not_new_code():
@@ -126,8 +144,9 @@ def test_the_audit_counts_what_a_dataset_holds():
 
     rows = [{"seed_id": "a", "snippet": SNIPPET, "problem": GOOD_PROBLEM, "solution": GOOD_SOLUTION},
             {"seed_id": "b", "snippet": SNIPPET, "problem": "<the problem statement>", "solution": SNIPPET}]
-    assert audit(rows, QualityConf()) == {"rows": 2, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
-                                          "distinct_seeds": 2}
+    rows.append({"seed_id": "b", "problem": GOOD_PROBLEM, "solution": "def common_suffix(paths):\n    ...\n"})
+    assert audit(rows, QualityConf()) == {"rows": 3, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
+                                          "stubs": 1, "distinct_seeds": 2}
 
 
 def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
