@@ -4,6 +4,7 @@ the GPUs it may hold (pool_sizes, side_by_side)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, Optional
@@ -40,11 +41,21 @@ def init_ray(conf: RayConf, env_vars: Optional[dict[str, str]] = None) -> None:
 def quiet_known_warnings() -> None:
     """Warnings about this code that a user can do nothing about, printed at every stage: Ray Data's hint to
     write small filters as expressions, and the deprecation of `ray_remote_args` in Ray 2.64 (the engine
-    pools' bounded `max_restarts` has no named parameter in the pinned Ray 2.60: revisit on upgrade)."""
+    pools' bounded `max_restarts` has no named parameter in the pinned Ray 2.60: revisit on upgrade). And one
+    that is false here: "the Dataset job will hang" when no CPU is free as a dataset starts, which is what
+    side-by-side engine and feature pools do on purpose (their writes ask for no CPU: num_cpus=0)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"Use 'expr' instead of 'fn'")
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+    dataset_log = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _NoFreeCpuWarning) for f in dataset_log.filters):
+        dataset_log.addFilter(_NoFreeCpuWarning())
+
+
+class _NoFreeCpuWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
 
 
 def gpu_options(gpus: float, accelerator_type: str = "") -> dict[str, Any]:

@@ -49,3 +49,20 @@ def test_verbose_shows_everything(tmp_path):
     out, log = run_driver(tmp_path, "verbose")
     assert "Initializing an engine" in out.stdout and "Write: 0/1" in out.stderr
     assert "--verbose shows them" not in out.stdout and "Initializing an engine" in log
+
+
+def test_ray_datas_false_no_cpu_warning_is_left_out_and_its_other_warnings_kept(caplog):
+    """Side-by-side pools hold every CPU on purpose (their writes ask for none), so Ray Data's "the Dataset job
+    will hang" at a dataset's start is false here; its other warnings still reach the console."""
+    import logging
+
+    from scoder_ray.ray_env import quiet_known_warnings
+
+    quiet_known_warnings()
+    quiet_known_warnings()  # once per driver process, however many stages start Ray
+    log = logging.getLogger("ray.data.dataset")
+    assert sum(type(f).__name__ == "_NoFreeCpuWarning" for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="ray.data.dataset"):
+        log.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
+        log.warning("Warning: something else")
+    assert [r.getMessage() for r in caplog.records] == ["Warning: something else"]
