@@ -182,7 +182,9 @@ class QualityConf:
     # Share of the solution's tokens found, in order, in the seed snippet at which it is a copy (>= 1.0: off).
     max_seed_similarity: float = 0.9
     check_definitions: bool = True  # a function the problem names must be defined (or imported) by the solution
-    reject_stubs: bool = True  # a solution whose functions are only pass / ... / raise NotImplementedError
+    # Degenerate samples (quality.py): stub solutions, a function that only calls itself with its own
+    # arguments, the same line written 4+ times in a row or a sentence 3+ times (a sampling loop)
+    reject_degenerate: bool = True
     # MinHash Jaccard (5-token shingles of problem + solution) at which a sample is a near duplicate: of another
     # sample of the same output (final dataset, one iteration's kept set across seeds), and of a reference
     # (teacher samples, samples kept by earlier iterations). >= 1.0: off.

@@ -12,6 +12,11 @@
 - `stub_solution`: the solution does nothing: every function it defines is only a docstring, `pass`, `...`
   or `raise NotImplementedError` (or, defining none, it holds nothing but imports and such statements). A
   problem that states no examples has nothing for the sandbox to run, so only this gate stops a stub;
+- `infinite_recursion`: a function whose first statement calls itself (a method: `self.name`) with its own
+  parameters, unchanged: every call recurses until the stack runs out (no stdlib function does this);
+- `repetitive`: the same line (12+ characters, with letters) 4+ times in a row, or a sentence of the problem
+  3+ times: a sampling loop, not writing (4 in a row: 56 of 135,225 functions of the stdlib and
+  site-packages, mostly test tables, whose repeated rows hold no letters);
 - `contaminated`: the problem and solution overlap a benchmark's problem or solution (n-gram overlap, the
   seed stage's test: evaluate/decontam.py) of `quality.decontam_benchmarks`.
 """
@@ -24,6 +29,7 @@ import io
 import os
 import re
 import tokenize
+from collections import Counter
 from typing import Optional
 
 from scoder_ray.config import QualityConf
@@ -59,8 +65,13 @@ def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
         return "seed_copy"
     if conf.check_definitions and missing_definitions(problem, solution):
         return "missing_definition"
-    if conf.reject_stubs and is_stub(solution):
-        return "stub_solution"
+    if conf.reject_degenerate:
+        if is_stub(solution):
+            return "stub_solution"
+        if calls_itself_unchanged(solution):
+            return "infinite_recursion"
+        if is_repetitive(problem, solution):
+            return "repetitive"
     if index is not None and index.contaminated_by(problem + "\n" + solution):
         return "contaminated"
     return ""
@@ -98,10 +109,7 @@ def is_stub(solution: str) -> bool:
 
 
 def _does_nothing(body: list[ast.stmt]) -> bool:
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
-        body = body[1:]  # the docstring
-    for stmt in body:
+    for stmt in _without_docstring(body):
         if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
                                           and stmt.value.value is Ellipsis):
             continue
@@ -111,6 +119,60 @@ def _does_nothing(body: list[ast.stmt]) -> bool:
                 continue
         return False
     return True
+
+
+def calls_itself_unchanged(solution: str) -> bool:
+    """Whether a function or method of `solution` starts by calling itself with its own parameters: see
+    `infinite_recursion` above."""
+    try:
+        tree = ast.parse(solution)
+    except (SyntaxError, ValueError):
+        return False
+    for scope in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]:
+        for f in scope.body:
+            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = _without_docstring(f.body)
+            call = body[0].value if body and isinstance(body[0], (ast.Return, ast.Expr)) else None
+            call = call.value if isinstance(call, ast.Await) else call
+            if not isinstance(call, ast.Call) or call.keywords:
+                continue
+            params = [a.arg for a in f.args.posonlyargs + f.args.args]
+            target = call.func
+            if isinstance(scope, ast.ClassDef):  # a method recurses through its first parameter
+                ok = (params and isinstance(target, ast.Attribute) and target.attr == f.name
+                      and isinstance(target.value, ast.Name) and target.value.id == params[0])
+                params = params[1:]
+            else:
+                ok = isinstance(target, ast.Name) and target.id == f.name
+            if ok and [a.id if isinstance(a, ast.Name) else None for a in call.args] == params:
+                return True
+    return False
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def is_repetitive(problem: str, solution: str) -> bool:
+    """Whether the sample loops: see `repetitive` above."""
+    for text in (problem, solution):
+        run, previous = 0, None
+        for line in (ln.strip() for ln in text.splitlines()):
+            if not line:
+                continue
+            run = run + 1 if line == previous and len(line) >= 12 and _WORD.search(line) else 1
+            previous = line
+            if run >= 4:
+                return True
+    sentences = [s.strip() for s in _SENTENCE_END.split(_INLINE.sub("", _FENCED.sub("", problem))) if len(s.strip()) >= 20]
+    return any(n >= 3 for n in Counter(sentences).values())
+
+
+def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        return body[1:]
+    return body
 
 
 def _code_only(code: str) -> list[str]:
@@ -229,11 +291,14 @@ def near_duplicates(texts: list[str], threshold: float, reference: Optional[list
 
 def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
     """What a finished dataset holds, checked whatever gates were on: placeholders, prompt echoes, seed copies
-    (at quality.max_seed_similarity, or 0.9 when that gate is off), stubs and how many distinct seeds it covers."""
+    (at quality.max_seed_similarity, or 0.9 when that gate is off), degenerate samples and how many distinct
+    seeds it covers."""
     copy_at = conf.max_seed_similarity if conf.max_seed_similarity < 1.0 else 0.9
     return {"rows": len(rows),
             "placeholders": sum(has_placeholder(r["problem"]) or has_placeholder(r["solution"]) for r in rows),
             "prompt_echoes": sum(any(p in " ".join(r["problem"].lower().split()) for p in ECHO_PHRASES) for r in rows),
             "seed_copies": sum(bool(r.get("snippet")) and seed_similarity(r["solution"], r["snippet"]) >= copy_at for r in rows),
             "stubs": sum(is_stub(r["solution"]) for r in rows),
+            "infinite_recursions": sum(calls_itself_unchanged(r["solution"]) for r in rows),
+            "repetitive": sum(is_repetitive(r["problem"], r["solution"]) for r in rows),
             "distinct_seeds": len({r.get("seed_id") for r in rows})}

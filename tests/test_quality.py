@@ -60,6 +60,14 @@ BAD = [
                                            "def _helper(p):\n    # TODO\n    pass\n")),
     ("stub_solution", sample("Write a small module that joins file paths for the current platform correctly.",
                              "import os\nimport sys\n")),
+    ("infinite_recursion", sample(GOOD_PROBLEM, 'def common_suffix(paths):\n    """Shared extension."""\n'
+                                                "    return common_suffix(paths)\n")),
+    ("infinite_recursion", sample("Write a class `Stats` whose method `print_line(func)` prints one function's stats.",
+                                  "class Stats:\n    def print_line(self, func):\n        self.print_line(func)\n")),
+    ("repetitive", sample(GOOD_PROBLEM, 'def common_suffix(paths):\n    """Return the shared extension."""\n'
+                          + '    """Return the shared extension."""\n' * 4 + "    return ''\n")),
+    ("repetitive", sample("Write a function `common_suffix(paths)` that returns the shared extension of the paths. "
+                          + "If the paths are empty, the empty string is returned. " * 3, GOOD_SOLUTION)),
     ("contaminated", sample("Implement the following function so that it passes its doctests, for any list of numbers.\n"
                             + HUMANEVAL_0["prompt"], HUMANEVAL_0["prompt"] + HUMANEVAL_0["canonical_solution"])),
     ("contaminated", sample("Write a function to find the shared elements from the given two lists, as a tuple.",
@@ -89,7 +97,7 @@ def test_a_good_sample_passes_every_gate(index):
 
 
 def test_code_that_does_something_is_not_a_stub():
-    from scoder_ray.quality import is_stub
+    from scoder_ray.quality import calls_itself_unchanged, is_repetitive, is_stub
 
     abstract_and_concrete = ("class Shape:\n    def area(self):\n        raise NotImplementedError\n\n\n"
                              "class Square(Shape):\n    def __init__(self, s):\n        self.s = s\n\n"
@@ -97,7 +105,13 @@ def test_code_that_does_something_is_not_a_stub():
     fields_only = "from dataclasses import dataclass\n\n\n@dataclass\nclass Point:\n    x: int\n    y: int\n"
     script = "import sys\nprint(sum(int(x) for x in sys.argv[1:]))\n"
     assert not any(is_stub(code) for code in (GOOD_SOLUTION, abstract_and_concrete, fields_only, script, "def f(:"))
-    assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    pass\n", None, QualityConf(reject_stubs=False)) == ""
+    # Recursion that moves, and a method calling the builtin it is named after, are not infinite recursion.
+    moving = "def fact(n):\n    return 1 if n < 2 else n * fact(n - 1)\n\n\ndef walk(node):\n    return walk(node.next)\n"
+    builtin_namesake = "class File:\n    def open(self, path):\n        return open(path)\n"
+    assert not any(calls_itself_unchanged(code) for code in (moving, builtin_namesake, abstract_and_concrete))
+    table = "GRID = [\n" + "    [0, 0, 0, 0, 0, 0],\n" * 6 + "]\n"  # repeated rows of data are not a loop
+    assert not is_repetitive(GOOD_PROBLEM, table) and not is_repetitive(GOOD_PROBLEM, GOOD_SOLUTION)
+    assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    pass\n", None, QualityConf(reject_degenerate=False)) == ""
 
 
 def test_seed_similarity_ignores_comments_and_docstrings_but_not_new_code():
@@ -146,7 +160,7 @@ def test_the_audit_counts_what_a_dataset_holds():
             {"seed_id": "b", "snippet": SNIPPET, "problem": "<the problem statement>", "solution": SNIPPET}]
     rows.append({"seed_id": "b", "problem": GOOD_PROBLEM, "solution": "def common_suffix(paths):\n    ...\n"})
     assert audit(rows, QualityConf()) == {"rows": 3, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
-                                          "stubs": 1, "distinct_seeds": 2}
+                                          "stubs": 1, "infinite_recursions": 0, "repetitive": 0, "distinct_seeds": 2}
 
 
 def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
