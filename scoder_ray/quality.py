@@ -175,6 +175,12 @@ def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
     return body
 
 
+def code_key(solution: str) -> str:
+    """What a solution does, as text: its code tokens without comments, docstrings and case. Two samples with
+    the same key teach the same code, however their problems are worded (final: `duplicate_solution`)."""
+    return " ".join(_code_only(solution))
+
+
 def _code_only(code: str) -> list[str]:
     """Tokens of `code` without comments and docstrings (string statements), lower-cased."""
     try:

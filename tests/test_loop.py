@@ -529,9 +529,15 @@ def test_killed_three_times_and_resumed_gives_the_same_dataset(job_run, tmp_path
     # uses it. Labels that follow one aspect must give that aspect most of w. (--until: no second loop.)
     import pyarrow.parquet as pq
 
+    from scoder_ray.quality import code_key
     from scoder_ray.store import RunStore
 
     store = RunStore.open(f"{tmp_path}/resumed")
+    # A synthesizer that copies its seeds writes the same code many times: the dataset holds each code once.
+    final = store.read_done("final")
+    solutions = pq.read_table(store.uri("final") + "/data").column("solution").to_pylist()
+    assert len({code_key(s) for s in solutions}) == len(solutions) == final["rows"]
+    assert final["rejected"].get("duplicate_solution", 0) == final["duplicate_solutions"]
     scored = pq.read_table(store.uri("iter_01/score") + "/data").to_pylist()
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps({"cand_id": r["cand_id"], "label": r["aspect_relevance"]}) + "\n"

@@ -114,6 +114,15 @@ def test_code_that_does_something_is_not_a_stub():
     assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    pass\n", None, QualityConf(reject_degenerate=False)) == ""
 
 
+def test_the_same_code_has_one_key_whatever_its_comments_docstrings_and_case():
+    from scoder_ray.quality import code_key
+
+    commented = GOOD_SOLUTION.replace("def common_suffix(paths):\n", 'def Common_Suffix(paths):  # shared\n'
+                                      '    """The extension every path has."""\n')
+    assert code_key(commented) == code_key(GOOD_SOLUTION)
+    assert code_key(GOOD_SOLUTION.replace('""', "None")) != code_key(GOOD_SOLUTION)
+
+
 def test_seed_similarity_ignores_comments_and_docstrings_but_not_new_code():
     assert seed_similarity(SNIPPET, SNIPPET) == 1.0
     assert seed_similarity("# copied\n" + SNIPPET.replace('"""Split the extension from a pathname."""', '"""Other."""'), SNIPPET) == 1.0

@@ -35,18 +35,21 @@ def dataset_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]]:
-    """The parsed samples that become the dataset, in cand_id order: exact duplicates, solutions that fail the
-    examples their problem states (sandbox), near duplicates of a teacher sample or of another sample are
-    dropped; `raw["reason"]` gets why. Returns (kept rows, counts for _DONE.json)."""
+    """The parsed samples that become the dataset, in cand_id order: exact duplicates, samples whose solution is
+    another's code (comments, docstrings and case aside), solutions that fail the examples their problem states
+    (sandbox), near duplicates of a teacher sample or of another sample are dropped; `raw["reason"]` gets why. Returns (kept rows, counts for _DONE.json)."""
     import ray
 
-    from scoder_ray.quality import near_duplicates
+    from scoder_ray.quality import code_key, near_duplicates
     from scoder_ray.score.execution import execute_batch
 
     parsed = raw[raw["parse_ok"]].sort_values("cand_id")
     dup = parsed.duplicated(["problem", "solution"])
     raw.loc[parsed.index[dup], "reason"] = "duplicate"
-    unique = parsed[~dup]
+    # The same code under other words (or comments, docstrings): one copy teaches it, the first in cand_id order.
+    same_code = ~dup & parsed["solution"].map(code_key).duplicated()
+    raw.loc[parsed.index[same_code], "reason"] = "duplicate_solution"
+    unique = parsed[~dup & ~same_code]
     verdicts: dict[str, str] = {}
     if len(unique):  # in Ray tasks: on a cluster the worker nodes run the sandboxes, not the driver's node
         ran_ds = ray.data.from_pandas(unique[["cand_id", "problem", "solution"]].reset_index(drop=True)).map_batches(
@@ -66,7 +69,7 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
         if reason:
             raw.loc[idx, "reason"] = reason.replace("of_reference", "of_teacher")
     kept = ran[[not r for r in near]]
-    return kept, {"duplicates": int(dup.sum()), "exec_failed": int(sum(failed)),
+    return kept, {"duplicates": int(dup.sum()), "duplicate_solutions": int(same_code.sum()), "exec_failed": int(sum(failed)),
                   "near_duplicates": sum(1 for r in near if r == "near_duplicate"),
                   "near_duplicates_of_teacher": sum(1 for r in near if r == "near_duplicate_of_reference")}
 
