@@ -202,15 +202,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from scoder_ray.export import export_dataset, export_model, push_to_hub
+    from scoder_ray.export import LLAMAFACTORY, export_dataset, export_model, llamafactory_name, push_to_hub
     from scoder_ray.store import RunStore
 
     store = RunStore.open(args.run_dir)
     folder = export_dataset(store, args.out, args.format)
     print(f"dataset: {folder}  (datasets.load_dataset({str(folder)!r}))")
-    if (folder / "dataset_info.json").exists():
-        name = next(iter(json.loads((folder / "dataset_info.json").read_text())))
-        print(f"LLaMA-Factory: dataset_dir: {folder}  dataset: {name}")
+    if args.format in LLAMAFACTORY:
+        print(f"LLaMA-Factory: dataset_dir: {folder}  dataset: {llamafactory_name(store)}")
     if args.model:
         print(f"model: {export_model(store, args.model)}")
     if args.to:

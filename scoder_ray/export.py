@@ -69,9 +69,9 @@ def export_dataset(store: RunStore, out_dir: str, fmt: str = "messages") -> Path
                                              for r in rows]), tmp / data_file)
     else:
         data_file = "data/train.jsonl"
-        (tmp / data_file).write_text("".join(json.dumps(record(r, fmt), ensure_ascii=False) + "\n" for r in rows))
-        sha1 = hashlib.sha1((tmp / data_file).read_bytes()).hexdigest()
-        entry = {"file_name": data_file, "file_sha1": sha1, **LLAMAFACTORY[fmt]}
+        text = "".join(json.dumps(record(r, fmt), ensure_ascii=False) + "\n" for r in rows)
+        (tmp / data_file).write_text(text)
+        entry = {"file_name": data_file, "file_sha1": hashlib.sha1(text.encode()).hexdigest(), **LLAMAFACTORY[fmt]}
         (tmp / "dataset_info.json").write_text(json.dumps({llamafactory_name(store): entry}, indent=2) + "\n")
     (tmp / "README.md").write_text(dataset_card(store, final, fmt, data_file, len(rows)))
     if out.exists():
@@ -92,9 +92,10 @@ def dataset_card(store: RunStore, final: dict[str, Any], fmt: str, data_file: st
                else f"`{cfg.teacher.model}` at {cfg.teacher.base_url}" if cfg else "?")
     q = cfg.quality if cfg else None
     gates = (f"placeholders, prompt echoes, prose-less problems (< {q.min_problem_words} words), seed copies "
-             f"(similarity >= {q.max_seed_similarity}), undefined entry points, stub solutions, contamination "
+             f"(similarity >= {q.max_seed_similarity}), undefined entry points, degenerate samples (stubs, infinite "
+             "recursion, repeated lines), contamination "
              f"({q.decontam_ngram}-gram overlap >= {q.decontam_threshold} with {', '.join(q.decontam_benchmarks)}), "
-             f"exact and near duplicates (MinHash Jaccard >= {q.near_dup_threshold}), examples stated in the problem "
+             f"exact, same-code and near duplicates (MinHash Jaccard >= {q.near_dup_threshold}), examples stated in the problem "
              "that fail in the sandbox") if q else "?"
     header = "\n".join(["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
                         f"    path: {data_file}", "task_categories:", "- text-generation", "language:", "- en",

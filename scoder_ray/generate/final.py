@@ -37,7 +37,8 @@ def dataset_digest(rows: list[dict[str, Any]]) -> str:
 def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]]:
     """The parsed samples that become the dataset, in cand_id order: exact duplicates, samples whose solution is
     another's code (comments, docstrings and case aside), solutions that fail the examples their problem states
-    (sandbox), near duplicates of a teacher sample or of another sample are dropped; `raw["reason"]` gets why. Returns (kept rows, counts for _DONE.json)."""
+    (sandbox), near duplicates of a teacher sample or of another sample are dropped; `raw["reason"]` gets why.
+    Returns (kept rows, counts for _DONE.json)."""
     import ray
 
     from scoder_ray.quality import code_key, near_duplicates
