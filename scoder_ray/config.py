@@ -312,6 +312,10 @@ class InfluenceConf:
     keep_count: int = 0  # > 0: keep exactly this many instead of a fraction
     num_actors: int = 1
     cpus_per_actor: int = 1  # CPU actors: torch threads each (Ray sets OMP_NUM_THREADS from it)
+    # CPU actors: memory Ray reserves for each (its `memory` resource), so pools side by side are packed by
+    # memory as well as cores instead of overrunning a node; 0 = none. The peak is the gradient batch's
+    # activations plus R: 5.6 GiB measured at the demo's shapes (conf/preset/demo.yaml).
+    memory_gib: float = 0.0
     gpus_per_actor: int = 0
 
 
@@ -544,6 +548,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for key in ("proj_dim", "block_rows", "batch_size", "sort_window", "max_len", "num_actors", "cpus_per_actor",
                 "buffer_mb"):
         _check(getattr(inf, key) > 0, f"influence.{key}", "an integer > 0", getattr(inf, key))
+    _check(inf.memory_gib >= 0, "influence.memory_gib", "a number of GiB >= 0 (0: none reserved)", inf.memory_gib)
     _check(0 < inf.warmup_fraction <= 1, "influence.warmup_fraction", "a number in (0, 1]", inf.warmup_fraction)
     _check(cfg.evaluate.base_prompt in ("completion", "chat"), "evaluate.base_prompt", "completion or chat",
            cfg.evaluate.base_prompt)

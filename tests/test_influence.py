@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 from scoder_ray.config import ModelsConf, load_config
 from scoder_ray.influence.features import GradientFeatures, MissingMomentsError, to_batch
-from scoder_ray.influence.stage import compute_features, influence_scores, keep_top, read_features
+from scoder_ray.influence.stage import compute_features, feature_pools, influence_scores, keep_top, read_features
 from scoder_ray.train.data import encode, prompt_response
 
 pytestmark = pytest.mark.slow
@@ -176,7 +176,8 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
                                 "influence.sort_window=4"]).influence
     results = []
     for actors in (1, 2):
-        c = conf.__class__(**{**conf.__dict__, "num_actors": actors})
+        # The two actors each reserve memory (influence.memory_gib): Ray still places both.
+        c = conf.__class__(**{**conf.__dict__, "num_actors": actors, "memory_gib": 0.0 if actors == 1 else 1.0})
         out = tmp_path / f"f{actors}"
         done = compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0, models=ModelsConf())
         assert done["rows"] == 12 and done["actor_start_s"] > 0 and done["actor_busy_s"] > 0  # start-up, work apart
@@ -190,6 +191,16 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
     assert np.array_equal(s1, s2)
     rank, kept = keep_top(results[0][0], s1, c.__class__(**{**c.__dict__, "keep_count": 3}))
     assert kept.sum() == 3 and sorted(rank.tolist()) == list(range(1, 13))
+
+
+def test_cpu_feature_pools_are_packed_by_memory_too(ray_local):
+    memory_gib = ray_local.cluster_resources()["memory"] / 2**30
+    cfg = load_config("tiny", [])  # 1 actor of 1 CPU a pool: two pools side by side on 2 CPUs
+    assert feature_pools(cfg, 4) == [1, 1]
+    cfg = load_config("tiny", [f"influence.memory_gib={memory_gib * 0.6:.2f}"])  # one pool's worth of memory
+    assert feature_pools(cfg, 4) == [1]
+    with pytest.raises(ValueError, match=r"influence.memory_gib=.*no node of this cluster has that much memory"):
+        feature_pools(load_config("tiny", [f"influence.memory_gib={memory_gib + 1:.2f}"]), 4)
 
 
 def test_bad_input_is_named(lora_run, tmp_path):

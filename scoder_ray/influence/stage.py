@@ -88,6 +88,8 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     rows = ds.count()
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
     opts: dict[str, Any] = gpu_options(conf.gpus_per_actor, accelerator_type) or {"num_cpus": conf.cpus_per_actor}
+    if not conf.gpus_per_actor and conf.memory_gib:
+        opts["memory"] = int(conf.memory_gib * 2**30)
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
                                                                 "seed": seed, "models": models,
@@ -233,15 +235,31 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
 def feature_pools(cfg: Config, pools: int) -> list[int]:
     """Actors per feature pool for the (checkpoint, kind) pools that run side by side: they share
     `ray.gpu_budget` on GPUs; CPU pools run as many at once as the cluster's CPUs hold (a pool that cannot
-    get its CPUs would only wait), at most `ray.parallel_checkpoints` checkpoints' worth (0: all)."""
+    get its CPUs — and its `influence.memory_gib` each — would only wait), at most `ray.parallel_checkpoints`
+    checkpoints' worth (0: all)."""
     import ray
 
     conf = cfg.influence
     at_most = 2 * cfg.ray.parallel_checkpoints
     if not conf.gpus_per_actor:
-        fit = max(1, int(ray.cluster_resources().get("CPU", 1) // (conf.num_actors * conf.cpus_per_actor)))
-        at_most = min(at_most or fit, fit)
+        have = ray.cluster_resources()
+        fit = int(have.get("CPU", 1) // (conf.num_actors * conf.cpus_per_actor))
+        if conf.memory_gib:
+            check_memory_fits(conf.memory_gib, bool(cfg.ray.cluster_config))
+            fit = min(fit, int(have.get("memory", 0) // (conf.num_actors * conf.memory_gib * 2**30)))
+        at_most = min(at_most or max(1, fit), max(1, fit))
     return pool_sizes(pools, conf.gpus_per_actor, conf.num_actors, gpu_budget(cfg), at_most)
+
+
+def check_memory_fits(memory_gib: float, autoscaled: bool) -> None:
+    """An actor asking more memory than any node has would wait forever: say so now, unless an autoscaler
+    (ray.cluster_config) may still add a bigger node."""
+    import ray
+
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0) / 2**30
+    if memory_gib > largest and not autoscaled:
+        raise ValueError(f"influence.memory_gib={memory_gib:g}: no node of this cluster has that much memory for "
+                         f"Ray (the largest has {largest:.1f} GiB): lower it, or 0 to reserve none")
 
 
 def _empty_influence(store: RunStore, cand_stage: str, tmp: str) -> dict[str, Any]:
