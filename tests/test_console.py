@@ -16,6 +16,13 @@ DRIVER = textwrap.dedent(r"""
     print("2026-12-05 00:33:03,307\tINFO logging_progress.py:231 -- Write: 0/1", file=sys.stderr, flush=True)
     print("[2026-12-05 00:57:45,116 W 2686 2686] network_util.cc:330: Failed to determine local IP", file=sys.stderr, flush=True)
     print("2026-12-05 00:33:03,308\tWARNING dataset.py:12 -- a real warning", file=sys.stderr, flush=True)
+    print("[2026-12-06 04:00:01,048 E 31592 2179] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+          "Sampler))' and ID: 'e9d8' has constructor arguments in the object store and max_restarts > 0. If the arguments "
+          "in the object store go out of scope or are lost, the actor restart will fail.", file=sys.stderr, flush=True)
+    print("\x1b[33m(raylet)\x1b[0m Task Scorer.__ray_terminate__ failed. There are 3 retries remaining, so the task will "
+          "be retried. Error: The actor is temporarily unavailable: IntentionalSystemExit: Worker exits with an exit "
+          "code 0. exit_actor() is called.", flush=True)
+    print("[2026-12-06 04:00:02,000 E 31592 2179] core_worker.cc:99: a real error", file=sys.stderr, flush=True)
     sys.stderr.write("teacher:  50%|#####     | 1/2\r"); sys.stderr.flush()
     time.sleep(0.1)
     sys.stderr.write("teacher: 100%|##########| 2/2\n"); sys.stderr.flush()
@@ -39,9 +46,13 @@ def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path
     assert "training resumes after step 4" in out.stdout  # a worker's line of our own stays
     assert "Initializing an engine" not in out.stdout and "Write: 0/1" not in out.stderr
     assert "Failed to determine local IP" not in out.stderr
+    # Ray's false alarms at every pool (a Ray Data actor's arguments; an actor ending as asked) are left out,
+    # Ray core's other errors are not.
+    assert "constructor arguments" not in out.stderr and "__ray_terminate__" not in out.stdout
+    assert "a real error" in out.stderr
     assert "a real warning" in out.stderr and "teacher:  50%" in out.stderr and "2/2" in out.stderr
     for line in ("Initializing an engine", "Write: 0/1", "Failed to determine local IP", "a real warning", "teacher:  50%", "a child's line",
-                 "training resumes", "seeds: done"):
+                 "training resumes", "seeds: done", "constructor arguments", "__ray_terminate__"):
         assert line in log, line
 
 
