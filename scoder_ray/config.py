@@ -314,7 +314,8 @@ class InfluenceConf:
     cpus_per_actor: int = 1  # CPU actors: torch threads each (Ray sets OMP_NUM_THREADS from it)
     # CPU actors: memory Ray reserves for each (its `memory` resource), so pools side by side are packed by
     # memory as well as cores instead of overrunning a node; 0 = none. The peak is the gradient batch's
-    # activations plus R: 5.6 GiB measured at the demo's shapes (conf/preset/demo.yaml).
+    # activations plus R: 5.6 GiB measured at the demo's shapes (conf/preset/demo.yaml). More than any node
+    # has (and no autoscaler): lowered to the largest node's, with a warning (influence/stage.actor_memory_gib).
     memory_gib: float = 0.0
     gpus_per_actor: int = 0
 

@@ -13,7 +13,8 @@ from scipy.stats import spearmanr
 
 from scoder_ray.config import ModelsConf, load_config
 from scoder_ray.influence.features import GradientFeatures, MissingMomentsError, to_batch
-from scoder_ray.influence.stage import compute_features, feature_pools, influence_scores, keep_top, read_features
+from scoder_ray.influence.stage import (actor_memory_gib, compute_features, feature_pools, influence_scores, keep_top,
+                                       read_features)
 from scoder_ray.train.data import encode, prompt_response
 
 pytestmark = pytest.mark.slow
@@ -196,11 +197,14 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
 def test_cpu_feature_pools_are_packed_by_memory_too(ray_local):
     memory_gib = ray_local.cluster_resources()["memory"] / 2**30
     cfg = load_config("tiny", [])  # 1 actor of 1 CPU a pool: two pools side by side on 2 CPUs
-    assert feature_pools(cfg, 4) == [1, 1]
+    assert feature_pools(cfg, 4) == [1, 1] and actor_memory_gib(cfg) == (0.0, "")
     cfg = load_config("tiny", [f"influence.memory_gib={memory_gib * 0.6:.2f}"])  # one pool's worth of memory
-    assert feature_pools(cfg, 4) == [1]
-    with pytest.raises(ValueError, match=r"influence.memory_gib=.*no node of this cluster has that much memory"):
-        feature_pools(load_config("tiny", [f"influence.memory_gib={memory_gib + 1:.2f}"]), 4)
+    assert feature_pools(cfg, 4) == [1] and actor_memory_gib(cfg) == (round(memory_gib * 0.6, 2), "")
+    # More than any node has: lowered to what the node has (else the pool would wait forever), with a warning.
+    cfg = load_config("tiny", [f"influence.memory_gib={memory_gib + 1:.2f}"])
+    got, warning = actor_memory_gib(cfg)
+    assert got == pytest.approx(memory_gib) and feature_pools(cfg, 4) == [1]
+    assert "influence.memory_gib=" in warning and "more than any node has" in warning
 
 
 def test_bad_input_is_named(lora_run, tmp_path):
@@ -233,6 +237,7 @@ def test_warmup_and_influence_stages_through_the_run_store(ray_local, tmp_path, 
                                "train.warmup.epochs=2", "train.warmup.num_checkpoints=2", "train.warmup.micro_batch_size=2",
                                "influence.proj_dim=1024", "influence.warmup_fraction=0.5", "influence.keep_fraction=0.25",
                                "influence.max_len=512", "score.exec_timeout_s=3",
+                               "influence.memory_gib=1000",  # more than the node has: lowered, with a warning
                                "quality.reference_near_dup_threshold=1.0"])  # the candidates here ARE teacher rows
     store = RunStore.for_config(cfg)
     from scoder_ray.generate.bootstrap import run_bootstrap
@@ -264,6 +269,7 @@ def test_warmup_and_influence_stages_through_the_run_store(ray_local, tmp_path, 
     assert all(r["kept"] == (r["rank"] <= done["rows"]) for r in out)
     assert {r["cand_id"] for r in out} <= {c["cand_id"] for c in cands}
     assert set(done["checkpoint_lrs"]) == {"ckpt_01", "ckpt_02"}
+    assert [w for w in done["warnings"] if w.startswith("influence.memory_gib=1000 is more than any node has")]
     shards = [s.name for s in store.stages() if "/features/" in s.name]
     assert len(shards) == 5 and all(s.state == "done" for s in store.stages())  # candidates + 2 ckpts x 2 kinds
     # no hidden time: the stage's seconds include its feature sub-stages, listed per checkpoint and kind

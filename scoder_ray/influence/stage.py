@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from typing import Any
@@ -193,6 +194,8 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
                "reference": (store.uri("bootstrap") + "/data", "seed_id", teacher_done["output_digest"])}
     feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
+    memory_gib, memory_warning = actor_memory_gib(cfg)
+    actor_conf = dataclasses.replace(conf, memory_gib=memory_gib)
     parts: dict[str, float] = {}  # seconds of each (checkpoint, kind) feature sub-stage, as it ran
     jobs = {}
     for c in warm["checkpoints"]:
@@ -201,7 +204,7 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
             def job(actors: int, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column, digest=rows_digest) -> None:
                 parts[f"{name}-{k}"] = store.run_stage(
                     f"{it}/features/{name}-{k}", feat_sections, {"warmup": warm["output_digest"], "rows": digest},
-                    lambda tmp: compute_features(u, f"{tmp}/data", base_model, d, name, k, conf, cfg.run.seed,
+                    lambda tmp: compute_features(u, f"{tmp}/data", base_model, d, name, k, actor_conf, cfg.run.seed,
                                                  cfg.models, col, cfg.ray.accelerator_type, actors))["seconds"]
             jobs[f"{c['name']}-{kind}"] = job
     side = side_by_side(jobs, feature_pools(cfg, len(jobs)), conf.gpus_per_actor, cfg.ray.accelerator_type)
@@ -223,7 +226,7 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         out = [{**rows[i], "influence": float(s), "rank": int(r), "kept": bool(k)} for i, s, r, k in zip(ids, scores, rank, kept)]
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(out))
         return {"rows": int(kept.sum()), "candidates": len(ids), "checkpoint_lrs": lrs, "aggregate": conf.aggregate,
-                "feature_seconds": parts, **side,
+                "feature_seconds": parts, **side, "warnings": [memory_warning] if memory_warning else [],
                 "influence_quantiles": {q: float(np.quantile(scores, q)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)}}
 
     inputs = {"warmup": warm["output_digest"], "rank": rank_done["output_digest"]}
@@ -244,22 +247,28 @@ def feature_pools(cfg: Config, pools: int) -> list[int]:
     if not conf.gpus_per_actor:
         have = ray.cluster_resources()
         fit = int(have.get("CPU", 1) // (conf.num_actors * conf.cpus_per_actor))
-        if conf.memory_gib:
-            check_memory_fits(conf.memory_gib, bool(cfg.ray.cluster_config))
-            fit = min(fit, int(have.get("memory", 0) // (conf.num_actors * conf.memory_gib * 2**30)))
+        memory_gib = actor_memory_gib(cfg)[0]
+        if memory_gib:
+            fit = min(fit, int(have.get("memory", 0) // (conf.num_actors * memory_gib * 2**30)))
         at_most = min(at_most or max(1, fit), max(1, fit))
     return pool_sizes(pools, conf.gpus_per_actor, conf.num_actors, gpu_budget(cfg), at_most)
 
 
-def check_memory_fits(memory_gib: float, autoscaled: bool) -> None:
-    """An actor asking more memory than any node has would wait forever: say so now, unless an autoscaler
-    (ray.cluster_config) may still add a bigger node."""
+def actor_memory_gib(cfg: Config) -> tuple[float, str]:
+    """(GiB each CPU feature actor reserves, a warning or ''): influence.memory_gib, lowered to the largest
+    live node's memory for Ray when no autoscaler (ray.cluster_config) may add a bigger node — an actor
+    asking more than any node has would wait forever; lowered, it runs alone on that node."""
     import ray
 
+    want = cfg.influence.memory_gib
+    if cfg.influence.gpus_per_actor or not want or cfg.ray.cluster_config:
+        return (0.0 if cfg.influence.gpus_per_actor else want), ""
     largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0) / 2**30
-    if memory_gib > largest and not autoscaled:
-        raise ValueError(f"influence.memory_gib={memory_gib:g}: no node of this cluster has that much memory for "
-                         f"Ray (the largest has {largest:.1f} GiB): lower it, or 0 to reserve none")
+    if want <= largest:
+        return want, ""
+    return largest, (f"influence.memory_gib={want:g} is more than any node has for Ray (the largest: {largest:.1f} "
+                     f"GiB, what was free when Ray started): each feature actor reserves {largest:.1f} GiB, one at a "
+                     f"time per node, and may run short of memory")
 
 
 def _empty_influence(store: RunStore, cand_stage: str, tmp: str) -> dict[str, Any]:
