@@ -16,7 +16,8 @@
   parameters, unchanged: every call recurses until the stack runs out (no stdlib function does this);
 - `repetitive`: the same line (12+ characters, with letters) 4+ times in a row, or a sentence of the problem
   3+ times: a sampling loop, not writing (4 in a row: 56 of 135,225 functions of the stdlib and
-  site-packages, mostly test tables, whose repeated rows hold no letters);
+  site-packages, mostly test tables, whose repeated rows hold no letters), or a problem that opens with its
+  first word twice ("Write: Write: ...": a stutter; no stdlib or site-packages docstring of 236,511 opens so);
 - `contaminated`: the problem and solution overlap a benchmark's problem or solution (n-gram overlap, the
   seed stage's test: evaluate/decontam.py) of `quality.decontam_benchmarks`.
 """
@@ -45,6 +46,7 @@ ECHO_PHRASES = ("below is a code snippet", "create a new, self-contained python 
 _FENCED = re.compile(r"```.*?(```|$)", re.DOTALL)
 _INLINE = re.compile(r"`[^`\n]*`")
 _WORD = re.compile(r"[A-Za-z]{2,}")
+_STUTTER = re.compile(r"^\W*([A-Za-z]{2,}\W+)\1")  # the opening word twice, with the same separator
 _NAMED_CALL = re.compile(r"`\s*(?:def\s+)?([A-Za-z_]\w*)\s*\(")  # `name(...)` / `def name(` in backticks
 _NAMED_FUNCTION = re.compile(r"\b(?:function|method)\s+(?:named\s+|called\s+)?`([A-Za-z_]\w*)`", re.IGNORECASE)
 _BUILTINS = set(dir(builtins))
@@ -154,7 +156,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def is_repetitive(problem: str, solution: str) -> bool:
-    """Whether the sample loops: see `repetitive` above."""
+    """Whether the sample loops or stutters: see `repetitive` above."""
+    if _STUTTER.match(problem):
+        return True
     for text in (problem, solution):
         run, previous = 0, None
         for line in (ln.strip() for ln in text.splitlines()):

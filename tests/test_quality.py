@@ -68,6 +68,8 @@ BAD = [
                           + '    """Return the shared extension."""\n' * 4 + "    return ''\n")),
     ("repetitive", sample("Write a function `common_suffix(paths)` that returns the shared extension of the paths. "
                           + "If the paths are empty, the empty string is returned. " * 3, GOOD_SOLUTION)),
+    ("repetitive", sample("Write: Write: Check if a string is a list of strings, in `is_list_of_strings(s)`.",
+                          "def is_list_of_strings(s):\n    return isinstance(s, list) and all(isinstance(x, str) for x in s)\n")),
     ("contaminated", sample("Implement the following function so that it passes its doctests, for any list of numbers.\n"
                             + HUMANEVAL_0["prompt"], HUMANEVAL_0["prompt"] + HUMANEVAL_0["canonical_solution"])),
     ("contaminated", sample("Write a function to find the shared elements from the given two lists, as a tuple.",
@@ -111,6 +113,9 @@ def test_code_that_does_something_is_not_a_stub():
     assert not any(calls_itself_unchanged(code) for code in (moving, builtin_namesake, abstract_and_concrete))
     table = "GRID = [\n" + "    [0, 0, 0, 0, 0, 0],\n" * 6 + "]\n"  # repeated rows of data are not a loop
     assert not is_repetitive(GOOD_PROBLEM, table) and not is_repetitive(GOOD_PROBLEM, GOOD_SOLUTION)
+    # A repeated word inside a sentence, or one that differs in case or separator, is no stutter.
+    assert not any(is_repetitive(p, GOOD_SOLUTION) for p in ("Write Write-ahead logs to `log(path)` in order, one per line.",
+                                                           "Log log lines of `f(x)`.", "Return that that value holds."))
     assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    pass\n", None, QualityConf(reject_degenerate=False)) == ""
 
 
