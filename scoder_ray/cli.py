@@ -171,6 +171,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{name}: {path}")
         return 0
     from scoder_ray import console, loop
+    from scoder_ray.ray_env import shutdown_ray
 
     captured = console.start(verbose) if args.command in ("run", "stage") else None  # and to RUN_DIR/logs/
     try:
@@ -197,6 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     finally:
         if captured:
+            shutdown_ray()
             captured.stop()
     return 0
 

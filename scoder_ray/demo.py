@@ -64,6 +64,7 @@ def main(overrides: list[str]) -> int:
     """The console as `scoder-ray run` has it: scoder-ray's lines and real warnings (`--verbose`: everything);
     everything also in RUN_DIR/logs/."""
     from scoder_ray import console
+    from scoder_ray.ray_env import shutdown_ray
 
     if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)
@@ -72,6 +73,7 @@ def main(overrides: list[str]) -> int:
     try:
         return _demo([a for a in overrides if a != "--verbose"])
     finally:
+        shutdown_ray()
         captured.stop()
 
 

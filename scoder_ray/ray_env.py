@@ -12,15 +12,18 @@ from typing import Any, Callable, Optional
 from scoder_ray.config import Config, ConfigError, RayConf
 
 ENDPOINT_VAR = "AWS_ENDPOINT_URL"  # read by Arrow's S3 filesystem (and boto3) on every node
+_started_here = False  # whether init_ray called ray.init (not a caller's Ray, e.g. a test's)
 
 
 def init_ray(conf: RayConf, env_vars: Optional[dict[str, str]] = None) -> None:
     """Idempotent `ray.init`. Inside `ray job submit` the job's cluster is found through RAY_ADDRESS.
     `env_vars` reach every Ray worker of a driver that starts or joins Ray itself (a submitted job's
     workers get the job's runtime_env instead: see `apply_endpoint`)."""
+    global _started_here
     import ray
 
     if not ray.is_initialized():
+        _started_here = True
         address = conf.address or os.environ.get("RAY_ADDRESS")
         runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars and not job_runtime_env() else {}
         if address:
@@ -36,6 +39,17 @@ def init_ray(conf: RayConf, env_vars: Optional[dict[str, str]] = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs, same row order: resumed runs match
     quiet_known_warnings()
+
+
+def shutdown_ray() -> None:
+    """Leave the Ray that init_ray started or joined (a local one stops), so that what its workers still print
+    as their pools end arrives while the console filters it, not after the run's last line."""
+    global _started_here
+    import ray
+
+    if _started_here and ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
 
 
 def quiet_known_warnings() -> None:

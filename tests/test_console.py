@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 DRIVER = textwrap.dedent(r"""
     import subprocess, sys, time
     from scoder_ray import console
@@ -77,3 +79,19 @@ def test_ray_datas_false_no_cpu_warning_is_left_out_and_its_other_warnings_kept(
         log.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
         log.warning("Warning: something else")
     assert [r.getMessage() for r in caplog.records] == ["Warning: something else"]
+
+
+@pytest.mark.slow
+def test_the_run_leaves_the_ray_it_started_and_never_a_callers(ray_local):
+    """`run`, `stage` and the demo leave their Ray before the console stops (what its workers print as their
+    pools end is then filtered, not printed after the run's last line), but not a Ray they were handed."""
+    from scoder_ray.config import RayConf
+    from scoder_ray.ray_env import init_ray, shutdown_ray
+
+    init_ray(RayConf())
+    shutdown_ray()
+    assert ray_local.is_initialized()
+    code = ("import ray; from scoder_ray.config import RayConf; from scoder_ray.ray_env import init_ray, shutdown_ray; "
+            "init_ray(RayConf(num_cpus=1, include_dashboard=False)); shutdown_ray(); print(ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
