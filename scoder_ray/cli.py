@@ -23,7 +23,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    "the key=value overrides")
     p.add_argument("--stand-in-teacher", action="store_true",
                    help=f"no teacher endpoint: use the demo's stand-in teacher samples ({STAND_IN}: documented stdlib "
-                   "functions, the problem their docstring's first line) instead; for trying the tool, not for data")
+                   "functions, the problem their docstring's first sentence) instead; for trying the tool, not for data")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (anywhere on the line)")
 
 

@@ -2,7 +2,7 @@
 
 A proprietary teacher is not reachable here. By default STAND-IN TEACHER SAMPLES take its place: 64 real
 (problem, solution) pairs made offline from documented stdlib functions (the problem is the docstring's first
-line), each answering the function before it in its module (`builtin:stdlib-documented`). A 135M model
+sentence), each answering the function before it in its module (`builtin:stdlib-documented`). A 135M model
 serving as the teacher wrote mostly the prompt's own placeholders and copies of the seed (measured: 8 of 14
 samples), which the quality gates now reject, so it is no longer the default. With `teacher.samples_file=`
 (empty) a local `vllm serve` of SmolLM2-135M-Instruct answers the bootstrap requests through the same
@@ -84,7 +84,7 @@ def _demo(overrides: list[str]) -> int:
     cfg = load_config("demo", overrides)
     if cfg.teacher.samples_file:
         print("[scoder-ray] demo: STAND-IN TEACHER SAMPLES — 64 documented stdlib functions (problem: the docstring's "
-              "first line), each answering the function before it in its module; a real run asks teacher.base_url.",
+              "first sentence), each answering the function before it in its module; a real run asks teacher.base_url.",
               flush=True)
         loop.run(cfg)
         print(f"[scoder-ray] demo finished: scoder-ray status {cfg.run.root}/{cfg.run.id}", flush=True)

@@ -18,6 +18,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import sysconfig
 import textwrap
 from collections import Counter
@@ -470,7 +471,7 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     n = int(count or 64)
     # v2: the seed is the function before it in its module (v1 rows were their own seed); v3: stub functions
     # (quality.is_stub) are skipped, which changes the rows beyond the first 117
-    name = f"stdlib-documented-v3-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v3-{n}.jsonl"
+    name = f"stdlib-documented-v4-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v4-{n}.jsonl"
     path = Path(cache_dir).expanduser() / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -480,9 +481,20 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     return str(path)
 
 
+def first_sentence(doc: str) -> str:
+    """A docstring's first sentence: its first paragraph's lines joined, up to the first sentence end. Its
+    first line alone is often cut mid-sentence ("Checks if obj matches either a list of types, or"), and a
+    synthesizer trained on such problems learns to write them."""
+    lines = doc.strip().split("\n\n", 1)[0].splitlines()
+    prose = lines[:next((i for i, ln in enumerate(lines) if ln.lstrip().startswith(">>>")), len(lines))]  # no doctest
+    paragraph = " ".join(" ".join(prose).split())
+    end = re.search(r"[.!?](?=\s)", paragraph)
+    return paragraph[:end.end()] if end else paragraph
+
+
 def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]:
     """Up to `n` real (snippet, problem, solution) rows made offline from documented stdlib functions: the
-    problem is the docstring's first line, the solution the function, and the snippet (the seed the sample
+    problem is the docstring's first sentence, the solution the function, and the snippet (the seed the sample
     answers) the function just before it in the same module (5-20 lines): same domain, different code, so a
     sample is inspired by its seed without copying it. `seed="itself"`: the function is its own seed.
     Rows that fail a quality gate (quality.py; the copy gate only for `previous`) are skipped.
@@ -509,7 +521,7 @@ def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]
             snippet = code if seed == "itself" else previous
             if (snippet and isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
                     and 4 <= node.end_lineno - node.lineno <= 14):
-                row = {"snippet": snippet, "problem": f"Write `{node.name}`: {ast.get_docstring(node).splitlines()[0]}",
+                row = {"snippet": snippet, "problem": f"Write `{node.name}`: {first_sentence(ast.get_docstring(node))}",
                        "solution": code}
                 if (not gate(row["problem"], row["solution"], row["snippet"], conf)
                         and (seed == "itself" or seed_similarity(code, snippet) < 0.6)):  # clearly not a copy

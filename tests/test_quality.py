@@ -184,3 +184,16 @@ def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
     assert len(rows) == 64 and len({r["snippet"] for r in rows}) == 64
     assert all(gate(r["problem"], r["solution"], r["snippet"], QualityConf()) == "" for r in rows)
     assert max(seed_similarity(r["solution"], r["snippet"]) for r in rows) < 0.6
+    # A problem is the docstring's first sentence, not its first line (which stopped mid-sentence in 39 of 64).
+    by_name = {r["problem"].split("`")[1]: r["problem"] for r in rows}
+    assert by_name["_is_param_expr"].endswith("``ParamSpec`` or ``_ConcatenateGenericAlias`` from typing.py")
+    assert by_name["monthrange"].endswith("for year, month.") and not any(">>>" in p for p in by_name.values())
+
+
+def test_a_docstrings_first_sentence_spans_its_lines_and_stops_at_a_doctest():
+    from scoder_ray.seeds import first_sentence
+
+    assert first_sentence("Closest integer to n.  a is\n    the rest.") == "Closest integer to n."
+    assert first_sentence("Return weekday and days for\n    year, month.\n\n    More.") == "Return weekday and days for year, month."
+    assert first_sentence("Yield the nodes\n\nthat are fields") == "Yield the nodes"
+    assert first_sentence("Read a float.\n>>> read(b'')") == "Read a float." and first_sentence(">>> f()\n1") == ""
