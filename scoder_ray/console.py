@@ -20,15 +20,17 @@ from typing import Optional
 _WORKER = re.compile(r"^(?:\x1b\[[\d;]*m)?\(.*?pid=\d+")
 _RAY_INFO = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|DEBUG)\b"  # Python records
                        r"|^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IW] \d+ \d+\]")  # Ray core's C++ (I, W)
-# Two false alarms Ray prints at every pool, shown to the user as errors: (1) Ray core's "constructor
+# False alarms Ray prints at every pool, shown to the user as errors: (1) Ray core's "constructor
 # arguments in the object store and max_restarts > 0 ... the actor restart will fail" (ray#53727) for Ray
 # Data's actors, whose arguments (the operator's DataContext and transform refs) the operator holds for the
 # pool's whole life, so a restart finds them; (2) the raylet's "Task X.__ray_terminate__ failed ... will be
-# retried" for an actor ending as we asked (IntentionalSystemExit: kept engines released gracefully).
+# retried" for an actor ending as we asked (IntentionalSystemExit: kept engines released gracefully); (3) the
+# GCS's "Failed to kill actor ... Socket closed": the actor's process was already gone, nothing was left to kill.
 _RAY_FALSE_ALARM = re.compile(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\("
                               r".*has constructor arguments in the object store"
                               r"|^(?:\x1b\[[\d;]*m)?\(raylet\)(?:\x1b\[[\d;]*m)? Task \w+\.__ray_terminate__ failed\."
-                              r".*IntentionalSystemExit")
+                              r".*IntentionalSystemExit"
+                              r"|\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed")
 _ACTIVE: Optional["Console"] = None
 _MARKER = b"\x00scoder-ray-console-stop\x00"
 

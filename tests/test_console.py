@@ -24,6 +24,9 @@ DRIVER = textwrap.dedent(r"""
     print("\x1b[33m(raylet)\x1b[0m Task Scorer.__ray_terminate__ failed. There are 3 retries remaining, so the task will "
           "be retried. Error: The actor is temporarily unavailable: IntentionalSystemExit: Worker exits with an exit "
           "code 0. exit_actor() is called.", flush=True)
+    print("\x1b[36m(pid=gcs_server)\x1b[0m [2026-12-06 08:43:23,472 E 1448 1448] (gcs_server) gcs_actor_scheduler.cc:538: "
+          "Failed to kill actor 28f7, return status: Invalid: KillActor RPC failed for actor 28f7: RpcError: RPC error: "
+          "Socket closed rpc_code: 14", flush=True)
     print("[2026-12-06 04:00:02,000 E 31592 2179] core_worker.cc:99: a real error", file=sys.stderr, flush=True)
     sys.stderr.write("teacher:  50%|#####     | 1/2\r"); sys.stderr.flush()
     time.sleep(0.1)
@@ -51,10 +54,11 @@ def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path
     # Ray's false alarms at every pool (a Ray Data actor's arguments; an actor ending as asked) are left out,
     # Ray core's other errors are not.
     assert "constructor arguments" not in out.stderr and "__ray_terminate__" not in out.stdout
+    assert "Failed to kill actor" not in out.stdout
     assert "a real error" in out.stderr
     assert "a real warning" in out.stderr and "teacher:  50%" in out.stderr and "2/2" in out.stderr
     for line in ("Initializing an engine", "Write: 0/1", "Failed to determine local IP", "a real warning", "teacher:  50%", "a child's line",
-                 "training resumes", "seeds: done", "constructor arguments", "__ray_terminate__"):
+                 "training resumes", "seeds: done", "constructor arguments", "__ray_terminate__", "Failed to kill actor"):
         assert line in log, line
 
 
