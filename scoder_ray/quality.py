@@ -152,7 +152,7 @@ def calls_itself_unchanged(solution: str) -> bool:
     return False
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # also cuts the stand-in rows' problems (seeds.py)
 
 
 def is_repetitive(problem: str, solution: str) -> bool:
@@ -168,7 +168,7 @@ def is_repetitive(problem: str, solution: str) -> bool:
             previous = line
             if run >= 4:
                 return True
-    sentences = [s.strip() for s in _SENTENCE_END.split(_INLINE.sub("", _FENCED.sub("", problem))) if len(s.strip()) >= 20]
+    sentences = [s.strip() for s in SENTENCE_END.split(_INLINE.sub("", _FENCED.sub("", problem))) if len(s.strip()) >= 20]
     return any(n >= 3 for n in Counter(sentences).values())
 
 

@@ -18,7 +18,6 @@ import ast
 import hashlib
 import json
 import os
-import re
 import sysconfig
 import textwrap
 from collections import Counter
@@ -485,11 +484,12 @@ def first_sentence(doc: str) -> str:
     """A docstring's first sentence: its first paragraph's lines joined, up to the first sentence end. Its
     first line alone is often cut mid-sentence ("Checks if obj matches either a list of types, or"), and a
     synthesizer trained on such problems learns to write them."""
+    from scoder_ray.quality import SENTENCE_END
+
     lines = doc.strip().split("\n\n", 1)[0].splitlines()
     prose = lines[:next((i for i, ln in enumerate(lines) if ln.lstrip().startswith(">>>")), len(lines))]  # no doctest
     paragraph = " ".join(" ".join(prose).split())
-    end = re.search(r"[.!?](?=\s)", paragraph)
-    return paragraph[:end.end()] if end else paragraph
+    return SENTENCE_END.split(paragraph, maxsplit=1)[0]
 
 
 def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]:
