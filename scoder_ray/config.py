@@ -182,6 +182,9 @@ class QualityConf:
     # Share of the solution's tokens found, in order, in the seed snippet at which it is a copy (>= 1.0: off).
     max_seed_similarity: float = 0.9
     check_definitions: bool = True  # a function the problem names must be defined (or imported) by the solution
+    # A problem pointing at code it does not hold ("fix the following code", "the above function"): it was
+    # written about the seed snippet, which the dataset does not carry (quality.py: `dangling_reference`)
+    reject_dangling_references: bool = True
     # Degenerate samples (quality.py): stub solutions, a function that only calls itself with its own
     # arguments, the same line written 4+ times in a row or a sentence 3+ times (a sampling loop)
     reject_degenerate: bool = True

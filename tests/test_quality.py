@@ -50,6 +50,14 @@ BAD = [
     ("problem_not_prose", sample("Fix `f`.", GOOD_SOLUTION)),
     ("problem_not_prose", sample("x = splitext(p)\nprint(x)", GOOD_SOLUTION)),
     ("problem_not_prose", sample("```python\ndef common_suffix(paths):\n    pass\n```", GOOD_SOLUTION)),
+    # Problems written about the seed snippet, which the dataset does not carry.
+    ("dangling_reference", sample("Refactor the following Python code snippet so that it splits paths on every platform.",
+                                  GOOD_SOLUTION)),
+    ("dangling_reference", sample("Write the above solution using the above solution.", GOOD_SOLUTION)),
+    ("dangling_reference", sample("Using the given code, write a function `common_suffix(paths)` that returns the "
+                                  "shared extension.", GOOD_SOLUTION)),
+    ("dangling_reference", sample("Explain what the code below does, then rewrite it as `common_suffix(paths)`.",
+                                  GOOD_SOLUTION)),
     ("seed_copy", sample("Write a function that splits the extension from a pathname and returns both parts.", SNIPPET)),
     ("seed_copy", sample("Write a function that splits the extension from a pathname and returns both parts.",
                          "# my solution\n" + SNIPPET.replace('    """Split the extension from a pathname."""\n', ""))),
@@ -119,6 +127,34 @@ def test_code_that_does_something_is_not_a_stub():
     assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    pass\n", None, QualityConf(reject_degenerate=False)) == ""
 
 
+@pytest.mark.parametrize("problem", [
+    GOOD_PROBLEM,
+    # the code referred to is in the problem: after the words, before them, fenced or inline
+    "Refactor the following code so that it runs in linear time:\n\n```python\ndef f(xs):\n    return sorted(xs)[0]\n```",
+    "```python\nx = [i * i for i in range(10)]\n```\nRewrite the above code as a generator expression and explain why.",
+    "Translate the following Python code into a function with a docstring: `print(sum(range(10)))`",
+    # "given"/"provided" code as the function's own input, not a reference outside the problem
+    "Write a function that counts the tokens in the given code and returns a dict from token type to count.",
+    "Write a function to convert the given Fortran source code into a list of statements, one per line.",
+    # other "given"/"following" words
+    "Given a list of integers, return the following statistics: mean, median and the mode of the list.",
+    "Write a decorator that calls the original function at most once per second and returns its last result.",
+])
+def test_problems_that_hold_what_they_refer_to_pass(problem):
+    from scoder_ray.quality import dangling_reference
+
+    assert dangling_reference(problem) == "" and gate(problem, GOOD_SOLUTION, None, QualityConf()) in ("", "missing_definition")
+
+
+def test_the_dangling_reference_gate_can_be_turned_off_and_says_what_it_saw():
+    from scoder_ray.quality import dangling_reference
+
+    problem = "Fix the bug in the provided Python code so that it returns the shared file extension of every path."
+    assert dangling_reference(problem) == "Fix the bug in the provided Python code"
+    assert gate(problem, GOOD_SOLUTION, None, QualityConf()) == "dangling_reference"
+    assert gate(problem, GOOD_SOLUTION, None, QualityConf(reject_dangling_references=False)) == ""
+
+
 def test_the_same_code_has_one_key_whatever_its_comments_docstrings_and_case():
     from scoder_ray.quality import code_key
 
@@ -174,7 +210,8 @@ def test_the_audit_counts_what_a_dataset_holds():
             {"seed_id": "b", "snippet": SNIPPET, "problem": "<the problem statement>", "solution": SNIPPET}]
     rows.append({"seed_id": "b", "problem": GOOD_PROBLEM, "solution": "def common_suffix(paths):\n    ...\n"})
     assert audit(rows, QualityConf()) == {"rows": 3, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
-                                          "stubs": 1, "infinite_recursions": 0, "repetitive": 0, "distinct_seeds": 2}
+                                          "dangling_references": 0, "stubs": 1, "infinite_recursions": 0, "repetitive": 0,
+                                          "distinct_seeds": 2}
 
 
 def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():

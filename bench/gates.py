@@ -1,0 +1,65 @@
+"""How often the problem-text gate `dangling_reference` fires, where it should and where it should not.
+
+    .venv/bin/python bench/gates.py [CODE_ALPACA_JSON ...]
+
+CODE_ALPACA_JSON: Code Alpaca's data files (github.com/sahil280114/codealpaca, data/new_codealpaca.json and
+data/code_alpaca_2k.json: records with `instruction` and `input`). An instruction whose `input` holds the code
+it is about, and which itself refers to code but holds none, must be caught once the input is left out (the
+catch rate); one without an input is self-contained and should pass (the false alarms, printed to read).
+Without files, only the second check: the first sentences of every documented function and class of the
+standard library, read as problems (printed: most that fire say "the above ...").
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sys
+import sysconfig
+
+from scoder_ray.quality import dangling_reference, holds_code
+from scoder_ray.seeds import first_sentence
+
+REFERS_TO_CODE = re.compile(r"\b(?:given|following|below|provided|previous|existing|attached|above)\s+(?:\w+\s+)?"
+                            r"(?:code|snippet|program|script)|\bthe above\b|\b(?:code|snippet)\s+(?:above|below)", re.I)
+
+
+def code_alpaca(paths: list[str]) -> None:
+    rows = [r for p in paths for r in json.load(open(p, encoding="utf-8"))]
+    needs_input = [r["instruction"] for r in rows if r["input"].strip() and REFERS_TO_CODE.search(r["instruction"])
+                   and not holds_code(r["instruction"])]
+    caught = sum(bool(dangling_reference(x)) for x in needs_input)
+    alone = [r["instruction"] for r in rows if not r["input"].strip()]
+    fired = [x for x in alone if dangling_reference(x)]
+    print(f"instructions about code held in `input`, left without it: {caught}/{len(needs_input)} caught "
+          f"({caught / max(1, len(needs_input)):.1%})")
+    print(f"self-contained instructions (no `input`): {len(fired)}/{len(alone)} caught")
+    for x in fired:
+        print("   ", x[:140].replace("\n", " "))
+
+
+def stdlib() -> None:
+    n, fired = 0, []
+    for folder, _, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        for name in files:
+            try:
+                tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read()) if name.endswith(".py") else None
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree) if tree else ():
+                doc = ast.get_docstring(node) if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None
+                if doc:
+                    n += 1
+                    sentence = first_sentence(doc)
+                    if dangling_reference(sentence):
+                        fired.append(sentence)
+    print(f"standard library docstrings' first sentences: {len(fired)}/{n} caught")
+    for x in fired:
+        print("   ", x[:140])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:]:
+        code_alpaca(sys.argv[1:])
+    stdlib()
