@@ -188,6 +188,10 @@ class QualityConf:
     # Degenerate samples (quality.py): stub solutions, a function that only calls itself with its own
     # arguments, the same line written 4+ times in a row or a sentence 3+ times (a sampling loop)
     reject_degenerate: bool = True
+    # A dataset whose problems' distinct 3-grams fall below this share of the teacher samples' (at equal size) is
+    # a WARNING (final, each iteration's kept samples): the synthesizer narrowing to a few templates, the
+    # collapse self-distillation risks. Real sets measured 0.84-0.92 at 64 problems, one template 0.21. 0: off.
+    min_diversity_ratio: float = 0.75
     # MinHash Jaccard (5-token shingles of problem + solution) at which a sample is a near duplicate: of another
     # sample of the same output (final dataset, one iteration's kept set across seeds), and of a reference
     # (teacher samples, samples kept by earlier iterations). >= 1.0: off.
@@ -611,6 +615,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for key in ("near_dup_threshold", "reference_near_dup_threshold"):
         _check(0 < getattr(cfg.quality, key) <= 1, f"quality.{key}", "a Jaccard in (0, 1] (1: off)", getattr(cfg.quality, key))
     _check(cfg.quality.decontam_ngram >= 3, "quality.decontam_ngram", "an integer >= 3", cfg.quality.decontam_ngram)
+    _check(0 <= cfg.quality.min_diversity_ratio <= 1, "quality.min_diversity_ratio", "a share in [0, 1] (0: off)",
+           cfg.quality.min_diversity_ratio)
     for key in ("synthesizer", "scorer", "scoder"):
         check_model_ref(f"models.{key}", getattr(cfg.models, key), check_files)
     _validate_sampling(cfg)

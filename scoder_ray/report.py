@@ -55,6 +55,14 @@ def iteration_trend(store: RunStore, it: str, sample: dict, score: dict, influen
             "mean_score": mean, "mean_score_9": round(mean / 9, 4) if mean != "" else ""}
 
 
+def _diversity(done: dict) -> str:
+    """A stage's `diversity` (quality.diversity) in words: '0.85 / 0.90 (ratio 0.94, 64 problems each)'."""
+    d = done.get("diversity") or {}
+    if d.get("ratio") is None:
+        return f"too few problems ({d['k']})" if d else ""
+    return f"{d['distinct_3']:.2f} / {d['teacher_distinct_3']:.2f} (ratio {d['ratio']:.2f}, {d['k']} problems each)"
+
+
 def sample_rows(store: RunStore, stage: str, n: int = 3) -> str:
     """A few accepted and a few rejected rows of a stage, with the reason each was dropped."""
     import pyarrow.parquet as pq
@@ -243,9 +251,11 @@ def build(store: RunStore) -> str:
         parts.append("<h2>Final dataset</h2>" + _table(
             [[final["rows"], final.get("target"), final.get("generated"), final.get("parse_rate"),
               f"{final.get('seeds_yielding', '?')} of {final.get('seeds', '?')}", final.get("duplicates"),
-              json.dumps(final.get("rejected", {})), json.dumps(final.get("audit", {})), final.get("dataset_digest", "")]],
+              json.dumps(final.get("rejected", {})), json.dumps(final.get("audit", {})), _diversity(final),
+              final.get("dataset_digest", "")]],
             ["samples", "target", "generated", "parse rate", "seeds with an accepted sample", "duplicates",
-             "rejected (by reason)", "audit of the kept rows", "digest"]))
+             "rejected (by reason)", "audit of the kept rows", "problem diversity (distinct 3-grams: these / teacher's)",
+             "digest"]))
     ev = dones.get("evaluate")
     if ev:
         rows = [[model, bench, ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))]
@@ -254,10 +264,11 @@ def build(store: RunStore) -> str:
                                                                                  "outside the program"]) +
                      f"<p>{ev.get('num_samples')} sample(s) per problem, temperature {ev.get('temperature')}, "
                      f"limit {ev.get('limit') or 'none'}.</p>")
-    lineage = [[it, json.dumps(dones[f"{it}/train_data"].get("by_origin", {}))] for it in iterations
-               if f"{it}/train_data" in dones]
+    lineage = [[it, json.dumps(dones[f"{it}/train_data"].get("by_origin", {})), _diversity(dones[f"{it}/train_data"])]
+               for it in iterations if f"{it}/train_data" in dones]
     if lineage:
-        parts.append("<h2>Lineage</h2>" + _table(lineage, ["iteration", "training rows by origin"]))
+        parts.append("<h2>Lineage</h2>" + _table(lineage, ["iteration", "training rows by origin",
+                                                           "kept problems' diversity (distinct 3-grams: kept / teacher's)"]))
     try:
         config = read_text(store.file_uri("config.yaml"))
     except (FileNotFoundError, OSError):

@@ -405,6 +405,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert final["rows"] == min(final["target"], final["generated"] - sum(final["rejected"].values()))
     assert final["audit"]["placeholders"] == final["audit"]["prompt_echoes"] == 0
     assert 0 < final["seeds_yielding"] <= final["seeds"]
+    assert final["diversity"]["k"] == min(final["rows"], 64) and final["diversity"]["ratio"] > 0.5  # beside the teacher's
     assert any("seeds" in w and "yielded" in w for w in final["warnings"]) == (final["seeds_yielding"] < final["seeds"] / 2)
     # The console (the job's log) is scoder-ray's lines and real warnings; RUN_DIR/logs/ has everything, per driver.
     from scoder_ray.console import noise

@@ -234,3 +234,22 @@ def test_a_docstrings_first_sentence_spans_its_lines_and_stops_at_a_doctest():
     assert first_sentence("Return weekday and days for\n    year, month.\n\n    More.") == "Return weekday and days for year, month."
     assert first_sentence("Yield the nodes\n\nthat are fields") == "Yield the nodes"
     assert first_sentence("Read a float.\n>>> read(b'')") == "Read a float." and first_sentence(">>> f()\n1") == ""
+
+
+def test_diversity_tells_a_synthesizer_repeating_one_template_from_varied_problems():
+    from scoder_ray.quality import distinct_ngrams, diversity, narrowing_warning
+    from scoder_ray.seeds import documented_functions
+
+    teacher = [r["problem"] for r in documented_functions(64)]
+    varied = [r["problem"] for r in documented_functions(128)[64:]]  # the next ones (49 pass the gates)
+    template = [f"Write a function that returns the sum of the first {i} numbers of a list of integers." for i in range(40)]
+    assert distinct_ngrams(["a b c a b c"]) == 3 / 4 and distinct_ngrams([]) == 0.0
+    assert distinct_ngrams(["```python\nx = 1\n```\nsum the list"]) == 1.0  # fenced code is not the problem's words
+    good, narrow = diversity(varied, teacher), diversity(template, teacher)
+    assert good["k"] == len(varied) >= 40 and 0.85 < good["ratio"] <= 1.1 and narrow["k"] == 40 and narrow["ratio"] < 0.4
+    assert diversity(varied, teacher) == good  # seeded draws: the same numbers on a rerun
+    assert narrowing_warning(good, "the final dataset", 0.75) == []
+    assert narrowing_warning(narrow, "the final dataset", 0.0) == []  # off
+    (warning,) = narrowing_warning(narrow, "the final dataset", 0.75)
+    assert warning.startswith("the final dataset: its problems are much less varied") and "over 40 problems each" in warning
+    assert diversity(template[:1], teacher) == {"k": 1, "distinct_3": None, "teacher_distinct_3": None, "ratio": None}

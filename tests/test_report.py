@@ -47,7 +47,8 @@ def small_run(tmp_path) -> RunStore:
     store.run_stage("iter_01/score", {}, {}, scored)
     store.run_stage("iter_01/influence", {}, {}, influence)
     store.run_stage("iter_01/train", {}, {}, trained)
-    store.run_stage("final", {}, {}, lambda tmp: {"rows": 1, "target": 2, "dataset_digest": "abc"})
+    store.run_stage("final", {}, {}, lambda tmp: {"rows": 1, "target": 2, "dataset_digest": "abc", "diversity": {
+        "k": 64, "distinct_3": 0.41, "teacher_distinct_3": 0.9, "ratio": 0.4556}})
     store.run_stage("evaluate", {}, {}, lambda tmp: {"rows": 2, "results": {"base": {"humaneval": {"pass@1": 0.0}},
                                                                            "scoder": {"humaneval": {"pass@1": 0.5}}}})
     return store
@@ -64,7 +65,8 @@ def test_report_has_plots_tables_and_config(tmp_path):
     assert "<h3>Pools</h3>" in html and "iter_01\\u002fsample ckpt_02 x3" in html  # (Plotly escapes "/" in its JSON)
     assert "GPUs held at most while the pools ran: iter_01/sample: 6 of 8." in html
     assert re.search(r"<h2>Teacher</h2>.*<td>gpt-4o</td><td>5</td><td>2</td><td>1</td>.*\$0\.0125.*list price of gpt-4o", html)
-    for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured"):
+    for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured",
+                 "0.41 / 0.90 (ratio 0.46, 64 problems each)"):
         assert text in html
     assert re.search(r"<td>iter_01/train</td><td>[^<]+</td><td>[^<]+</td><td>0\.\d{3}</td>", html)  # measured
     assert re.search(r"<td>train_scoder</td>(<td>[^<]+</td>){2}<td>not run</td>", html)

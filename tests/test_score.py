@@ -229,6 +229,27 @@ def test_an_empty_iteration_can_continue_with_the_same_synthesizer(tmp_path):
         [dict(row, problem="q", kept=True), dict(row, problem="r", kept=False)])) or {"rows": 1})
     data = run_train_data(cfg, store, 2)  # the empty iteration 1 adds nothing; iteration 2's kept row is there
     assert data["rows"] == 2 and data["by_origin"] == {"teacher": 1, "iter_02": 1}
+    assert data["diversity"]["ratio"] is None and data["warnings"] == []  # one kept problem: nothing to compare
+
+
+def test_train_data_warns_when_the_kept_problems_narrow_to_a_template(tmp_path):
+    from scoder_ray.config import load_config
+    from scoder_ray.seeds import documented_functions
+    from scoder_ray.store import RunStore, write_table
+    from scoder_ray.train.stage import run_train_data
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}", "run.id=narrow"])
+    store = RunStore(str(tmp_path), "narrow")
+    teacher = [dict(r, lang="python") for r in documented_functions(32)]
+    store.run_stage("bootstrap", {}, {}, lambda tmp: write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(teacher))
+                    or {"rows": 32})
+    kept = [dict(teacher[i], problem=f"Write a function that returns the sum of the first {i} numbers of a list.", kept=True)
+            for i in range(20)]
+    store.run_stage("iter_01/influence", {}, {}, lambda tmp: write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(kept))
+                    or {"rows": 20})
+    data = run_train_data(cfg, store, 1)
+    assert data["by_origin"] == {"teacher": 32, "iter_01": 20} and data["diversity"]["k"] == 20
+    assert data["diversity"]["ratio"] < 0.5 and "iter_01's kept samples: its problems are much less varied" in data["warnings"][0]
 
 
 def test_nothing_kept_after_selection_fails_when_asked(tmp_path):

@@ -70,7 +70,7 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
         if reason:
             raw.loc[idx, "reason"] = reason.replace("of_reference", "of_teacher")
     kept = ran[[not r for r in near]]
-    return kept, {"duplicates": int(dup.sum()), "duplicate_solutions": int(same_code.sum()), "exec_failed": int(sum(failed)),
+    return kept, {"teacher_problems": [t["problem"] for t in teacher], "duplicates": int(dup.sum()), "duplicate_solutions": int(same_code.sum()), "exec_failed": int(sum(failed)),
                   "near_duplicates": sum(1 for r in near if r == "near_duplicate"),
                   "near_duplicates_of_teacher": sum(1 for r in near if r == "near_duplicate_of_reference")}
 
@@ -102,7 +102,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
     n_seeds, n = final_plan(cfg, store, seeds_done["rows"])
 
     def produce(tmp: str) -> dict[str, Any]:
-        from scoder_ray.quality import audit, decontam_report
+        from scoder_ray.quality import audit, decontam_report, diversity, narrowing_warning
 
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet", "lang"]).filter(
@@ -113,6 +113,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()
         raw["reason"] = raw["reason"].astype(object)
         kept, checks = final_filter(cfg, store, raw)
+        teacher_problems = checks.pop("teacher_problems")
         # Round robin over seeds (every seed's first accepted sample, then the seconds...): a dataset cut at
         # final_dataset_size keeps as many distinct seeds as it can.
         order = kept.assign(_nth=kept.groupby("seed_id").cumcount()).sort_values(["_nth", "cand_id"], kind="stable")
@@ -135,6 +136,8 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
             warnings.append(f"only {yielded} of the {n_seeds} seeds ({yielded / n_seeds:.0%}) yielded an accepted "
                             f"sample: the synthesizer mostly writes what the gates reject ({top}); the dataset "
                             "holds only what passed")
+        div = diversity([r["problem"] for r in rows], teacher_problems, seed=cfg.run.seed)
+        warnings += narrowing_warning(div, "the final dataset", cfg.quality.min_diversity_ratio)
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
                 "seeds_yielding": yielded,
                 "seeds": n_seeds, "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
@@ -142,7 +145,8 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
                 "rejected": rejected,
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems)), "tokens": int(raw["tokens"].sum()),
                 "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
-                "dataset_digest": dataset_digest(rows), "audit": audit(rows, cfg.quality), "warnings": warnings}
+                "dataset_digest": dataset_digest(rows), "audit": audit(rows, cfg.quality), "diversity": div,
+                "warnings": warnings}
 
     sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "quality": cfg.quality,
                 "engine": cfg.engine,

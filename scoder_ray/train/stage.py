@@ -133,6 +133,7 @@ def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = F
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from scoder_ray.quality import diversity, narrowing_warning
     from scoder_ray.store import write_table
 
     sources = ["bootstrap"] + [f"iter_{t:02d}/influence" for t in range(1, iteration + 1)]
@@ -159,7 +160,12 @@ def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = F
         rows.sort(key=lambda r: (r["origin"] != "teacher", r["origin"], r["problem"], r["solution"], r["snippet"]))
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(rows, schema=pa.schema(
             [(c, pa.string()) for c in ("snippet", "problem", "solution", "lang", "origin")])))
-        return {"rows": len(rows), "by_origin": counts}
+        # This iteration's kept samples beside the teacher's: a synthesizer narrowing to a few templates shows here
+        it = f"iter_{iteration:02d}"
+        div = diversity([r["problem"] for r in rows if r["origin"] == it],
+                        [r["problem"] for r in rows if r["origin"] == "teacher"], seed=cfg.run.seed)
+        return {"rows": len(rows), "by_origin": counts, "diversity": div,
+                "warnings": narrowing_warning(div, f"{it}'s kept samples", cfg.quality.min_diversity_ratio)}
 
     return store.run_stage(f"iter_{iteration:02d}/train_data", {}, {s: d["output_digest"] for s, d in dones.items()},
                            produce, force=force)
