@@ -305,3 +305,31 @@ def test_repeated_labels_that_agree_count_once(tmp_path):
     path = tmp_path / "l.jsonl"
     path.write_text('{"cand_id": "a", "label": 3}\n{"cand_id": "b", "label": 4}\n{"cand_id": "a", "label": 3}\n')
     assert _read_labels(str(path)).values.tolist() == [["a", 3.0], ["b", 4.0]]
+
+
+@pytest.mark.slow
+def test_final_keeps_one_answer_per_problem_the_one_that_runs(ray_local, tmp_path):
+    """`final`'s filter, on the sandbox and a real local Ray: a second answer to the same problem (case and spacing
+    aside) is `duplicate_problem`, but only among answers that ran, so a failing first answer does not take the
+    problem's place; the rest keep their reasons."""
+    from scoder_ray.generate.final import final_filter
+    from scoder_ray.store import write_table
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}", "run.id=final"])
+    store = RunStore(str(tmp_path), "final")
+    teacher = {"problem": "Write `mul(a, b)` returning the product.", "solution": "def mul(a, b):\n    return a * b\n"}
+    store.run_stage("bootstrap", {}, {}, lambda tmp: write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist([teacher]))
+                    or {"rows": 1})
+    add, head = CANDIDATES[0][0], CANDIDATES[1][0]
+    rows = [("c1", add, "def add(a, b):\n    return a + b\n"),
+            ("c2", "  " + add.upper().replace("ASSERT ADD", "assert add"), "def add(a, b):\n    return sum([a, b])\n"),
+            ("c3", add, "def add(a, b):\n    return a + b\n"),  # c1 again
+            ("c4", head, "def head(xs):\n    return xs[1]\n"),  # fails its example
+            ("c5", head, "def head(xs):\n    return xs[0]\n")]
+    raw = pd.DataFrame([{"cand_id": c, "seed_id": "s", "snippet": "", "problem": p, "solution": s, "tokens": 1,
+                         "parse_ok": True, "reason": ""} for c, p, s in rows])
+    kept, counts = final_filter(cfg, store, raw)
+    assert list(kept["cand_id"]) == ["c1", "c5"]
+    assert dict(zip(raw["cand_id"], raw["reason"])) == {"c1": "", "c2": "duplicate_problem", "c3": "duplicate",
+                                                        "c4": "exec_failed", "c5": ""}
+    assert counts["duplicate_problems"] == 1 and counts["duplicates"] == 1 and counts["exec_failed"] == 1

@@ -37,7 +37,8 @@ def dataset_digest(rows: list[dict[str, Any]]) -> str:
 def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]]:
     """The parsed samples that become the dataset, in cand_id order: exact duplicates, samples whose solution is
     another's code (comments, docstrings and case aside), solutions that fail the examples their problem states
-    (sandbox), near duplicates of a teacher sample or of another sample are dropped; `raw["reason"]` gets why.
+    (sandbox), a second answer to the same problem, near duplicates of a teacher sample or of another sample are
+    dropped; `raw["reason"]` gets why.
     Returns (kept rows, counts for _DONE.json)."""
     import ray
 
@@ -62,6 +63,11 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
     failed = [verdicts.get(c) != "passed" for c in unique["cand_id"]]
     raw.loc[unique.index[failed], "reason"] = "exec_failed"
     ran = unique[[not f for f in failed]]
+    # One answer per problem (case and spacing aside): a second solution to the same words teaches no new task,
+    # and of two different answers one is often wrong. After execution, so the kept one ran.
+    same_problem = ran["problem"].map(lambda p: " ".join(p.lower().split())).duplicated()
+    raw.loc[ran.index[same_problem], "reason"] = "duplicate_problem"
+    ran = ran[~same_problem]
     fs, teacher_path = filesystem(store.uri("bootstrap") + "/data")
     teacher = pq.read_table(teacher_path, filesystem=fs, columns=["problem", "solution"]).to_pylist()
     near = near_duplicates([p + "\n" + s for p, s in zip(ran["problem"], ran["solution"])], cfg.quality.near_dup_threshold,
@@ -71,6 +77,7 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
             raw.loc[idx, "reason"] = reason.replace("of_reference", "of_teacher")
     kept = ran[[not r for r in near]]
     return kept, {"teacher_problems": [t["problem"] for t in teacher], "duplicates": int(dup.sum()), "duplicate_solutions": int(same_code.sum()), "exec_failed": int(sum(failed)),
+                  "duplicate_problems": int(same_problem.sum()),
                   "near_duplicates": sum(1 for r in near if r == "near_duplicate"),
                   "near_duplicates_of_teacher": sum(1 for r in near if r == "near_duplicate_of_reference")}
 
