@@ -185,6 +185,10 @@ class QualityConf:
     # A problem pointing at code it does not hold ("fix the following code", "the above function"): it was
     # written about the seed snippet, which the dataset does not carry (quality.py: `dangling_reference`)
     reject_dangling_references: bool = True
+    # Keep only samples whose problem states `assert` examples, so execution checks the answer, not just that it
+    # runs (teacher samples, candidates, final). Off by default: the sample prompt does not ask for examples, so
+    # turn it on with teacher samples that state them (the synthesizer learns their layout)
+    require_examples: bool = False
     # Degenerate samples (quality.py): stub solutions, a function that only calls itself with its own
     # arguments, the same line written 4+ times in a row or a sentence 3+ times (a sampling loop)
     reject_degenerate: bool = True

@@ -13,6 +13,8 @@
   pointing at code it lacks; and 8 of 56,171 stdlib docstrings' first sentences (4 say "the above").
   "given"/"provided" code counts only after an imperative ("Fix the given code"): "a function that counts
   the tokens in the given code" is a parameter, not a reference;
+- `no_examples` (only with `quality.require_examples`): the problem states no `assert` example, so execution
+  can only show that the solution runs, not that it answers;
 - `seed_copy`: at least `max_seed_similarity` of the solution's tokens (comments and docstrings aside) are
   the seed snippet's, in order: the synthesizer pasted its input back;
 - `missing_definition`: the problem names a function (`name(...)` in backticks, or "function `name`") that
@@ -43,6 +45,7 @@ from typing import Optional
 
 from scoder_ray.config import QualityConf
 from scoder_ray.evaluate.decontam import NgramIndex, code_tokens, shingles
+from scoder_ray.score.execution import stated_examples
 
 TEMPLATE_PLACEHOLDERS = ("<the problem statement>", "<the solution>", "<a self-contained problem statement>",
                          "<a complete python solution>", "<problem>", "<solution>", "<your solution here>",
@@ -92,6 +95,8 @@ def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
         return "problem_not_prose"
     if conf.reject_dangling_references and dangling_reference(problem):
         return "dangling_reference"
+    if conf.require_examples and not stated_examples(problem):
+        return "no_examples"
     if snippet and conf.max_seed_similarity < 1.0 and seed_similarity(solution, snippet) >= conf.max_seed_similarity:
         return "seed_copy"
     if conf.check_definitions and missing_definitions(problem, solution):
@@ -394,7 +399,8 @@ def narrowing_warning(div: dict[str, object], what: str, min_ratio: float) -> li
 
 def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
     """What a finished dataset holds, checked whatever gates were on: placeholders, prompt echoes, seed copies
-    (at quality.max_seed_similarity, or 0.9 when that gate is off), degenerate samples and how many distinct
+    (at quality.max_seed_similarity, or 0.9 when that gate is off), dangling references, how many state examples
+    (their solutions were checked against them; the others only ran), degenerate samples and how many distinct
     seeds it covers."""
     copy_at = conf.max_seed_similarity if conf.max_seed_similarity < 1.0 else 0.9
     return {"rows": len(rows),
@@ -402,6 +408,7 @@ def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
             "prompt_echoes": sum(any(p in " ".join(r["problem"].lower().split()) for p in ECHO_PHRASES) for r in rows),
             "seed_copies": sum(bool(r.get("snippet")) and seed_similarity(r["solution"], r["snippet"]) >= copy_at for r in rows),
             "dangling_references": sum(bool(dangling_reference(r["problem"])) for r in rows),
+            "with_examples": sum(bool(stated_examples(r["problem"])) for r in rows),
             "stubs": sum(is_stub(r["solution"]) for r in rows),
             "infinite_recursions": sum(calls_itself_unchanged(r["solution"]) for r in rows),
             "repetitive": sum(is_repetitive(r["problem"], r["solution"]) for r in rows),

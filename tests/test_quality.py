@@ -210,7 +210,7 @@ def test_the_audit_counts_what_a_dataset_holds():
             {"seed_id": "b", "snippet": SNIPPET, "problem": "<the problem statement>", "solution": SNIPPET}]
     rows.append({"seed_id": "b", "problem": GOOD_PROBLEM, "solution": "def common_suffix(paths):\n    ...\n"})
     assert audit(rows, QualityConf()) == {"rows": 3, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
-                                          "dangling_references": 0, "stubs": 1, "infinite_recursions": 0, "repetitive": 0,
+                                          "dangling_references": 0, "with_examples": 2, "stubs": 1, "infinite_recursions": 0, "repetitive": 0,
                                           "distinct_seeds": 2}
 
 
@@ -253,3 +253,10 @@ def test_diversity_tells_a_synthesizer_repeating_one_template_from_varied_proble
     (warning,) = narrowing_warning(narrow, "the final dataset", 0.75)
     assert warning.startswith("the final dataset: its problems are much less varied") and "over 40 problems each" in warning
     assert diversity(template[:1], teacher) == {"k": 1, "distinct_3": None, "teacher_distinct_3": None, "ratio": None}
+
+
+def test_examples_can_be_required():
+    no_example = "Write a function `common_suffix(paths)` that returns the longest file extension shared by every path."
+    assert gate(no_example, GOOD_SOLUTION, None, QualityConf()) == ""
+    assert gate(no_example, GOOD_SOLUTION, None, QualityConf(require_examples=True)) == "no_examples"
+    assert gate(GOOD_PROBLEM, GOOD_SOLUTION, None, QualityConf(require_examples=True)) == ""
