@@ -230,6 +230,12 @@ def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
     return body
 
 
+def problem_key(problem: str) -> str:
+    """A problem's words, case and spacing aside: two samples with the same key answer the same problem
+    (`duplicate_problem` at rank and final)."""
+    return " ".join(problem.lower().split())
+
+
 def code_key(solution: str) -> str:
     """What a solution does, as text: its code tokens without comments, docstrings and case. Two samples with
     the same key teach the same code, however their problems are worded (final: `duplicate_solution`)."""

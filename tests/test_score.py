@@ -146,9 +146,12 @@ def test_selection_top_k_threshold_ties_and_duplicates():
         {"cand_id": "c3", "aspect_a": 9, "aspect_b": 9, "exec_verdict": "failed", "problem": "Max of list.", "solution": "def m(x):\n    return max(x)"},
         {"cand_id": "c4", "aspect_a": 3, "aspect_b": 3, "problem": "Absolute value.", "solution": "def ab(x):\n    return abs(x)"},
         {"cand_id": "c5", "aspect_a": -1, "aspect_b": 5, "problem": "Unreadable.", "solution": "x = 1"},
+        {"cand_id": "c6", "aspect_a": 8, "aspect_b": 8, "problem": "SORT a list of integers.",  # another answer
+         "solution": "def f(x):\n    out = list(x)\n    out.sort()\n    return out"},
     ])
     out = select_group(df, conf, w).set_index("cand_id")
     assert out.loc["c1", "selected"] and out.loc["c2", "drop_reason"] == "duplicate"  # whitespace-only difference
+    assert out.loc["c6", "drop_reason"] == "duplicate_problem"  # the same problem, answered by a better one
     assert out.loc["c0", "selected"] and out.loc["c9", "drop_reason"] == "not_top_k"  # tie at 7: c0 < c9
     assert out.loc["c3", "drop_reason"] == "exec_failed" and out.loc["c4", "drop_reason"] == "below_threshold"
     assert out.loc["c5", "drop_reason"] == "unscored" and np.isnan(out.loc["c5", "score"])

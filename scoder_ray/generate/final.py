@@ -42,7 +42,7 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
     Returns (kept rows, counts for _DONE.json)."""
     import ray
 
-    from scoder_ray.quality import code_key, near_duplicates
+    from scoder_ray.quality import code_key, near_duplicates, problem_key
     from scoder_ray.score.execution import execute_batch
 
     parsed = raw[raw["parse_ok"]].sort_values("cand_id")
@@ -65,7 +65,7 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
     ran = unique[[not f for f in failed]]
     # One answer per problem (case and spacing aside): a second solution to the same words teaches no new task,
     # and of two different answers one is often wrong. After execution, so the kept one ran.
-    same_problem = ran["problem"].map(lambda p: " ".join(p.lower().split())).duplicated()
+    same_problem = ran["problem"].map(problem_key).duplicated()
     raw.loc[ran.index[same_problem], "reason"] = "duplicate_problem"
     ran = ran[~same_problem]
     fs, teacher_path = filesystem(store.uri("bootstrap") + "/data")

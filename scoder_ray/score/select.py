@@ -1,8 +1,9 @@
 """Initial selection within each seed's candidates (all checkpoints and samples together).
 
 In order: candidates whose aspects could not be read are `unscored`; with `exec_filter`, those whose
-solution does not run are `exec_failed`; then, best score first (ties: smaller cand_id), exact and near
-duplicates of a better candidate are `duplicate` / `near_duplicate`; those under the threshold are
+solution does not run are `exec_failed`; then, best score first (ties: smaller cand_id), exact duplicates, other
+answers to the same problem (case and spacing aside) and near duplicates of a better candidate are `duplicate`,
+`duplicate_problem` / `near_duplicate`; those under the threshold are
 `below_threshold`; beyond the top k, `not_top_k`. The rest are selected.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 
 from scoder_ray.config import ScoreConf
 from scoder_ray.evaluate.decontam import shingles
+from scoder_ray.quality import problem_key
 
 
 def feature_names(conf: ScoreConf) -> list[str]:
@@ -41,6 +43,7 @@ def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float])
         reason[(reason == "") & (group["exec_verdict"].to_numpy() != "passed")] = "exec_failed"
     order = sorted(range(len(group)), key=lambda i: (-np.nan_to_num(group["score"].iat[i], nan=-1.0), group["cand_id"].iat[i]))
     seen_exact: set[str] = set()
+    seen_problems: set[str] = set()
     kept_sketches: list = []
     kept = 0
     for i in order:
@@ -51,12 +54,16 @@ def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float])
         if digest in seen_exact:
             reason[i] = "duplicate"
             continue
+        if problem_key(group["problem"].iat[i]) in seen_problems:
+            reason[i] = "duplicate_problem"
+            continue
         m = MinHash(num_perm=64, seed=1)
         m.update_batch(list(shingles(text)))
         if any(m.jaccard(other) >= conf.near_dup_threshold for other in kept_sketches):
             reason[i] = "near_duplicate"
             continue
         seen_exact.add(digest)
+        seen_problems.add(problem_key(group["problem"].iat[i]))
         kept_sketches.append(m)
         if group["score"].iat[i] < conf.threshold:
             reason[i] = "below_threshold"
