@@ -5,7 +5,8 @@
 CODE_ALPACA_JSON: Code Alpaca's data files (github.com/sahil280114/codealpaca, data/new_codealpaca.json and
 data/code_alpaca_2k.json: records with `instruction` and `input`). An instruction whose `input` holds the code
 it is about, and which itself refers to code but holds none, must be caught once the input is left out (the
-catch rate); one without an input is self-contained and should pass (the false alarms, printed to read).
+catch rate); one without an input is self-contained and should pass (the false alarms, printed to read), and goes through
+every problem-side gate too (counts by reason: `problem_not_prose` takes those under 6 words).
 Without files, only the second check: the first sentences of every documented function and class of the
 standard library, read as problems (printed: most that fire say "the above ...").
 """
@@ -17,8 +18,10 @@ import os
 import re
 import sys
 import sysconfig
+from collections import Counter
 
-from scoder_ray.quality import dangling_reference, holds_code
+from scoder_ray.config import QualityConf
+from scoder_ray.quality import dangling_reference, gate, holds_code
 from scoder_ray.seeds import first_sentence
 
 REFERS_TO_CODE = re.compile(r"\b(?:given|following|below|provided|previous|existing|attached|above)\s+(?:\w+\s+)?"
@@ -37,6 +40,10 @@ def code_alpaca(paths: list[str]) -> None:
     print(f"self-contained instructions (no `input`): {len(fired)}/{len(alone)} caught")
     for x in fired:
         print("   ", x[:140].replace("\n", " "))
+    # Every gate on the problem's side (the solution a trivial one): what real instructions lose, by reason.
+    reasons = Counter(gate(x, "def f():\n    return 1\n", None, QualityConf(check_definitions=False)) or "passed"
+                      for x in alone)
+    print("self-contained instructions through every problem-side gate:", dict(reasons.most_common()))
 
 
 def stdlib() -> None:
