@@ -88,7 +88,7 @@ def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
     against `index`: see contamination_index)."""
     if has_placeholder(problem) or has_placeholder(solution):
         return "placeholder"
-    lowered = " ".join(problem.lower().split())
+    lowered = problem_key(problem)
     if any(p in lowered for p in ECHO_PHRASES):
         return "prompt_echo"
     if not is_prose(problem, conf.min_problem_words):
@@ -411,7 +411,7 @@ def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
     copy_at = conf.max_seed_similarity if conf.max_seed_similarity < 1.0 else 0.9
     return {"rows": len(rows),
             "placeholders": sum(has_placeholder(r["problem"]) or has_placeholder(r["solution"]) for r in rows),
-            "prompt_echoes": sum(any(p in " ".join(r["problem"].lower().split()) for p in ECHO_PHRASES) for r in rows),
+            "prompt_echoes": sum(any(p in problem_key(r["problem"]) for p in ECHO_PHRASES) for r in rows),
             "seed_copies": sum(bool(r.get("snippet")) and seed_similarity(r["solution"], r["snippet"]) >= copy_at for r in rows),
             "dangling_references": sum(bool(dangling_reference(r["problem"])) for r in rows),
             "with_examples": sum(bool(stated_examples(r["problem"])) for r in rows),

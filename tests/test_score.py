@@ -315,7 +315,7 @@ def test_final_keeps_one_answer_per_problem_the_one_that_runs(ray_local, tmp_pat
     """`final`'s filter, on the sandbox and a real local Ray: a second answer to the same problem (case and spacing
     aside) is `duplicate_problem`, but only among answers that ran, so a failing first answer does not take the
     problem's place; the rest keep their reasons."""
-    from scoder_ray.generate.final import final_filter
+    from scoder_ray.generate.final import final_filter, teacher_samples
     from scoder_ray.store import write_table
 
     cfg = load_config("tiny", [f"run.root={tmp_path}", "run.id=final"])
@@ -331,7 +331,7 @@ def test_final_keeps_one_answer_per_problem_the_one_that_runs(ray_local, tmp_pat
             ("c5", head, "def head(xs):\n    return xs[0]\n")]
     raw = pd.DataFrame([{"cand_id": c, "seed_id": "s", "snippet": "", "problem": p, "solution": s, "tokens": 1,
                          "parse_ok": True, "reason": ""} for c, p, s in rows])
-    kept, counts = final_filter(cfg, store, raw)
+    kept, counts = final_filter(cfg, raw, teacher_samples(store))
     assert list(kept["cand_id"]) == ["c1", "c5"]
     assert dict(zip(raw["cand_id"], raw["reason"])) == {"c1": "", "c2": "duplicate_problem", "c3": "duplicate",
                                                         "c4": "exec_failed", "c5": ""}

@@ -34,7 +34,13 @@ def dataset_digest(rows: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]]:
+def teacher_samples(store: RunStore) -> list[dict[str, str]]:
+    """The bootstrap stage's (problem, solution) rows: what the final dataset is deduplicated and measured against."""
+    fs, path = filesystem(store.uri("bootstrap") + "/data")
+    return pq.read_table(path, filesystem=fs, columns=["problem", "solution"]).to_pylist()
+
+
+def final_filter(cfg: Config, raw, teacher: list[dict[str, str]]) -> tuple[Any, dict[str, Any]]:
     """The parsed samples that become the dataset, in cand_id order: exact duplicates, samples whose solution is
     another's code (comments, docstrings and case aside), solutions that fail the examples their problem states
     (sandbox), a second answer to the same problem, near duplicates of a teacher sample or of another sample are
@@ -68,15 +74,13 @@ def final_filter(cfg: Config, store: RunStore, raw) -> tuple[Any, dict[str, Any]
     same_problem = ran["problem"].map(problem_key).duplicated()
     raw.loc[ran.index[same_problem], "reason"] = "duplicate_problem"
     ran = ran[~same_problem]
-    fs, teacher_path = filesystem(store.uri("bootstrap") + "/data")
-    teacher = pq.read_table(teacher_path, filesystem=fs, columns=["problem", "solution"]).to_pylist()
     near = near_duplicates([p + "\n" + s for p, s in zip(ran["problem"], ran["solution"])], cfg.quality.near_dup_threshold,
                            [t["problem"] + "\n" + t["solution"] for t in teacher], cfg.quality.reference_near_dup_threshold)
     for idx, reason in zip(ran.index, near):
         if reason:
             raw.loc[idx, "reason"] = reason.replace("of_reference", "of_teacher")
     kept = ran[[not r for r in near]]
-    return kept, {"teacher_problems": [t["problem"] for t in teacher], "duplicates": int(dup.sum()), "duplicate_solutions": int(same_code.sum()), "exec_failed": int(sum(failed)),
+    return kept, {"duplicates": int(dup.sum()), "duplicate_solutions": int(same_code.sum()), "exec_failed": int(sum(failed)),
                   "duplicate_problems": int(same_problem.sum()),
                   "near_duplicates": sum(1 for r in near if r == "near_duplicate"),
                   "near_duplicates_of_teacher": sum(1 for r in near if r == "near_duplicate_of_reference")}
@@ -119,8 +123,8 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         progress.stop(bar)
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()
         raw["reason"] = raw["reason"].astype(object)
-        kept, checks = final_filter(cfg, store, raw)
-        teacher_problems = checks.pop("teacher_problems")
+        teacher = teacher_samples(store)
+        kept, checks = final_filter(cfg, raw, teacher)
         # Round robin over seeds (every seed's first accepted sample, then the seconds...): a dataset cut at
         # final_dataset_size keeps as many distinct seeds as it can.
         order = kept.assign(_nth=kept.groupby("seed_id").cumcount()).sort_values(["_nth", "cand_id"], kind="stable")
@@ -143,7 +147,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
             warnings.append(f"only {yielded} of the {n_seeds} seeds ({yielded / n_seeds:.0%}) yielded an accepted "
                             f"sample: the synthesizer mostly writes what the gates reject ({top}); the dataset "
                             "holds only what passed")
-        div = diversity([r["problem"] for r in rows], teacher_problems, seed=cfg.run.seed)
+        div = diversity([r["problem"] for r in rows], [t["problem"] for t in teacher], seed=cfg.run.seed)
         warnings += narrowing_warning(div, "the final dataset", cfg.quality.min_diversity_ratio)
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
                 "seeds_yielding": yielded,

@@ -54,7 +54,8 @@ def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float])
         if digest in seen_exact:
             reason[i] = "duplicate"
             continue
-        if problem_key(group["problem"].iat[i]) in seen_problems:
+        key = problem_key(group["problem"].iat[i])
+        if key in seen_problems:
             reason[i] = "duplicate_problem"
             continue
         m = MinHash(num_perm=64, seed=1)
@@ -63,7 +64,7 @@ def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float])
             reason[i] = "near_duplicate"
             continue
         seen_exact.add(digest)
-        seen_problems.add(problem_key(group["problem"].iat[i]))
+        seen_problems.add(key)
         kept_sketches.append(m)
         if group["score"].iat[i] < conf.threshold:
             reason[i] = "below_threshold"
