@@ -21,13 +21,15 @@ def plain_loop(model_path: str, tokenized: str, steps: int, per_step: int, micro
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from scoder_ray.config import TrainConf
     from scoder_ray.train.data import Schedule, collate, lr_lambda, read_examples
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     examples = read_examples(tokenized, False, max_len)
     accum = per_step // micro
-    sched = Schedule(len(examples), 1, micro, accum, 1, steps, 0)
+    sched = Schedule(len(examples), 1, micro, accum, 1, steps, 0, lengths=[len(ids) for ids, _ in examples],
+                     group_steps=TrainConf.length_group_steps)  # the steps ours takes
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 0.03, "cosine"))
     tokens, step_time = 0, 0.0

@@ -278,6 +278,12 @@ class TrainConf:
     max_steps: int = 0  # > 0: exactly this many optimizer steps (data cycles), overriding epochs
     max_len: int = 1024  # tokens; longer rows are truncated (and counted)
     packing: bool = False  # concatenate examples into max_len sequences
+    # Sort examples by length within windows of this many optimizer steps (the window's steps then shuffled):
+    # a step's micro-batches hold similar lengths and pad little (0: plain shuffle, the default, as HF's
+    # group_by_length). Use a window that holds a small share of an epoch (e.g. 64 steps of a 60K-row set): one
+    # that holds the whole epoch makes the same batches every epoch. tiny-loop measured: padding 17% -> 1.3%,
+    # but with its 64 rows in one window it learned slower (23 and 13 of 128 candidates parsed vs 51-55).
+    length_group_steps: int = 0
     num_checkpoints: int = 2  # M exported checkpoints
     checkpoint_at: str = "epochs"  # epochs: end of each of the last M epochs; steps: M evenly spaced steps
     resume_every: int = 0  # also save resumable state every this many steps (0: only at exports)
@@ -712,7 +718,7 @@ def _validate_score(sc: ScoreConf) -> None:
 def _validate_train(key: str, t: TrainConf) -> None:
     for field_name in ("num_workers", "micro_batch_size", "grad_accum", "epochs", "max_len", "num_checkpoints"):
         _check(getattr(t, field_name) > 0, f"{key}.{field_name}", "an integer > 0", getattr(t, field_name))
-    for field_name in ("gpus_per_worker", "max_steps", "resume_every", "max_failures", "weight_decay"):
+    for field_name in ("gpus_per_worker", "max_steps", "resume_every", "max_failures", "weight_decay", "length_group_steps"):
         _check(getattr(t, field_name) >= 0, f"{key}.{field_name}", "a number >= 0", getattr(t, field_name))
     _check(t.lr > 0, f"{key}.lr", "a number > 0", t.lr)
     _check(0.0 <= t.warmup_ratio < 1.0, f"{key}.warmup_ratio", "a number in [0, 1)", t.warmup_ratio)

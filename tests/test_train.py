@@ -48,10 +48,21 @@ def assert_export_reproduces_training_logits(folder: Path, probe_folder: Path = 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_path, tiny_model_dir, train_rows,
                                                                  zero_stage, request):
+    group = 2 if zero_stage == 2 else 0  # ZeRO-2 with length grouping (windows of 2 steps), ZeRO-3 without
     cfg = tiny_cfg(tmp_path, tiny_model_dir, f"train.synthesizer.zero_stage={zero_stage}",
-                   "train.synthesizer.epochs=4", "train.synthesizer.num_checkpoints=2")
+                   "train.synthesizer.epochs=4", "train.synthesizer.num_checkpoints=2",
+                   f"train.synthesizer.length_group_steps={group}")
     done, store = run(cfg, data=train_rows)
     out = Path(store.path("train_synthesizer"))
+    # The padding the steps computed is the schedule's, and grouping by length cut it.
+    from test_train_data import padding
+
+    from scoder_ray.train.data import Schedule, read_examples
+
+    lengths = [len(ids) for ids, _ in read_examples(str(out / "tokenized"), False, 512)]
+    sched = lambda g: Schedule(len(lengths), 2, 4, 1, 4, 0, cfg.run.seed, lengths=lengths, group_steps=g)  # noqa: E731
+    assert done["padding"] == pytest.approx(padding(sched(group), lengths), abs=2e-3)
+    assert zero_stage == 3 or done["padding"] < padding(sched(0), lengths) - 0.05, done["padding"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, done["total_steps"] + 1))
     first, last = sum(m["loss"] for m in metrics[:3]) / 3, sum(m["loss"] for m in metrics[-3:]) / 3

@@ -9,7 +9,7 @@ Prompt tokens get label -100, so the loss covers the response (and its end-of-tu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -112,6 +112,12 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def loss_tokens(labels: list[int]) -> int:
+    """How many positions of an example the loss covers (its labels after the causal shift, padding and
+    prompt excluded)."""
+    return int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which examples every rank sees at every optimizer step, fixed by the seed: a resumed run sees
@@ -123,6 +129,9 @@ class Schedule:
     epochs: int
     max_steps: int
     seed: int
+    lengths: Any = field(default=None, compare=False, repr=False)  # tokens per example, for length grouping
+    group_steps: int = 0  # sort by length within windows of this many steps (0: plain shuffle)
+    _orders: dict = field(default_factory=dict, compare=False, repr=False)  # the current epoch's order
 
     @property
     def per_step(self) -> int:
@@ -143,9 +152,35 @@ class Schedule:
 
     def indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+        order = self.epoch_order(epoch)
         start = ((in_epoch * self.accum + micro_step) * self.world + rank) * self.micro
         return order[start:start + self.micro]
+
+    def step_examples(self, step: int) -> np.ndarray:
+        """Every example of one optimizer step, on every rank and micro-step."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[in_epoch * self.per_step:(in_epoch + 1) * self.per_step]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The examples of one epoch in the order the steps take them: a seeded permutation; with `lengths`
+        and `group_steps`, each window of `group_steps` optimizer steps is sorted by length, cut into steps
+        and the steps shuffled, so a step's micro-batches (on every rank) hold similar lengths and pad little
+        (HF Trainer's group_by_length megabatches, with the step, not the micro-batch, as the unit)."""
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.n_examples)
+            if self.lengths is not None and self.group_steps > 0:
+                lengths = np.asarray(self.lengths)
+                used, window = self.steps_per_epoch * self.per_step, self.group_steps * self.per_step
+                grouped = []
+                for start in range(0, used, window):
+                    chunk = order[start:min(start + window, used)]
+                    steps = chunk[np.argsort(-lengths[chunk], kind="stable")].reshape(-1, self.per_step)
+                    grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
+                order = np.concatenate([*grouped, order[used:]])
+            self._orders.clear()  # one epoch at a time: steps go forward
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def checkpoint_steps(self, m: int, at: str) -> list[int]:
         """The (1-based) optimizer steps after which the M checkpoints are exported."""

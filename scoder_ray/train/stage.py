@@ -90,7 +90,7 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     return {"rows": n_train, "input_rows": n_rows, "truncated": int(stats["truncated"].sum()),
             "dropped_no_response": int(stats["no_response"].sum()), "model": model_ref, "lora": conf.lora.enabled,
             "total_steps": done["total_steps"], "checkpoints": done["checkpoints"], "format": fmt,
-            "loaded": done.get("loaded", {})}
+            "loaded": done.get("loaded", {}), "padding": done.get("padding")}
 
 
 def _delete_tree(uri: str) -> None:

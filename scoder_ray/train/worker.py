@@ -47,7 +47,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from scoder_ray.store import write_text
-    from scoder_ray.train.data import Schedule, collate, lr_lambda, read_examples
+    from scoder_ray.train.data import Schedule, collate, loss_tokens, lr_lambda, read_examples
 
     from scoder_ray.model_cache import local_model
 
@@ -82,10 +82,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
     examples = read_examples(config["tokenized_uri"], conf["packing"], conf["max_len"])
     sched = Schedule(len(examples), world, conf["micro_batch_size"], conf["grad_accum"], conf["epochs"],
-                     conf["max_steps"], config["seed"])
+                     conf["max_steps"], config["seed"], lengths=[len(ids) for ids, _ in examples],
+                     group_steps=conf["length_group_steps"])
     total = sched.total_steps
     exports = sched.checkpoint_steps(conf["num_checkpoints"], conf["checkpoint_at"])
     config["probe_ids"] = list(examples[0][0][:32])
+    covered = [loss_tokens(labels) for _, labels in examples]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule_fn = lr_lambda(total, conf["warmup_ratio"], conf["lr_schedule"])
@@ -118,14 +120,22 @@ def train_loop(config: dict[str, Any]) -> None:
     for step in range(state["step"], total):
         start = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros(3, dtype=torch.float64)  # (sum of micro-batch losses, tokens, rank 0 uploading)
+        # (sum of micro-batch losses, tokens, rank 0 uploading, positions computed: tokens + padding)
+        loss_sum = torch.zeros(4, dtype=torch.float64)
+        # The step's loss is the mean over every token it covers, on all ranks and micro-steps, whatever the
+        # batches' make-up (HF's num_items_in_batch): a micro-batch's token sum is divided by the step's token
+        # count, times the world x accumulation that DeepSpeed's gradient averaging divides by again. A plain
+        # per-micro-batch mean would weigh a token of a batch of short examples more (length grouping makes
+        # such batches; measured on tiny-loop it then underfit the long solutions).
+        per_micro = sum(covered[i] for i in sched.step_examples(step)) / (world * conf["grad_accum"])
         for micro in range(conf["grad_accum"]):
             batch = collate([examples[i] for i in sched.indices(step, micro, rank)], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            loss = engine(**batch, num_items_in_batch=max(per_micro, 1e-9)).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum()), 0.0], dtype=torch.float64)
+            loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum()), 0.0,
+                                      float(batch["attention_mask"].numel())], dtype=torch.float64)
         loss_sum[2] = float(rank == 0 and uploads.busy())  # every rank learns it from the all-reduce
         torch.distributed.all_reduce(loss_sum)
         peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
@@ -134,6 +144,7 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "loss": loss_sum[0].item() / (world * conf["grad_accum"]), "lr": lr,
                    "tokens": int(loss_sum[1].item()), "tokens_per_s": loss_sum[1].item() / seconds,
                    "step_time_s": seconds, "epoch": step // sched.steps_per_epoch,
+                   "padding": round(1 - loss_sum[1].item() / loss_sum[3].item(), 4),
                    "peak_rss_gib_max_worker": round(peak.item(), 3)}
         state["history"].append(metrics)
         state["step"] = step + 1
@@ -182,7 +193,14 @@ def train_loop(config: dict[str, Any]) -> None:
         write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
         write_text(f"{out_uri}/checkpoints.json", json.dumps(
             {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
-             "checkpoints": state["exports"], "loaded": loaded}, indent=2))
+             "checkpoints": state["exports"], "loaded": loaded, "padding": _padding(state["history"])}, indent=2))
+
+
+def _padding(history: list[dict[str, Any]]) -> float:
+    """Share of the positions the steps computed that were padding (train.length_group_steps keeps it low)."""
+    tokens = sum(h["tokens"] for h in history)
+    computed = sum(h["tokens"] / (1 - h.get("padding", 0.0)) for h in history)
+    return round(1 - tokens / computed, 4) if computed else 0.0
 
 
 class Progress:

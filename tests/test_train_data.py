@@ -1,0 +1,72 @@
+"""The training schedule: which examples each rank sees at each step (fast tier: numpy only)."""
+import numpy as np
+
+from scoder_ray.train.data import Schedule
+
+
+def padding(sched: Schedule, lengths: list[int]) -> float:
+    """Share of the computed positions that are padding, over every micro-batch of the run."""
+    computed = real = 0
+    for step in range(sched.total_steps):
+        for micro in range(sched.accum):
+            for rank in range(sched.world):
+                batch = [lengths[i] for i in sched.indices(step, micro, rank)]
+                computed, real = computed + max(batch) * len(batch), real + sum(batch)
+    return 1 - real / computed
+
+
+def test_length_grouping_pads_less_and_keeps_every_epoch_whole():
+    lengths = list(np.random.default_rng(0).integers(20, 500, size=203))
+    plain = Schedule(203, 2, 4, 2, 3, 0, seed=7)
+    grouped = Schedule(203, 2, 4, 2, 3, 0, seed=7, lengths=lengths, group_steps=4)
+    assert grouped.total_steps == plain.total_steps == 3 * (203 // 16)
+    for epoch in range(3):  # each epoch: every example at most once, as many as the plain shuffle uses
+        seen = [i for step in range(epoch * grouped.steps_per_epoch, (epoch + 1) * grouped.steps_per_epoch)
+                for micro in range(2) for rank in range(2) for i in grouped.indices(step, micro, rank)]
+        assert len(seen) == len(set(seen)) == grouped.steps_per_epoch * 16
+    assert padding(grouped, lengths) < 0.1 < 0.3 < padding(plain, lengths)
+    # Deterministic by seed (a resumed run takes the same steps), and the windows' steps are shuffled:
+    # the longest step does not always come first.
+    again = Schedule(203, 2, 4, 2, 3, 0, seed=7, lengths=lengths, group_steps=4)
+    assert all((again.indices(s, 1, 1) == grouped.indices(s, 1, 1)).all() for s in range(grouped.total_steps))
+    step_max = [max(lengths[i] for m in range(2) for r in range(2) for i in grouped.indices(s, m, r))
+                for s in range(grouped.total_steps)]
+    windows = [step_max[w:w + 4] for w in range(0, grouped.total_steps, 4)]
+    assert any(win != sorted(win, reverse=True) for win in windows)
+
+
+def test_without_lengths_the_order_is_the_seeded_permutation():
+    sched = Schedule(64, 2, 4, 1, 2, 0, seed=3, lengths=[5] * 64, group_steps=0)
+    order = np.random.default_rng([3, 1]).permutation(64)
+    assert (sched.indices(8 + 2, 0, 1) == order[(2 * 2 + 1) * 4:(2 * 2 + 2) * 4]).all()
+
+
+def test_micro_batch_losses_add_up_to_the_steps_token_mean():
+    """What the worker does with the pinned transformers: each micro-batch's loss divided by the step's token
+    count (num_items_in_batch), averaged as DeepSpeed averages them, is the mean over every token of the step,
+    however the examples are grouped into micro-batches."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scoder_ray.train.data import IGNORE, collate, loss_tokens
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    rng = np.random.default_rng(0)
+    examples = []
+    for n in (5, 6, 30, 40):  # two short, two long: grouped into a short and a long micro-batch
+        ids = rng.integers(1, 64, size=n).tolist()
+        examples.append((ids, [IGNORE] * 2 + ids[2:]))
+    sched = Schedule(4, 1, 2, 2, 1, 0, seed=0, lengths=[len(i) for i, _ in examples], group_steps=1)
+    covered = [loss_tokens(labels) for _, labels in examples]
+    per_micro = sum(covered[i] for i in sched.step_examples(0)) / 2
+    with torch.no_grad():
+        losses = [model(**collate([examples[i] for i in sched.indices(0, m, 0)], 0), num_items_in_batch=per_micro).loss
+                  for m in range(2)]
+        everything = collate(examples, 0)
+        token_mean = model(**everything).loss  # one batch of all four: the mean over every covered token
+        batch_means = [model(**collate([examples[i] for i in sched.indices(0, m, 0)], 0)).loss for m in range(2)]
+    assert sorted(len(examples[i][0]) for i in sched.indices(0, 0, 0)) in ([5, 6], [30, 40])  # grouped by length
+    assert torch.allclose(sum(losses) / 2, token_mean, atol=1e-5)
+    assert not torch.allclose(sum(batch_means) / 2, token_mean, atol=1e-3)  # what a per-batch mean would give
