@@ -11,8 +11,10 @@
 - a second run on a local root and a local Ray, its driver SIGKILLed at three hard moments (while the teacher's
   requests are in flight, during an influence feature shard, while `final` writes) and restarted each time,
   ends with the same final dataset (digest) as the two-node job on S3.
-Both runs ask a teacher over HTTP (a stand-in for a proprietary one, tests/stand_in_teacher.py) and retrain
-the synthesizer from the base model each iteration (`loop.retrain_from: base`, the default).
+Both runs ask a teacher over HTTP (a stand-in for a proprietary one, tests/stand_in_teacher.py) and continue
+the synthesizer from the one that sampled (`loop.retrain_from: previous`, 2 epochs): its model folder comes from
+the run root to the training node like a checkpoint does, and it takes a fifth of the default's 30 epochs
+from base (CI time; what `base` picks is unit-tested).
 """
 from __future__ import annotations
 
@@ -50,10 +52,12 @@ SCODER = str(Path(sys.executable).with_name("scoder-ray"))
 
 def loop_args(teacher: StandInTeacher, cache_dir: str) -> list[str]:
     """The tiny loop as a user runs it: a teacher over HTTP (its 64 seeds, as many as the preset's stand-in
-    samples file holds); the preset retrains from the base model, the default. One iteration: a second
-    exercises no stage the first does not (CI time; what iteration 2 reads of iteration 1 is unit-tested)."""
+    samples file holds); the retrain continues from the synthesizer that sampled (2 epochs at lr 5e-4, as the
+    preset measured). One iteration: a second exercises no stage the first does not (CI time; what iteration 2
+    reads of iteration 1 is unit-tested)."""
     return ["--preset", "tiny-loop", "loop.iterations=1", "teacher.samples_file=", f"teacher.base_url={teacher.url}",
-            f"teacher.model={teacher.model}", "teacher.num_seeds=64", f"teacher.cache_dir={cache_dir}"]
+            f"teacher.model={teacher.model}", "teacher.num_seeds=64", f"teacher.cache_dir={cache_dir}",
+            "loop.retrain_from=previous", "loop.retrain_epochs=2", "loop.retrain_lr=5e-4"]
 
 
 def free_port() -> int:
@@ -394,7 +398,9 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
         data = done(f"{it}/train_data")
         assert data["by_origin"]["teacher"] == 64 and data["by_origin"][it] == kept["rows"]
         train = done(f"{it}/train")
-        assert train["inputs"]["from"] == "base" and "train_synthesizer" not in train["model"]  # retrained from base
+        # continued from the synthesizer that sampled: a model folder on S3, copied to the training node
+        assert train["inputs"]["from"] == "previous" and train["model"].startswith("s3://scoder-test/cluster/job/train_synthesizer/")
+        assert train["total_steps"] == 2 * (data["rows"] // 8)  # 2 epochs of 2 workers x 4
         assert "config.json" in s3_files(f"{job_run['run']}/{it}/train/{train['attempt']}/ckpt_02")
         assert "degenerate" in done(f"{it}/score")["judge_signal"]  # the judge was checked
     ev = done("evaluate")

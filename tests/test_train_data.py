@@ -70,3 +70,24 @@ def test_micro_batch_losses_add_up_to_the_steps_token_mean():
     assert sorted(len(examples[i][0]) for i in sched.indices(0, 0, 0)) in ([5, 6], [30, 40])  # grouped by length
     assert torch.allclose(sum(losses) / 2, token_mean, atol=1e-5)
     assert not torch.allclose(sum(batch_means) / 2, token_mean, atol=1e-3)  # what a per-batch mean would give
+
+
+def test_a_retrain_starts_from_the_base_model_or_the_synthesizer_that_sampled(tmp_path):
+    from scoder_ray.config import load_config
+    from scoder_ray.store import RunStore
+    from scoder_ray.train.stage import retrain_start
+
+    def trained(tmp: str) -> dict:
+        return {"rows": 4, "checkpoints": [{"name": "ckpt_01"}, {"name": "ckpt_02"}]}
+
+    base = load_config("tiny", [f"run.root={tmp_path}", "run.id=r"])
+    store = RunStore.for_config(base)
+    store.run_stage("train_synthesizer", {}, {}, trained)
+    assert retrain_start(base, store, 1) == ("builtin:tiny", "")
+    previous = load_config("tiny", [f"run.root={tmp_path}", "run.id=r", "loop.retrain_from=previous"])
+    first = store.read_done("train_synthesizer")["output_digest"]
+    assert retrain_start(previous, store, 1) == (f"{store.uri('train_synthesizer')}/ckpt_02", first)
+    store.run_stage("iter_01/train", {}, {}, trained)  # iteration 2 builds on iteration 1's retrain
+    assert retrain_start(previous, store, 2) == (f"{store.uri('iter_01/train')}/ckpt_02",
+                                                 store.read_done("iter_01/train")["output_digest"])
+    assert retrain_start(base, store, 2) == ("builtin:tiny", "")

@@ -171,6 +171,14 @@ def run_train_data(cfg: Config, store: RunStore, iteration: int, force: bool = F
                            produce, force=force)
 
 
+def retrain_start(cfg: Config, store: RunStore, iteration: int) -> tuple[str, str]:
+    """The model `iter_TT/train` starts from, and the digest of the stage that wrote it ('' for the base model):
+    models.synthesizer (loop.retrain_from=base) or the last checkpoint of the synthesizer iteration T sampled."""
+    if cfg.loop.retrain_from == "previous":
+        return current_synthesizer(store, iteration), synthesizer_digest(store, iteration)
+    return cfg.models.synthesizer, ""
+
+
 def run_retrain(cfg: Config, store: RunStore, iteration: int, force: bool = False) -> dict[str, Any]:
     """`iter_TT/train`: the next synthesizer, from the base model (loop.retrain_from=base) or the one this
     iteration sampled from (previous), on `iter_TT/train_data`; its checkpoints feed iteration T+1."""
@@ -183,10 +191,8 @@ def run_retrain(cfg: Config, store: RunStore, iteration: int, force: bool = Fals
         raise ValueError(f"iter_{iteration:02d}/train needs {data_stage}: run it first")
     conf = cfg.train.synthesizer
     conf = replace(conf, epochs=cfg.loop.retrain_epochs or conf.epochs, lr=cfg.loop.retrain_lr or conf.lr, data=None)
-    previous = cfg.loop.retrain_from == "previous"
-    model_ref = current_synthesizer(store, iteration) if previous else cfg.models.synthesizer
-    inputs = {data_stage: data["output_digest"], "from": cfg.loop.retrain_from,
-              "previous": synthesizer_digest(store, iteration) if previous else ""}
+    model_ref, previous_digest = retrain_start(cfg, store, iteration)
+    inputs = {data_stage: data["output_digest"], "from": cfg.loop.retrain_from, "previous": previous_digest}
     stage = f"iter_{iteration:02d}/train"
     sections = {"train.synthesizer": cfg.train.synthesizer, "loop.retrain_epochs": cfg.loop.retrain_epochs,
                 "loop.retrain_lr": cfg.loop.retrain_lr,
