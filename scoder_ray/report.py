@@ -27,6 +27,17 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _training_table(dones: dict[str, dict], curves: dict[str, list[dict]]) -> str:
+    """Per training run: steps, rows, last loss, tokens/s and the share of computed positions that was padding
+    (train.*.length_group_steps lowers it)."""
+    rows = []
+    for n, m in curves.items():
+        pad = dones[n].get("padding")
+        rows.append([n, len(m), dones[n].get("rows", ""), f"{m[-1]['loss']:.4f}",
+                     f"{sum(x.get('tokens_per_s', 0) for x in m) / len(m):,.0f}", "" if pad is None else f"{pad:.1%}"])
+    return _table(rows, ["training run", "steps", "rows", "last loss", "tokens/s (mean)", "padding"])
+
+
 def _read_parquet(store: RunStore, stage: str, columns: Optional[list[str]] = None):
     import pyarrow.parquet as pq
 
@@ -243,7 +254,7 @@ def build(store: RunStore) -> str:
         fig.update_yaxes(type="log", title_text="loss")
         fig.update_xaxes(title_text="step")
         fig.update_layout(title="training loss, per training run")
-        parts.append("<h2>Training</h2>" + _chart(fig, 260 * rows_n + 60))
+        parts.append("<h2>Training</h2>" + _chart(fig, 260 * rows_n + 60) + _training_table(dones, curves))
 
     # -- final dataset, evaluation, lineage
     final = dones.get("final")

@@ -32,8 +32,9 @@ def small_run(tmp_path) -> RunStore:
 
     def trained(tmp):
         write_text(f"{tmp}/metrics.jsonl", "".join(json.dumps({"step": i, "loss": 2.0 / i, "step_time_s": 0.1,
-                                                               "tokens": 100}) + "\n" for i in range(1, 5)))
-        return {"rows": 3}
+                                                               "tokens": 100, "tokens_per_s": 1000.0 * i}) + "\n"
+                                               for i in range(1, 5)))
+        return {"rows": 3, "padding": 0.125}
 
     store.run_stage("bootstrap", {}, {}, lambda tmp: {"rows": 3, "teacher": {"model": "gpt-4o"}, "estimated_cost_usd": 0.0125,
                                                       "usage": {"requests_sent": 5, "cache_hits": 2, "retries": 1,
@@ -70,6 +71,8 @@ def test_report_has_plots_tables_and_config(tmp_path):
         assert text in html
     assert re.search(r"<td>iter_01/train</td><td>[^<]+</td><td>[^<]+</td><td>0\.\d{3}</td>", html)  # measured
     assert re.search(r"<td>train_scoder</td>(<td>[^<]+</td>){2}<td>not run</td>", html)
+    # per training run: steps, rows, last loss, mean tokens/s, padding
+    assert "<td>iter_01/train</td><td>4</td><td>3</td><td>0.5000</td><td>2,500</td><td>12.5%</td>" in html
 
 
 def test_builtin_rows_file_is_written_once(tmp_path):
