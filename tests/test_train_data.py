@@ -91,3 +91,14 @@ def test_a_retrain_starts_from_the_base_model_or_the_synthesizer_that_sampled(tm
     assert retrain_start(previous, store, 2) == (f"{store.uri('iter_01/train')}/ckpt_02",
                                                  store.read_done("iter_01/train")["output_digest"])
     assert retrain_start(base, store, 2) == ("builtin:tiny", "")
+
+
+def test_a_window_is_at_most_a_quarter_of_the_epoch_so_batches_change_between_epochs():
+    lengths = list(np.random.default_rng(1).integers(20, 500, size=64))
+    sched = Schedule(64, 2, 4, 1, 2, 0, seed=0, lengths=lengths, group_steps=64)  # 8 steps an epoch: windows of 2
+
+    def batches(epoch: int) -> set[frozenset]:
+        return {frozenset(sched.indices(epoch * 8 + s, 0, r).tolist()) for s in range(8) for r in range(2)}
+
+    assert batches(0) != batches(1)
+    assert padding(sched, lengths) < padding(Schedule(64, 2, 4, 1, 2, 0, seed=0), lengths)
