@@ -173,13 +173,13 @@ class Schedule:
             order = rng.permutation(self.n_examples)
             if self.lengths is not None and self.group_steps > 0:
                 lengths = np.asarray(self.lengths)
-                steps = min(self.group_steps, max(1, self.steps_per_epoch // 4))
-                used, window = self.steps_per_epoch * self.per_step, steps * self.per_step
+                window = min(self.group_steps, max(1, self.steps_per_epoch // 4)) * self.per_step
+                used = self.steps_per_epoch * self.per_step
                 grouped = []
                 for start in range(0, used, window):
                     chunk = order[start:min(start + window, used)]
-                    steps = chunk[np.argsort(-lengths[chunk], kind="stable")].reshape(-1, self.per_step)
-                    grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
+                    by_step = chunk[np.argsort(-lengths[chunk], kind="stable")].reshape(-1, self.per_step)
+                    grouped.append(by_step[rng.permutation(len(by_step))].reshape(-1))
                 order = np.concatenate([*grouped, order[used:]])
             self._orders.clear()  # one epoch at a time: steps go forward
             self._orders[epoch] = order
