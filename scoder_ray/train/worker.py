@@ -126,7 +126,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # batches' make-up (HF's num_items_in_batch): a micro-batch's token sum is divided by the step's token
         # count, times the world x accumulation that DeepSpeed's gradient averaging divides by again. A plain
         # per-micro-batch mean would weigh a token of a batch of short examples more (length grouping makes
-        # such batches; measured on tiny-loop it then underfit the long solutions).
+        # such batches).
         per_micro = sum(covered[i] for i in sched.step_examples(step)) / (world * conf["grad_accum"])
         for micro in range(conf["grad_accum"]):
             batch = collate([examples[i] for i in sched.indices(step, micro, rank)], tokenizer.pad_token_id)
