@@ -284,6 +284,11 @@ class TrainConf:
     # epoch cut padding 17% -> 5% and the step time 15% with the same loss curve; one window of the whole epoch
     # (the same batches every epoch) learned slower.
     length_group_steps: int = 0
+    # Rows held out of training for a held-out loss (LLaMA-Factory's val_size): < 1 a share of the rows, >= 1 a
+    # count; chosen by a seeded hash of each row's tokens, so a rerun holds out the same rows whatever their
+    # order. Evaluated at every export and every `eval_steps` steps; a loss that rises is a warning. 0: none.
+    val_size: float = 0.0
+    eval_steps: int = 0  # also evaluate every this many steps (0: at the exports only)
     num_checkpoints: int = 2  # M exported checkpoints
     checkpoint_at: str = "epochs"  # epochs: end of each of the last M epochs; steps: M evenly spaced steps
     resume_every: int = 0  # also save resumable state every this many steps (0: only at exports)
@@ -718,9 +723,12 @@ def _validate_score(sc: ScoreConf) -> None:
 def _validate_train(key: str, t: TrainConf) -> None:
     for field_name in ("num_workers", "micro_batch_size", "grad_accum", "epochs", "max_len", "num_checkpoints"):
         _check(getattr(t, field_name) > 0, f"{key}.{field_name}", "an integer > 0", getattr(t, field_name))
-    for field_name in ("gpus_per_worker", "max_steps", "resume_every", "max_failures", "weight_decay", "length_group_steps"):
+    for field_name in ("gpus_per_worker", "max_steps", "resume_every", "max_failures", "weight_decay", "length_group_steps",
+                       "eval_steps"):
         _check(getattr(t, field_name) >= 0, f"{key}.{field_name}", "a number >= 0", getattr(t, field_name))
     _check(t.lr > 0, f"{key}.lr", "a number > 0", t.lr)
+    _check(t.val_size >= 0 and (t.val_size < 1 or float(t.val_size).is_integer()), f"{key}.val_size",
+           "a share of the rows in [0, 1) or a whole number of rows", t.val_size)
     _check(0.0 <= t.warmup_ratio < 1.0, f"{key}.warmup_ratio", "a number in [0, 1)", t.warmup_ratio)
     _check(t.zero_stage in (2, 3), f"{key}.zero_stage", "2 or 3", t.zero_stage)
     _check(t.precision in ("fp32", "bf16", "fp16"), f"{key}.precision", "one of fp32, bf16, fp16", t.precision)

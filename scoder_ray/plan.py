@@ -17,6 +17,7 @@ import yaml
 from scoder_ray.config import CONF_DIR, Config
 from scoder_ray.generate.kept_engines import scorer_keep_reason
 from scoder_ray.ray_env import gpu_budget, pool_sizes
+from scoder_ray.train.data import validation_count
 
 THROUGHPUT = CONF_DIR / "throughput.yaml"
 
@@ -59,9 +60,18 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
         return int(sum(sizes) * per_unit), sum(sizes[i % len(sizes)] for i in range(n)), -(-n // len(sizes))
 
     def train(stage: str, conf, rows: float, epochs: int) -> None:
+        held = validation_count(conf.val_size, int(rows))  # held out of training, evaluated instead
+        rows -= held
         tokens = rows * epochs * tp["train_example_tokens"]
-        add(stage, f"{rows:,.0f} rows x {epochs} epochs = {tokens / 1e6:,.1f}M tokens",
-            conf.num_workers * conf.gpus_per_worker, 1, tokens / tp["train_tokens_per_s"], tp["train_start_s"])
+        seconds = tokens / tp["train_tokens_per_s"]
+        volume = f"{rows:,.0f} rows x {epochs} epochs = {tokens / 1e6:,.1f}M tokens"
+        if held:
+            steps = conf.max_steps or rows * epochs // (conf.num_workers * conf.micro_batch_size * conf.grad_accum)
+            evals = (int(steps // conf.eval_steps) if conf.eval_steps else 0) + conf.num_checkpoints
+            # a forward pass is about a third of a training step's forward + backward
+            seconds += evals * held * tp["train_example_tokens"] / (3 * tp["train_tokens_per_s"])
+            volume += f", {held:,} held out x {evals} evaluations"
+        add(stage, volume, conf.num_workers * conf.gpus_per_worker, 1, seconds, tp["train_start_s"])
 
     def generate(stage: str, rows: float, tokens_each: float, n: int = 1, at_most: int = 1) -> None:
         """`n` engine pools, side by side as sampling runs them (`at_most` at once, 0: all)."""

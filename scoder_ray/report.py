@@ -28,14 +28,18 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def _training_table(dones: dict[str, dict], curves: dict[str, list[dict]]) -> str:
-    """Per training run: steps, rows, last loss, tokens/s and the share of computed positions that was padding
-    (train.*.length_group_steps lowers it)."""
+    """Per training run: steps, rows, last loss, the held-out loss (train.*.val_size: last, and lowest where
+    lower), tokens/s and the share of computed positions that was padding (train.*.length_group_steps lowers it)."""
     rows = []
     for n, m in curves.items():
-        pad = dones[n].get("padding")
-        rows.append([n, len(m), dones[n].get("rows", ""), f"{m[-1]['loss']:.4f}",
+        d = dones[n]
+        pad, best = d.get("padding"), d.get("best_eval")
+        held_out = "" if d.get("eval_loss") is None else f"{d['eval_loss']:.4f} ({d.get('val_rows', '?')} rows)"
+        if best and best["loss"] < d["eval_loss"]:
+            held_out += f"; lowest {best['loss']:.4f} at step {best['step']}"
+        rows.append([n, len(m), d.get("rows", ""), f"{m[-1]['loss']:.4f}", held_out,
                      f"{sum(x.get('tokens_per_s', 0) for x in m) / len(m):,.0f}", "" if pad is None else f"{pad:.1%}"])
-    return _table(rows, ["training run", "steps", "rows", "last loss", "tokens/s (mean)", "padding"])
+    return _table(rows, ["training run", "steps", "rows", "last loss", "held-out loss", "tokens/s (mean)", "padding"])
 
 
 def _read_parquet(store: RunStore, stage: str, columns: Optional[list[str]] = None):
@@ -250,10 +254,15 @@ def build(store: RunStore) -> str:
         fig = make_subplots(rows=rows_n, cols=2, subplot_titles=list(curves))
         for i, (n, m) in enumerate(curves.items()):
             fig.add_trace(go.Scatter(x=[x["step"] for x in m], y=[x["loss"] for x in m], mode="lines", name=n,
-                                     showlegend=False), row=i // 2 + 1, col=i % 2 + 1)
+                                     line={"color": "#1f77b4"}, showlegend=False), row=i // 2 + 1, col=i % 2 + 1)
+            held_out = [x for x in m if "eval_loss" in x]
+            if held_out:  # train.*.val_size: the loss on rows the run never trained on
+                fig.add_trace(go.Scatter(x=[x["step"] for x in held_out], y=[x["eval_loss"] for x in held_out],
+                                         mode="lines+markers", name="held-out", line={"color": "#d62728"},
+                                         showlegend=False), row=i // 2 + 1, col=i % 2 + 1)
         fig.update_yaxes(type="log", title_text="loss")
         fig.update_xaxes(title_text="step")
-        fig.update_layout(title="training loss, per training run")
+        fig.update_layout(title="loss per training run: training (blue), held-out rows (red; train.*.val_size)")
         parts.append("<h2>Training</h2>" + _chart(fig, 260 * rows_n + 60) + _training_table(dones, curves))
 
     # -- final dataset, evaluation, lineage

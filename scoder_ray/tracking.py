@@ -19,7 +19,7 @@ from scoder_ray.store import RunStore, StoreError, read_text
 
 COUNTS = ("rows", "seconds", "parse_rate", "candidates", "generated", "input_rows", "total_steps", "engine_start_s",
           "estimated_cost_usd")
-STEP_KEYS = ("loss", "lr", "tokens_per_s", "step_time_s", "padding")
+STEP_KEYS = ("loss", "lr", "tokens_per_s", "step_time_s", "padding", "eval_loss")
 
 
 def stage_numbers(done: dict[str, Any]) -> dict[str, float]:

@@ -43,6 +43,15 @@ def test_paper_7b_volumes_and_hours_follow_the_config_and_the_throughput_file():
     # retraining grows with the kept samples: teacher + 5% of the selected per iteration so far
     assert [stages[f"iter_0{t}/train"].volume.split()[0] for t in (1, 2, 3)] == ["1,500", "2,500", "3,500"]
     assert stages["bootstrap"].gpus == 0 and stages["bootstrap"].gpu_hours == 0
+    # the SCoder model: 500 of the 60,000 rows held out (train.scoder.val_size), evaluated every 200 of its
+    # 1,394 steps and at its export; without them the whole 60,000 train
+    scoder = stages["train_scoder"]
+    assert scoder.volume.startswith("59,500 rows x 3 epochs") and scoder.volume.endswith("500 held out x 7 evaluations")
+    plain = by_stage(load_config("paper-7b", ["train.scoder.val_size=0"]), tp)["train_scoder"]
+    assert plain.volume.startswith("60,000 rows") and "held out" not in plain.volume
+    eval_s = 7 * 500 * tp["train_example_tokens"] / (3 * tp["train_tokens_per_s"])
+    trained_s = 500 * 3 * tp["train_example_tokens"] / tp["train_tokens_per_s"]  # GPU-seconds (per-GPU throughput)
+    assert scoder.gpu_hours == pytest.approx(plain.gpu_hours - (trained_s - eval_s) / 3600)
 
 
 def test_plan_command_prints_the_table_from_a_given_throughput_file(tmp_path, capsys):

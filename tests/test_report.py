@@ -8,6 +8,7 @@ from scoder_ray.generate.final import dataset_digest
 from scoder_ray.report import write_report
 from scoder_ray.seeds import documented_functions, resolve_rows_file
 from scoder_ray.store import RunStore, write_table, write_text
+from scoder_ray.train.stage import overfit_warning
 
 
 def test_dataset_digest_depends_on_content_not_order():
@@ -31,10 +32,13 @@ def small_run(tmp_path) -> RunStore:
         return {"rows": 1, "candidates": 2}
 
     def trained(tmp):
+        held_out = {2: 1.0, 4: 1.2}  # train.*.val_size: evaluated at steps 2 and 4, and rising
         write_text(f"{tmp}/metrics.jsonl", "".join(json.dumps({"step": i, "loss": 2.0 / i, "step_time_s": 0.1,
-                                                               "tokens": 100, "tokens_per_s": 1000.0 * i}) + "\n"
-                                               for i in range(1, 5)))
-        return {"rows": 3, "padding": 0.125}
+                                                               "tokens": 100, "tokens_per_s": 1000.0 * i,
+                                                               **({"eval_loss": held_out[i]} if i in held_out else {})})
+                                                   + "\n" for i in range(1, 5)))
+        return {"rows": 3, "padding": 0.125, "val_rows": 2, "eval_loss": 1.2, "best_eval": {"step": 2, "loss": 1.0},
+                "warnings": [overfit_warning(list(held_out.items()), 3)]}
 
     store.run_stage("bootstrap", {}, {}, lambda tmp: {"rows": 3, "teacher": {"model": "gpt-4o"}, "estimated_cost_usd": 0.0125,
                                                       "usage": {"requests_sent": 5, "cache_hits": 2, "retries": 1,
@@ -71,8 +75,12 @@ def test_report_has_plots_tables_and_config(tmp_path):
         assert text in html
     assert re.search(r"<td>iter_01/train</td><td>[^<]+</td><td>[^<]+</td><td>0\.\d{3}</td>", html)  # measured
     assert re.search(r"<td>train_scoder</td>(<td>[^<]+</td>){2}<td>not run</td>", html)
-    # per training run: steps, rows, last loss, mean tokens/s, padding
-    assert "<td>iter_01/train</td><td>4</td><td>3</td><td>0.5000</td><td>2,500</td><td>12.5%</td>" in html
+    # per training run: steps, rows, last loss, held-out loss, mean tokens/s, padding; the held-out curve, and
+    # its rise among the warnings
+    assert ("<td>iter_01/train</td><td>4</td><td>3</td><td>0.5000</td><td>1.2000 (2 rows); lowest 1.0000 at step 2"
+            "</td><td>2,500</td><td>12.5%</td>") in html
+    assert '"name":"held-out"' in html and '"y":[1.0,1.2]' in html
+    assert re.search(r"<b>iter_01/train</b>: the held-out loss rose from 1\.0000 at step 2 to 1\.2000", html)
 
 
 def test_builtin_rows_file_is_written_once(tmp_path):

@@ -38,7 +38,9 @@ def staged_run(tmp_path, backends: str):
     def train(c, s, force):
         def produce(tmp):
             write_text(f"{tmp}/metrics.jsonl", "".join(json.dumps({"step": i, "loss": 4.0 / i, "lr": 1e-3,
-                                                                   "tokens_per_s": 100.0 * i}) + "\n" for i in range(1, 5)))
+                                                                   "tokens_per_s": 100.0 * i,
+                                                                   **({"eval_loss": 5.0 / i} if i % 2 == 0 else {})})
+                                                       + "\n" for i in range(1, 5)))
             return {"rows": 12, "total_steps": 4}
         return s.run_stage("iter_01/train", {}, {}, produce)
 
@@ -58,6 +60,7 @@ def test_stage_counts_and_training_steps_reach_tensorboard_and_mlflow(ray_local,
     assert tb["iter_01/sample/rows"] == [(0, 40.0)] and tb["iter_01/sample/parse_rate"] == [(0, 0.5)]
     assert [s for s, _ in tb["iter_01/train/train/loss"]] == [1, 2, 3, 4]
     assert tb["iter_01/train/train/loss"][-1][1] == pytest.approx(1.0)
+    assert tb["iter_01/train/train/eval_loss"] == [(2, 2.5), (4, 1.25)]  # held-out loss at the steps that had one
     client = MlflowClient(tracking_uri=f"file:{tracking}/mlruns")
     exp = client.get_experiment_by_name("scoder-ray")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.scoder_run = 'r'")

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa  # noqa: F401
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from scoder_ray.config import load_config
-from scoder_ray.train.data import IGNORE, collate, encode, prompt_response
+from scoder_ray.train.data import IGNORE, collate, encode, prompt_response, read_examples
 
 pytestmark = pytest.mark.slow
 
@@ -45,19 +46,37 @@ def assert_export_reproduces_training_logits(folder: Path, probe_folder: Path = 
     return probe
 
 
+def token_mean_loss(folder: Path, examples: list) -> float:
+    """A model's mean loss per response token over tokenized examples, one at a time in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for ids, labels in examples:
+            long = lambda x: torch.tensor(np.asarray(x, dtype=np.int64))[None]  # noqa: E731 - rows hold int32
+            out = model(long(ids), labels=long(labels))
+            n = sum(1 for x in labels[1:] if x != -100)
+            total, tokens = total + out.loss.item() * n, tokens + n
+    return total / tokens
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_path, tiny_model_dir, train_rows,
                                                                  zero_stage, request):
     group = 2 if zero_stage == 2 else 0  # ZeRO-2 with length grouping (windows of 2 steps), ZeRO-3 without
+    # 9 of the 64 rows held out: in micro-batches of 4 that is 3 batches over 2 ranks, so one rank repeats a
+    # batch in the second round (under ZeRO-3 every rank must run as many forwards)
     cfg = tiny_cfg(tmp_path, tiny_model_dir, f"train.synthesizer.zero_stage={zero_stage}",
                    "train.synthesizer.epochs=4", "train.synthesizer.num_checkpoints=2",
-                   f"train.synthesizer.length_group_steps={group}")
+                   f"train.synthesizer.length_group_steps={group}", "train.synthesizer.val_size=9",
+                   "train.synthesizer.eval_steps=5")
     done, store = run(cfg, data=train_rows)
     out = Path(store.path("train_synthesizer"))
     # The padding the steps computed is the schedule's, and grouping by length cut it.
     from test_train_data import padding
 
-    from scoder_ray.train.data import Schedule, read_examples
+    from scoder_ray.train.data import Schedule
 
     lengths = [len(ids) for ids, _ in read_examples(str(out / "tokenized"), False, 512)]
     sched = lambda g: Schedule(len(lengths), 2, 4, 1, 4, 0, cfg.run.seed, lengths=lengths, group_steps=g)  # noqa: E731
@@ -73,9 +92,21 @@ def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_
     assert [c["step"] for c in ckpts] == [done["total_steps"] * 3 // 4, done["total_steps"]]  # ends of epochs 3, 4
     assert ckpts[0]["mean_lr"] > ckpts[1]["mean_lr"] > 0  # cosine decay: the later interval has lower lr
     assert all(c["upload_s"] > 0 and c["steps_while_uploading"] >= 0 for c in ckpts)  # uploaded in the background
-    assert done["truncated"] >= 0 and done["rows"] + done["dropped_no_response"] == 64
+    assert done["truncated"] >= 0 and done["rows"] + done["val_rows"] + done["dropped_no_response"] == 64
     for c in ckpts:
         probe = assert_export_reproduces_training_logits(out / c["name"])
+    # The held-out rows: never trained on, evaluated every 5 steps and at each export, and the loss recorded is
+    # the exported model's own mean loss per response token on them, lower than the base model's.
+    assert done["val_rows"] == 9
+    held_out = read_examples(str(out / "validation"), False, 512)
+    trained_on = {tuple(ids) for ids, _ in read_examples(str(out / "tokenized"), False, 512)}
+    assert not {tuple(ids) for ids, _ in held_out} & trained_on
+    evals = {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}
+    assert set(evals) == {5, 10, 15, 20} | {c["step"] for c in ckpts}, evals
+    assert [c["eval_loss"] for c in ckpts] == [evals[c["step"]] for c in ckpts]
+    assert done["eval_loss"] == evals[done["total_steps"]] and done["best_eval"]["loss"] == min(evals.values())
+    assert ckpts[1]["eval_loss"] == pytest.approx(token_mean_loss(out / "ckpt_02", held_out), rel=1e-4)
+    assert token_mean_loss(Path(tiny_model_dir), held_out) > ckpts[0]["eval_loss"] + 0.5
     loaded = done["loaded"]  # ZeRO-3: each of the 2 ranks loaded about its half of the weights, not a copy
     assert loaded["params_on_rank0"] == loaded["params"] if zero_stage == 2 else \
         loaded["params_on_rank0"] <= loaded["params"] // 2 + 1024, loaded
@@ -104,7 +135,8 @@ def test_full_finetuning_learns_and_exports_loadable_checkpoints(ray_local, tmp_
 
 def test_lora_warmup_saves_adapters_and_moments_with_matching_keys(ray_local, tmp_path, tiny_model_dir, train_rows):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.lora.enabled=true", "train.synthesizer.lora.r=8",
-                   "train.synthesizer.lora.alpha=32", "train.synthesizer.epochs=2", "train.synthesizer.lora.export_merged=true")
+                   "train.synthesizer.lora.alpha=32", "train.synthesizer.epochs=2", "train.synthesizer.lora.export_merged=true",
+                   "train.synthesizer.val_size=0.1")
     seen: dict[str, tuple] = {}  # resume states Ray Train kept while training (removed after): keys, step
 
     def watch():
@@ -153,6 +185,10 @@ def test_lora_warmup_saves_adapters_and_moments_with_matching_keys(ray_local, tm
         with torch.no_grad():
             assert torch.allclose(model(probe["input_ids"][None]).logits[0], probe["logits"], atol=1e-5)
         assert_export_reproduces_training_logits(folder / "merged", probe_folder=folder)
+        # The held-out loss (6 of the 64 rows, val_size=0.1) of the adapter in training, with dropout off
+        held_out = read_examples(str(out / "validation"), False, 512)
+        assert len(held_out) == done["val_rows"] == 6
+        assert c["eval_loss"] == pytest.approx(token_mean_loss(folder / "merged", held_out), rel=1e-4)
 
 
 def test_response_only_labels_on_a_real_batch(tiny_model_dir, train_rows):
@@ -228,6 +264,11 @@ def test_bad_input_fails_before_workers_start(ray_local, tmp_path, tiny_model_di
         run(cfg, data=str(no_response))
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         run(tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.micro_batch_size=64"), data=train_rows)
+    with pytest.raises(ValueError, match=r"val_size=64 holds out 64 of the 64 rows with a response, leaving none"):
+        run(tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.val_size=64"), data=train_rows)
+    with pytest.raises(ValueError, match=r"\(less the 60 rows held out by val_size\): 4 training sequences are fewer "
+                                         r"than one optimizer step"):
+        run(tiny_cfg(tmp_path, tiny_model_dir, "train.synthesizer.val_size=60"), data=train_rows)
     with pytest.raises(ValueError, match="run the final stage first"):
         run(cfg, stage="train_scoder")
     assert time.time() - start < 60 and not (tmp_path / "t" / "_ray_train").exists()

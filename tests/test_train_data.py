@@ -102,3 +102,41 @@ def test_a_window_is_at_most_a_quarter_of_the_epoch_so_batches_change_between_ep
 
     assert batches(0) != batches(1)
     assert padding(sched, lengths) < padding(Schedule(64, 2, 4, 1, 2, 0, seed=0), lengths)
+
+
+def test_held_out_rows_are_chosen_by_content_and_seed_as_llamafactory_counts_them():
+    import pytest
+
+    from scoder_ray.config import ConfigError, load_config
+    from scoder_ray.train.data import row_key, validation_count
+
+    # val_size: < 1 a share (at least one row), >= 1 a count; 0 none
+    assert [validation_count(v, 200) for v in (0, 0.05, 0.001, 7, 7.0)] == [0, 10, 1, 7, 7]
+    rows = [([1, 2, i, i % 5], [-100, 2, i, i % 5]) for i in range(50)]
+    keys = [row_key(ids, labels, seed=3) for ids, labels in rows]
+    assert keys == [row_key(ids, labels, 3) for ids, labels in rows] and len(set(keys)) == 50
+    assert all(0 <= k < 2**63 for k in keys)  # fits Parquet's int64
+
+    def held(rs: list, seed: int = 3) -> set:  # the stage's rule: the 5 smallest keys
+        ks = [row_key(ids, labels, seed) for ids, labels in rs]
+        return {tuple(rs[i][0]) for i in range(len(rs)) if ks[i] <= sorted(ks)[4]}
+
+    shuffled = [rows[i] for i in np.random.default_rng(0).permutation(50)]  # Ray Data's blocks in another order
+    assert held(rows) == held(shuffled) and len(held(rows)) == 5
+    assert held(rows, seed=4) != held(rows)  # another run seed holds out other rows
+    assert row_key([1, 2], [-100, 2], 3) != row_key([1, 2], [1, 2], 3)  # the labels are part of the row
+    for bad in ("-1", "2.5"):
+        with pytest.raises(ConfigError, match=r"train.scoder.val_size: .* a share of the rows in \[0, 1\) or a whole"):
+            load_config("tiny", [f"train.scoder.val_size={bad}"])
+    with pytest.raises(ConfigError, match="train.synthesizer.eval_steps"):
+        load_config("tiny", ["train.synthesizer.eval_steps=-3"])
+
+
+def test_a_held_out_loss_that_rises_is_a_warning_in_words():
+    from scoder_ray.train.stage import overfit_warning
+
+    assert overfit_warning([(5, 1.2), (10, 0.9), (15, 0.905)], rows=100) == ""  # within 2% of the lowest
+    warning = overfit_warning([(5, 1.2), (10, 0.9), (15, 1.1)], rows=100)
+    assert "rose from 0.9000 at step 10 to 1.1000 at the last step 15 (+22%)" in warning
+    assert "overfits its 100 training rows" in warning
+    assert overfit_warning([(4, 2.0)], rows=10) == ""

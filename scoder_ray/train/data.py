@@ -51,8 +51,9 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[in
     return ids[:max_len], labels[:max_len], truncated
 
 
-def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_len: int, models=None) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: rows -> input_ids, labels, n_tokens, truncated, no_response.
+def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_len: int, models=None,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: rows -> input_ids, labels, n_tokens, truncated, no_response, key (`row_key`).
     `model_path`: a model reference, resolved on the node the task runs on when `models` is given."""
     if models is not None:
         from scoder_ray.model_cache import local_model
@@ -61,7 +62,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_
     tokenizer = _tokenizer(model_path)
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
-    out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "truncated": [], "no_response": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "truncated": [], "no_response": [], "key": []}
     for i in range(n):
         prompt, response = prompt_response({k: batch[k][i] for k in keys}, fmt)
         ids, labels, truncated = encode(tokenizer, prompt, response, max_len)
@@ -70,7 +71,26 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_
         out["n_tokens"].append(len(ids))
         out["truncated"].append(truncated)
         out["no_response"].append(all(label == IGNORE for label in labels))
+        out["key"].append(row_key(ids, labels, seed))
     return {k: np.array(v, dtype=object) if k in ("input_ids", "labels") else np.array(v) for k, v in out.items()}
+
+
+def row_key(ids: list[int], labels: list[int], seed: int) -> int:
+    """A seeded 63-bit hash of an example's tokens: which rows are held out for validation depends on their
+    content and the run seed, not on the order Ray Data's blocks come in (identical rows fall on one side)."""
+    import hashlib
+
+    data = np.asarray(ids, dtype=np.int32).tobytes() + np.asarray(labels, dtype=np.int32).tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def validation_count(val_size: float, rows: int) -> int:
+    """How many of `rows` a `val_size` holds out (LLaMA-Factory's meaning: < 1 a share, at least one row;
+    >= 1 a count)."""
+    if val_size <= 0:
+        return 0
+    return max(1, int(round(val_size * rows))) if val_size < 1 else int(val_size)
 
 
 _TOKENIZERS: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """Training stages: tokenize with Ray Data, train on Ray Train's TorchTrainer, write checkpoints.
 
-Stage output (`<stage>/`): tokenized/ (the training rows), ckpt_01/ .. ckpt_M/ (HF model or adapter
-folders), checkpoints.json (step and mean lr of each), metrics.jsonl (per step), _DONE.json.
+Stage output (`<stage>/`): tokenized/ (the training rows), validation/ (the rows `val_size` holds out, if any),
+ckpt_01/ .. ckpt_M/ (HF model or adapter folders), checkpoints.json (step, mean lr and held-out loss of each),
+metrics.jsonl (per step; `eval_loss` where the held-out rows were evaluated), _DONE.json.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Optional
 from scoder_ray.config import Config, TrainConf, to_dict
 from scoder_ray.lineage import current_synthesizer, input_digest, synthesizer_digest
 from scoder_ray.store import RunStore, filesystem, read_text
-from scoder_ray.train.data import Schedule, check_columns, tokenize_batch
+from scoder_ray.train.data import Schedule, check_columns, tokenize_batch, validation_count
 
 STAGES = {"train_synthesizer": ("synthesizer", "synthesizer"), "train_scoder": ("scoder", "scoder")}
 DEFAULT_INPUT = {"train_synthesizer": "bootstrap", "train_scoder": "final"}
@@ -48,15 +49,26 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     # The model is a reference (builtin:, hf:, a run-root URI or a local folder) that every task and worker
     # resolves on its own node (model_cache.local_model): no path of the driver's node is assumed elsewhere.
     tokenized = rows.map_batches(tokenize_batch, fn_kwargs={"model_path": model_ref, "fmt": fmt, "max_len": conf.max_len,
-                                                            "models": cfg.models},
+                                                            "models": cfg.models, "seed": cfg.run.seed},
                                  batch_format="numpy").materialize()
-    usable = tokenized.filter(lambda r: not r["no_response"]).select_columns(["input_ids", "labels", "n_tokens"])
-    usable.write_parquet(f"{out_uri}/tokenized")
-    stats = tokenized.select_columns(["truncated", "no_response", "n_tokens"]).to_pandas()  # 3 numbers a row
-    n_train = int((~stats["no_response"]).sum())
-    sequences = n_train if not conf.packing else max(1, int(stats["n_tokens"][~stats["no_response"]].sum()) // conf.max_len)
+    stats = tokenized.select_columns(["truncated", "no_response", "n_tokens", "key"]).to_pandas()  # 4 numbers a row
+    usable_keys = stats["key"][~stats["no_response"]]
+    n_val = validation_count(conf.val_size, len(usable_keys))
+    if n_val >= len(usable_keys):
+        raise ValueError(f"{name}: val_size={conf.val_size:g} holds out {n_val} of the {len(usable_keys)} rows with a "
+                         "response, leaving none to train on")
+    # The rows with the n_val smallest seeded keys are held out (ties, i.e. identical rows, go together).
+    cut = int(usable_keys.nsmallest(n_val).max()) if n_val else -1
+    usable = tokenized.filter(lambda r: not r["no_response"])
+    columns = ["input_ids", "labels", "n_tokens"]
+    usable.filter(lambda r: r["key"] > cut).select_columns(columns).write_parquet(f"{out_uri}/tokenized")
+    if n_val:
+        usable.filter(lambda r: r["key"] <= cut).select_columns(columns).write_parquet(f"{out_uri}/validation")
+    trained = ~stats["no_response"] & (stats["key"] > cut)
+    n_train, n_val = int(trained.sum()), int((~stats["no_response"] & (stats["key"] <= cut)).sum())
+    sequences = n_train if not conf.packing else max(1, int(stats["n_tokens"][trained].sum()) // conf.max_len)
     Schedule(sequences, conf.num_workers, conf.micro_batch_size, conf.grad_accum, conf.epochs, conf.max_steps,
-             cfg.run.seed).check(data_uri)
+             cfg.run.seed).check(data_uri + (f" (less the {n_val} rows held out by val_size)" if n_val else ""))
 
     use_gpu = conf.gpus_per_worker > 0
     # One Ray Train run per attempt of the stage (the attempt's folder is in the name): worker failures
@@ -70,7 +82,8 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": to_dict(conf), "model_ref": model_ref, "models": cfg.models, "seed": cfg.run.seed,
-                           "tokenized_uri": f"{out_uri}/tokenized", "out_uri": out_uri, "stage": name},
+                           "tokenized_uri": f"{out_uri}/tokenized", "out_uri": out_uri, "stage": name,
+                           "val_uri": f"{out_uri}/validation" if n_val else None},
         scaling_config=ScalingConfig(num_workers=conf.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": conf.gpus_per_worker} if use_gpu else {"CPU": 1},
                                      accelerator_type=(cfg.ray.accelerator_type or None) if use_gpu else None),
@@ -87,10 +100,29 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
         raise result.error
     _delete_tree(f"{_train_storage(cfg)}/{run_name}")  # resumable state of a finished run: no longer needed
     done = json.loads(read_text(f"{out_uri}/checkpoints.json"))
-    return {"rows": n_train, "input_rows": n_rows, "truncated": int(stats["truncated"].sum()),
-            "dropped_no_response": int(stats["no_response"].sum()), "model": model_ref, "lora": conf.lora.enabled,
-            "total_steps": done["total_steps"], "checkpoints": done["checkpoints"], "format": fmt,
-            "loaded": done.get("loaded", {}), "padding": done.get("padding")}
+    evals = [(m["step"], m["eval_loss"]) for m in map(json.loads, read_text(f"{out_uri}/metrics.jsonl").splitlines())
+             if "eval_loss" in m]
+    out = {"rows": n_train, "input_rows": n_rows, "truncated": int(stats["truncated"].sum()),
+           "dropped_no_response": int(stats["no_response"].sum()), "model": model_ref, "lora": conf.lora.enabled,
+           "total_steps": done["total_steps"], "checkpoints": done["checkpoints"], "format": fmt,
+           "loaded": done.get("loaded", {}), "padding": done.get("padding"), "val_rows": n_val}
+    if evals:
+        best = min(evals, key=lambda e: e[1])
+        out.update(eval_loss=evals[-1][1], best_eval={"step": best[0], "loss": best[1]},
+                   warnings=[w for w in [overfit_warning(evals, n_train)] if w])
+    return out
+
+
+def overfit_warning(evals: list[tuple[int, float]], rows: int, rise: float = 0.02) -> str:
+    """In words, when the held-out loss ended more than `rise` above its lowest: the later steps fitted the
+    training rows at the expense of unseen ones."""
+    step, low = min(evals, key=lambda e: e[1])
+    last_step, last = evals[-1]
+    if last <= low * (1 + rise):
+        return ""
+    return (f"the held-out loss rose from {low:.4f} at step {step} to {last:.4f} at the last step {last_step} "
+            f"(+{last / low - 1:.0%}): the model overfits its {rows} training rows; fewer epochs, a lower lr or "
+            "more data would help, and the checkpoint nearest that step generalises better")
 
 
 def _delete_tree(uri: str) -> None:

@@ -7,8 +7,9 @@ reported checkpoint redoes exactly the steps after it: the run ends with the con
 At each of the M export steps rank 0 writes `ckpt_XX/` into the stage output: a plain HF model folder
 (full fine-tuning; ZeRO-3 shards are gathered first) or a PEFT adapter folder (LoRA), plus, for LoRA,
 the Adam moments in optimizer/ (see MOMENTS_FORMAT), and export_check/probe.safetensors: the training
-model's logits on a probe sequence, which the exported folder must reproduce. `checkpoints.json` lists them with their step and the mean
-learning rate of the interval each closes; `metrics.jsonl` holds per-step loss, lr, tokens/s, step time.
+model's logits on a probe sequence, which the exported folder must reproduce. `checkpoints.json` lists them with their step, the mean
+learning rate of the interval each closes and the held-out loss; `metrics.jsonl` holds per-step loss, lr, tokens/s,
+step time, and `eval_loss` at the steps that evaluated the held-out rows (train.*.val_size, eval_steps).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def train_loop(config: dict[str, Any]) -> None:
     exports = sched.checkpoint_steps(conf["num_checkpoints"], conf["checkpoint_at"])
     config["probe_ids"] = list(examples[0][0][:32])
     covered = [loss_tokens(labels) for _, labels in examples]
+    held_out = read_examples(config["val_uri"], False, conf["max_len"]) if config.get("val_uri") else []
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule_fn = lr_lambda(total, conf["warmup_ratio"], conf["lr_schedule"])
@@ -146,18 +148,24 @@ def train_loop(config: dict[str, Any]) -> None:
                    "step_time_s": seconds, "epoch": step // sched.steps_per_epoch,
                    "padding": round(1 - loss_sum[1].item() / loss_sum[3].item(), 4),
                    "peak_rss_gib_max_worker": round(peak.item(), 3)}
+        is_export = step + 1 in exports
+        if held_out and (is_export or (conf["eval_steps"] and (step + 1) % conf["eval_steps"] == 0)):
+            t = time.perf_counter()
+            metrics["eval_loss"] = held_out_loss(engine, held_out, conf["micro_batch_size"], world, rank,
+                                                 tokenizer.pad_token_id, device)
+            metrics["eval_s"] = round(time.perf_counter() - t, 3)
         state["history"].append(metrics)
         state["step"] = step + 1
         if progress:
             progress.step(metrics)
         uploads.stepped()
-        is_export = step + 1 in exports
         if is_export:
             name = f"ckpt_{exports.index(step + 1) + 1:02d}"
             _export(engine, model, tokenizer, conf, config, f"{out_uri}/{name}", rank, betas, eps, lr, uploads)
             start_step = state["exports"][-1]["step"] if state["exports"] else 0
             lrs = [h["lr"] for h in state["history"] if start_step < h["step"] <= step + 1]
-            state["exports"].append({"name": name, "step": step + 1, "mean_lr": sum(lrs) / len(lrs)})
+            state["exports"].append({"name": name, "step": step + 1, "mean_lr": sum(lrs) / len(lrs),
+                                     **({"eval_loss": metrics["eval_loss"]} if "eval_loss" in metrics else {})})
         # Resume state (weights, optimizer, this loop's state) at each export and every resume_every steps,
         # never after the last step: nothing resumes from there, and for a 7B model under ZeRO-3 it is ~100 GB.
         # A LoRA run keeps the trainable parameters only: the frozen base is reloaded from its reference.
@@ -193,7 +201,34 @@ def train_loop(config: dict[str, Any]) -> None:
         write_text(f"{out_uri}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
         write_text(f"{out_uri}/checkpoints.json", json.dumps(
             {"total_steps": total, "steps_per_epoch": sched.steps_per_epoch, "examples": len(examples),
-             "checkpoints": state["exports"], "loaded": loaded, "padding": _padding(state["history"])}, indent=2))
+             "held_out_examples": len(held_out), "checkpoints": state["exports"], "loaded": loaded,
+             "padding": _padding(state["history"])}, indent=2))
+
+
+def held_out_loss(engine, held_out: list, micro: int, world: int, rank: int, pad_id: int, device) -> float:
+    """Mean loss per response token over the held-out examples, shared out over the ranks in micro-batches of
+    similar length. Collective: under ZeRO-3 every forward gathers parameters from every rank, so each rank
+    runs the same number of forwards (a rank without a batch in the last round repeats one, not counted)."""
+    import torch
+
+    from scoder_ray.train.data import collate, loss_tokens
+
+    order = sorted(range(len(held_out)), key=lambda i: (len(held_out[i][0]), i))
+    batches = [order[i:i + micro] for i in range(0, len(order), micro)]
+    total = torch.zeros(2, dtype=torch.float64)  # summed token losses, tokens
+    engine.eval()
+    with torch.no_grad():
+        for first in range(0, len(batches), world):
+            mine = first + rank < len(batches)
+            examples = [held_out[i] for i in batches[first + rank if mine else 0]]
+            batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+            loss = engine(**batch, num_items_in_batch=1.0, use_cache=False).loss  # a sum over the batch's tokens
+            if mine:
+                total += torch.tensor([loss.item(), sum(loss_tokens(labels) for _, labels in examples)],
+                                      dtype=torch.float64)
+    engine.train()
+    torch.distributed.all_reduce(total)
+    return total[0].item() / max(total[1].item(), 1.0)
 
 
 def _padding(history: list[dict[str, Any]]) -> float:
@@ -213,12 +248,13 @@ class Progress:
 
     def step(self, m: dict[str, Any]) -> None:
         s = m["step"]
-        if s != self.start_step + 1 and s % self.every and s != self.total:
+        if s != self.start_step + 1 and s % self.every and s != self.total and "eval_loss" not in m:
             return
         from scoder_ray.progress import eta
 
         rate = (s - self.start_step) / max(time.time() - self.started, 1e-9)
-        say(f"{self.stage}: step {s}/{self.total} ({100 * s / self.total:.0f}%), loss {m['loss']:.4f}, "
+        held_out = f", held-out loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+        say(f"{self.stage}: step {s}/{self.total} ({100 * s / self.total:.0f}%), loss {m['loss']:.4f}{held_out}, "
             f"{m['tokens_per_s']:,.0f} tokens/s, {eta(self.total - s, rate)}")
 
 
