@@ -1,6 +1,7 @@
 """The driver's console: scoder-ray's own lines, progress bars and warnings by default; with `--verbose`
 everything Ray, Ray Data, Ray Train and vLLM print as well. Either way the whole output goes to
-RUN_DIR/logs/driver-<UTC time>-<pid>.log (on an object-store root: uploaded after every stage and at exit).
+RUN_DIR/logs/driver-<UTC time>-<pid>.log (on an object-store root: uploaded after every stage and at exit); the
+local scratch copy in the temp folder is removed at exit once the run directory has the log.
 
 It works on file descriptors 1 and 2 (pipes read by a thread), so it also catches what Ray's log monitor
 and C extensions write; the run's own code keeps printing as usual.
@@ -109,17 +110,18 @@ class Console:
         self.store = store
         self.sync()
 
-    def sync(self) -> None:
-        """Copy the log so far to the run directory (the whole file, atomically)."""
+    def sync(self) -> bool:
+        """Copy the log so far to the run directory (the whole file, atomically); whether it was."""
         if self.store is None:
-            return
+            return False
         with self.lock:
             self.local.flush()
             data = open(self.local.name, "rb").read()
         try:
             self.store.write_log(self.name, data)
         except OSError:  # a log that cannot be copied must not fail the run; the local file stays
-            pass
+            return False
+        return True
 
     def stop(self) -> None:
         """Drain the pipes up to a marker, give the descriptors back, and copy the log a last time."""
@@ -136,9 +138,15 @@ class Console:
             stopped.wait(timeout=10)
             os.dup2(saved, fd)
         self.saved = {}
-        self.sync()
+        copied = self.sync()
         self.local.close()
         _ACTIVE = None
+        # The local copy is a scratch file: gone once the run directory has the log, kept (and named) where
+        # it is the only one (no run directory yet, or a root that could not be written).
+        if copied:
+            os.unlink(self.local.name)
+        elif os.path.getsize(self.local.name):
+            sys.stderr.write(f"[scoder-ray] the driver's whole log is kept at {self.local.name}\n")
 
 
 def start(verbose: bool = False) -> Console:

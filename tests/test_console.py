@@ -1,4 +1,5 @@
 """The driver's console: quiet by default, everything with --verbose, the whole output in RUN_DIR/logs/."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,11 +38,27 @@ DRIVER = textwrap.dedent(r"""
 
 
 def run_driver(tmp_path, mode):
-    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), mode], capture_output=True, text=True, timeout=60)
+    scratch = tmp_path / "tmp"  # the driver's temp folder
+    scratch.mkdir()
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), mode], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TMPDIR": str(scratch)})
     assert out.returncode == 0, out.stderr
     logs = list((tmp_path / "r" / "logs").glob("driver-*.log"))
     assert len(logs) == 1
+    assert not list(scratch.iterdir())  # the local scratch copy is gone once the run directory has the log
     return out, logs[0].read_text()
+
+
+def test_a_log_with_no_run_directory_is_kept_and_named(tmp_path):
+    """A driver that ends before it has a run directory (a bad input found early) keeps its whole log, and says where."""
+    driver = ("import sys\nfrom scoder_ray import console\nconsole.start()\n"
+              "print('(MapWorker pid=1) INFO the line the console left out', flush=True)\nsys.exit(2)\n")
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 2 and "the line the console left out" not in out.stdout
+    kept = list(tmp_path.glob("scoder-ray-driver-*.log"))
+    assert len(kept) == 1 and f"the driver's whole log is kept at {kept[0]}" in out.stderr
+    assert "the line the console left out" in kept[0].read_text()
 
 
 def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path):
