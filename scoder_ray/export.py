@@ -141,11 +141,22 @@ def export_model(store: RunStore, out_dir: str) -> Path:
     shutil.copytree(src, tmp)
     final = store.read_done("final") or {}
     results = (store.read_done("evaluate") or {}).get("results", {})
+    t = cfg.train.scoder
+    epochs = "" if t.max_steps else f"{t.epochs} epoch{'s' * (t.epochs != 1)}, "
+    training = (f"Training: {trained.get('rows', '?')} rows, {epochs}{trained.get('total_steps', '?')} optimizer "
+                f"steps, lr {t.lr:g} ({t.lr_schedule}), {'LoRA' if t.lora.enabled else 'full fine-tuning'}, DeepSpeed "
+                f"ZeRO-{t.zero_stage}, {t.precision}, max {t.max_len} tokens.")
+    if trained.get("eval_loss") is not None:
+        best = trained.get("best_eval") or {}
+        training += (f" Held-out loss on {trained.get('val_rows', '?')} rows never trained on: {trained['eval_loss']:.4f} "
+                     f"at the last step (lowest {best.get('loss', trained['eval_loss']):.4f}, step {best.get('step', '?')}).")
     (tmp / "README.md").write_text("\n".join([
         "---", f"base_model: {cfg.models.scoder.removeprefix('hf:')}", "tags:", "- code", "- scoder-ray", "---", "",
         f"# {store.run_id}: SCoder model", "",
         f"`{cfg.models.scoder}` fine-tuned on {final.get('rows', '?')} synthetic samples (dataset digest "
         f"`{final.get('dataset_digest', '')}`) by scoder-ray; checkpoint `{name}`.", "",
+        training, "",
+        *(f"Warning: {w}" for w in trained.get("warnings", [])), "",
         f"Evaluation (pass@k, executed in scoder-ray's sandbox): `{json.dumps(results)}`", ""]))
     if out.exists():
         shutil.rmtree(out)

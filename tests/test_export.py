@@ -78,13 +78,18 @@ def test_export_copies_the_model_with_a_card(finished_run, tiny_model_dir):
 
     def scoder(out: str) -> dict:
         shutil.copytree(tiny_model_dir, f"{out}/ckpt_01")
-        return {"rows": 3, "checkpoints": [{"name": "ckpt_01"}]}
+        return {"rows": 3, "checkpoints": [{"name": "ckpt_01"}], "total_steps": 6, "val_rows": 2, "eval_loss": 1.25,
+                "best_eval": {"step": 3, "loss": 1.2}, "warnings": ["the held-out loss rose from 1.2000 at step 3"]}
 
     RunStore.open(run_dir).run_stage("train_scoder", {}, {}, scoder)
     assert main(["export", run_dir, "--out", str(tmp_path / "d"), "--model", str(tmp_path / "m")]) == 0
     model = Path(tmp_path / "m")
     assert (model / "config.json").is_file() and any(model.glob("*.safetensors"))
-    assert "SCoder model" in (model / "README.md").read_text()
+    card = (model / "README.md").read_text()
+    assert "SCoder model" in card and ("Training: 3 rows, 1 epoch, 6 optimizer steps, lr 0.001 (cosine), full "
+                                       "fine-tuning, DeepSpeed ZeRO-2, fp32, max 512 tokens.") in card
+    assert "Held-out loss on 2 rows never trained on: 1.2500 at the last step (lowest 1.2000, step 3)" in card
+    assert "Warning: the held-out loss rose from 1.2000 at step 3" in card
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(model).num_parameters() > 0
