@@ -8,7 +8,9 @@ GPU in bf16; training with ZeRO-3 (goal: MFU >= 40%), and the feature kernel wit
 examples/s and the share of time in the projection (Adam transform, CountSketch, dense product). Results are written after each part, so a run cut short keeps what it measured.
 
 1. Training step path (issue 4): a randomly initialised ~1.1B Llama, bf16, our `deepspeed_config` (ZeRO-2,
-   GPU path: DeepSpeed's fused Adam, gradient checkpointing as the worker enables it), one rank over NCCL.
+   GPU path: DeepSpeed's fused Adam, gradient checkpointing as the worker enables it), one rank over NCCL; then
+   the worker's own collectives (`reduced`, `held_out_loss`) on that NCCL group (`worker_collectives`: NCCL has
+   no CPU tensors, and the CPU suite's gloo cannot tell).
    Prints tokens/s and MFU (6 * params * tokens/s over the GPU's dense bf16 peak), `--grad-accum` micro-batches
    per optimizer step (4, as paper-7b's SCoder training), with the optimizer's step timed apart.
 2. Influence feature kernel (issue 7): the same Llama with LoRA r=128 on q/k/v/o, per-example gradients
@@ -125,9 +127,26 @@ def train_check(micro: int, seq: int, steps: int, config=None, zero_stage: int =
            "mfu_6N_8gpu_est": round(6 * n_params * tokens / (micro_s + opt_s / 8) / peak, 3),
            "loss_last": round(loss.item(), 3),
            "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    out["worker_collectives"] = worker_collectives(engine, ids)
     del engine, model
     torch.cuda.empty_cache()
     return out
+
+
+def worker_collectives(engine, ids, device: str = "cuda") -> dict:
+    """The training worker's own reductions (step totals, the held-out loss) on this NCCL group, which, like Ray
+    Train's on GPUs, has no CPU tensors: they must pass here before a GPU cluster trusts them."""
+    from scoder_ray.train.worker import held_out_loss, reduced
+
+    try:
+        rows = [(r.tolist(), r.tolist()) for r in ids.cpu()]
+        t = time.perf_counter()
+        loss = held_out_loss(engine, rows + rows[:1], ids.shape[0], 1, 0, 0, torch.device(device))
+        return {"reduced": reduced([1.0, 2.0], torch.device(device)) == [1.0, 2.0],
+                "max": reduced([3.0], torch.device(device), "max") == [3.0],
+                "held_out_loss": round(loss, 4), "held_out_s": round(time.perf_counter() - t, 3)}
+    except Exception as e:  # noqa: BLE001 - reported beside the training numbers, which stand
+        return {"error": f"{type(e).__name__}: {str(e)[:500]}"}
 
 
 def influence_check(batch: int, seq: int, batches: int, workdir: str, config=None) -> dict:

@@ -122,8 +122,7 @@ def train_loop(config: dict[str, Any]) -> None:
     for step in range(state["step"], total):
         start = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
-        # (sum of micro-batch losses, tokens, rank 0 uploading, positions computed: tokens + padding)
-        loss_sum = torch.zeros(4, dtype=torch.float64)
+        sums = [0.0, 0.0, 0.0]  # micro-batch losses, tokens, positions computed (tokens + padding)
         # The step's loss is the mean over every token it covers, on all ranks and micro-steps, whatever the
         # batches' make-up (HF's num_items_in_batch): a micro-batch's token sum is divided by the step's token
         # count, times the world x accumulation that DeepSpeed's gradient averaging divides by again. A plain
@@ -136,18 +135,16 @@ def train_loop(config: dict[str, Any]) -> None:
             loss = engine(**batch, num_items_in_batch=max(per_micro, 1e-9)).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item(), float(batch["attention_mask"].sum()), 0.0,
-                                      float(batch["attention_mask"].numel())], dtype=torch.float64)
-        loss_sum[2] = float(rank == 0 and uploads.busy())  # every rank learns it from the all-reduce
-        torch.distributed.all_reduce(loss_sum)
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            sums = [sums[0] + loss.item(), sums[1] + float(batch["attention_mask"].sum()),
+                    sums[2] + float(batch["attention_mask"].numel())]
+        # rank 0 uploading an export: every rank learns it from the all-reduce
+        loss_total, tokens, positions, uploading = reduced(sums + [float(rank == 0 and uploads.busy())], device)
+        peak = reduced([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device, "max")[0]
         seconds = time.perf_counter() - start
-        metrics = {"step": step + 1, "loss": loss_sum[0].item() / (world * conf["grad_accum"]), "lr": lr,
-                   "tokens": int(loss_sum[1].item()), "tokens_per_s": loss_sum[1].item() / seconds,
+        metrics = {"step": step + 1, "loss": loss_total / (world * conf["grad_accum"]), "lr": lr,
+                   "tokens": int(tokens), "tokens_per_s": tokens / seconds,
                    "step_time_s": seconds, "epoch": step // sched.steps_per_epoch,
-                   "padding": round(1 - loss_sum[1].item() / loss_sum[3].item(), 4),
-                   "peak_rss_gib_max_worker": round(peak.item(), 3)}
+                   "padding": round(1 - tokens / positions, 4), "peak_rss_gib_max_worker": round(peak, 3)}
         is_export = step + 1 in exports
         if held_out and (is_export or (conf["eval_steps"] and (step + 1) % conf["eval_steps"] == 0)):
             t = time.perf_counter()
@@ -184,7 +181,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 with open(os.path.join(pending, "train_state.json"), "w") as f:
                     json.dump(state, f)
-        if pending and not is_export and not loss_sum[2].item():
+        if pending and not is_export and not uploading:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(pending),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             pending = None
@@ -215,7 +212,7 @@ def held_out_loss(engine, held_out: list, micro: int, world: int, rank: int, pad
 
     order = sorted(range(len(held_out)), key=lambda i: (len(held_out[i][0]), i))
     batches = [order[i:i + micro] for i in range(0, len(order), micro)]
-    total = torch.zeros(2, dtype=torch.float64)  # summed token losses, tokens
+    loss_sum = tokens = 0.0
     engine.eval()
     with torch.no_grad():
         for first in range(0, len(batches), world):
@@ -224,11 +221,20 @@ def held_out_loss(engine, held_out: list, micro: int, world: int, rank: int, pad
             batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
             loss = engine(**batch, num_items_in_batch=1.0, use_cache=False).loss  # a sum over the batch's tokens
             if mine:
-                total += torch.tensor([loss.item(), sum(loss_tokens(labels) for _, labels in examples)],
-                                      dtype=torch.float64)
+                loss_sum, tokens = loss_sum + loss.item(), tokens + sum(loss_tokens(labels) for _, labels in examples)
     engine.train()
-    torch.distributed.all_reduce(total)
-    return total[0].item() / max(total[1].item(), 1.0)
+    loss_sum, tokens = reduced([loss_sum, tokens], device)
+    return loss_sum / max(tokens, 1.0)
+
+
+def reduced(values: list[float], device, op: str = "sum") -> list[float]:
+    """A few numbers summed (or their max) over the ranks. The tensor lives on the training device: on GPUs
+    Ray Train's process group is NCCL alone, which has no CPU tensors."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return t.tolist()
 
 
 def _padding(history: list[dict[str, Any]]) -> float:
