@@ -140,3 +140,8 @@ def test_a_held_out_loss_that_rises_is_a_warning_in_words():
     assert "rose from 0.9000 at step 10 to 1.1000 at the last step 15 (+22%)" in warning
     assert "overfits its 100 training rows" in warning
     assert overfit_warning([(4, 2.0)], rows=10) == ""
+    assert "exported checkpoints" not in warning  # none named: no better one to point to
+    ckpts = [{"name": "ckpt_01", "step": 10, "eval_loss": 0.9}, {"name": "ckpt_02", "step": 15, "eval_loss": 1.1}]
+    assert overfit_warning([(5, 1.2), (10, 0.9), (15, 1.1)], 100, ckpts).endswith(
+        "; of the exported checkpoints ckpt_01 (step 10) has the lowest, 0.9000")
+    assert "exported checkpoints" not in overfit_warning([(5, 0.9), (10, 1.1)], 100, ckpts[1:])  # the last is the only one

@@ -109,20 +109,26 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     if evals:
         best = min(evals, key=lambda e: e[1])
         out.update(eval_loss=evals[-1][1], best_eval={"step": best[0], "loss": best[1]},
-                   warnings=[w for w in [overfit_warning(evals, n_train)] if w])
+                   warnings=[w for w in [overfit_warning(evals, n_train, done["checkpoints"])] if w])
     return out
 
 
-def overfit_warning(evals: list[tuple[int, float]], rows: int, rise: float = 0.02) -> str:
+def overfit_warning(evals: list[tuple[int, float]], rows: int, checkpoints: Optional[list[dict]] = None,
+                    rise: float = 0.02) -> str:
     """In words, when the held-out loss ended more than `rise` above its lowest: the later steps fitted the
-    training rows at the expense of unseen ones."""
+    training rows at the expense of unseen ones. Names the exported checkpoint with the lowest held-out loss
+    where that is not the last one."""
     step, low = min(evals, key=lambda e: e[1])
     last_step, last = evals[-1]
     if last <= low * (1 + rise):
         return ""
+    scored = [c for c in checkpoints or [] if c.get("eval_loss") is not None]
+    best = min(scored, key=lambda c: c["eval_loss"]) if scored else None
+    better = (f"; of the exported checkpoints {best['name']} (step {best['step']}) has the lowest, "
+              f"{best['eval_loss']:.4f}" if best and best is not scored[-1] else "")
     return (f"the held-out loss rose from {low:.4f} at step {step} to {last:.4f} at the last step {last_step} "
             f"(+{last / low - 1:.0%}): the model overfits its {rows} training rows; fewer epochs, a lower lr or "
-            "more data would help, and the checkpoint nearest that step generalises better")
+            f"more data would help{better}")
 
 
 def _delete_tree(uri: str) -> None:
