@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="messages", choices=["messages", "alpaca", "sharegpt", "parquet"])
     p.add_argument("--out", required=True, help="the dataset folder to write (replaced)")
     p.add_argument("--model", metavar="DIR", help="also copy the SCoder model (full weights) here, with a model card")
+    p.add_argument("--checkpoint", default="last", metavar="last|best|NAME",
+                   help="which SCoder checkpoint --model copies: last (default; the one `evaluate` measured), best "
+                        "(the lowest held-out loss: train.scoder.val_size) or a name such as ckpt_01")
     p.add_argument("--to", metavar="hub:ORG/NAME", help="also upload the dataset folder to the Hugging Face Hub")
 
     p = sub.add_parser("config", help="print the resolved configuration", epilog=EPILOG)
@@ -204,16 +207,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from scoder_ray.export import LLAMAFACTORY, export_dataset, export_model, llamafactory_name, push_to_hub
+    from scoder_ray.export import (LLAMAFACTORY, export_dataset, export_model, llamafactory_name, push_to_hub,
+                                   scoder_checkpoint)
     from scoder_ray.store import RunStore
 
+    if args.checkpoint != "last" and not args.model:
+        raise ValueError("--checkpoint chooses the model --model copies: give --model DIR too")
     store = RunStore.open(args.run_dir)
+    if args.model:
+        scoder_checkpoint(store, args.checkpoint)  # a model that cannot be exported stops the export before any writing
     folder = export_dataset(store, args.out, args.format)
     print(f"dataset: {folder}  (datasets.load_dataset({str(folder)!r}))")
     if args.format in LLAMAFACTORY:
         print(f"LLaMA-Factory: dataset_dir: {folder}  dataset: {llamafactory_name(store)}")
     if args.model:
-        print(f"model: {export_model(store, args.model)}")
+        print(f"model: {export_model(store, args.model, args.checkpoint)}")
     if args.to:
         print(f"uploaded: {push_to_hub(folder, args.to)}")
     return 0

@@ -9,7 +9,8 @@ The folder holds `data/train.*` and a README.md dataset card whose YAML header t
 data is, so `datasets.load_dataset(FOLDER)` reads it; for the JSONL layouts also a `dataset_info.json`, so
 LLaMA-Factory trains on it with `dataset_dir: FOLDER` and `dataset: <run id>`; `--to hub:ORG/NAME` uploads
 it (HF_TOKEN).
-The model export copies the last train_scoder checkpoint (full weights) and writes a model card.
+The model export copies a train_scoder checkpoint (full weights; the last, the one with the lowest held-out loss,
+or one named) and writes a model card.
 """
 from __future__ import annotations
 
@@ -125,15 +126,33 @@ def dataset_card(store: RunStore, final: dict[str, Any], fmt: str, data_file: st
     return header + "\n".join(lines) + "\n"
 
 
-def export_model(store: RunStore, out_dir: str) -> Path:
-    """Copy the last train_scoder checkpoint (full weights, tokenizer) to `out_dir` with a model card."""
-    from scoder_ray.model_cache import local_model
-
+def scoder_checkpoint(store: RunStore, checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train_scoder's _DONE, the checkpoint `checkpoint` names there), or a ValueError that says why not."""
     trained = store.read_done("train_scoder")
     if trained is None:
         raise ValueError(f"{store.base}: no SCoder model yet (train_scoder has not finished)")
+    ckpts = trained["checkpoints"]
+    if checkpoint == "best":
+        scored = [c for c in ckpts if c.get("eval_loss") is not None]
+        if not scored:
+            raise ValueError("--checkpoint best: this run's SCoder training had no held-out loss "
+                             "(train.scoder.val_size was 0)")
+        return trained, min(scored, key=lambda c: c["eval_loss"])
+    chosen = ckpts[-1] if checkpoint == "last" else next((c for c in ckpts if c["name"] == checkpoint), None)
+    if chosen is None:
+        raise ValueError(f"--checkpoint {checkpoint!r}: expected last, best or one of {', '.join(c['name'] for c in ckpts)}")
+    return trained, chosen
+
+
+def export_model(store: RunStore, out_dir: str, checkpoint: str = "last") -> Path:
+    """Copy a train_scoder checkpoint (full weights, tokenizer) to `out_dir` with a model card: `last` (the one
+    `evaluate` measured), `best` (the lowest held-out loss, train.scoder.val_size) or a name (ckpt_01...)."""
+    from scoder_ray.model_cache import local_model
+
+    trained, chosen = scoder_checkpoint(store, checkpoint)
     cfg = store.read_config()
-    name = trained["checkpoints"][-1]["name"]
+    ckpts = trained["checkpoints"]
+    name = chosen["name"]
     src = Path(local_model(f"{store.uri('train_scoder')}/{name}", cfg.models))
     out = Path(out_dir).expanduser()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -149,7 +168,10 @@ def export_model(store: RunStore, out_dir: str) -> Path:
     if trained.get("eval_loss") is not None:
         best = trained.get("best_eval") or {}
         training += (f" Held-out loss on {trained.get('val_rows', '?')} rows never trained on: {trained['eval_loss']:.4f} "
-                     f"at the last step (lowest {best.get('loss', trained['eval_loss']):.4f}, step {best.get('step', '?')}).")
+                     f"at the last step (lowest {best.get('loss', trained['eval_loss']):.4f}, step {best.get('step', '?')})"
+                     + (f"; {chosen['eval_loss']:.4f} at this checkpoint's step {chosen['step']}."
+                        if chosen is not ckpts[-1] and chosen.get("eval_loss") is not None else "."))
+    measured = "" if chosen is ckpts[-1] else f" of the last checkpoint, {ckpts[-1]['name']}, not this one"
     (tmp / "README.md").write_text("\n".join([
         "---", f"base_model: {cfg.models.scoder.removeprefix('hf:')}", "tags:", "- code", "- scoder-ray", "---", "",
         f"# {store.run_id}: SCoder model", "",
@@ -157,7 +179,7 @@ def export_model(store: RunStore, out_dir: str) -> Path:
         f"`{final.get('dataset_digest', '')}`) by scoder-ray; checkpoint `{name}`.", "",
         training, "",
         *(f"Warning: {w}" for w in trained.get("warnings", [])), "",
-        f"Evaluation (pass@k, executed in scoder-ray's sandbox): `{json.dumps(results)}`", ""]))
+        f"Evaluation{measured} (pass@k, executed in scoder-ray's sandbox): `{json.dumps(results)}`", ""]))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -78,7 +78,11 @@ def test_export_copies_the_model_with_a_card(finished_run, tiny_model_dir):
 
     def scoder(out: str) -> dict:
         shutil.copytree(tiny_model_dir, f"{out}/ckpt_01")
-        return {"rows": 3, "checkpoints": [{"name": "ckpt_01"}], "total_steps": 6, "val_rows": 2, "eval_loss": 1.25,
+        shutil.copytree(tiny_model_dir, f"{out}/ckpt_02")
+        (Path(out) / "ckpt_01" / "which").write_text("ckpt_01")
+        return {"rows": 3, "checkpoints": [{"name": "ckpt_01", "step": 3, "eval_loss": 1.2},
+                                           {"name": "ckpt_02", "step": 6, "eval_loss": 1.25}],
+                "total_steps": 6, "val_rows": 2, "eval_loss": 1.25,
                 "best_eval": {"step": 3, "loss": 1.2}, "warnings": ["the held-out loss rose from 1.2000 at step 3"]}
 
     RunStore.open(run_dir).run_stage("train_scoder", {}, {}, scoder)
@@ -90,9 +94,31 @@ def test_export_copies_the_model_with_a_card(finished_run, tiny_model_dir):
                                        "fine-tuning, DeepSpeed ZeRO-2, fp32, max 512 tokens.") in card
     assert "Held-out loss on 2 rows never trained on: 1.2500 at the last step (lowest 1.2000, step 3)" in card
     assert "Warning: the held-out loss rose from 1.2000 at step 3" in card
+    assert not (model / "which").exists() and "checkpoint `ckpt_02`" in card  # the last, by default
+    # --checkpoint best: the lowest held-out loss; the card says pass@k was measured on another checkpoint
+    assert main(["export", run_dir, "--out", str(tmp_path / "d"), "--model", str(tmp_path / "b"),
+                 "--checkpoint", "best"]) == 0
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert (tmp_path / "b" / "which").read_text() == "ckpt_01" and "checkpoint `ckpt_01`" in card
+    assert "; 1.2000 at this checkpoint's step 3." in card
+    assert "Evaluation of the last checkpoint, ckpt_02, not this one (pass@k" in card
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(model).num_parameters() > 0
+
+
+def test_export_names_a_checkpoint_it_cannot_choose(finished_run, tiny_model_dir, capsys):
+    run_dir, tmp_path = finished_run
+    RunStore.open(run_dir).run_stage("train_scoder", {}, {}, lambda out: (
+        shutil.copytree(tiny_model_dir, f"{out}/ckpt_01"), {"rows": 3, "checkpoints": [{"name": "ckpt_01", "step": 3}]})[1])
+    args = ["export", run_dir, "--out", str(tmp_path / "d"), "--model", str(tmp_path / "m")]
+    assert main(args + ["--checkpoint", "ckpt_09"]) == 2
+    assert "--checkpoint 'ckpt_09': expected last, best or one of ckpt_01" in capsys.readouterr().err
+    assert main(args + ["--checkpoint", "best"]) == 2
+    assert "had no held-out loss (train.scoder.val_size was 0)" in capsys.readouterr().err
+    assert main(args[:4] + ["--checkpoint", "best"]) == 2
+    assert "give --model DIR too" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "d").exists()  # nothing written
 
 
 def test_export_refuses_what_is_not_there(tmp_path, capsys):
