@@ -672,15 +672,19 @@ def _validate_sampling(cfg: Config) -> None:
                cfg.teacher.max_cost_usd)
 
 
+SAMPLES_FILE = "a JSONL or Parquet file (problem, solution[, snippet])"
+LABELS_FILE = "a JSONL or Parquet file (cand_id, label 0-9)"
+
+
 def _validate_input_files(cfg: Config) -> None:
     """Every input file the run will read exists (checked where the driver runs)."""
     samples = cfg.teacher.samples_file
     if samples and not samples.startswith("builtin:") and "://" not in samples:
-        _check(Path(samples).expanduser().is_file(), "teacher.samples_file", "an existing JSONL or Parquet file "
-               "(problem, solution[, snippet]) or builtin:stdlib-documented[:N]", samples)
+        _check(Path(samples).expanduser().is_file(), "teacher.samples_file",
+               f"an existing {SAMPLES_FILE} or builtin:stdlib-documented[:N]", samples)
     if cfg.score.labels_file and "://" not in cfg.score.labels_file:
-        _check(Path(cfg.score.labels_file).expanduser().is_file(), "score.labels_file",
-               "an existing JSONL or Parquet file (cand_id, label 0-9)", cfg.score.labels_file)
+        _check(Path(cfg.score.labels_file).expanduser().is_file(), "score.labels_file", f"an existing {LABELS_FILE}",
+               cfg.score.labels_file)
     for bench, path in cfg.evaluate.problems.items():
         _check(bench in BENCHMARKS, f"evaluate.problems.{bench}", f"a benchmark name: {', '.join(BENCHMARKS)}", bench)
         _check(Path(path).expanduser().is_file(), f"evaluate.problems.{bench}",

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Optional
 
 from scoder_ray import console
-from scoder_ray.config import Config
+from scoder_ray.config import LABELS_FILE, SAMPLES_FILE, Config
 from scoder_ray.evaluate.stage import run_evaluate
 from scoder_ray.generate import kept_engines
 from scoder_ray.generate.bootstrap import run_bootstrap
@@ -23,7 +23,7 @@ from scoder_ray.influence.stage import run_influence, run_warmup
 from scoder_ray.ray_env import apply_endpoint, check_run_root, init_ray
 from scoder_ray.score.stage import WEIGHTS_STAGE, run_fit_weights, run_rank, run_score
 from scoder_ray.seeds import run_seeds
-from scoder_ray.store import RunStore, check_root
+from scoder_ray.store import RunStore, check_input_file, check_root
 from scoder_ray.train.stage import run_retrain, run_train, run_train_data
 
 StageFn = Callable[[Config, RunStore, bool], dict[str, Any]]
@@ -152,11 +152,20 @@ def open_run(cfg: Config) -> RunStore:
     init_ray(cfg.ray, apply_endpoint(cfg))
     check_run_root(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
     check_root(cfg.run.root)
+    check_input_uris(cfg)
     store = RunStore.for_config(cfg)
     store.acquire_lease(cfg.run.lease_ttl_s)
     store.write_config(cfg)
     console.attach(store)  # the driver's log (when the CLI captures it) goes to RUN_DIR/logs/ from here on
     return store
+
+
+def check_input_uris(cfg: Config) -> None:
+    """The input files on an object store exist (local ones were checked when the config loaded)."""
+    for key, uri, expected in (("teacher.samples_file", cfg.teacher.samples_file, SAMPLES_FILE),
+                               ("score.labels_file", cfg.score.labels_file, LABELS_FILE)):
+        if uri and "://" in uri:
+            check_input_file(key, uri, expected)
 
 
 def needs_teacher(cfg: Config, store: RunStore) -> bool:

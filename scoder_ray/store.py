@@ -414,18 +414,38 @@ def check_root(root: str) -> None:
             f.read()
         fs.delete_file(probe)
     except OSError as e:  # Arrow's S3 and local errors alike
-        where = ""
-        if root.startswith("s3://"):
-            endpoint = os.environ.get("AWS_ENDPOINT_URL")
-            where = (f" (endpoint {endpoint}, from run.endpoint_url or $AWS_ENDPOINT_URL)" if endpoint else
-                     " (AWS's own endpoint: for MinIO, Ceph or another S3-compatible store set run.endpoint_url)")
-        raise StoreError(f"run.root={root}: cannot write there: {str(e).strip()}{where}") from e
+        raise StoreError(f"run.root={root}: cannot write there: {str(e).strip()}{_endpoint_note(root)}") from e
 
 
 def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
-        return f.read().decode()
+        return f.read()
+
+
+def check_input_file(key: str, uri: str, expected: str) -> None:
+    """An input file (a local path, or on an object store: those are not checked at config load) exists, as
+    seen from here. Otherwise a StoreError naming the key, what was expected and the endpoint asked."""
+    try:
+        fs, path = filesystem(uri)
+        kind = fs.get_file_info(path).type
+    except OSError as e:
+        raise StoreError(f"{key}={uri}: cannot be read: {str(e).strip()}{_endpoint_note(uri)}") from e
+    if kind != pafs.FileType.File:
+        what = "a folder" if kind == pafs.FileType.Directory else "no such object" if "://" in uri else "no such file"
+        raise StoreError(f"{key}={uri}: {what}; expected {expected}{_endpoint_note(uri)}")
+
+
+def _endpoint_note(uri: str) -> str:
+    if not uri.startswith("s3://"):
+        return ""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    return (f" (endpoint {endpoint}, from run.endpoint_url or $AWS_ENDPOINT_URL)" if endpoint else
+            " (AWS's own endpoint: for MinIO, Ceph or another S3-compatible store set run.endpoint_url)")
 
 
 def write_text(uri: str, text: str) -> None:

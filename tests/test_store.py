@@ -188,6 +188,36 @@ def test_a_run_root_that_cannot_be_written_is_named_before_any_work(s3_server, t
         os.environ["AWS_ENDPOINT_URL"] = saved
 
 
+def test_input_files_on_the_object_store_are_read_and_a_missing_one_is_named(s3_server):
+    """teacher.samples_file and score.labels_file may be s3:// objects (a cluster's driver node has no copy of
+    the user's files): read as local ones are, bad lines named by URI and line; a missing one is named with its
+    key before any work."""
+    from scoder_ray.generate.bootstrap import _file_rows
+    from scoder_ray.loop import check_input_uris
+    from scoder_ray.score.stage import _read_labels
+
+    base = f"s3://{s3_server['bucket']}/inputs-{os.getpid()}"
+    write_text(f"{base}/labels.jsonl", '{"cand_id": "a", "label": 3}\n\n{"cand_id": "b", "label": 9}\n')
+    write_table(f"{base}/labels.parquet", pa.table({"cand_id": ["a", "b"], "label": [2, 7]}))
+    assert _read_labels(f"{base}/labels.jsonl").to_dict("list") == {"cand_id": ["a", "b"], "label": [3.0, 9.0]}
+    assert _read_labels(f"{base}/labels.parquet").to_dict("list") == {"cand_id": ["a", "b"], "label": [2.0, 7.0]}
+    write_text(f"{base}/bad.jsonl", '{"cand_id": "a", "label": 3}\nnot json\n')
+    with pytest.raises(ValueError, match=f"^{base}/bad.jsonl:2: not valid JSON"):
+        _read_labels(f"{base}/bad.jsonl")
+    write_text(f"{base}/samples.jsonl", json.dumps({"problem": "Add.", "solution": "def f(a, b):\n    return a + b\n"}) + "\n")
+    assert [r["problem"] for _, r in _file_rows(f"{base}/samples.jsonl")] == ["Add."]
+
+    cfg = load_config("tiny", [f"teacher.samples_file={base}/samples.jsonl", f"score.labels_file={base}/labels.parquet"])
+    check_input_uris(cfg)  # both there
+    for key in ("teacher.samples_file", "score.labels_file"):
+        missing = load_config("tiny", [f"{key}={base}/nope.jsonl"])  # an object store's are not checked at load
+        with pytest.raises(StoreError, match=rf"^{key}={base}/nope.jsonl: no such object; expected a JSONL or "
+                                             rf"Parquet file .*\(endpoint {s3_server['url']}"):
+            check_input_uris(missing)
+    with pytest.raises(StoreError, match=rf"^score.labels_file={base}: a folder"):
+        check_input_uris(load_config("tiny", [f"score.labels_file={base}"]))
+
+
 def test_a_corrupt_done_file_is_named(run_root):
     store = RunStore(run_root, "r")
     store.run_stage("s", {}, {}, write_rows(1))

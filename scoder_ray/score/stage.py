@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from typing import Any, Optional
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scoder_ray import jsonl, progress
-from scoder_ray.config import Config
+from scoder_ray.config import LABELS_FILE, Config
 from scoder_ray.generate import kept_engines
 from scoder_ray.generate.sample import engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
@@ -30,7 +29,7 @@ from scoder_ray.score.aspects import Scorer
 from scoder_ray.score.execution import execute_table
 from scoder_ray.score.select import feature_names, features, select_group
 from scoder_ray.score.weights import cross_validated_spearman, fit_weights, weight_vector
-from scoder_ray.store import RunStore, filesystem, write_table, write_text
+from scoder_ray.store import RunStore, check_input_file, filesystem, read_bytes, write_table, write_text
 
 WEIGHTS_STAGE = "weights"
 
@@ -273,8 +272,8 @@ def run_fit_weights(cfg: Config, store: RunStore, labels_file: Optional[str] = N
                 "objective": "non-negative ridge least squares on centred data (scipy nnls), normalised to sum 1"}
 
 
-    if labels_file and not os.path.isfile(labels_file):
-        raise ValueError(f"score.labels_file {labels_file}: no such file (JSONL/Parquet with cand_id and label 0-9)")
+    if labels_file:
+        check_input_file("score.labels_file", labels_file, LABELS_FILE)
     inputs = {upstream: done["output_digest"],
               "labels": f"{labels_file}:{input_digest(labels_file)}" if labels_file else f"teacher:{num_labels}"}
     return store.run_stage(WEIGHTS_STAGE, {"score.aspects": cfg.score.aspects, "score.ridge": cfg.score.ridge},
@@ -285,14 +284,15 @@ def _read_labels(path: str) -> pd.DataFrame:
     """(cand_id, label) rows of a JSONL or Parquet label file; every bad row is named by its line (row):
     not an object, no cand_id, a label missing or outside 0-9, one cand_id labelled twice differently."""
     if path.endswith(".parquet"):
-        df = pq.read_table(path).to_pandas()
+        fs, where = filesystem(path)
+        df = pq.read_table(where, filesystem=fs).to_pandas()
         missing = [c for c in ("cand_id", "label") if c not in df.columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (need cand_id and label 0-9)")
         records = enumerate(df[["cand_id", "label"]].to_dict("records"), 1)
         unit = "row"
     else:
-        records, unit = jsonl.records(path), "line"
+        records, unit = jsonl.records(path, read_bytes(path) if "://" in path else None), "line"
     seen: dict[str, tuple[int, float]] = {}
     for n, r in records:
         where = f"{path}:{n}" if unit == "line" else f"{path} row {n}"
