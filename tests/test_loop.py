@@ -382,6 +382,9 @@ def job_run(cluster):
     out["served_before"] = served_before
     job(lambda: writing(f"{run}/iter_01/features", "*-candidate", ""), "features")
     job(lambda: writing(run, "final", "raw/data/*.parquet"), "final")
+    killed = out["killed"]["final"]  # what the killed attempt had written, before the next job collects it
+    out["final_killed_raw"] = {r["cand_id"]: r["raw"] for r in
+                               s3_table(f"{killed['stage']}/{killed['attempt']}/raw/data").to_pylist()}
 
     def kill_training_worker():  # polls fast: train_scoder's steps take a fraction of a second each
         deadline = time.time() + 40 * 60
@@ -448,6 +451,11 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
         stage, attempt = killed[moment]["stage"], killed[moment]["attempt"]
         assert done(stage[len(run) + 1:])["attempt"] != attempt
         assert not [k for k in s3_keys(stage) if k.startswith(attempt)], (stage, attempt)
+    # The redone `final` wrote what the killed attempt had written for the same rows (per-row seeds, a new
+    # job, new engines): a resumed run's dataset is the uninterrupted one's.
+    before = job_run["final_killed_raw"]
+    redone = {r["cand_id"]: r["raw"] for r in s3_table(f"{run}/final/{done('final')['attempt']}/raw/data").to_pylist()}
+    assert before and {c: redone.get(c) for c in before} == before
 
     # The teacher, killed mid-requests, is not paid twice for an answer it already gave.
     answered, paid = job_run["answered"], job_run["teacher_paid"]
