@@ -516,11 +516,11 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert not [line for line in console.splitlines() if noise(line)] and "[scoder-ray] log: s3://scoder-test/" in logs
     driver_logs = [f for f in s3_files(f"{run}/logs") if f.startswith("driver-")]
     assert len(driver_logs) == 4, driver_logs  # the killed jobs' (copied after each of their stages) and this one's
-    full = max((s3_text(f"{run}/logs/{f}") for f in driver_logs), key=len)
-    assert "RayTrainWorker pid=" in full and "final dataset: " in full
+    full = [t for t in (s3_text(f"{run}/logs/{f}") for f in driver_logs) if "final dataset: " in t]
+    assert len(full) == 1 and "RayTrainWorker pid=" in full[0]  # the last job's, whole
     # Training shows its progress from rank 0 (Ray Train's own per-step reports are in the log file only).
     assert re.search(r"\[scoder-ray\] train_scoder: step \d+/\d+ \(\d+%\), loss [\d.]+, [\d,]+ tokens/s, ETA \d+m\d\ds", logs)
-    assert "Reporting training result" not in logs and "Reporting training result" in full
+    assert "Reporting training result" not in logs and "Reporting training result" in full[0]
     # The object store's credentials reached every node through its environment, and nothing wrote them down.
     secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
     assert secret not in job_run["all_logs"]
