@@ -9,7 +9,12 @@ def records(path: str, data: Optional[bytes] = None, error: type = ValueError,
             skip: Optional[Callable[[int, str, str], None]] = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of `path` (or of `data`, its bytes, when given). A bad
     line raises `error` naming it, or with `skip` is passed over after `skip(line, reason, detail)`
-    (reasons: not_utf8, not_json, not_object) — for corpora, where one bad row must not sink the rest."""
+    (reasons: not_utf8, not_json, not_object) — for corpora, where one bad row must not sink the rest. A URI
+    (s3://, gs://) is read whole through the run store's filesystem."""
+    if data is None and "://" in path:
+        from scoder_ray.store import read_bytes
+
+        data = read_bytes(path)
     lines = data.splitlines() if data is not None else open(path, "rb")
     try:
         for n, raw in enumerate(lines, 1):

@@ -19,7 +19,7 @@ from scoder_ray.config import Config
 from scoder_ray.generate.prices import teacher_prices
 from scoder_ray.generate.teacher import Teacher, completion_text, request_body
 from scoder_ray.lineage import derived_seed, input_digest, pick_seeds
-from scoder_ray.store import RunStore, filesystem, read_bytes, write_table
+from scoder_ray.store import RunStore, filesystem, write_table
 
 STAGE = "bootstrap"
 COLUMNS = ["seed_id", "snippet", "lang", "problem", "solution", "raw", "teacher", "finish_reason", "prompt_tokens",
@@ -110,7 +110,7 @@ def _file_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
     else:
         from scoder_ray import jsonl
 
-        rows = [(f"{path}:{n}", r) for n, r in jsonl.records(path, read_bytes(path) if "://" in path else None)]
+        rows = [(f"{path}:{n}", r) for n, r in jsonl.records(path)]
     for where, r in rows:
         for field in ("problem", "solution", "snippet", "seed_id", "lang"):
             if r.get(field) is not None and not isinstance(r[field], str):

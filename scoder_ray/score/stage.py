@@ -29,7 +29,7 @@ from scoder_ray.score.aspects import Scorer
 from scoder_ray.score.execution import execute_table
 from scoder_ray.score.select import feature_names, features, select_group
 from scoder_ray.score.weights import cross_validated_spearman, fit_weights, weight_vector
-from scoder_ray.store import RunStore, check_input_file, filesystem, read_bytes, write_table, write_text
+from scoder_ray.store import RunStore, check_input_file, filesystem, write_table, write_text
 
 WEIGHTS_STAGE = "weights"
 
@@ -292,7 +292,7 @@ def _read_labels(path: str) -> pd.DataFrame:
         records = enumerate(df[["cand_id", "label"]].to_dict("records"), 1)
         unit = "row"
     else:
-        records, unit = jsonl.records(path, read_bytes(path) if "://" in path else None), "line"
+        records, unit = jsonl.records(path), "line"
     seen: dict[str, tuple[int, float]] = {}
     for n, r in records:
         where = f"{path}:{n}" if unit == "line" else f"{path} row {n}"
