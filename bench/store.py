@@ -94,7 +94,7 @@ def main() -> int:
         print(f"node-local model cache ({args.model}, {size / 2**20:.0f} MiB from S3): first use {first:.3f} s, "
               f"second use {second * 1000:.2f} ms -> ratio {second / first:.4f} (goal < 0.05)")
     finally:
-        proc.terminate()
+        s3_local.stop(proc)
         shutil.rmtree(local, ignore_errors=True)
     return 0
 

@@ -142,8 +142,8 @@ class Console:
         self.local.close()
         _ACTIVE = None
         # The local copy is a scratch file: gone once the run directory has the log, kept (and named) where
-        # it is the only one (no run directory yet, or a root that could not be written).
-        if copied:
+        # it is the only one (no run directory yet, or a root that could not be written); an empty one holds nothing.
+        if copied or not os.path.getsize(self.local.name):
             os.unlink(self.local.name)
         elif os.path.getsize(self.local.name):
             sys.stderr.write(f"[scoder-ray] the driver's whole log is kept at {self.local.name}\n")

@@ -45,7 +45,15 @@ def start(port: int = 0, buckets: tuple[str, ...] = ()) -> tuple[subprocess.Pope
     env = {"AWS_ENDPOINT_URL": url, **CLIENT_ENV}
     for bucket in buckets:
         create_bucket(bucket, env)
+    proc.log_path = log.name  # removed by stop()
     return proc, env
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server start() began, and remove its log."""
+    proc.terminate()
+    proc.wait(timeout=30)
+    Path(proc.log_path).unlink(missing_ok=True)
 
 
 def create_bucket(bucket: str, env: dict[str, str]) -> None:
@@ -66,7 +74,7 @@ def main() -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
+        stop(proc)
         return 0
 
 

@@ -93,8 +93,7 @@ def s3_server():
     try:
         yield {"env": env, "bucket": "scoder-test", "url": env["AWS_ENDPOINT_URL"]}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        s3_local.stop(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

