@@ -6,7 +6,8 @@ interpreter's standard library). Python snippets are whole top-level functions a
 than `max_lines` is opened up into its methods); other languages go through the generic cutter of
 snippets.py (brace blocks, or column-0 paragraphs). Every dropped row keeps its reason:
 
-  file level:    empty, binary, not_utf8, too_large, auto_generated, syntax_error, no_functions
+  file level:    unreadable (a broken link, a FIFO or device), empty, binary, not_utf8, too_large,
+                 auto_generated, syntax_error, no_functions
   snippet level: too_short, too_long, contaminated, exact_duplicate, near_duplicate, sampled_out
 
 Output (`seeds/data/*.parquet`): seed_id, snippet, source, path, start_line, n_lines, lang.
@@ -18,6 +19,7 @@ import ast
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 import textwrap
 from collections import Counter
@@ -81,10 +83,25 @@ def source_files(sources: list[str], languages: list[str] = ()) -> list[dict[str
                     lang = language_of(name) if src != "stdlib" else "python" if name.endswith(".py") else ""
                     if name.endswith(RECORD_SUFFIXES) or (lang and (not languages or lang in languages)):
                         full = Path(dirpath) / name
-                        items.append({"source": src, "path": str(full.relative_to(root)), "abs": str(full)})
+                        item = {"source": src, "path": str(full.relative_to(root)), "abs": str(full)}
+                        why = _unreadable(str(full))
+                        items.append({**item, "unreadable": why} if why else item)
+        elif root.exists() or root.is_symlink():
+            raise ValueError(f"seeds.sources: {src!r}: {_unreadable(str(root))}; expected `stdlib`, a folder, a file "
+                             "or hf:NAME")
         else:
             raise ValueError(f"seeds.sources: {src!r} does not exist (expected `stdlib`, a folder, a file or hf:NAME)")
     return items
+
+
+def _unreadable(path: str) -> str:
+    """Why a listed file cannot be read as one ('' when it can): a broken link, or a FIFO, socket or device
+    (a read of a FIFO would wait forever)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{e.strerror}{' (a broken symbolic link)' if os.path.islink(path) else ''}"
+    return "" if stat.S_ISREG(st.st_mode) else "not a regular file (a FIFO, socket or device)"
 
 
 def parse_hf_source(src: str) -> tuple[str, dict[str, str]]:
@@ -159,6 +176,9 @@ def sources_digest(items: list[dict[str, str]]) -> str:
         if it["source"].startswith("hf:"):
             h.update(_hf_digest(it["source"]).encode())
             continue
+        if it.get("unreadable"):
+            h.update(f"{it['source']}\0{it['path']}\0{it['unreadable']}\n".encode())
+            continue
         st = os.stat(it["abs"])
         h.update(f"{it['source']}\0{it['path']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -223,9 +243,14 @@ def cut_text(text: str, source: str, path: str, conf: SeedsConf, lang: str = "py
 def with_contents(item: dict[str, Any], conf: SeedsConf) -> dict[str, Any]:
     """The item with its file's bytes (`data`) and `size`, read where the path exists (the driver's node):
     the tasks that cut snippets may run on any node of the cluster."""
-    size = os.path.getsize(item["abs"])
-    keep = size <= conf.max_file_bytes or item["path"].endswith(RECORD_SUFFIXES)
-    return {**item, "size": size, "data": Path(item["abs"]).read_bytes() if keep else b""}
+    if item.get("unreadable"):
+        return {**item, "size": 0, "data": b""}
+    try:
+        size = os.path.getsize(item["abs"])
+        keep = size <= conf.max_file_bytes or item["path"].endswith(RECORD_SUFFIXES)
+        return {**item, "size": size, "data": Path(item["abs"]).read_bytes() if keep else b""}
+    except OSError as e:  # gone or not permitted since it was listed
+        return {**item, "size": 0, "data": b"", "unreadable": e.strerror or str(e)}
 
 
 def cut_file(item: dict[str, Any], conf: SeedsConf) -> list[dict]:
@@ -238,6 +263,8 @@ def cut_file(item: dict[str, Any], conf: SeedsConf) -> list[dict]:
         item = with_contents(item, conf)
     source, path, size = item["source"], item["path"], item["size"]
     lang = language_of(path) or "python"
+    if item.get("unreadable"):
+        return [_row(source, path, 0, 0, "", "unreadable", item["unreadable"], lang=lang)]
     if size > conf.max_file_bytes and not path.endswith(RECORD_SUFFIXES):
         return [_row(source, path, 0, 0, "", "too_large", f"{size} bytes", lang=lang)]
     if path.endswith(RECORD_SUFFIXES):

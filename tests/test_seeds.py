@@ -1,5 +1,6 @@
 """The seed stage on a planted fixture tree: every kind of bad or duplicate input lands in its count."""
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -76,6 +77,8 @@ def fixture_tree(tmp_path):
     (src / "empty.py").write_text("")
     (src / "gen.py").write_text("# This file is auto-generated. DO NOT EDIT.\n" + OTHER.replace("merge", "m2"))
     (src / "broken.py").write_text("def f(:\n    pass\n")
+    (src / "moved.py").symlink_to(src / "no-such-file.py")  # a broken link
+    os.mkfifo(src / "pipe.py")  # a read would wait forever
     (src / "__pycache__").mkdir()
     (src / "__pycache__" / "good.py").write_text(GOOD)  # skipped folder: must not count as a duplicate
     records = tmp_path / "records.jsonl"
@@ -96,6 +99,7 @@ def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
     assert dropped["near_duplicate"] == 2  # flatten2.py and the reworded record
     assert dropped["contaminated"] == 1
     assert (dropped["binary"], dropped["not_utf8"], dropped["empty"]) == (1, 1 + 1, 1)
+    assert dropped["unreadable"] == 2  # the broken link and the FIFO, named in rejected/
     assert (dropped["not_object"], dropped["not_json"]) == (1, 1)  # a corpus's bad rows drop, the rest counts
     assert (dropped["auto_generated"], dropped["syntax_error"]) == (1, 1)
     assert dropped["too_short"] == 2  # short() in good.py and in the record
@@ -110,6 +114,9 @@ def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
     assert leak["path"] == "leak.py" and leak["detail"].startswith("humaneval:HumanEval/0/")
     bad = sorted((r["reason"], r["detail"]) for r in rejected if r["path"].startswith("records.jsonl#line"))
     assert [b[0] for b in bad] == ["not_json", "not_object", "not_utf8"] and bad[2][1].startswith("line 3: not UTF-8")
+    assert sorted((r["path"], r["detail"]) for r in rejected if r["reason"] == "unreadable") == [
+        ("moved.py", "No such file or directory (a broken symbolic link)"),
+        ("pipe.py", "not a regular file (a FIFO, socket or device)")]
     dup = [r for r in rejected if r["reason"] == "exact_duplicate" and r["path"].endswith("copy_of_other.py")]
     assert len(dup) == 1
     assert sum(dropped.values()) + done["rows"] == len(rejected) + len(table)
@@ -145,6 +152,9 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="seeds.sources: '/no/such/dir' does not exist"):
         source_files(["/no/such/dir"])
+    os.mkfifo(tmp_path / "pipe.py")
+    with pytest.raises(ValueError, match=r"seeds.sources: '.*/pipe.py': not a regular file \(a FIFO, socket or device\)"):
+        source_files([str(tmp_path / "pipe.py")])
 
 
 def test_decontamination_index_catches_a_pasted_solution_not_common_code():
