@@ -67,6 +67,31 @@ def test_missing_evalplus_file_says_how_to_get_it(tmp_path, monkeypatch):
     assert "MbppPlus" in proc.stderr and "mbppplus_release" in proc.stderr and "MBPP_OVERRIDE_PATH" in proc.stderr
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("p.jsonl.gz", b"not gzip", r"p.jsonl.gz: cannot be read as a problems file \(BadGzipFile"),
+    ("p.jsonl.gz", gzip.compress(b'{"task_id": "Mbpp/2"}\n' * 50)[:40], r"p.jsonl.gz: cannot be read .*EOFError"),
+    ("p.jsonl.gz", gzip.compress(b""), "p.jsonl.gz: no problems in it"),
+    ("p.jsonl", b'{"task_id": "Mbpp/2", "prompt": "", "entry_point": "f", "base_input": []}\n[1]\n',
+     "p.jsonl:2: expected a JSON object"),
+    ("p.jsonl", b'{"task_id": "Mbpp/2", "prompt": 7, "entry_point": "f", "base_input": []}\n',
+     r"p.jsonl: record 1 \('Mbpp/2'\): prompt must be text"),
+    ("absent.jsonl.gz", None, "absent.jsonl.gz: no such problems file"),
+])
+def test_a_broken_problems_file_is_named(tmp_path, name, content, message):
+    """The evalplus file a user passes (--problems, evaluate.problems): a file that is not one fails in one line
+    naming it (a truncated download, a gzip that is not, a bad line), never a traceback from the gzip module."""
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_problems("mbpp+", str(path))
+    if name == "p.jsonl.gz" and content == b"not gzip":
+        samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "Mbpp/2", "solution": "x = 1"}])
+        proc = run_cli(samples, "--benchmark", "mbpp+", "--problems", path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"scoder-ray: error: {path}: cannot be read")
+
+
 def evalplus_humaneval_file(path):
     """Two HumanEval problems in the evalplus release format (base_input, plus_input, atol)."""
     he = {p["task_id"]: p for p in load_humaneval()}

@@ -16,8 +16,10 @@ import gzip
 import inspect
 import json
 import os
+import zlib
 from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from scoder_ray.config import BENCHMARKS  # one list for config validation and loading
@@ -81,6 +83,10 @@ def load_problems(benchmark: str = "humaneval", path: Optional[str] = None) -> d
         missing = [k for k in ("task_id", "prompt", "entry_point") if k not in r]
         if missing:
             raise ValueError(f"{path or 'HumanEval'}: record {i} lacks {', '.join(missing)}")
+        not_text = [k for k in ("task_id", "prompt", "entry_point", "test", "canonical_solution")
+                    if k in r and not isinstance(r[k], str)]
+        if not_text:
+            raise ValueError(f"{path}: record {i} ({r['task_id']!r}): {', '.join(not_text)} must be text")
         tests, checked, inputs, reference = _tests_for(r, benchmark, path), None, None, ""
         if "base_input" in r:
             inputs, reference = _evalplus_inputs(r, benchmark), _reference(r, benchmark)
@@ -171,6 +177,19 @@ for _i, _args in enumerate(_inputs):
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A problems file's records (JSONL, gzipped where the name ends .gz); a missing or broken file and a bad
+    line are named."""
+    from scoder_ray import jsonl
+
+    try:
+        data = Path(path).expanduser().read_bytes()
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such problems file") from None
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot be read as a problems file ({type(e).__name__}: {e})") from None
+    records = [r for _, r in jsonl.records(path, data)]
+    if not records:
+        raise ValueError(f"{path}: no problems in it")
+    return records
