@@ -13,12 +13,14 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoTokenizer
 
+from scoder_ray import prompts
 from scoder_ray.config import load_config
 from scoder_ray.demo import start_vllm_server, stop_vllm_server
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.sample import run_sample
-from scoder_ray.seeds import run_seeds
+from scoder_ray.seeds import run_seeds, seeds_uri
 from scoder_ray.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -214,12 +216,22 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
     """Every (checkpoint, seed, index) once; the same candidates whether the checkpoints' pools run side by
     side (run a) or a checkpoint is written again alone with more engines (run b)."""
     results = []
+    # The engine's context holds every seed's prompt but the longest: its candidates are refused before vLLM
+    # sees them (vLLM would fail the whole block), the rest of the block is written.
+    seeds_cfg = load_config("tiny", [f"run.root={tmp_path}", "run.id=seeds", "seeds.max_snippets=6"])
+    run_seeds(seeds_cfg, RunStore.for_config(seeds_cfg))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = sorted((len(tok.encode(tok.apply_chat_template(
+        prompts.chat(prompts.synthesizer_prompt(r["snippet"], r["lang"])), tokenize=False, add_generation_prompt=True))),
+        r["seed_id"]) for r in pq.read_table(seeds_uri(RunStore.for_config(seeds_cfg))).to_pylist())
+    context, too_long = lengths[-1]
+    assert lengths[-2][0] + 24 < context  # the others fit with their whole answer
     # The same candidates however many engines write them: run b writes ckpt_02's again with two engines
     # (one checkpoint only: each engine start costs ~28 s here).
     for run_id, engines, ckpts in (("a", 1, ("ckpt_01", "ckpt_02")), ("b", 2, ("ckpt_02",))):
         cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=6",
                                    "sample.samples_per_seed=2", "sample.max_tokens=24", "sample.batch_size=8",
-                                   f"engine.num_engines={engines}"])
+                                   f"engine.num_engines={engines}", f"engine.max_model_len={context}"])
         store = RunStore.for_config(cfg)
         run_seeds(cfg, store)
         checkpoints = [(c, tiny_model_dir) for c in ckpts]
@@ -231,6 +243,11 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
         for ckpt in ckpts:
             assert sorted((r["seed_id"], r["sample_idx"]) for r in rows if r["ckpt"] == ckpt) == \
                 sorted((s, i) for s in seeds for i in range(2))
+        refused = [r for r in rows if r["reason"] == "prompt_too_long"]
+        assert {r["seed_id"] for r in refused} == {too_long} and len(refused) == 2 * len(ckpts)
+        assert all(not r["parse_ok"] and r["raw"] == "" and r["tokens"] == 0 for r in refused)
+        assert done["rejected"]["prompt_too_long"] == len(refused), done
+        rows = [r for r in rows if r["seed_id"] != too_long]
         assert all(r["iteration"] == 1 and r["raw"] and r["tokens"] > 0 for r in rows)
         assert all(r["truncated"] == (r["tokens"] == 24) for r in rows)
         assert all(r["reason"] for r in rows if not r["parse_ok"])
