@@ -181,6 +181,31 @@ def test_bootstrap_fails_clearly_when_the_teacher_refuses(ray_local, tmp_path, v
     assert store.read_done("bootstrap") is None
 
 
+def test_a_seed_longer_than_the_teachers_context_is_rejected_not_fatal(ray_local, tmp_path, vllm_server, monkeypatch):
+    """A real `vllm serve` (context 1024 tokens) refuses one seed's request with HTTP 400: that seed's sample is
+    rejected as prompt_too_long, the other seeds are answered, and nothing of it is cached."""
+    monkeypatch.setenv("SCODER_TEST_KEY", KEY)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "short.py").write_text("".join(f"def f{i}(x):\n    y = x + {i}\n    y = y * 2\n    y = y - 1\n    return y\n\n\n"
+                                          for i in range(3)))
+    table = ", ".join(f"'{w}{i}': {i}" for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 150))
+    (src / "long.py").write_text(f"def lookup(key):\n    table = {{{table}}}\n    if key in table:\n"
+                                 "        return table[key]\n    return None\n")
+    cfg, store = seeded_store(tmp_path, f"seeds.sources=[{src}]", "seeds.max_snippets=0", "teacher.num_seeds=0",
+                              f"teacher.base_url={vllm_server}/v1", "teacher.model=teacher", "teacher.max_tokens=32",
+                              f"teacher.cache_dir={tmp_path}/cache", "teacher.api_key_env=SCODER_TEST_KEY")
+    done = run_bootstrap(cfg, store)
+    assert done["requested"] == 4 and done["rejected"].get("prompt_too_long") == 1, done
+    assert done["usage"]["errors"] == {"HTTP 400": 1, "prompt_too_long": 1} and done["usage"]["completion_tokens_paid"] > 0
+    rows = pq.read_table(Path(store.path("bootstrap")) / "rejected").to_pylist() + \
+        pq.read_table(Path(store.path("bootstrap")) / "data").to_pylist()
+    refused = [r for r in rows if r["reason"] == "prompt_too_long"]
+    assert len(refused) == 1 and refused[0]["snippet"].startswith("def lookup") and refused[0]["raw"] == ""
+    assert all(r["raw"] for r in rows if r is not refused[0])  # the others were answered
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 3
+
+
 def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     samples = tmp_path / "mine.jsonl"
     good = {"snippet": "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n",

@@ -80,6 +80,33 @@ def test_failures_name_the_endpoint_the_seed_and_the_cause(tmp_path):
         t.run([request_body(conf, [{"role": "user", "content": "y"}])], progress=False, labels=["seed s9"])
 
 
+@pytest.mark.parametrize("provider, refusal", [
+    ("openai", {"error": {"message": "This model's maximum context length is 128000 tokens. However, your messages "
+                                     "resulted in 130412 tokens.", "type": "invalid_request_error",
+                          "code": "context_length_exceeded"}}),
+    ("anthropic", {"type": "error", "error": {"type": "invalid_request_error",
+                                              "message": "prompt is too long: 210412 tokens > 200000 maximum"}}),
+])
+def test_a_request_longer_than_the_context_gets_an_empty_answer_not_an_error(tmp_path, monkeypatch, provider, refusal):
+    """One seed too long for the teacher's context must not stop a paid bootstrap: its answer is empty (finish
+    reason prompt_too_long, not cached, not retried); any other 400 still stops it, naming the request."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    good = GOOD if provider == "openai" else {"content": [{"type": "text", "text": "### Problem\nAdd."}],
+                                              "stop_reason": "end_turn", "usage": {"input_tokens": 9, "output_tokens": 9}}
+    server = Scripted([(400, {}, json.dumps(refusal)), (200, {}, json.dumps(good))])
+    t, conf = teacher(tmp_path, server.url, f"teacher.provider={provider}")
+    bodies = [request_body(conf, [{"role": "user", "content": c}], seed=1) for c in ("long", "short")]
+    first, second = t.run(bodies, progress=False)  # sent concurrently: either may meet the 400
+    answers = sorted([completion_text(first), completion_text(second)])
+    assert answers[0] == ("", "prompt_too_long") and answers[1][1] == "stop"
+    assert len(server.served) == 2 and t.usage.errors.get("prompt_too_long") == 1 and t.usage.retries == 0
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1  # only the real answer
+    other = Scripted([(400, {}, json.dumps({"error": {"message": "temperature must be <= 2", "type": "invalid_request_error"}}))])
+    t, conf = teacher(tmp_path / "b", other.url, f"teacher.provider={provider}")
+    with pytest.raises(TeacherError, match="refused the request for seed s1: HTTP 400"):
+        t.run([request_body(conf, [{"role": "user", "content": "z"}])], progress=False, labels=["seed s1"])
+
+
 def test_retry_after_in_both_forms():
     assert retry_after_s("2") == 2.0 and retry_after_s("0.5") == 0.5 and retry_after_s("soon") is None
     assert 28 <= retry_after_s(formatdate(time.time() + 30, usegmt=True)) <= 30

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,22 @@ ANTHROPIC_VERSION = "2023-06-01"
 _STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
+# A 400/413 that says the request does not fit the model's context (OpenAI's context_length_exceeded, vLLM's
+# "maximum context length", Anthropic's "prompt is too long"): that request's fault, not the run's.
+CONTEXT_REFUSAL = re.compile(r"context.length|maximum context|prompt is too long|too many (input )?tokens", re.IGNORECASE)
+PROMPT_TOO_LONG = "prompt_too_long"  # the finish_reason of the empty answer such a request gets
+
+
 class TeacherError(RuntimeError):
     """The teacher failed for good (after retries, with a non-retryable status, or out of budget)."""
+
+
+class PromptTooLong(Exception):
+    """The teacher refused one request as longer than its context."""
+
+
+def too_long(status: int, text: str) -> bool:
+    return status in (400, 413) and bool(CONTEXT_REFUSAL.search(text))
 
 
 def retry_after_s(value: str) -> Optional[float]:
@@ -190,7 +205,11 @@ class Teacher:
             return json.loads(path.read_text())
         self._check_budget(label)
         post = self._post_anthropic if self.conf.provider == "anthropic" else self._post_openai
-        response = await post(client, body, label)
+        try:
+            response = await post(client, body, label)
+        except PromptTooLong:  # an empty answer, not cached: a teacher with a longer context may take it
+            self.usage.note(PROMPT_TOO_LONG)
+            return {"choices": [{"message": {"content": ""}, "finish_reason": PROMPT_TOO_LONG}], "usage": {}}
         usage = response.get("usage") or {}
         self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
         self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
@@ -225,6 +244,8 @@ class Teacher:
                 raw = await client.with_options(max_retries=self.conf.max_retries - used) \
                     .chat.completions.with_raw_response.create(**known, extra_body=extra)
             except openai.APIStatusError as e:
+                if too_long(e.status_code, e.response.text):
+                    raise PromptTooLong(e.response.text[:300]) from None
                 if e.status_code in RETRY_STATUS:
                     raise TeacherError(f"teacher at {self.conf.base_url} failed{about} after {self.conf.max_retries + 1} "
                                        f"attempts: last HTTP {e.status_code}") from None
@@ -263,6 +284,8 @@ class Teacher:
                         return from_anthropic(r.json())
                 else:
                     kind, detail = f"HTTP {r.status_code}", ""
+                    if too_long(r.status_code, r.text):
+                        raise PromptTooLong(r.text[:300])
                     if r.status_code not in RETRY_STATUS:
                         raise TeacherError(f"teacher at {self.conf.base_url} refused the request{about}: {kind}: "
                                            f"{r.text[:300]}")
