@@ -154,6 +154,9 @@ class SeedsConf:
     languages: list[str] = field(default_factory=list)  # keep only these (e.g. [python, java]); empty: all
     min_lines: int = 5  # snippets are whole functions/classes with this many lines...
     max_lines: int = 80  # ...up to this many
+    # ...and characters: long lines (minified code, data literals) cost a paid teacher prompt tokens and may
+    # not fit the engines' context (engine.max_model_len) at all. 80 lines of 100 characters.
+    max_chars: int = 8000
     max_file_bytes: int = 1_000_000
     max_snippets: int = 0  # 0: keep all; else a deterministic sample of this many
     near_dup_threshold: float = 0.85  # MinHash Jaccard estimate at/above which two snippets are duplicates
@@ -528,6 +531,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "engine.max_model_len": cfg.engine.max_model_len,
         "engine.blocks_in_flight": cfg.engine.blocks_in_flight,
         "seeds.min_lines": cfg.seeds.min_lines,
+        "seeds.max_chars": cfg.seeds.max_chars,
         "seeds.max_file_bytes": cfg.seeds.max_file_bytes,
         "seeds.num_perm": cfg.seeds.num_perm,
         "seeds.shingle_tokens": cfg.seeds.shingle_tokens,

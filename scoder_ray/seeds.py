@@ -204,7 +204,16 @@ def _row(source: str, path: str, start: int, n_lines: int, snippet: str, reason:
 
 def cut_text(text: str, source: str, path: str, conf: SeedsConf, lang: str = "python") -> list[dict]:
     """Snippets of one text as rows (kept rows have reason ''): whole functions/classes for Python, the
-    generic cutter's blocks (snippets.py) for any other language."""
+    generic cutter's blocks (snippets.py) for any other language. A snippet of more than `max_chars`
+    characters (long lines: minified code, data literals) is too_long however few its lines."""
+    rows = _cut_text(text, source, path, conf, lang)
+    for r in rows:
+        if not r["reason"] and len(r["snippet"]) > conf.max_chars:
+            r.update(snippet="", reason="too_long", detail=f"{len(r['snippet'])} characters (seeds.max_chars={conf.max_chars})")
+    return rows
+
+
+def _cut_text(text: str, source: str, path: str, conf: SeedsConf, lang: str = "python") -> list[dict]:
     if not text.strip():
         return [_row(source, path, 0, 0, "", "empty", lang=lang)]
     head = "\n".join(text.splitlines()[:10]).lower()

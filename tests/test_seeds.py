@@ -78,6 +78,9 @@ def fixture_tree(tmp_path):
     (src / "gen.py").write_text("# This file is auto-generated. DO NOT EDIT.\n" + OTHER.replace("merge", "m2"))
     (src / "broken.py").write_text("def f(:\n    pass\n")
     (src / "moved.py").symlink_to(src / "no-such-file.py")  # a broken link
+    table = ", ".join(f"'k{i}': {i}" for i in range(2000))
+    (src / "data.py").write_text(f"def lookup(key):\n    table = {{{table}}}\n    if key in table:\n"
+                                 "        return table[key]\n    return None\n")  # 5 lines, 27,872 characters
     os.mkfifo(src / "pipe.py")  # a read would wait forever
     (src / "__pycache__").mkdir()
     (src / "__pycache__" / "good.py").write_text(GOOD)  # skipped folder: must not count as a duplicate
@@ -103,6 +106,7 @@ def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
     assert (dropped["not_object"], dropped["not_json"]) == (1, 1)  # a corpus's bad rows drop, the rest counts
     assert (dropped["auto_generated"], dropped["syntax_error"]) == (1, 1)
     assert dropped["too_short"] == 2  # short() in good.py and in the record
+    assert dropped["too_long"] == 1  # data.py's 5 lines of 27,872 characters (seeds.max_chars)
     table = pq.read_table(seeds_uri(RunStore.for_config(cfg))).to_pylist()
     kept = sorted((r["path"], r["snippet"].splitlines()[0].split("(")[0].rstrip(":")) for r in table)
     assert kept == [("flatten.py", "def flatten_tree"), ("good.py", "class Counter2"),
@@ -117,6 +121,8 @@ def test_seed_stage_counts_every_reason(ray_local, tmp_path, fixture_tree):
     assert sorted((r["path"], r["detail"]) for r in rejected if r["reason"] == "unreadable") == [
         ("moved.py", "No such file or directory (a broken symbolic link)"),
         ("pipe.py", "not a regular file (a FIFO, socket or device)")]
+    assert [(r["path"], r["detail"]) for r in rejected if r["reason"] == "too_long"] == [
+        ("data.py", "27872 characters (seeds.max_chars=8000)")]
     dup = [r for r in rejected if r["reason"] == "exact_duplicate" and r["path"].endswith("copy_of_other.py")]
     assert len(dup) == 1
     assert sum(dropped.values()) + done["rows"] == len(rejected) + len(table)
