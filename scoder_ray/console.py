@@ -26,12 +26,14 @@ _RAY_INFO = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|DEBUG)\b"
 # Data's actors, whose arguments (the operator's DataContext and transform refs) the operator holds for the
 # pool's whole life, so a restart finds them; (2) the raylet's "Task X.__ray_terminate__ failed ... will be
 # retried" for an actor ending as we asked (IntentionalSystemExit: kept engines released gracefully); (3) the
-# GCS's "Failed to kill actor ... Socket closed": the actor's process was already gone, nothing was left to kill.
+# GCS's "Failed to kill actor ... Socket closed": the actor's process was already gone, nothing was left to kill;
+# (4) the driver's "Token authentication is enabled for this Ray cluster": what our clusters are meant to have.
 _RAY_FALSE_ALARM = re.compile(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\("
                               r".*has constructor arguments in the object store"
                               r"|^(?:\x1b\[[\d;]*m)?\(raylet\)(?:\x1b\[[\d;]*m)? Task \w+\.__ray_terminate__ failed\."
                               r".*IntentionalSystemExit"
-                              r"|\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed")
+                              r"|\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed"
+                              r"|WARNING authentication_token_setup\.py:\d+ -- Token authentication is enabled for this")
 _ACTIVE: Optional["Console"] = None
 _MARKER = b"\x00scoder-ray-console-stop\x00"
 

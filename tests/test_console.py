@@ -28,6 +28,8 @@ DRIVER = textwrap.dedent(r"""
     print("\x1b[36m(pid=gcs_server)\x1b[0m [2026-12-06 08:43:23,472 E 1448 1448] (gcs_server) gcs_actor_scheduler.cc:538: "
           "Failed to kill actor 28f7, return status: Invalid: KillActor RPC failed for actor 28f7: RpcError: RPC error: "
           "Socket closed rpc_code: 14", flush=True)
+    print("2026-12-07 01:41:50,703\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this "
+          "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.", file=sys.stderr, flush=True)
     print("[2026-12-06 04:00:02,000 E 31592 2179] core_worker.cc:99: a real error", file=sys.stderr, flush=True)
     sys.stderr.write("teacher:  50%|#####     | 1/2\r"); sys.stderr.flush()
     time.sleep(0.1)
@@ -78,11 +80,12 @@ def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path
     # Ray's false alarms at every pool (a Ray Data actor's arguments; an actor ending as asked) are left out,
     # Ray core's other errors are not.
     assert "constructor arguments" not in out.stderr and "__ray_terminate__" not in out.stdout
-    assert "Failed to kill actor" not in out.stdout
+    assert "Failed to kill actor" not in out.stdout and "Token authentication is enabled" not in out.stderr
     assert "a real error" in out.stderr
     assert "a real warning" in out.stderr and "teacher:  50%" in out.stderr and "2/2" in out.stderr
     for line in ("Initializing an engine", "Write: 0/1", "Failed to determine local IP", "a real warning", "teacher:  50%", "a child's line",
-                 "training resumes", "seeds: done", "constructor arguments", "__ray_terminate__", "Failed to kill actor"):
+                 "training resumes", "seeds: done", "constructor arguments", "__ray_terminate__", "Failed to kill actor",
+                 "Token authentication is enabled"):
         assert line in log, line
 
 
