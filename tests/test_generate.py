@@ -192,7 +192,8 @@ def test_a_seed_longer_than_the_teachers_context_is_rejected_not_fatal(ray_local
     table = ", ".join(f"'{w}{i}': {i}" for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 150))
     (src / "long.py").write_text(f"def lookup(key):\n    table = {{{table}}}\n    if key in table:\n"
                                  "        return table[key]\n    return None\n")
-    cfg, store = seeded_store(tmp_path, f"seeds.sources=[{src}]", "seeds.max_snippets=0", "teacher.num_seeds=0",
+    cfg, store = seeded_store(tmp_path, f"seeds.sources=[{src}]", "seeds.max_snippets=0", "seeds.max_chars=100000",
+                              "teacher.num_seeds=0",
                               f"teacher.base_url={vllm_server}/v1", "teacher.model=teacher", "teacher.max_tokens=32",
                               f"teacher.cache_dir={tmp_path}/cache", "teacher.api_key_env=SCODER_TEST_KEY")
     done = run_bootstrap(cfg, store)
