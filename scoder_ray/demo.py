@@ -30,7 +30,10 @@ def start_vllm_server(model_path: str, port: int, served_name: str, max_model_le
                       timeout_s: float = 300, api_key: str = "", kv_cache_gib: float = 1.0) -> subprocess.Popen:
     """A local OpenAI-compatible `vllm serve` on 127.0.0.1:port, returned once it answers /v1/models;
     with `api_key`, it refuses requests without that key (HTTP 401)."""
+    from scoder_ray.generate.engine import private_ipc_dir
+
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override the size
+    env["VLLM_RPC_BASE_PATH"] = private_ipc_dir()  # its sockets in this process's folder, gone with it
     # The CPU build's `vllm` console script is broken (SETUP.md): run the server module.
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name",
