@@ -350,6 +350,7 @@ def job_run(cluster):
     root = "s3://scoder-test/cluster"
     run = f"{root}/job"
     address, token, teacher = cluster["address"], cluster["token"], cluster["teacher"]
+    started = time.time()
     cache = Path(cluster["home"]) / "teacher-cache"  # the driver's, on the head
     out = {"token": token, "address": address, "root": root, "run": run, "scrapes": [], "killed": {}, "jobs": [],
            "teacher": teacher, "cluster": cluster, "worker_pid": cluster["worker"].pid, "home": str(cluster["home"])}
@@ -409,6 +410,8 @@ def job_run(cluster):
     out["status"], out["logs"] = out["jobs"][-1]["status"], out["jobs"][-1]["logs"]
     out["all_logs"] = "\n".join(j["logs"] for j in out["jobs"])
     out["done"] = lambda stage: json.loads(s3_text(f"{run}/{stage}/_DONE.json"))
+    # evaluate's local scratch folder on the driver's node (the run root is S3): removed when the stage ends
+    out["eval_scratch_left"] = [d for d in Path(tempfile.gettempdir()).glob("scoder-eval-*") if d.stat().st_mtime >= started]
     yield out
 
 
@@ -433,6 +436,7 @@ def test_the_cluster_shares_no_files(cluster):
 def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     done, killed, jobs, run = job_run["done"], job_run["killed"], job_run["jobs"], job_run["run"]
     assert [j["killed_at"] for j in jobs] == ["bootstrap", "features", "final", ""]
+    assert job_run["eval_scratch_left"] == []
     assert set(killed) == {"bootstrap", "features", "final", "train_worker"}, killed
     for j in jobs[:3]:  # each killed where it was meant to be, before the loop ended
         assert j["status"] == "FAILED" and "final dataset" not in j["logs"], j["logs"][-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Optional
 
@@ -108,26 +109,30 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         # The sandbox reads and writes local files; on an object-store run root they are copied up after.
         work = tmp if "://" not in tmp else tempfile.mkdtemp(prefix="scoder-eval-")
         os.makedirs(work, exist_ok=True)
-        results: dict[str, dict[str, Any]] = {}
-        n, start_s = 0, 0.0
-        for name, path in models.items():
-            for bench in cfg.evaluate.benchmarks:
-                samples = f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl"
-                rows, seconds = generate(cfg, path, bench, samples, modes[name])
-                n, start_s = n + rows, start_s + seconds
-                scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
-                                          timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
-                                          isolation=cfg.evaluate.isolation)
-                scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
-                results.setdefault(name, {})[bench] = scores
-                print(f"[scoder-ray] evaluate {name} on {bench}: {json.dumps(scores)}", flush=True)
-        if work != tmp:
-            for f in sorted(os.listdir(work)):
-                write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
-        return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
-                "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
-                "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature,
-                "isolation": cfg.evaluate.isolation}
+        try:
+            results: dict[str, dict[str, Any]] = {}
+            n, start_s = 0, 0.0
+            for name, path in models.items():
+                for bench in cfg.evaluate.benchmarks:
+                    samples = f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl"
+                    rows, seconds = generate(cfg, path, bench, samples, modes[name])
+                    n, start_s = n + rows, start_s + seconds
+                    scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
+                                              timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
+                                              isolation=cfg.evaluate.isolation)
+                    scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
+                    results.setdefault(name, {})[bench] = scores
+                    print(f"[scoder-ray] evaluate {name} on {bench}: {json.dumps(scores)}", flush=True)
+            if work != tmp:
+                for f in sorted(os.listdir(work)):
+                    write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
+            return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
+                    "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
+                    "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature,
+                    "isolation": cfg.evaluate.isolation}
+        finally:
+            if work != tmp:  # the local scratch copy, whether the stage ended or failed
+                shutil.rmtree(work, ignore_errors=True)
 
     inputs = {"train_scoder": trained["output_digest"] if trained else model_dir or ""}
     for bench in cfg.evaluate.benchmarks:  # an edited problems file is another evaluation
