@@ -31,6 +31,9 @@ SCODER_INSTRUCTION = "{problem}"
 # model then always writes the two sections and a closed fence; whether the code is valid Python is still
 # for `parse_sample` to judge.
 LAYOUT_REGEX = r"### Problem\n[^#`]+\n\n### Solution\n```python\n[^`]+\n```"
+# A prompt the model's context cannot hold (our engines do not send it; a teacher refuses it): the finish reason of
+# its empty answer, and the row's rejection reason.
+PROMPT_TOO_LONG = "prompt_too_long"
 PROBLEM_HEADER = "### Problem"
 SOLUTION_HEADER = "### Solution"
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from scoder_ray import prompts
 from scoder_ray.config import Config
 from scoder_ray.generate.prices import teacher_prices
-from scoder_ray.generate.teacher import PROMPT_TOO_LONG, Teacher, completion_text, request_body
+from scoder_ray.generate.teacher import Teacher, completion_text, request_body
 from scoder_ray.lineage import derived_seed, input_digest, pick_seeds
 from scoder_ray.store import RunStore, filesystem, write_table
 
@@ -59,8 +59,8 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
         problem, solution, reason = prompts.parse_sample(text, seed["snippet"], cfg.quality, index)
         if finish == "length" and reason:
             reason = f"max_tokens:{reason}"  # cut at teacher.max_tokens, and it shows
-        elif finish == PROMPT_TOO_LONG:  # refused by the teacher as longer than its context: nothing was paid
-            reason = PROMPT_TOO_LONG
+        elif finish == prompts.PROMPT_TOO_LONG:  # refused by the teacher as longer than its context: nothing was paid
+            reason = prompts.PROMPT_TOO_LONG
         usage = response.get("usage") or {}
         rows.append({"seed_id": seed["seed_id"], "snippet": seed["snippet"], "lang": seed["lang"], "problem": problem,
                      "solution": solution,

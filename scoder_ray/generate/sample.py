@@ -37,9 +37,6 @@ from scoder_ray.store import RunStore
 ACTOR_MAX_RESTARTS = 3  # a killed engine comes back; an engine that keeps dying fails the stage
 START_RETRY_PAUSE_S = 5.0  # before an engine that failed to start is tried once more, in a fresh actor
 EXIT_GRACE_S = 10.0  # an idle engine's dead core is a death only if the actor is not exiting by then
-# A prompt the engine's context cannot hold (vLLM refuses it, and the refusal would fail the whole block): not
-# sent; its row gets an empty answer with this finish reason (a candidate's `reason`, an unscored candidate).
-PROMPT_TOO_LONG = "prompt_too_long"
 
 
 def cand_id(iteration: int, ckpt: str, seed_id: str, sample_idx: int) -> str:
@@ -101,7 +98,8 @@ class EngineActor:
     async def generate(self, texts: list[str], params) -> list:
         """One finished RequestOutput per text, in order (`params`: one SamplingParams, or one per text); a text
         longer than the engine's context is not sent, and gets an empty output whose finish_reason is
-        PROMPT_TOO_LONG. An engine whose core died is replaced, not retried in place: see watch_engine_core."""
+        prompts.PROMPT_TOO_LONG (vLLM would refuse it, failing the whole block). An engine whose core died is
+        replaced, not retried in place: see watch_engine_core."""
         import asyncio
         from types import SimpleNamespace
 
@@ -109,7 +107,7 @@ class EngineActor:
 
         async def one(text: str, p) -> Any:
             if len(self.tokenizer.encode(text)) >= self.max_model_len:  # counted as vLLM counts a text prompt
-                return SimpleNamespace(outputs=[SimpleNamespace(text="", token_ids=[], finish_reason=PROMPT_TOO_LONG)])
+                return SimpleNamespace(outputs=[SimpleNamespace(text="", token_ids=[], finish_reason=prompts.PROMPT_TOO_LONG)])
             self.requests += 1
             final = None
             async for out in self.llm.generate({"prompt": text}, p, request_id=f"r{self.requests}"):
@@ -194,8 +192,8 @@ class Sampler(EngineActor):
         for snippet, out in zip(batch["snippet"], outputs):
             completion = out.outputs[0]
             problem, solution, reason = prompts.parse_sample(completion.text, snippet, self.quality, self.index)
-            if completion.finish_reason == PROMPT_TOO_LONG:
-                reason = PROMPT_TOO_LONG
+            if completion.finish_reason == prompts.PROMPT_TOO_LONG:
+                reason = prompts.PROMPT_TOO_LONG
             cols["problem"].append(problem)
             cols["solution"].append(solution)
             cols["raw"].append(completion.text)

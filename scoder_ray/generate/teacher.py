@@ -37,6 +37,7 @@ from typing import Any, Optional
 import httpx
 import httpx2
 
+from scoder_ray import prompts
 from scoder_ray.config import TeacherConf
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}  # 529: Anthropic's `overloaded`
@@ -47,7 +48,6 @@ _STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 # A 400/413 that says the request does not fit the model's context (OpenAI's context_length_exceeded, vLLM's
 # "maximum context length", Anthropic's "prompt is too long"): that request's fault, not the run's.
 CONTEXT_REFUSAL = re.compile(r"context.length|maximum context|prompt is too long|too many (input )?tokens", re.IGNORECASE)
-PROMPT_TOO_LONG = "prompt_too_long"  # the finish_reason of the empty answer such a request gets
 
 
 class TeacherError(RuntimeError):
@@ -208,8 +208,8 @@ class Teacher:
         try:
             response = await post(client, body, label)
         except PromptTooLong:  # an empty answer, not cached: a teacher with a longer context may take it
-            self.usage.note(PROMPT_TOO_LONG)
-            return {"choices": [{"message": {"content": ""}, "finish_reason": PROMPT_TOO_LONG}], "usage": {}}
+            self.usage.note(prompts.PROMPT_TOO_LONG)
+            return {"choices": [{"message": {"content": ""}, "finish_reason": prompts.PROMPT_TOO_LONG}], "usage": {}}
         usage = response.get("usage") or {}
         self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
         self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
