@@ -274,6 +274,8 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         damaged_any = damaged_any or bool(damaged)
         state = "damaged" if damaged else "stale" if stale else s.state
         note = f"config changed: {', '.join(stale)}" if stale else ""
+        if s.state == "partial" and (attempt := store._resumable(s.name)):
+            note = f"interrupted in {attempt}: a rerun with the same config goes on in it"
         if damaged:
             note += ("  " if note else "") + "; ".join(damaged[:3]) + (f" (+{len(damaged) - 3} more)" if len(damaged) > 3 else "")
         if d.get("dropped"):

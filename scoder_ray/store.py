@@ -11,6 +11,9 @@ on local disks) `_DONE.json` names it, and that write is the commit: readers rea
 `_DONE.json` names (`uri(stage)`), and attempts it does not name are deleted. A rerun skips a stage
 whose key — a digest of its config sections and its inputs' digests — matches, and redoes it otherwise.
 One driver at a time holds a lease on the run (`RunLease`), so no driver deletes another's attempt.
+A stage run with `resume=True` (the generation stages, whose rows each depend on their own seed) marks its
+attempt with its key (`_ATTEMPT.json`); a rerun with the same key goes on in the interrupted attempt, and
+the stage skips the rows already written there (`written_values`) instead of paying for them again.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from scoder_ray.config import Config, config_from_dict, digest, to_yaml
 DONE = "_DONE.json"
 LEASE = "_LEASE.json"
 ATTEMPT = "attempt-"
+ATTEMPT_KEY = "_ATTEMPT.json"  # in a resumable attempt: the stage key it was begun with
 
 
 class StoreError(ValueError):
@@ -145,13 +149,15 @@ class RunStore:
         produce: Callable[[str], dict[str, Any]],
         force: bool = False,
         started: Optional[float] = None,
+        resume: bool = False,
     ) -> dict[str, Any]:
         """Run `produce(attempt_uri) -> summary` unless the stage is already done with the same key.
 
         `summary` must hold `rows` (the output's row count); everything in it lands in `_DONE.json`.
         `started` (a time.time()) is when the stage's work began, if before `produce` (a stage whose parts
         are sub-stages of their own): its `seconds` then include them. Returns the `_DONE.json` content (the
-        old one when skipped).
+        old one when skipped). `resume`: an interrupted attempt begun with the same key (and not `force`) is
+        handed to `produce` again, its files as they were left; `produce` writes only what they lack.
         """
         key = self.stage_key(config_sections, inputs)
         current = self.state(stage, key)
@@ -162,10 +168,19 @@ class RunStore:
             print(f"[scoder-ray] {stage}: its output changed since it was written ({'; '.join(damaged[:3])}): "
                   "redoing it", flush=True)
         keep = (current.done or {}).get("attempt")
-        self._collect(stage, keep)  # leftovers of interrupted attempts (the lease says no one else writes them)
-        attempt = f"{ATTEMPT}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
-        out = f"{self.stage_dir(stage)}/{attempt}"
-        self.fs.create_dir(out, recursive=True)
+        resumed = self._resumable(stage, key) if resume and not force else None
+        self._collect(stage, {keep, resumed})  # leftovers of interrupted attempts (the lease says no one else writes them)
+        if resumed:
+            attempt = resumed
+            out = f"{self.stage_dir(stage)}/{attempt}"
+            print(f"[scoder-ray] {stage}: resuming the interrupted attempt {attempt} (same config and inputs): "
+                  "what it wrote is kept", flush=True)
+        else:
+            attempt = f"{ATTEMPT}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+            out = f"{self.stage_dir(stage)}/{attempt}"
+            self.fs.create_dir(out, recursive=True)
+            if resume:
+                self._write_text_atomic(f"{out}/{ATTEMPT_KEY}", json.dumps({"stage": stage, "key": key}))
         started = started or time.time()
         summary = produce(self.uri_of(out))
         if "rows" not in summary:
@@ -264,11 +279,28 @@ class RunStore:
         return [i.path for i in self.fs.get_file_info(selector)
                 if i.type == pafs.FileType.Directory and i.base_name.startswith(ATTEMPT)]
 
-    def _collect(self, stage: str, keep: Optional[str]) -> None:
-        """Delete a stage's attempts other than `keep`."""
+    def _collect(self, stage: str, keep: Optional[str] | set) -> None:
+        """Delete a stage's attempts other than `keep` (one name, or a set of them)."""
+        keep = keep if isinstance(keep, set) else {keep}
         for path in self._attempts(stage):
-            if path.rsplit("/", 1)[1] != keep:
+            if path.rsplit("/", 1)[1] not in keep:
                 self.fs.delete_dir(path)
+
+    def _resumable(self, stage: str, key: Optional[str] = None) -> Optional[str]:
+        """The newest attempt of `stage` that is not committed and was begun resumable (with `key`, when
+        given), or None."""
+        done = self.read_done(stage)
+        for path in sorted(self._attempts(stage), reverse=True):  # names begin with their UTC start time
+            name = path.rsplit("/", 1)[1]
+            if done and done.get("attempt") == name:
+                continue
+            try:
+                marker = json.loads(self._read_text(f"{path}/{ATTEMPT_KEY}") or "{}")
+            except json.JSONDecodeError:
+                continue
+            if marker.get("key") and key in (None, marker["key"]):
+                return name
+        return None
 
     def _read_text(self, path: str) -> Optional[str]:
         try:
@@ -453,6 +485,25 @@ def write_text(uri: str, text: str) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
+
+
+def written_values(uri: str, column: str) -> set:
+    """The `column` values of every Parquet file under `uri` (a resumed attempt's output folder), so the stage
+    writes only the rows they lack. A file that cannot be read — cut off when its writer was killed, on a local
+    disk (an object appears only once whole) — is deleted: its rows are written again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    values: set = set()
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        try:
+            values.update(pq.read_table(info.path, filesystem=fs, columns=[column]).column(column).to_pylist())
+        except (pa.ArrowInvalid, OSError):
+            fs.delete_file(info.path)
+    return values
 
 
 def write_table(uri: str, table) -> None:

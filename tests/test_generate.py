@@ -21,7 +21,7 @@ from scoder_ray.demo import start_vllm_server, stop_vllm_server
 from scoder_ray.generate.bootstrap import run_bootstrap
 from scoder_ray.generate.sample import run_sample
 from scoder_ray.seeds import run_seeds, seeds_uri
-from scoder_ray.store import RunStore
+from scoder_ray.store import DONE, RunStore
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-DO-NOT-LEAK-4242"
@@ -288,6 +288,19 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
             raws = [r["raw"] for r in rows]
             assert len(set(raws)) > len(raws) // 2
     assert results[0] == results[1]
+    # Run b as a kill would leave it while its engines write: no _DONE.json, a block file cut off half way.
+    # The rerun goes on in the same attempt, generates only that block's candidates, and they are the same.
+    attempt = Path(store.path("iter_01/sample"))
+    files = sorted((attempt / "data").glob("*.parquet"))
+    cut = files[-1]
+    lost = pq.read_table(cut).num_rows
+    assert len(files) >= 2 and 0 < lost < 12
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (attempt.parent / DONE).unlink()
+    again = run_sample(cfg, store, 1, checkpoints=checkpoints)
+    assert again["attempt"] == attempt.name and again["resumed_rows"] == 12 - lost and again["rows"] == 12
+    rows = pq.read_table(attempt / "data").to_pylist()
+    assert sorted((r["cand_id"], r["raw"]) for r in rows if r["seed_id"] != too_long) == results[1]
 
 
 def test_engine_whose_core_is_killed_is_replaced_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):

@@ -8,7 +8,8 @@
 - the job's driver SIGKILLed at three hard moments (while the teacher's requests are in flight, while an
   influence feature shard is being computed on the worker node, while `final` writes its blocks), the job
   submitted again after each and resumed from the object store: the teacher is not paid twice for an answer it
-  gave, each killed attempt is collected and redone, nothing finished is redone; a training worker on the worker
+  gave, the killed feature shard is collected and redone, `final` goes on in its killed attempt keeping the
+  samples it had written, nothing finished is redone; a training worker on the worker
   node is SIGKILLed and resumes from its checkpoint there;
 - the driver's progress counters reach the head's Prometheus metrics endpoint;
 - w learned from a labels file on S3 by one more job.
@@ -450,15 +451,18 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
             assert after["done"][stage] == attempt, stage
             if "/features/" not in stage:
                 assert f"{stage}: skipped (already done)" in after["logs"], stage
-    for moment in ("features", "final"):
-        stage, attempt = killed[moment]["stage"], killed[moment]["attempt"]
-        assert done(stage[len(run) + 1:])["attempt"] != attempt
-        assert not [k for k in s3_keys(stage) if k.startswith(attempt)], (stage, attempt)
-    # The redone `final` wrote what the killed attempt had written for the same rows (per-row seeds, a new
-    # job, new engines): a resumed run's dataset is the uninterrupted one's.
+    stage, attempt = killed["features"]["stage"], killed["features"]["attempt"]  # a feature shard is redone whole
+    assert done(stage[len(run) + 1:])["attempt"] != attempt
+    assert not [k for k in s3_keys(stage) if k.startswith(attempt)], (stage, attempt)
+    # `final` went on in its killed attempt: the samples written before the kill were kept, not paid for again,
+    # and the rest generated beside them.
     before = job_run["final_killed_raw"]
-    redone = {r["cand_id"]: r["raw"] for r in s3_table(f"{run}/final/{done('final')['attempt']}/raw/data").to_pylist()}
-    assert before and {c: redone.get(c) for c in before} == before
+    final = done("final")
+    assert final["attempt"] == killed["final"]["attempt"] and final["resumed_rows"] >= len(before) > 0, final
+    assert f"final: resuming the interrupted attempt {final['attempt']}" in jobs[3]["logs"]
+    assert re.search(rf"final: {final['resumed_rows']} of {final['generated']} samples already written", jobs[3]["logs"])
+    kept = {r["cand_id"]: r["raw"] for r in s3_table(f"{run}/final/{final['attempt']}/raw/data").to_pylist()}
+    assert {c: kept.get(c) for c in before} == before and len(kept) == final["generated"]
 
     # The teacher, killed mid-requests, is not paid twice for an answer it already gave.
     answered, paid = job_run["answered"], job_run["teacher_paid"]

@@ -15,7 +15,7 @@ from scoder_ray.score.aspects import aspect_regex, parse_aspects
 from scoder_ray.score.execution import execute_batch, stated_examples
 from scoder_ray.score.select import select_group
 from scoder_ray.score.weights import cross_validated_spearman, fit_weights
-from scoder_ray.store import RunStore
+from scoder_ray.store import DONE, RunStore
 
 CANDIDATES = [  # (problem, solution) as a synthesizer writes them
     ("Write `add(a, b)` returning the sum.\n\nExample:\nassert add(2, 3) == 5", "def add(a, b):\n    return a + b\n"),
@@ -71,6 +71,11 @@ def test_scoring_stage_with_the_tiny_scorer(ray_local, tmp_path, tiny_model_dir)
     assert done["parse_fallbacks"] == 0 and done["unparsed"] == 0
     assert done["exec_verdicts"] == {"passed": 6, "failed": 3, "timeout": 3}
     assert sum(done["aspect_histograms"]["clarity"].values()) == 12
+    # Killed after its last block was written, before the commit: the rerun keeps every score, starts no engine.
+    (Path(store.stage_dir("iter_01/score")) / DONE).unlink()
+    again = run_score(cfg, store, 1)
+    assert again["attempt"] == done["attempt"] and again["resumed_rows"] == again["rows"] == 12
+    assert again["scorer_engines"]["engines"] == 0 and again["exec_verdicts"] == done["exec_verdicts"]
 
     # The three seeds got the same candidates: across seeds, the best one survives and the copies are dropped.
     across = run_rank(cfg, store, 1)

@@ -2,6 +2,7 @@
 commits without renaming folders, attempts, resume after a kill, the driver lease, status."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 
 from scoder_ray.cli import main
 from scoder_ray.config import load_config
-from scoder_ray.store import ATTEMPT, DONE, LEASE, RunStore, StoreError, check_root, filesystem, write_table, write_text
+from scoder_ray.store import (ATTEMPT, DONE, LEASE, RunStore, StoreError, check_root, filesystem, write_table, write_text,
+                              written_values)
 
 
 def write_rows(n):
@@ -34,6 +36,18 @@ def listing(store, sub="") -> list[str]:
     """Names directly under the run (or a folder of it)."""
     sel = pafs.FileSelector(f"{store.base}/{sub}".rstrip("/"), allow_not_found=True)
     return sorted(i.base_name for i in store.fs.get_file_info(sel))
+
+
+def kill_when(script: str, marker) -> None:
+    """Run `script` in a Python process (it inherits $AWS_ENDPOINT_URL from s3_server) and SIGKILL it once it
+    creates `marker`: the moment it chose, inside its stage."""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not marker.exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def test_stage_runs_once_then_skips(run_root):
@@ -107,19 +121,71 @@ def test_stage_killed_mid_write_is_redone(run_root, tmp_path):
             return {{"rows": 2}}
         RunStore({run_root!r}, "r").run_stage("s", {{}}, {{}}, produce)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script])  # inherits $AWS_ENDPOINT_URL from s3_server
-    deadline = time.time() + 60
-    while not (tmp_path / "started").exists():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(script, tmp_path / "started")
     store = RunStore(run_root, "r")
     assert store.read_done("s") is None and store.state("s").state == "partial"
     assert [s.state for s in store.stages()] == ["partial"]
     done = store.run_stage("s", {}, {}, write_rows(4))
     assert done["rows"] == 4 and store.state("s").state == "done" and read_rows(store, "s") == 4
     assert listing(store, "s") == sorted([DONE, done["attempt"]])
+
+
+def test_a_resumable_stage_killed_mid_write_goes_on_in_its_attempt(run_root, tmp_path, capsys):
+    """SIGKILL while a resumable stage writes its second file: the rerun with the same key goes on in the same
+    attempt, keeps the rows of the whole file, drops the cut-off one (a local file is left half written; an
+    object never appeared), and writes only the rows missing. Another key, or force, starts afresh."""
+    script = textwrap.dedent(f"""
+        import io, time, pyarrow as pa, pyarrow.parquet as pq
+        from scoder_ray.store import RunStore, filesystem, write_table
+        def produce(uri):
+            write_table(uri + "/data/part-0.parquet", pa.table({{"x": [0, 1, 2]}}))
+            buf = io.BytesIO()
+            pq.write_table(pa.table({{"x": [3, 4, 5]}}), buf)
+            fs, path = filesystem(uri + "/data/part-1.parquet")
+            with fs.open_output_stream(path) as f:
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                f.flush()
+                open({str(tmp_path / 'writing')!r}, "w").close()
+                time.sleep(60)
+            return {{"rows": 6}}
+        RunStore({run_root!r}, "r").run_stage("s", {{}}, {{"in": "a"}}, produce, resume=True)
+    """)
+    kill_when(script, tmp_path / "writing")
+    store = RunStore(run_root, "r")
+    [killed] = [n for n in listing(store, "s") if n.startswith(ATTEMPT)]
+    store.write_config(load_config("tiny"))
+    capsys.readouterr()
+    assert main(["status", f"{run_root}/r"]) == 0
+    assert re.search(rf"^s +partial .* interrupted in {killed}: a rerun with the same config goes on in it$",
+                     capsys.readouterr().out, re.M)
+    seen = []
+
+    def rest(uri):
+        have = written_values(uri + "/data", "x")
+        seen.append((uri.rsplit("/", 1)[1], sorted(have)))
+        missing = [x for x in range(6) if x not in have]
+        write_table(f"{uri}/data/part-2.parquet", pa.table({"x": missing}))
+        return {"rows": 6}
+
+    done = store.run_stage("s", {}, {"in": "a"}, rest, resume=True)
+    assert seen == [(killed, [0, 1, 2])] and done["attempt"] == killed
+    fs, path = filesystem(store.uri("s") + "/data")
+    assert sorted(pq.read_table(path, filesystem=fs).column("x").to_pylist()) == list(range(6))
+    assert sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))) == ["part-0.parquet", "part-2.parquet"]
+    assert store.verify("s", done) == []  # the marker and the kept files are in its manifest
+    assert store.run_stage("s", {}, {"in": "a"}, rest, resume=True)["skipped"]
+
+    # A leftover begun under another key, or a forced rerun, is not resumed: the stage starts afresh.
+    def stop(uri):
+        write_table(f"{uri}/data/part-0.parquet", pa.table({"x": [9]}))
+        raise RuntimeError("stopped")
+
+    for inputs, force in (({"in": "b"}, False), ({"in": "a"}, True)):
+        with pytest.raises(RuntimeError):
+            store.run_stage("t", {}, {"in": "a"}, stop, resume=True)
+        seen.clear()
+        store.run_stage("t", {}, inputs, rest, resume=True, force=force)
+        assert seen[0][1] == [] and len([n for n in listing(store, "t") if n.startswith(ATTEMPT)]) == 1
 
 
 def test_config_written_once_and_history_kept(run_root):

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray import progress
 from scoder_ray.config import Config
-from scoder_ray.generate.sample import sample_checkpoint
+from scoder_ray.generate.sample import resumed_rows, sample_checkpoint
 from scoder_ray.lineage import pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.seeds import seeds_uri
 from scoder_ray.store import RunStore, filesystem, write_table
@@ -118,8 +118,9 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet", "lang"]).filter(
             lambda r: r["seed_id"] in chosen)
-        bar = progress.start(cfg.run.id, "final", len(chosen) * n, "samples")
-        sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n, progress=bar)
+        written = resumed_rows(f"{tmp}/raw/data", STAGE, len(chosen) * n, "samples")
+        bar = progress.start(cfg.run.id, "final", len(chosen) * n - len(written), "samples")
+        sample_checkpoint(cfg, seeds, iteration, "final", path, f"{tmp}/raw", n=n, progress=bar, written=written)
         progress.stop(bar)
         raw = ray.data.read_parquet(f"{tmp}/raw/data").select_columns(COLUMNS + ["parse_ok", "reason", "engine_start_s"]).to_pandas()
         raw["reason"] = raw["reason"].astype(object)
@@ -151,7 +152,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
         warnings += narrowing_warning(div, "the final dataset", cfg.quality.min_diversity_ratio)
         return {"rows": len(rows), "target": cfg.loop.final_dataset_size, "generated": len(raw),
                 "seeds_yielding": yielded,
-                "seeds": n_seeds, "samples_per_seed": n, "parse_rate": round(float(raw["parse_ok"].mean()), 4),
+                "seeds": n_seeds, "samples_per_seed": n, "resumed_rows": len(written), "parse_rate": round(float(raw["parse_ok"].mean()), 4),
                 **checks,
                 "rejected": rejected,
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems)), "tokens": int(raw["tokens"].sum()),
@@ -163,4 +164,4 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
                 "engine": cfg.engine,
                 "run.seed": cfg.run.seed}
     inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "plan": f"{n_seeds}x{n}"}
-    return store.run_stage(STAGE, sections, inputs, produce, force=force)
+    return store.run_stage(STAGE, sections, inputs, produce, force=force, resume=True)

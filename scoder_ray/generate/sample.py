@@ -32,7 +32,7 @@ from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, Sampl
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
-from scoder_ray.store import RunStore
+from scoder_ray.store import RunStore, written_values
 
 ACTOR_MAX_RESTARTS = 3  # a killed engine comes back; an engine that keeps dying fails the stage
 START_RETRY_PAUSE_S = 5.0  # before an engine that failed to start is tried once more, in a fresh actor
@@ -249,16 +249,21 @@ def engine_pools(cfg: Config, pools: int = 1) -> list[int]:
 
 def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path: str, out_uri: str,
                       n: Optional[int] = None, progress: Any = None,
-                      decontam: Optional[dict[str, str]] = None, engines: int = 0) -> int:
+                      decontam: Optional[dict[str, str]] = None, engines: int = 0,
+                      written: frozenset = frozenset()) -> int:
     """Write n (default N) candidates per seed from one checkpoint on `engines` engines (default: the stage's
-    share of the GPU budget, or engine.num_engines); returns n. `progress`: the stage's progress actor."""
+    share of the GPU budget, or engine.num_engines); returns n. `progress`: the stage's progress actor.
+    `written`: cand_ids a resumed attempt already holds, not generated again."""
     from scoder_ray.quality import decontam_texts
 
     n = n or cfg.sample.samples_per_seed
     engines = engines or engine_pools(cfg)[0]
     # Read here (the files may be on this node only), once per stage when several checkpoints share it.
     texts = decontam if decontam is not None else decontam_texts(cfg.quality, dict(cfg.evaluate.problems))[0]
-    rows, batch = in_blocks(seeds.flat_map(lambda r: expand(r, iteration, ckpt, n, cfg.run.seed)), cfg.sample.batch_size)
+    rows, batch = in_blocks(seeds.flat_map(lambda r: [c for c in expand(r, iteration, ckpt, n, cfg.run.seed)
+                                                      if c["cand_id"] not in written]), cfg.sample.batch_size)
+    if not rows.count():  # a resumed attempt that holds all of this checkpoint's candidates
+        return n
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
                                         "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
@@ -275,17 +280,18 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
 
 
 def sample_side_by_side(cfg: Config, seeds, iteration: int, checkpoints: list[tuple[str, str]], out_uri: str,
-                        progress: Any = None) -> dict[str, Any]:
+                        progress: Any = None, written: frozenset = frozenset()) -> dict[str, Any]:
     """`sample_checkpoint` for every checkpoint, its engine pool side by side with others' as
     `engine_pools` says; returns ray_env.side_by_side's record (each pool's lifetime and size, the GPUs held)
-    for the report's timeline."""
+    for the report's timeline. `written`: cand_ids already in `out_uri` (a resumed attempt)."""
     from scoder_ray.quality import decontam_texts
 
     # Once, before the threads: parsing the benchmark files in two threads at once broke CPython 3.11's
     # `ast.parse` ("AST constructor recursion depth mismatch", measured in a tiny-loop run).
     texts, _ = decontam_texts(cfg.quality, dict(cfg.evaluate.problems))
     jobs = {name: (lambda engines, name=name, path=path: sample_checkpoint(
-        cfg, seeds, iteration, name, path, out_uri, progress=progress, decontam=texts, engines=engines))
+        cfg, seeds, iteration, name, path, out_uri, progress=progress, decontam=texts, engines=engines,
+        written=written))
         for name, path in checkpoints}
     return side_by_side(jobs, engine_pools(cfg, len(checkpoints)), cfg.engine.gpus_per_engine,
                         cfg.ray.accelerator_type)
@@ -315,8 +321,9 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
             keep = {s["seed_id"] for s in _seed_subset(store, cfg.sample.num_seeds, cfg.run.seed, iteration)}
             seeds = seeds.filter(lambda r: r["seed_id"] in keep)
         total = seeds.count() * cfg.sample.samples_per_seed * len(checkpoints)
-        bar = progress.start(cfg.run.id, stage, total, "candidates")
-        side = sample_side_by_side(cfg, seeds, iteration, checkpoints, tmp, progress=bar)
+        written = resumed_rows(tmp + "/data", stage, total, "candidates")
+        bar = progress.start(cfg.run.id, stage, total - len(written), "candidates")
+        side = sample_side_by_side(cfg, seeds, iteration, checkpoints, tmp, progress=bar, written=written)
         progress.stop(bar)
         out = ray.data.read_parquet(f"{tmp}/data")
         stats = out.select_columns(["parse_ok", "reason", "tokens", "truncated", "ckpt", "engine_start_s"]).to_pandas()
@@ -325,11 +332,20 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
                 "parse_rate_by_ckpt": {k: round(float(v), 4) for k, v in stats.groupby("ckpt")["parse_ok"].mean().items()},
                 "rejected": {k: int(v) for k, v in stats["reason"][stats["reason"] != ""].value_counts().items()},
                 "truncated": int(stats["truncated"].sum()), "tokens": int(stats["tokens"].sum()),
-                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), **side,
+                "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), **side, "resumed_rows": len(written),
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems))}
 
     sections = {"sample": cfg.sample, "quality": cfg.quality, "engine": cfg.engine, "run.seed": cfg.run.seed}
-    return store.run_stage(stage, sections, inputs, produce, force=force)
+    return store.run_stage(stage, sections, inputs, produce, force=force, resume=True)
+
+
+def resumed_rows(uri: str, stage: str, total: int, unit: str) -> frozenset:
+    """The cand_ids a resumed attempt already wrote under `uri` (none in a fresh one), said on the console."""
+    written = frozenset(written_values(uri, "cand_id"))
+    if written:
+        print(f"[scoder-ray] {stage}: {len(written)} of {total} {unit} already written; generating the other "
+              f"{max(0, total - len(written))}", flush=True)
+    return written
 
 
 def _seed_subset(store: RunStore, n: int, run_seed: int, iteration: int) -> list[dict[str, str]]:

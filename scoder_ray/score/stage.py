@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from typing import Any, Optional
 
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from scoder_ray import jsonl, progress
 from scoder_ray.config import LABELS_FILE, Config
 from scoder_ray.generate import kept_engines
-from scoder_ray.generate.sample import engine_actor_options, engine_pools
+from scoder_ray.generate.sample import engine_actor_options, engine_pools, resumed_rows
 from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import gpu_budget, in_blocks
 from scoder_ray.score.aspects import Scorer
@@ -56,23 +57,31 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
                                {upstream: done["output_digest"]}, lambda tmp: {"rows": 0, "empty": why, "warnings": [why]},
                                force=force)
     def produce(tmp: str) -> dict[str, Any]:
-        cands, _ = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(lambda r: r["parse_ok"]),
-                          cfg.sample.batch_size)
-        bar = progress.start(cfg.run.id, f"iter_{iteration:02d}/score", cands.count(), "candidates")
-        engines = scorer_engines(cfg, iteration, cands.num_blocks())
+        stage = f"iter_{iteration:02d}/score"
+        parsed = done["rows"] - sum(done.get("rejected", {}).values())
+        written = resumed_rows(f"{tmp}/data", stage, parsed, "candidates")
+        cands, _ = in_blocks(ray.data.read_parquet(store.uri(upstream) + "/data").filter(
+            lambda r: r["parse_ok"] and r["cand_id"] not in written), cfg.sample.batch_size)
+        left = cands.count()
+        bar = progress.start(cfg.run.id, stage, left, "candidates")
+        engines = scorer_engines(cfg, iteration, cands.num_blocks()) if left else {
+            "engines": 0, "reused": False, "kept": False, "why_not_kept": "the resumed attempt held every score"}
         execute = ray.remote(execute_table).options(num_cpus=1)
+        tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime())  # a resumed attempt's blocks beside the first run's
 
         def sandbox(i: int, scored) -> Any:  # runs as soon as its block is scored, on a free CPU
-            return execute.remote(scored, f"{tmp}/data/part-{i:05d}.parquet", cfg.score.exec_timeout_s,
+            return execute.remote(scored, f"{tmp}/data/part-{tag}-{i:05d}.parquet", cfg.score.exec_timeout_s,
                                   cfg.score.exec_workers, cfg.evaluate.isolation)
 
-        try:
-            executed = kept_engines.deal(engines["actors"], cands.to_arrow_refs(), "score_block",
-                                         cfg.engine.blocks_in_flight, bar, then=sandbox)
-        except BaseException:
-            kept_engines.release(engines["actors"])
-            raise
-        engines["kept"] = engines.pop("keep")()  # kept for the next iteration's scoring, or ended now
+        executed = []
+        if left:
+            try:
+                executed = kept_engines.deal(engines["actors"], cands.to_arrow_refs(), "score_block",
+                                             cfg.engine.blocks_in_flight, bar, then=sandbox)
+            except BaseException:
+                kept_engines.release(engines["actors"])
+                raise
+            engines["kept"] = engines.pop("keep")()  # kept for the next iteration's scoring, or ended now
         ray.get(executed)
         progress.stop(bar)
         names = [a.name for a in cfg.score.aspects]
@@ -83,7 +92,7 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
             raise ValueError(f"iter_{iteration:02d}/score: the scorer {cfg.models.scorer} is a degenerate judge "
                              f"({'; '.join(signal['problems'])}); its scores cannot rank candidates. Use a stronger "
                              "models.scorer, or set score.require_signal=false to go on with a warning")
-        return {"rows": len(stats), "judge_signal": signal,
+        return {"rows": len(stats), "resumed_rows": len(written), "judge_signal": signal,
                 "warnings": [f"degenerate judge: {p}" for p in signal["problems"]] if signal["degenerate"] else [], "candidates_in": done["rows"], "scorer": cfg.models.scorer,
                 "aspect_histograms": {n: _histogram(stats[f"aspect_{n}"]) for n in names},
                 "aspect_means_by_ckpt": {c: {n: round(float(g[f"aspect_{n}"][g[f"aspect_{n}"] >= 0].mean()), 3)
@@ -98,7 +107,7 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
                 "score.exec_timeout_s": cfg.score.exec_timeout_s, "models.scorer": cfg.models.scorer,
                 "engine": cfg.engine, "run.seed": cfg.run.seed}
     return store.run_stage(f"iter_{iteration:02d}/score", sections, {upstream: done["output_digest"]}, produce,
-                           force=force)
+                           force=force, resume=True)
 
 
 def scorer_engines(cfg: Config, iteration: int, blocks: int) -> dict[str, Any]:
