@@ -120,6 +120,18 @@ class TeacherConf:
     constrain_layout: bool = False
 
 
+# The engine settings that change what an engine writes. The others (how many engines, their cores and memory,
+# blocks in flight, max_num_seqs, keeping the scorer) change only how fast: the generation stages are keyed on
+# these alone, so resizing the pools neither redoes a finished stage nor abandons an interrupted attempt (the
+# same candidates over 1 or 2 engines: tests/test_generate.py).
+ENGINE_OUTPUT_FIELDS = ("gpus_per_engine", "tensor_parallel_size", "dtype", "max_model_len", "enforce_eager")
+
+
+def engine_sections(cfg: "Config") -> dict[str, Any]:
+    """{"engine.dtype": ..., ...}: the ENGINE_OUTPUT_FIELDS as a stage key's config sections."""
+    return {f"engine.{name}": getattr(cfg.engine, name) for name in ENGINE_OUTPUT_FIELDS}
+
+
 @dataclass
 class EngineConf:
     """One vLLM engine (a Ray actor); `num_engines` of them per checkpoint."""

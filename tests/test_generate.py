@@ -255,9 +255,9 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
     # The same candidates however many engines write them: run b writes ckpt_02's again with two engines
     # (one checkpoint only: each engine start costs ~28 s here).
     for run_id, engines, ckpts in (("a", 1, ("ckpt_01", "ckpt_02")), ("b", 2, ("ckpt_02",))):
-        cfg = load_config("tiny", [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=6",
-                                   "sample.samples_per_seed=2", "sample.max_tokens=24", "sample.batch_size=8",
-                                   f"engine.num_engines={engines}", f"engine.max_model_len={context}"])
+        overrides = [f"run.root={tmp_path}", f"run.id={run_id}", "seeds.max_snippets=6", "sample.samples_per_seed=2",
+                     "sample.max_tokens=24", "sample.batch_size=8", f"engine.max_model_len={context}"]
+        cfg = load_config("tiny", overrides + [f"engine.num_engines={engines}"])
         store = RunStore.for_config(cfg)
         run_seeds(cfg, store)
         checkpoints = [(c, tiny_model_dir) for c in ckpts]
@@ -282,6 +282,12 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
             (a0, a1), (b0, b1) = done["pools"]["ckpt_01"][:2], done["pools"]["ckpt_02"][:2]
             assert max(a0, b0) < min(a1, b1), done["pools"]
         assert run_sample(cfg, store, 1, checkpoints=checkpoints)["skipped"]
+        # Pools resized (engines, blocks in flight, sequences): the same candidates, so the stage stands.
+        resized = load_config("tiny", overrides + ["engine.num_engines=3", "engine.blocks_in_flight=1",
+                                                   "engine.max_num_seqs=8", "engine.kv_cache_gib=0.5"])
+        assert run_sample(resized, store, 1, checkpoints=checkpoints)["skipped"]
+        assert store.stale_sections(store.state("iter_01/sample"), load_config(
+            "tiny", overrides + ["engine.dtype=bfloat16"])) == ["engine.dtype"]
         if run_id == "a":
             # Each (checkpoint, seed, index) has its own sampling seed: the same weights under two checkpoint
             # names still write different candidates.
@@ -289,7 +295,8 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
             assert len(set(raws)) > len(raws) // 2
     assert results[0] == results[1]
     # Run b as a kill would leave it while its engines write: no _DONE.json, a block file cut off half way.
-    # The rerun goes on in the same attempt, generates only that block's candidates, and they are the same.
+    # The rerun, on one engine instead of two, goes on in the same attempt, generates only that block's
+    # candidates, and they are the same.
     attempt = Path(store.path("iter_01/sample"))
     files = sorted((attempt / "data").glob("*.parquet"))
     cut = files[-1]
@@ -297,7 +304,7 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
     assert len(files) >= 2 and 0 < lost < 12
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     (attempt.parent / DONE).unlink()
-    again = run_sample(cfg, store, 1, checkpoints=checkpoints)
+    again = run_sample(load_config("tiny", overrides + ["engine.num_engines=1"]), store, 1, checkpoints=checkpoints)
     assert again["attempt"] == attempt.name and again["resumed_rows"] == 12 - lost and again["rows"] == 12
     rows = pq.read_table(attempt / "data").to_pylist()
     assert sorted((r["cand_id"], r["raw"]) for r in rows if r["seed_id"] != too_long) == results[1]

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from scoder_ray import prompts
-from scoder_ray.config import Config, EngineConf, EvaluateConf, ModelsConf
+from scoder_ray.config import Config, EngineConf, EvaluateConf, ModelsConf, engine_sections
 from scoder_ray.generate.sample import EngineActor, engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import in_blocks
@@ -138,5 +138,5 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
     for bench in cfg.evaluate.benchmarks:  # an edited problems file is another evaluation
         if cfg.evaluate.problems.get(bench):
             inputs[f"problems:{bench}"] = input_digest(cfg.evaluate.problems[bench])
-    return store.run_stage(STAGE, {"evaluate": cfg.evaluate, "engine": cfg.engine, "models.scoder": cfg.models.scoder,
+    return store.run_stage(STAGE, {"evaluate": cfg.evaluate, **engine_sections(cfg), "models.scoder": cfg.models.scoder,
                                    "run.seed": cfg.run.seed}, inputs, produce, force=force)

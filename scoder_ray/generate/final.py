@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scoder_ray import progress
-from scoder_ray.config import Config
+from scoder_ray.config import Config, engine_sections
 from scoder_ray.generate.sample import resumed_rows, sample_checkpoint
 from scoder_ray.lineage import pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.seeds import seeds_uri
@@ -161,7 +161,6 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
                 "warnings": warnings}
 
     sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "quality": cfg.quality,
-                "engine": cfg.engine,
-                "run.seed": cfg.run.seed}
+                **engine_sections(cfg), "run.seed": cfg.run.seed}
     inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "plan": f"{n_seeds}x{n}"}
     return store.run_stage(STAGE, sections, inputs, produce, force=force, resume=True)

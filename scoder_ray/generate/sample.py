@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from scoder_ray import prompts
-from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf
+from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf, engine_sections
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
@@ -335,7 +335,7 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
                 "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), **side, "resumed_rows": len(written),
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems))}
 
-    sections = {"sample": cfg.sample, "quality": cfg.quality, "engine": cfg.engine, "run.seed": cfg.run.seed}
+    sections = {"sample": cfg.sample, "quality": cfg.quality, **engine_sections(cfg), "run.seed": cfg.run.seed}
     return store.run_stage(stage, sections, inputs, produce, force=force, resume=True)
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scoder_ray import jsonl, progress
-from scoder_ray.config import LABELS_FILE, Config
+from scoder_ray.config import LABELS_FILE, Config, engine_sections
 from scoder_ray.generate import kept_engines
 from scoder_ray.generate.sample import engine_actor_options, engine_pools, resumed_rows
 from scoder_ray.lineage import derived_seed, input_digest
@@ -105,7 +105,7 @@ def run_score(cfg: Config, store: RunStore, iteration: int = 1, force: bool = Fa
 
     sections = {"score.aspects": cfg.score.aspects, "score.max_tokens": cfg.score.max_tokens,
                 "score.exec_timeout_s": cfg.score.exec_timeout_s, "models.scorer": cfg.models.scorer,
-                "engine": cfg.engine, "run.seed": cfg.run.seed}
+                **engine_sections(cfg), "run.seed": cfg.run.seed}
     return store.run_stage(f"iter_{iteration:02d}/score", sections, {upstream: done["output_digest"]}, produce,
                            force=force, resume=True)
 
