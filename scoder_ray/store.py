@@ -506,6 +506,15 @@ def written_values(uri: str, column: str) -> set:
     return values
 
 
+def resumed_rows(uri: str, stage: str, total: int, unit: str) -> frozenset:
+    """The cand_ids a resumed attempt already wrote under `uri` (none in a fresh one), said on the console."""
+    written = frozenset(written_values(uri, "cand_id"))
+    if written:
+        print(f"[scoder-ray] {stage}: {len(written)} of {total} {unit} already written; doing the other "
+              f"{max(0, total - len(written))}", flush=True)
+    return written
+
+
 def write_table(uri: str, table) -> None:
     """One Parquet file at `uri` (a path ending in .parquet)."""
     import pyarrow.parquet as pq

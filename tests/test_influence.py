@@ -186,6 +186,16 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
         order = np.argsort(ids)
         results.append(([ids[i] for i in order], f[order]))
     assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+    # A shard killed while writing (one block's file cut off): the rest is kept, that block computed again.
+    cut = sorted((tmp_path / "f2").glob("*.parquet"))[-1]
+    lost = pq.read_table(cut).num_rows
+    cut.write_bytes(cut.read_bytes()[:100])
+    again = compute_features(str(data), str(tmp_path / "f2"), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0,
+                             models=ModelsConf())
+    assert 0 < lost < 12 and again["rows"] == 12 and again["resumed_rows"] == 12 - lost
+    ids, f = read_features(str(tmp_path / "f2"))
+    order = np.argsort(ids)
+    assert [ids[i] for i in order] == results[0][0] and np.array_equal(f[order], results[0][1])
     refs = {"ckpt_02": results[0][1][:3]}
     s1 = influence_scores({"ckpt_02": results[0][1]}, refs, {"ckpt_02": 1e-3})
     s2 = influence_scores({"ckpt_02": results[1][1]}, refs, {"ckpt_02": 1e-3})

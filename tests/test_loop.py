@@ -8,8 +8,8 @@
 - the job's driver SIGKILLed at three hard moments (while the teacher's requests are in flight, while an
   influence feature shard is being computed on the worker node, while `final` writes its blocks), the job
   submitted again after each and resumed from the object store: the teacher is not paid twice for an answer it
-  gave, the killed feature shard is collected and redone, `final` goes on in its killed attempt keeping the
-  samples it had written, nothing finished is redone; a training worker on the worker
+  gave, the killed feature shard and `final` go on in their killed attempts keeping what they had written,
+  nothing finished is redone; a training worker on the worker
   node is SIGKILLed and resumes from its checkpoint there;
 - the driver's progress counters reach the head's Prometheus metrics endpoint;
 - w learned from a labels file on S3 by one more job.
@@ -381,7 +381,7 @@ def job_run(cluster):
     time.sleep(2)  # answers in flight when the client died are still counted as served once they are written
     out["teacher_paid"], out["answered"] = len(teacher.served) - served_before, len(cached())
     out["served_before"] = served_before
-    job(lambda: writing(f"{run}/iter_01/features", "*-candidate", ""), "features")
+    job(lambda: writing(f"{run}/iter_01/features", "*-candidate", "_ATTEMPT.json"), "features")
     job(lambda: writing(run, "final", "raw/data/*.parquet"), "final")
     killed = out["killed"]["final"]  # what the killed attempt had written, before the next job collects it
     out["final_killed_raw"] = {r["cand_id"]: r["raw"] for r in
@@ -451,11 +451,12 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
             assert after["done"][stage] == attempt, stage
             if "/features/" not in stage:
                 assert f"{stage}: skipped (already done)" in after["logs"], stage
-    stage, attempt = killed["features"]["stage"], killed["features"]["attempt"]  # a feature shard is redone whole
-    assert done(stage[len(run) + 1:])["attempt"] != attempt
-    assert not [k for k in s3_keys(stage) if k.startswith(attempt)], (stage, attempt)
-    # `final` went on in its killed attempt: the samples written before the kill were kept, not paid for again,
-    # and the rest generated beside them.
+    # The killed feature shard and `final` went on in their killed attempts: what was written before the kill
+    # was kept, not paid for again, and the rest computed beside it.
+    stage, attempt = killed["features"]["stage"], killed["features"]["attempt"]
+    shard = done(stage[len(run) + 1:])
+    assert shard["attempt"] == attempt and shard["rows"] == done("iter_01/features/candidates")["rows"], shard
+    assert f"{stage[len(run) + 1:]}: resuming the interrupted attempt {attempt}" in jobs[2]["logs"]
     before = job_run["final_killed_raw"]
     final = done("final")
     assert final["attempt"] == killed["final"]["attempt"] and final["resumed_rows"] >= len(before) > 0, final

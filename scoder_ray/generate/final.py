@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 
 from scoder_ray import progress
 from scoder_ray.config import Config, engine_sections
-from scoder_ray.generate.sample import resumed_rows, sample_checkpoint
+from scoder_ray.generate.sample import sample_checkpoint
 from scoder_ray.lineage import pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.seeds import seeds_uri
-from scoder_ray.store import RunStore, filesystem, write_table
+from scoder_ray.store import RunStore, filesystem, resumed_rows, write_table
 
 STAGE = "final"
 COLUMNS = ["cand_id", "seed_id", "snippet", "problem", "solution", "tokens"]

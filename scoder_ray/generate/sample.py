@@ -32,7 +32,7 @@ from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, Sampl
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
-from scoder_ray.store import RunStore, written_values
+from scoder_ray.store import RunStore, resumed_rows
 
 ACTOR_MAX_RESTARTS = 3  # a killed engine comes back; an engine that keeps dying fails the stage
 START_RETRY_PAUSE_S = 5.0  # before an engine that failed to start is tried once more, in a fresh actor
@@ -337,15 +337,6 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
 
     sections = {"sample": cfg.sample, "quality": cfg.quality, **engine_sections(cfg), "run.seed": cfg.run.seed}
     return store.run_stage(stage, sections, inputs, produce, force=force, resume=True)
-
-
-def resumed_rows(uri: str, stage: str, total: int, unit: str) -> frozenset:
-    """The cand_ids a resumed attempt already wrote under `uri` (none in a fresh one), said on the console."""
-    written = frozenset(written_values(uri, "cand_id"))
-    if written:
-        print(f"[scoder-ray] {stage}: {len(written)} of {total} {unit} already written; generating the other "
-              f"{max(0, total - len(written))}", flush=True)
-    return written
 
 
 def _seed_subset(store: RunStore, n: int, run_seed: int, iteration: int) -> list[dict[str, str]]:

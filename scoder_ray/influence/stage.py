@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf, ModelsConf
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
-from scoder_ray.store import RunStore, filesystem, write_table
+from scoder_ray.store import RunStore, filesystem, resumed_rows, write_table
 from scoder_ray.train.data import encode, prompt_response
 
 
@@ -75,18 +75,26 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                      conf: InfluenceConf, seed: int, models: ModelsConf, id_column: str = "cand_id",
                      accelerator_type: str = "", actors: int = 0) -> dict[str, Any]:
     """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id) on `actors` actors
-    (default influence.num_actors). Returns {rows, actor_start_s, actor_busy_s}: the actors' start-up and
-    time in calls, summed over actors."""
+    (default influence.num_actors); rows whose features `out_uri` already holds (a resumed attempt) are not
+    computed again. Returns {rows, resumed_rows, actor_start_s, actor_busy_s}: the actors' start-up and time
+    in calls, summed over actors (this run's)."""
     import ray
 
     ds = ray.data.read_parquet(rows_uri)
+    written = resumed_rows(out_uri, f"features {ckpt_name}-{kind}", ds.count(), "rows")
     ds = ds.select_columns([id_column, "snippet", "problem", "solution"] + (["lang"] if "lang" in ds.columns() else []))
     if id_column != "cand_id":
         ds = ds.rename_columns({id_column: "cand_id"})
+    if written:
+        ds = ds.filter(lambda r: r["cand_id"] not in written)
     # One block per actor call, of at most sort_window rows: the calls spread over the actors, and since
     # the blocks depend only on the data, every example meets the same batch-mates however many actors.
     ds, batch = in_blocks(ds, conf.sort_window)
     rows = ds.count()
+    done: dict[str, Any] = {"rows": rows + len(written), "resumed_rows": len(written), "actor_start_s": 0.0,
+                            "actor_busy_s": 0.0}
+    if not rows:
+        return done
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
     opts: dict[str, Any] = gpu_options(conf.gpus_per_actor, accelerator_type) or {"num_cpus": conf.cpus_per_actor}
     if not conf.gpus_per_actor and conf.memory_gib:
@@ -99,11 +107,10 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                            compute=actor_pool(actors or conf.num_actors, ds.num_blocks()),
                            max_restarts=3, max_task_retries=3, **opts)
     feats.write_parquet(out_uri, ray_remote_args={"num_cpus": 0})  # pools side by side may hold every CPU
-    done: dict[str, Any] = {"rows": rows, "actor_start_s": 0.0, "actor_busy_s": 0.0}
-    if rows:
-        fs, path = filesystem(out_uri)
-        table = pq.read_table(path, filesystem=fs, columns=["actor_start_s", "actor_busy_s"])
-        done.update({k: round(pc.sum(table.column(k)).as_py(), 2) for k in ("actor_start_s", "actor_busy_s")})
+    fs, path = filesystem(out_uri)
+    table = pq.read_table(path, filesystem=fs, columns=["cand_id", "actor_start_s", "actor_busy_s"])
+    table = table.filter(pc.invert(pc.is_in(table.column("cand_id"), pa.array(sorted(written), pa.string()))))
+    done.update({k: round(pc.sum(table.column(k)).as_py() or 0.0, 2) for k in ("actor_start_s", "actor_busy_s")})
     return done
 
 
@@ -205,7 +212,8 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
                 parts[f"{name}-{k}"] = store.run_stage(
                     f"{it}/features/{name}-{k}", feat_sections, {"warmup": warm["output_digest"], "rows": digest},
                     lambda tmp: compute_features(u, f"{tmp}/data", base_model, d, name, k, actor_conf, cfg.run.seed,
-                                                 cfg.models, col, cfg.ray.accelerator_type, actors))["seconds"]
+                                                 cfg.models, col, cfg.ray.accelerator_type, actors),
+                    resume=True)["seconds"]
             jobs[f"{c['name']}-{kind}"] = job
     side = side_by_side(jobs, feature_pools(cfg, len(jobs)), conf.gpus_per_actor, cfg.ray.accelerator_type)
 

@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 from scoder_ray import jsonl, progress
 from scoder_ray.config import LABELS_FILE, Config, engine_sections
 from scoder_ray.generate import kept_engines
-from scoder_ray.generate.sample import engine_actor_options, engine_pools, resumed_rows
+from scoder_ray.generate.sample import engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import gpu_budget, in_blocks
 from scoder_ray.score.aspects import Scorer
 from scoder_ray.score.execution import execute_table
 from scoder_ray.score.select import feature_names, features, select_group
 from scoder_ray.score.weights import cross_validated_spearman, fit_weights, weight_vector
-from scoder_ray.store import RunStore, check_input_file, filesystem, write_table, write_text
+from scoder_ray.store import RunStore, check_input_file, filesystem, resumed_rows, write_table, write_text
 
 WEIGHTS_STAGE = "weights"
 
