@@ -57,11 +57,19 @@ def quiet_known_warnings() -> None:
     write small filters as expressions, and the deprecation of `ray_remote_args` in Ray 2.64 (the engine
     pools' bounded `max_restarts` has no named parameter in the pinned Ray 2.60: revisit on upgrade). And one
     that is false here: "the Dataset job will hang" when no CPU is free as a dataset starts, which is what
-    side-by-side engine and feature pools do on purpose (their writes ask for no CPU: num_cpus=0)."""
+    side-by-side engine and feature pools do on purpose (their writes ask for no CPU: num_cpus=0). And Ray Data's
+    memory detector, which the influence stage replaces with its own check."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"Use 'expr' instead of 'fn'")
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+    # Ray Data's memory detector warns (a paragraph naming Ray's `memory=` argument) whenever an actor's peak comes
+    # within 25% of its reservation; the influence stage measures its actors' peak and warns naming
+    # influence.memory_gib when it is passed (influence/stage.peak_warning).
+    import ray
+
+    detectors = ray.data.DataContext.get_current().issue_detectors_config.detectors
+    detectors[:] = [d for d in detectors if d.__name__ != "HighMemoryIssueDetector"]
     dataset_log = logging.getLogger("ray.data.dataset")
     if not any(isinstance(f, _NoFreeCpuWarning) for f in dataset_log.filters):
         dataset_log.addFilter(_NoFreeCpuWarning())

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from scoder_ray.config import ModelsConf, load_config
 from scoder_ray.influence.features import GradientFeatures, MissingMomentsError, to_batch
 from scoder_ray.influence.stage import (actor_memory_gib, compute_features, feature_pools, influence_scores, keep_top,
-                                       read_features)
+                                       peak_warning, read_features)
 from scoder_ray.train.data import encode, prompt_response
 
 pytestmark = pytest.mark.slow
@@ -182,6 +182,7 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
         out = tmp_path / f"f{actors}"
         done = compute_features(str(data), str(out), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0, models=ModelsConf())
         assert done["rows"] == 12 and done["actor_start_s"] > 0 and done["actor_busy_s"] > 0  # start-up, work apart
+        assert 0.2 < done["actor_peak_gib"] < 8  # torch and the model, measured in the actor
         ids, f = read_features(str(out))
         order = np.argsort(ids)
         results.append(([ids[i] for i in order], f[order]))
@@ -202,6 +203,13 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
     assert np.array_equal(s1, s2)
     rank, kept = keep_top(results[0][0], s1, c.__class__(**{**c.__dict__, "keep_count": 3}))
     assert kept.sum() == 3 and sorted(rank.tolist()) == list(range(1, 13))
+
+
+def test_feature_actors_past_their_memory_reservation_are_named():
+    assert peak_warning(6.0, 7.0) == "" and peak_warning(9.0, 0.0) == ""  # within it; nothing reserved
+    warning = peak_warning(7.6, 7.0)
+    assert "reached 7.6 GiB" in warning and "7 GiB influence.memory_gib reserves" in warning
+    assert warning.endswith("set influence.memory_gib=8.4")
 
 
 def test_cpu_feature_pools_are_packed_by_memory_too(ray_local):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import resource
 import time
 from typing import Any
 
@@ -64,11 +66,13 @@ class FeatureActor:
                                           self.conf.buffer_mb)
         # This actor's start-up on its first row (0 after) and this call's time on the call's first row:
         # the stage's start-up and work, apart (bench/loop.py, bench/influence.py).
-        start, busy = np.zeros(len(examples)), np.zeros(len(examples))
+        start, busy, peak = np.zeros(len(examples)), np.zeros(len(examples)), np.zeros(len(examples))
         if len(examples):
             start[0], self.start_s = self.start_s, 0.0
             busy[0] = time.perf_counter() - called
-        return {"cand_id": batch["cand_id"], "feature": feats, "actor_start_s": start, "actor_busy_s": busy}
+            peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: this process's peak
+        return {"cand_id": batch["cand_id"], "feature": feats, "actor_start_s": start, "actor_busy_s": busy,
+                "actor_peak_gib": peak}
 
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
@@ -76,8 +80,8 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                      accelerator_type: str = "", actors: int = 0) -> dict[str, Any]:
     """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id) on `actors` actors
     (default influence.num_actors); rows whose features `out_uri` already holds (a resumed attempt) are not
-    computed again. Returns {rows, resumed_rows, actor_start_s, actor_busy_s}: the actors' start-up and time
-    in calls, summed over actors (this run's)."""
+    computed again. Returns {rows, resumed_rows, actor_start_s, actor_busy_s, actor_peak_gib}: the actors'
+    start-up and time in calls, summed over actors, and the largest resident memory one reached (this run's)."""
     import ray
 
     ds = ray.data.read_parquet(rows_uri)
@@ -92,7 +96,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     ds, batch = in_blocks(ds, conf.sort_window)
     rows = ds.count()
     done: dict[str, Any] = {"rows": rows + len(written), "resumed_rows": len(written), "actor_start_s": 0.0,
-                            "actor_busy_s": 0.0}
+                            "actor_busy_s": 0.0, "actor_peak_gib": 0.0}
     if not rows:
         return done
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: that is torch's thread count in the actor.
@@ -108,9 +112,10 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
                            max_restarts=3, max_task_retries=3, **opts)
     feats.write_parquet(out_uri, ray_remote_args={"num_cpus": 0})  # pools side by side may hold every CPU
     fs, path = filesystem(out_uri)
-    table = pq.read_table(path, filesystem=fs, columns=["cand_id", "actor_start_s", "actor_busy_s"])
+    table = pq.read_table(path, filesystem=fs, columns=["cand_id", "actor_start_s", "actor_busy_s", "actor_peak_gib"])
     table = table.filter(pc.invert(pc.is_in(table.column("cand_id"), pa.array(sorted(written), pa.string()))))
     done.update({k: round(pc.sum(table.column(k)).as_py() or 0.0, 2) for k in ("actor_start_s", "actor_busy_s")})
+    done["actor_peak_gib"] = round(pc.max(table.column("actor_peak_gib")).as_py() or 0.0, 2)
     return done
 
 
@@ -204,16 +209,18 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
     memory_gib, memory_warning = actor_memory_gib(cfg)
     actor_conf = dataclasses.replace(conf, memory_gib=memory_gib)
     parts: dict[str, float] = {}  # seconds of each (checkpoint, kind) feature sub-stage, as it ran
+    peaks: dict[str, float] = {}  # the largest memory one of its actors reached (GiB)
     jobs = {}
     for c in warm["checkpoints"]:
         ckpt_dir = f"{store.uri(f'{it}/warmup')}/{c['name']}"
         for kind, (uri, id_column, rows_digest) in sources.items():
             def job(actors: int, name=c["name"], d=ckpt_dir, k=kind, u=uri, col=id_column, digest=rows_digest) -> None:
-                parts[f"{name}-{k}"] = store.run_stage(
+                shard = store.run_stage(
                     f"{it}/features/{name}-{k}", feat_sections, {"warmup": warm["output_digest"], "rows": digest},
                     lambda tmp: compute_features(u, f"{tmp}/data", base_model, d, name, k, actor_conf, cfg.run.seed,
                                                  cfg.models, col, cfg.ray.accelerator_type, actors),
-                    resume=True)["seconds"]
+                    resume=True)
+                parts[f"{name}-{k}"], peaks[f"{name}-{k}"] = shard["seconds"], shard.get("actor_peak_gib", 0.0)
             jobs[f"{c['name']}-{kind}"] = job
     side = side_by_side(jobs, feature_pools(cfg, len(jobs)), conf.gpus_per_actor, cfg.ray.accelerator_type)
 
@@ -233,8 +240,10 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         rows = {r["cand_id"]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
         out = [{**rows[i], "influence": float(s), "rank": int(r), "kept": bool(k)} for i, s, r, k in zip(ids, scores, rank, kept)]
         write_table(f"{tmp}/data/part-0.parquet", pa.Table.from_pylist(out))
+        peak = max(peaks.values(), default=0.0)
+        warnings = [w for w in (memory_warning, peak_warning(peak, actor_conf.memory_gib)) if w]
         return {"rows": int(kept.sum()), "candidates": len(ids), "checkpoint_lrs": lrs, "aggregate": conf.aggregate,
-                "feature_seconds": parts, **side, "warnings": [memory_warning] if memory_warning else [],
+                "feature_seconds": parts, "feature_actor_peak_gib": peak, **side, "warnings": warnings,
                 "influence_quantiles": {q: float(np.quantile(scores, q)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)}}
 
     inputs = {"warmup": warm["output_digest"], "rank": rank_done["output_digest"]}
@@ -277,6 +286,18 @@ def actor_memory_gib(cfg: Config) -> tuple[float, str]:
     return largest, (f"influence.memory_gib={want:g} is more than any node has for Ray (the largest: {largest:.1f} "
                      f"GiB, what was free when Ray started): each feature actor reserves {largest:.1f} GiB, one at a "
                      f"time per node, and may run short of memory")
+
+
+def peak_warning(peak_gib: float, reserved_gib: float) -> str:
+    """A warning when CPU feature actors used more memory than influence.memory_gib reserved for each ('' when
+    not, or nothing was reserved): Ray packs actors onto a node by the reservation, so a node may then hold
+    more of them than its memory does. Ray Data's own detector is off (ray_env.init_ray): it warned, in terms of
+    Ray's API, whenever the peak came within 25% of the reservation."""
+    if not reserved_gib or peak_gib <= reserved_gib:
+        return ""
+    return (f"feature actors reached {peak_gib:.1f} GiB of memory each, more than the {reserved_gib:g} GiB "
+            f"influence.memory_gib reserves for them: a node may hold more of them than its memory does; set "
+            f"influence.memory_gib={math.ceil(peak_gib * 1.1 * 10) / 10:g}")
 
 
 def _empty_influence(store: RunStore, cand_stage: str, tmp: str) -> dict[str, Any]:
