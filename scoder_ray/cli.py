@@ -255,8 +255,8 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         out = {s.name: {"state": s.state, **(s.done or {})} for s in states}
         print(json.dumps({**out, "_lease": lease} if lease else out, indent=2, default=str))
         return 0
+    alive = bool(lease) and holder_alive(lease, cfg.run.lease_ttl_s if cfg else 90.0)
     if lease:
-        alive = holder_alive(lease, cfg.run.lease_ttl_s if cfg else 90.0)
         print(f"lease: {'held' if alive else 'left by a driver that is gone'} — {describe(lease)}")
     if not states:
         print(f"{run_dir}: no stages yet")
@@ -275,7 +275,9 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         state = "damaged" if damaged else "stale" if stale else s.state
         note = f"config changed: {', '.join(stale)}" if stale else ""
         if s.state == "partial" and (attempt := store._resumable(s.name)):
-            note = f"interrupted in {attempt}: a rerun with the same config goes on in it"
+            d, state = {"rows": store.rows_written(s.name, attempt)}, "running" if alive else state  # so far
+            note = (f"{'running' if alive else 'interrupted'} in {attempt}: rows written so far"
+                    + ("" if alive else "; a rerun with the same config goes on in it"))
         if damaged:
             note += ("  " if note else "") + "; ".join(damaged[:3]) + (f" (+{len(damaged) - 3} more)" if len(damaged) > 3 else "")
         if d.get("dropped"):

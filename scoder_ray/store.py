@@ -286,6 +286,23 @@ class RunStore:
             if path.rsplit("/", 1)[1] not in keep:
                 self.fs.delete_dir(path)
 
+    def rows_written(self, stage: str, attempt: str) -> int:
+        """Rows in the Parquet files of an attempt's `data` folders (Parquet footers only: cheap on an object
+        store), for `status` while a stage runs or after it was interrupted; a file still being written or
+        cut off counts 0."""
+        import pyarrow.parquet as pq
+
+        total = 0
+        selector = pafs.FileSelector(f"{self.stage_dir(stage)}/{attempt}", recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.path.endswith(".parquet") and "/data/" in info.path:
+                try:
+                    with self.fs.open_input_file(info.path) as f:
+                        total += pq.ParquetFile(f).metadata.num_rows
+                except (OSError, ValueError):
+                    continue
+        return total
+
     def _resumable(self, stage: str, key: Optional[str] = None) -> Optional[str]:
         """The newest attempt of `stage` that is not committed and was begun resumable (with `key`, when
         given), or None."""

@@ -156,8 +156,14 @@ def test_a_resumable_stage_killed_mid_write_goes_on_in_its_attempt(run_root, tmp
     store.write_config(load_config("tiny"))
     capsys.readouterr()
     assert main(["status", f"{run_root}/r"]) == 0
-    assert re.search(rf"^s +partial .* interrupted in {killed}: a rerun with the same config goes on in it$",
-                     capsys.readouterr().out, re.M)
+    assert re.search(rf"^s +partial +3 .* interrupted in {killed}: rows written so far; a rerun with the same config "
+                     "goes on in it$", capsys.readouterr().out, re.M)  # the whole file's rows, not the cut one's
+    lease = store.acquire_lease()  # a driver holds the run: the attempt is being written
+    try:
+        assert main(["status", f"{run_root}/r"]) == 0
+        assert re.search(rf"^s +running +3 .* running in {killed}: rows written so far$", capsys.readouterr().out, re.M)
+    finally:
+        lease.release()
     seen = []
 
     def rest(uri):
