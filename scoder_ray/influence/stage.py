@@ -291,8 +291,8 @@ def actor_memory_gib(cfg: Config) -> tuple[float, str]:
 def peak_warning(peak_gib: float, reserved_gib: float) -> str:
     """A warning when CPU feature actors used more memory than influence.memory_gib reserved for each ('' when
     not, or nothing was reserved): Ray packs actors onto a node by the reservation, so a node may then hold
-    more of them than its memory does. Ray Data's own detector is off (ray_env.init_ray): it warned, in terms of
-    Ray's API, whenever the peak came within 25% of the reservation."""
+    more of them than its memory does. Ray Data's own detector is off (ray_env.quiet_known_warnings): it
+    warned, in terms of Ray's API, whenever the peak came within 25% of the reservation."""
     if not reserved_gib or peak_gib <= reserved_gib:
         return ""
     return (f"feature actors reached {peak_gib:.1f} GiB of memory each, more than the {reserved_gib:g} GiB "
