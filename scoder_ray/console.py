@@ -1,7 +1,9 @@
 """The driver's console: scoder-ray's own lines, progress bars and warnings by default; with `--verbose`
 everything Ray, Ray Data, Ray Train and vLLM print as well. Either way the whole output goes to
 RUN_DIR/logs/driver-<UTC time>-<pid>.log (on an object-store root: uploaded after every stage and at exit); the
-local scratch copy in the temp folder is removed at exit once the run directory has the log.
+local scratch copy in the temp folder is removed at exit once the run directory has the log. A driver that was
+killed cannot do that: the next driver of the same run on that machine uploads its scratch log whole (the lines
+after its last copy are the ones that say how it ended) and removes it.
 
 It works on file descriptors 1 and 2 (pipes read by a thread), so it also catches what Ray's log monitor
 and C extensions write; the run's own code keeps printing as usual.
@@ -9,6 +11,8 @@ and C extensions write; the run's own code keeps printing as usual.
 from __future__ import annotations
 
 import atexit
+import glob
+import json
 import os
 import re
 import tempfile
@@ -35,6 +39,7 @@ _RAY_FALSE_ALARM = re.compile(r"core_worker\.cc:\d+: Actor with class name: 'Map
                               r"|\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed"
                               r"|WARNING authentication_token_setup\.py:\d+ -- Token authentication is enabled for this")
 _ACTIVE: Optional["Console"] = None
+SCRATCH = "scoder-ray-driver-"  # + <pid>-<random>.log in the temp folder; + .dest: the run it belongs to
 _MARKER = b"\x00scoder-ray-console-stop\x00"
 
 
@@ -48,7 +53,7 @@ def noise(line: str) -> bool:
 class Console:
     def __init__(self, verbose: bool = False):
         self.verbose = verbose
-        self.local = tempfile.NamedTemporaryFile("ab", prefix="scoder-ray-driver-", suffix=".log", delete=False)
+        self.local = tempfile.NamedTemporaryFile("ab", prefix=f"{SCRATCH}{os.getpid()}-", suffix=".log", delete=False)
         self.name = f"driver-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
         self.lock = threading.Lock()
         self.store = None
@@ -110,7 +115,10 @@ class Console:
                   + ("" if self.verbose else "  (the console leaves out Ray's and vLLM's own lines: --verbose shows them)"),
                   flush=True)
         self.store = store
+        with open(self.local.name + ".dest", "w") as f:  # whose log this is, should this driver be killed
+            json.dump({"root": store.root, "run_id": store.run_id, "name": self.name}, f)
         self.sync()
+        recover_killed_logs(store)
 
     def sync(self) -> bool:
         """Copy the log so far to the run directory (the whole file, atomically); whether it was."""
@@ -147,8 +155,47 @@ class Console:
         # it is the only one (no run directory yet, or a root that could not be written); an empty one holds nothing.
         if copied or not os.path.getsize(self.local.name):
             os.unlink(self.local.name)
+            if os.path.exists(self.local.name + ".dest"):
+                os.unlink(self.local.name + ".dest")
         elif os.path.getsize(self.local.name):
             sys.stderr.write(f"[scoder-ray] the driver's whole log is kept at {self.local.name}\n")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a killed one no parent has reaped yet is a zombie: not running)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def recover_killed_logs(store) -> list[str]:
+    """Upload the scratch logs that killed drivers of `store`'s run left in this machine's temp folder (their
+    copy in RUN_DIR/logs stops at their last completed stage) and remove them; returns the log names."""
+    recovered = []
+    for dest in glob.glob(os.path.join(tempfile.gettempdir(), f"{SCRATCH}*.log.dest")):
+        log = dest[: -len(".dest")]
+        try:
+            pid = int(os.path.basename(log)[len(SCRATCH):].split("-", 1)[0])
+            with open(dest) as f:
+                owner = json.load(f)
+        except (ValueError, OSError):
+            continue
+        if _alive(pid) or (owner.get("root"), owner.get("run_id")) != (store.root, store.run_id):
+            continue  # a driver still running, or another run's log: its own next driver takes it
+        try:
+            with open(log, "rb") as f:
+                store.write_log(owner["name"], f.read())
+        except OSError:
+            continue
+        for path in (log, dest):
+            os.unlink(path)
+        recovered.append(owner["name"])
+        print(f"[scoder-ray] the log of a driver that was killed (pid {pid}) is whole again: "
+              f"{store.file_uri('logs/' + owner['name'])}", flush=True)
+    return recovered
 
 
 def start(verbose: bool = False) -> Console:

@@ -1,7 +1,9 @@
 """The driver's console: quiet by default, everything with --verbose, the whole output in RUN_DIR/logs/."""
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -68,6 +70,43 @@ def test_a_log_with_no_run_directory_is_kept_and_named(tmp_path):
                          env={**os.environ, "TMPDIR": str(tmp_path)})
     assert out.returncode == 2 and "kept" not in out.stderr
     assert not list(tmp_path.glob("scoder-ray-driver-*.log"))  # an empty log is not kept (56 were left in /tmp)
+
+
+def test_a_killed_drivers_log_is_made_whole_by_the_next_driver_of_its_run(tmp_path):
+    """SIGKILLed after its last copy to the run directory, a driver leaves its scratch log: the next driver of the
+    same run uploads it whole (its last lines are how it ended) and removes it; another run's and a live
+    driver's scratch logs are left alone."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    killed = ("import os, signal\nfrom scoder_ray import console\nfrom scoder_ray.store import RunStore\n"
+              "console.start()\nconsole.attach(RunStore(%r, %r))\nprint('[scoder-ray] final ...', flush=True)\n"
+              "print('last words', flush=True)\nimport time; time.sleep(0.5)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    for run in ("r", "other"):
+        out = subprocess.run([sys.executable, "-c", killed % (str(tmp_path), run)], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert out.returncode == -9 and "last words" in out.stdout
+    [log] = (tmp_path / "r" / "logs").glob("driver-*.log")
+    assert "last words" not in log.read_text()  # copied when it attached, before them
+    assert len(list(scratch.glob("scoder-ray-driver-*.log"))) == 2
+    live = scratch / f"scoder-ray-driver-{os.getpid()}-x.log"  # this process: alive
+    live.write_text("a driver still running")
+    (scratch / f"{live.name}.dest").write_text(json.dumps({"root": str(tmp_path), "run_id": "r", "name": "live.log"}))
+
+    from scoder_ray.console import recover_killed_logs
+    from scoder_ray.store import RunStore
+
+    os.environ["TMPDIR"], before = str(scratch), os.environ.get("TMPDIR")
+    tempfile.tempdir = None  # read $TMPDIR again
+    try:
+        assert recover_killed_logs(RunStore(str(tmp_path), "r")) == [log.name]
+    finally:
+        os.environ.pop("TMPDIR") if before is None else os.environ.update(TMPDIR=before)
+        tempfile.tempdir = None
+    assert log.read_text().rstrip().endswith("last words") and "[scoder-ray] final ..." in log.read_text()
+    left = sorted(p.name for p in scratch.iterdir())
+    assert len(left) == 4 and f"{live.name}.dest" in left  # the other run's pair, the live one's pair
+    assert not (tmp_path / "r" / "logs" / "live.log").exists()
 
 
 def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path):

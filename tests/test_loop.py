@@ -526,6 +526,15 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert len(driver_logs) == 4, driver_logs  # the killed jobs' (copied after each of their stages) and this one's
     full = [t for t in (s3_text(f"{run}/logs/{f}") for f in driver_logs) if "final dataset: " in t]
     assert len(full) == 1 and "RayTrainWorker pid=" in full[0]  # the last job's, whole
+    # The killed drivers' logs were made whole by the next job (their last lines: how each ended), and their
+    # scratch copies on the head are gone.
+    assert job_run["all_logs"].count("the log of a driver that was killed") == 3, job_run["all_logs"][-3000:]
+    # (`final ...` is printed after the last copy a killed driver made: only the recovered log holds it)
+    final_killed = [t for t in (s3_text(f"{run}/logs/{f}") for f in driver_logs) if "final: done" not in t
+                    and re.search(r"\] final \.\.\.", t)]
+    assert len(final_killed) == 1, driver_logs
+    pids = [p for k in ("bootstrap", "features", "final") for p in killed[k]["pids"]]
+    assert not [f for p in pids for f in Path(tempfile.gettempdir()).glob(f"scoder-ray-driver-{p}-*")], pids
     # Training shows its progress from rank 0 (Ray Train's own per-step reports are in the log file only).
     assert re.search(r"\[scoder-ray\] train_scoder: step \d+/\d+ \(\d+%\), loss [\d.]+, [\d,]+ tokens/s, ETA \d+m\d\ds", logs)
     assert "Reporting training result" not in logs and "Reporting training result" in full[0]
