@@ -165,10 +165,12 @@ def build(store: RunStore) -> str:
     rows = []
     for n in names:
         d = dones[n]
-        tps = f"{d['tokens'] / d['seconds']:.0f}" if d.get("tokens") and d.get("seconds") else ""
+        # A resumed stage's tokens include what its interrupted attempt wrote, its seconds only the rerun's.
+        resumed = d.get("resumed_rows", 0)
+        tps = f"{d['tokens'] / d['seconds']:.0f}" if d.get("tokens") and d.get("seconds") and not resumed else ""
         starts = f"{d['engine_start_s']:.1f}" if d.get("engine_start_s") else ""
-        rows.append([n, d.get("rows", ""), f"{d.get('seconds', 0):.1f}", starts, tps, d.get("started_at", ""),
-                     d.get("finished_at", "")])
+        out = f"{d.get('rows', '')} (resumed: {resumed} rows written before an interruption)" if resumed else d.get("rows", "")
+        rows.append([n, out, f"{d.get('seconds', 0):.1f}", starts, tps, d.get("started_at", ""), d.get("finished_at", "")])
     parts.append("<h2>Stages</h2>" + _table(rows, ["stage", "rows out", "seconds (sub-stages included)",
                                                    "engine start-up s (summed over engines)",
                                                    "tokens/s (wall, start-ups included)", "started", "finished"]))

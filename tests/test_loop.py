@@ -600,3 +600,7 @@ def test_a_local_root_is_refused_on_two_nodes(cluster, tmp_path):
     assert status == "FAILED", logs[-3000:]
     assert f"run.root={tmp_path}: a local path, but this Ray cluster has 2 nodes" in logs and "run.shared=true" in logs
     assert "Traceback" not in logs and not (tmp_path / "local").exists()
+    # With no run directory to hold it, the driver's whole log stays on the head, named (removed here: litter)
+    kept = re.search(r"the driver's whole log is kept at (\S+)", logs)
+    assert kept and os.path.isfile(kept[1]), logs[-2000:]
+    os.unlink(kept[1])

@@ -46,7 +46,7 @@ def small_run(tmp_path) -> RunStore:
                                                                 "completion_tokens_paid": 500},
                                                       "price": {"in_per_mtok": 2.5, "out_per_mtok": 10.0,
                                                                 "source": "list price of gpt-4o"}})
-    store.run_stage("iter_01/sample", {}, {}, lambda tmp: {"rows": 4, "parse_rate": 0.5, "tokens": 400,
+    store.run_stage("iter_01/sample", {}, {}, lambda tmp: {"rows": 4, "parse_rate": 0.5, "tokens": 400, "resumed_rows": 3,
                                                             "pools": {"ckpt_01": [100.0, 130.0, 3], "ckpt_02": [101.0, 128.5, 3]},
                                                             "gpus": {"peak": 6, "total": 8, "trace": [[0, 6]]}})
     store.run_stage("iter_01/score", {}, {}, scored)
@@ -67,6 +67,9 @@ def test_report_has_plots_tables_and_config(tmp_path):
     html = open(write_report(store)).read()
     assert html.count('class="plotly-graph-div"') == CHARTS
     assert not re.search(r"<script[^>]* src=", html) and "Plotly.newPlot" in html  # plotly.js inlined: opens offline
+    # A resumed stage: its rows say so, and no tokens/s (its tokens include the interrupted attempt's)
+    assert re.search(r"<td>iter_01/sample</td><td>4 \(resumed: 3 rows written before an interruption\)</td>"
+                     r"<td>[\d.]+</td><td></td><td></td>", html)
     assert "<h3>Pools</h3>" in html and "iter_01\\u002fsample ckpt_02 x3" in html  # (Plotly escapes "/" in its JSON)
     assert "GPUs held at most while the pools ran: iter_01/sample: 6 of 8." in html
     assert re.search(r"<h2>Teacher</h2>.*<td>gpt-4o</td><td>5</td><td>2</td><td>1</td>.*\$0\.0125.*list price of gpt-4o", html)
