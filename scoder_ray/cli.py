@@ -274,7 +274,7 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         damaged_any = damaged_any or bool(damaged)
         state = "damaged" if damaged else "stale" if stale else s.state
         note = f"config changed: {', '.join(stale)}" if stale else ""
-        if s.state == "partial" and (attempt := store._resumable(s.name)):
+        if s.state == "partial" and (attempt := store.resumable_attempt(s.name)):
             d, state = {"rows": store.rows_written(s.name, attempt)}, "running" if alive else state  # so far
             note = (f"{'running' if alive else 'interrupted'} in {attempt}: rows written so far"
                     + ("" if alive else "; a rerun with the same config goes on in it"))

@@ -168,7 +168,7 @@ class RunStore:
             print(f"[scoder-ray] {stage}: its output changed since it was written ({'; '.join(damaged[:3])}): "
                   "redoing it", flush=True)
         keep = (current.done or {}).get("attempt")
-        resumed = self._resumable(stage, key) if resume and not force else None
+        resumed = self.resumable_attempt(stage, key) if resume and not force else None
         self._collect(stage, {keep, resumed})  # leftovers of interrupted attempts (the lease says no one else writes them)
         if resumed:
             attempt = resumed
@@ -293,17 +293,16 @@ class RunStore:
         import pyarrow.parquet as pq
 
         total = 0
-        selector = pafs.FileSelector(f"{self.stage_dir(stage)}/{attempt}", recursive=True, allow_not_found=True)
-        for info in self.fs.get_file_info(selector):
-            if info.type == pafs.FileType.File and info.path.endswith(".parquet") and "/data/" in info.path:
+        for path in _parquet_files(self.fs, f"{self.stage_dir(stage)}/{attempt}"):
+            if "/data/" in path:
                 try:
-                    with self.fs.open_input_file(info.path) as f:
+                    with self.fs.open_input_file(path) as f:
                         total += pq.ParquetFile(f).metadata.num_rows
                 except (OSError, ValueError):
                     continue
         return total
 
-    def _resumable(self, stage: str, key: Optional[str] = None) -> Optional[str]:
+    def resumable_attempt(self, stage: str, key: Optional[str] = None) -> Optional[str]:
         """The newest attempt of `stage` that is not committed and was begun resumable (with `key`, when
         given), or None."""
         done = self.read_done(stage)
@@ -513,20 +512,25 @@ def written_values(uri: str, column: str) -> set:
 
     fs, path = filesystem(uri)
     values: set = set()
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
-        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
-            continue
+    for file in _parquet_files(fs, path):
         try:
-            values.update(pq.read_table(info.path, filesystem=fs, columns=[column]).column(column).to_pylist())
+            values.update(pq.read_table(file, filesystem=fs, columns=[column]).column(column).to_pylist())
         except (pa.ArrowInvalid, OSError):
-            fs.delete_file(info.path)
+            fs.delete_file(file)
     return values
 
 
-def resumed_rows(uri: str, stage: str, total: int, unit: str) -> frozenset:
-    """The cand_ids a resumed attempt already wrote under `uri` (none in a fresh one), said on the console."""
+def _parquet_files(fs, path: str) -> list[str]:
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+
+
+def resumed_rows(uri: str, stage: str, total: "int | Callable[[], int]", unit: str) -> frozenset:
+    """The cand_ids a resumed attempt already wrote under `uri` (none in a fresh one), said on the console.
+    `total` may be a function: counted only when there is something to say."""
     written = frozenset(written_values(uri, "cand_id"))
     if written:
+        total = total() if callable(total) else total
         print(f"[scoder-ray] {stage}: {len(written)} of {total} {unit} already written; doing the other "
               f"{max(0, total - len(written))}", flush=True)
     return written

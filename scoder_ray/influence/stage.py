@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from scoder_ray.config import Config, InfluenceConf, ModelsConf
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
-from scoder_ray.store import RunStore, filesystem, write_table, written_values
+from scoder_ray.store import RunStore, filesystem, resumed_rows, write_table
 from scoder_ray.train.data import encode, prompt_response
 
 
@@ -84,8 +84,8 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     start-up and time in calls, summed over actors, and the largest resident memory one reached (this run's)."""
     import ray
 
-    written = frozenset(written_values(out_uri, "cand_id"))  # a resumed attempt's (no extra read: said below)
     ds = ray.data.read_parquet(rows_uri)
+    written = resumed_rows(out_uri, f"features {ckpt_name}-{kind}", ds.count, "rows")  # counted only when resumed
     ds = ds.select_columns([id_column, "snippet", "problem", "solution"] + (["lang"] if "lang" in ds.columns() else []))
     if id_column != "cand_id":
         ds = ds.rename_columns({id_column: "cand_id"})
@@ -95,9 +95,6 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     # the blocks depend only on the data, every example meets the same batch-mates however many actors.
     ds, batch = in_blocks(ds, conf.sort_window)
     rows = ds.count()
-    if written:
-        print(f"[scoder-ray] features {ckpt_name}-{kind}: {len(written)} of {rows + len(written)} rows already "
-              f"written; doing the other {rows}", flush=True)
     done: dict[str, Any] = {"rows": rows + len(written), "resumed_rows": len(written), "actor_start_s": 0.0,
                             "actor_busy_s": 0.0, "actor_peak_gib": 0.0}
     if not rows:
