@@ -24,6 +24,7 @@ class NodeType:
     cpus: int
     max_nodes: int
     accelerators: tuple[str, ...] = ()  # Ray's accelerator_type:X resources the node type declares
+    head: bool = False
 
 
 def _accelerators(resources: dict[str, Any]) -> tuple[str, ...]:
@@ -44,11 +45,13 @@ def node_types(path: str) -> list[NodeType]:
                 res = t.get("resources") or {}
                 types.append(NodeType(name, _int(res.get("GPU")), _int(res.get("CPU")),
                                       1 if name == head else _int(t.get("max_workers", doc.get("max_workers", 0))),
-                                      _accelerators(res)))
+                                      _accelerators(res), name == head))
         elif doc.get("kind") == "RayCluster":
             spec = doc["spec"]
             head = spec["headGroupSpec"]
-            types.append(NodeType("head", _int(head.get("rayStartParams", {}).get("num-gpus")), 0, 1))
+            limits = head["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+            types.append(NodeType("head", _int(head.get("rayStartParams", {}).get("num-gpus")),
+                                  _int(head.get("rayStartParams", {}).get("num-cpus", limits.get("cpu"))), 1, head=True))
             for g in spec.get("workerGroupSpecs", []):
                 limits = g["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
                 gpus = _int(g.get("rayStartParams", {}).get("num-gpus", limits.get("nvidia.com/gpu")))

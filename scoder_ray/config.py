@@ -697,9 +697,9 @@ def _validate_input_files(cfg: Config) -> None:
     samples = cfg.teacher.samples_file
     if samples and not samples.startswith("builtin:") and "://" not in samples:
         _check(Path(samples).expanduser().is_file(), "teacher.samples_file",
-               f"an existing {SAMPLES_FILE} or builtin:stdlib-documented[:N]", samples)
+               f"{SAMPLES_FILE.replace('a ', 'an existing ', 1)} or builtin:stdlib-documented[:N]", samples)
     if cfg.score.labels_file and "://" not in cfg.score.labels_file:
-        _check(Path(cfg.score.labels_file).expanduser().is_file(), "score.labels_file", f"an existing {LABELS_FILE}",
+        _check(Path(cfg.score.labels_file).expanduser().is_file(), "score.labels_file", LABELS_FILE.replace("a ", "an existing ", 1),
                cfg.score.labels_file)
     for bench, path in cfg.evaluate.problems.items():
         _check(bench in BENCHMARKS, f"evaluate.problems.{bench}", f"a benchmark name: {', '.join(BENCHMARKS)}", bench)

@@ -2,13 +2,16 @@
 actors and workers it starts, and estimated GPU-hours and wall time — from the volumes the config implies
 and the per-GPU throughput in conf/throughput.yaml (each number there says where it was measured or that it
 is assumed). Stages run one after another, so the wall time is their sum; a stage holds its GPUs for its
-whole wall time, start-ups included. Pools are sized as the run sizes them (ray_env.pool_sizes): a sampling
+whole wall time, start-ups included. The CPU stages get a wall time and no GPU-hours: the seed pool on the
+head's CPUs (the one node sure to be up before any GPU is asked for), the bootstrap from the teacher's
+latency and `teacher.max_concurrency`, with its cost at the teacher's price. Pools are sized as the run sizes them (ray_env.pool_sizes): a sampling
 stage's checkpoint pools and an influence stage's feature pools side by side (`ray.parallel_checkpoints`),
 sharing `ray.gpu_budget` (by default what `ray.cluster_config` scales to).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -35,6 +38,35 @@ class StagePlan:
 def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
     with open(path or THROUGHPUT, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def seed_files(cfg: Config) -> tuple[int, int]:
+    """(files on disk, records of `hf:` sources) the seed stage reads: local sources are listed (a folder this
+    machine lacks counts 0), an `hf:` source counts its `limit=` (without one, 0: its size is unknown here)."""
+    from scoder_ray.seeds import parse_hf_source, source_files
+
+    files = records = 0
+    for src in cfg.seeds.sources:
+        if src.startswith("hf:"):
+            records += int(parse_hf_source(src)[1].get("limit") or 0)
+            continue
+        try:
+            files += len(source_files([src], cfg.seeds.languages))
+        except ValueError:  # not on this machine (e.g. a path on the cluster's head)
+            pass
+    return files, records
+
+
+def head_cpus(cfg: Config) -> int:
+    """CPUs the seed stage has: the head's in `ray.cluster_config`, else this machine's."""
+    if cfg.ray.cluster_config:
+        from scoder_ray.cluster import node_types
+        from scoder_ray.config import cluster_config_path
+
+        head = next((t for t in node_types(str(cluster_config_path(cfg))) if t.head and t.cpus), None)
+        if head:
+            return head.cpus
+    return os.cpu_count() or 1
 
 
 def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
@@ -80,8 +112,25 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
         add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", gpus, starts,
             tokens / tp["generation_tokens_per_s"], waves * tp["engine_start_s"])
 
+    files, records = seed_files(cfg)
+    snippets = (files + records) * tp["seeds_snippets_per_file"]
+    cpus = head_cpus(cfg)
+    seeds_s = (records / tp["seeds_hub_records_per_s"] + (files + records) / (cpus * tp["seeds_files_per_cpu_s"])
+               + snippets / tp["seeds_driver_snippets_per_s"])
+    volume = f"{files + records:,} files, ~{snippets:,.0f} snippets on {cpus} CPUs" if files + records else \
+        "unknown: an hf: source without limit= (or sources not on this machine)"
+    out.append(StagePlan("seeds", volume, 0, 0, 0.0, seeds_s / 3600))
     teacher_rows = cfg.teacher.num_seeds
-    out.append(StagePlan("bootstrap", f"{teacher_rows:,} teacher requests", 0, 0, 0.0, 0.0))
+    if cfg.teacher.samples_file:
+        out.append(StagePlan("bootstrap", f"{teacher_rows:,} rows from teacher.samples_file", 0, 0, 0.0, 0.0))
+    else:
+        from scoder_ray.generate.prices import teacher_prices
+
+        p_in, p_out, _ = teacher_prices(cfg.teacher)
+        usd = teacher_rows * (tp["teacher_prompt_tokens"] * p_in + tp["teacher_output_tokens"] * p_out) / 1e6
+        cost = f", ~${usd:,.2f} at {cfg.teacher.model}'s price" if p_in or p_out else ""
+        wall_s = math.ceil(teacher_rows / max(1, cfg.teacher.max_concurrency)) * tp["teacher_request_s"]
+        out.append(StagePlan("bootstrap", f"{teacher_rows:,} teacher requests{cost}", 0, 0, 0.0, wall_s / 3600))
     syn = cfg.train.synthesizer
     train("train_synthesizer", syn, teacher_rows, syn.epochs)
     pool = cfg.sample.num_seeds or cfg.seeds.max_snippets
@@ -134,11 +183,11 @@ def render(cfg: Config, stages: list[StagePlan], tp: dict[str, Any]) -> str:
              f"{'stage':<28} {'GPUs':>5} {'starts':>6} {'GPU-h':>8} {'wall h':>7}  volume"]
     for s in stages:
         gpus = str(s.gpus) if s.gpus else "cpu"
-        hours = f"{s.gpu_hours:8.1f} {s.wall_hours:7.2f}" if s.gpus else f"{'-':>8} {'-':>7}"
+        hours = f"{s.gpu_hours:8.1f} {s.wall_hours:7.2f}" if s.gpus else f"{'-':>8} {s.wall_hours:7.2f}"
         lines.append(f"{s.stage:<28} {gpus:>5} {s.starts:>6} {hours}  {s.volume}")
     total_gpu_h = sum(s.gpu_hours for s in stages)
     total_wall = sum(s.wall_hours for s in stages)
     peak = max((s.gpus for s in stages), default=0)
     lines.append(f"{'total':<28} {peak:>5} {sum(s.starts for s in stages):>6} {total_gpu_h:8.1f} {total_wall:7.2f}"
-                 "  (GPUs: the most held at once; CPU stages are not estimated)")
+                 "  (GPUs: the most held at once)")
     return "\n".join(lines)

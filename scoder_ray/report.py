@@ -117,13 +117,14 @@ def plan_beside_measured(store: RunStore, dones: dict[str, dict]) -> str:
     for s in plan(cfg, tp):
         d = dones.get(s.stage)
         wall = d.get("seconds", 0) / 3600 if d and not d.get("skipped") else None
-        rows.append([s.stage, s.gpus or "cpu", f"{s.wall_hours:.2f}" if s.gpus else "-",
+        rows.append([s.stage, s.gpus or "cpu", f"{s.wall_hours:.2f}",
                      f"{wall:.3f}" if wall is not None else "not run", f"{s.gpu_hours:.1f}" if s.gpus else "-",
                      f"{s.gpus * wall:.2f}" if s.gpus and wall is not None else "-"])
     return ("<h3>Plan beside measured</h3>" + _table(rows, ["stage", "GPUs (plan)", "wall h (plan)", "wall h (measured)",
                                                             "GPU-h (plan)", "GPU-h (measured: GPUs x wall)"])
             + f"<p>Estimates from conf/throughput.yaml ({html.escape(str(tp.get('gpu', '?')))} per GPU), as "
-              "<code>scoder-ray plan</code> prints them before a run; CPU stages are not estimated.</p>")
+              "<code>scoder-ray plan</code> prints them before a run; the CPU stages' from the seed stage's measured "
+              "rates on the head's CPUs and the teacher's assumed latency.</p>")
 
 
 def pool_timeline(dones: dict[str, dict]) -> str:

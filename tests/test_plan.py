@@ -15,7 +15,8 @@ def test_paper_7b_volumes_and_hours_follow_the_config_and_the_throughput_file():
     tp = load_throughput()
     cfg = load_config("paper-7b")
     stages = by_stage(cfg, tp)
-    assert list(stages)[:3] == ["bootstrap", "train_synthesizer", "iter_01/sample"] and list(stages)[-1] == "evaluate"
+    assert list(stages)[:4] == ["seeds", "bootstrap", "train_synthesizer", "iter_01/sample"]
+    assert list(stages)[-1] == "evaluate"
     sample = stages["iter_01/sample"]
     # 20,000 seeds x M=3 checkpoints x N=4, 450 tokens each; the preset's cluster (cluster/aws.yaml) scales to 64
     # H100s, the default GPU budget: the three pools side by side share it (22 + 21 + 21 engines)
@@ -97,3 +98,36 @@ def test_the_scorer_is_kept_between_iterations_only_where_it_leaves_room():
     assert "need 8" in scorer_keep_reason(cfg, 1, 60, 64)  # 4 left, the training workers need 8
     assert "CPU engines" in scorer_keep_reason(load_config("tiny"), 1, 1, 0)
     assert "keep_scorer=false" in scorer_keep_reason(load_config("paper-7b", ["engine.keep_scorer=false"]), 1, 24, 64)
+
+
+def test_the_cpu_stages_get_a_wall_time_from_the_seed_volume_and_the_teachers_latency(tmp_path):
+    tp = load_throughput()
+    stages = by_stage(load_config("paper-7b"), tp)
+    # 300,000 starcoderdata files (the hf: source's limit=) on the 32 CPUs of cluster/aws.yaml's head
+    seeds = stages["seeds"]
+    snippets = 300_000 * tp["seeds_snippets_per_file"]
+    want = (300_000 / tp["seeds_hub_records_per_s"] + 300_000 / (32 * tp["seeds_files_per_cpu_s"])
+            + snippets / tp["seeds_driver_snippets_per_s"])
+    assert seeds.gpus == 0 and seeds.gpu_hours == 0 and seeds.wall_hours == pytest.approx(want / 3600)
+    assert seeds.volume.startswith("300,000 files") and seeds.volume.endswith("on 32 CPUs")
+    assert list(stages)[:2] == ["seeds", "bootstrap"]
+    # 500 requests, 32 at a time: 16 rounds of the teacher's latency; gpt-4o's list price
+    boot = stages["bootstrap"]
+    assert boot.wall_hours == pytest.approx(16 * tp["teacher_request_s"] / 3600) and boot.gpu_hours == 0
+    usd = 500 * (tp["teacher_prompt_tokens"] * 2.50 + tp["teacher_output_tokens"] * 10.00) / 1e6
+    assert f"~${usd:,.2f} at gpt-4o's price" in boot.volume
+    # the KubeRay head's CPUs are its container's limit (28); supplied samples cost no teacher time
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"problem": "p", "solution": "s"}\n')
+    kube = by_stage(load_config("paper-7b", ["ray.cluster_config=cluster/kuberay.yaml", f"teacher.samples_file={mine}"]), tp)
+    assert kube["seeds"].volume.endswith("on 28 CPUs") and kube["seeds"].wall_hours > seeds.wall_hours
+    assert kube["bootstrap"].wall_hours == 0 and "teacher.samples_file" in kube["bootstrap"].volume
+    # local sources are counted where they are; an hf: source without limit= has no size here
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(3):
+        (code / f"m{i}.py").write_text("def f():\n    return 1\n")
+    local = by_stage(load_config("tiny", [f"seeds.sources=[{code}]"]), tp)["seeds"]
+    assert local.volume.startswith("3 files") and local.wall_hours > 0
+    unknown = by_stage(load_config("tiny", ["seeds.sources=[hf:bigcode/starcoderdata?streaming=true]"]), tp)["seeds"]
+    assert unknown.wall_hours == 0 and unknown.volume.startswith("unknown")

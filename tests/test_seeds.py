@@ -301,3 +301,45 @@ def test_seed_stage_reads_a_datasets_folder_and_a_folder_of_many_languages(ray_l
     done_py = run_stage(cfg_py, "seeds")
     assert {r["lang"] for r in pq.read_table(seeds_uri(RunStore.for_config(cfg_py))).to_pylist()} == {"python"}
     assert "near_duplicate" not in done_py["dropped"]
+
+
+def test_dedup_decisions_keep_the_first_and_let_the_jaccard_decide_what_a_shared_band_proposes():
+    import numpy as np
+    from datasketch import MinHashLSH
+
+    from scoder_ray.seeds import apply_decisions, decide
+
+    conf = load_config("tiny", ["seeds.sources=[b,a]", "seeds.max_snippets=0"]).seeds
+    layout = MinHashLSH(threshold=conf.near_dup_threshold, num_perm=conf.num_perm)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**32, conf.num_perm, dtype=np.uint32)
+    near = base.copy()
+    near[-8:] += 1  # 120 of 128 values equal: Jaccard 0.94, and most bands shared
+    one_band = rng.integers(0, 2**32, conf.num_perm, dtype=np.uint32)
+    one_band[:layout.r] = base[:layout.r]  # shares exactly one band with base, Jaccard 0.125: proposed, not a duplicate
+    rows = [  # (seed_id, source, path, line, exact hash, signature, contaminated by)
+        ("s-late", "a", "x.py", 1, "h1", base, ""),  # source "a" is listed second: it loses to "b"
+        ("s-first", "b", "z.py", 9, "h2", base, ""),
+        ("s-near", "b", "z.py", 20, "h3", near, ""),
+        ("s-band", "b", "z.py", 30, "h4", one_band, ""),
+        ("s-copy", "b", "z.py", 40, "h2", base, ""),
+        ("s-leak", "a", "y.py", 1, "h5", rng.integers(0, 2**32, conf.num_perm, dtype=np.uint32), "humaneval:HumanEval/0"),
+    ]
+    cols = ["seed_id", "source", "path", "start_line", "exact_hash", "minhash", "contaminated_by"]
+    cand = {c: np.array([r[i] for r in rows], dtype=object) for i, c in enumerate(cols) if c != "minhash"}
+    cand["minhash"] = np.stack([r[5] for r in rows])
+    d = decide(cand, conf, run_seed=0)
+    got = {s.decode(): (r.decode(), x.decode()) for s, r, x in zip(d["seed_id"], d["reason"], d["detail"])}
+    assert got == {"s-late": ("near_duplicate", "s-first"), "s-near": ("near_duplicate", "s-first"),
+                   "s-copy": ("exact_duplicate", "s-first"), "s-leak": ("contaminated", "humaneval:HumanEval/0")}
+    assert list(d["seed_id"]) == sorted(d["seed_id"])  # sorted: looked up by binary search
+    # applied to a batch of cut rows: decided rows get their reason, the others keep theirs
+    batch = {k: np.array(v, dtype=object) for k, v in {
+        "seed_id": ["s-band", "s-copy", "s-short", "s-first"], "snippet": ["x"] * 4, "source": ["b"] * 4,
+        "path": ["z.py"] * 4, "start_line": [30, 40, 2, 9], "n_lines": [5] * 4, "lang": ["python"] * 4,
+        "reason": ["", "", "too_short", ""], "detail": [""] * 4}.items()}
+    out = apply_decisions(batch, d)
+    assert list(out["reason"]) == ["", "exact_duplicate", "too_short", ""] and out["detail"][1] == "s-first"
+    # beyond max_snippets: a seeded draw of the kept rows is sampled out
+    capped = decide(cand, load_config("tiny", ["seeds.sources=[b,a]", "seeds.max_snippets=1"]).seeds, run_seed=0)
+    assert sorted(r.decode() for r in capped["reason"]).count("sampled_out") == 1

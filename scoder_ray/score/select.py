@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from scoder_ray.config import ScoreConf
-from scoder_ray.evaluate.decontam import shingles
+from scoder_ray.evaluate.decontam import minhash, shingles
 from scoder_ray.quality import problem_key
 
 
@@ -32,8 +32,6 @@ def features(df: pd.DataFrame, conf: ScoreConf) -> np.ndarray:
 
 def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float]) -> pd.DataFrame:
     """One seed's candidates -> the same rows with `score`, `selected` and `drop_reason`."""
-    from datasketch import MinHash
-
     group = group.copy()
     x = features(group, conf)
     unscored = (x[:, :-1] < 0).any(axis=1)
@@ -58,8 +56,7 @@ def select_group(group: pd.DataFrame, conf: ScoreConf, weights: Sequence[float])
         if key in seen_problems:
             reason[i] = "duplicate_problem"
             continue
-        m = MinHash(num_perm=64, seed=1)
-        m.update_batch(list(shingles(text)))
+        m = minhash(shingles(text), 64)
         if any(m.jaccard(other) >= conf.near_dup_threshold for other in kept_sketches):
             reason[i] = "near_duplicate"
             continue
