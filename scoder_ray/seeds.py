@@ -129,7 +129,11 @@ def hf_dataset(src: str):
     folder = Path(name).expanduser()
     split = opt.get("split", "train")
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-        ds = datasets.load_from_disk(str(folder))  # `save_to_disk`'s own format
+        try:
+            ds = datasets.load_from_disk(str(folder))  # `save_to_disk`'s own format
+        except Exception as e:  # e.g. an IndexError from a split without rows
+            raise ValueError(f"seeds.sources: {src!r}: could not read the saved dataset ({type(e).__name__}: {e}; "
+                             "an empty split?)") from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"seeds.sources: {src!r}: no split {split!r}; the dataset has {', '.join(ds)}")
@@ -160,7 +164,7 @@ def hf_items(src: str) -> Iterator[dict[str, Any]]:
     lang_cols = (opt["language_column"],) if opt.get("language_column") else LANGUAGE_COLUMNS
     limit = int(opt.get("limit") or 0)
     records: list[tuple[str, Any, str]] = []
-    for i, rec in enumerate(ds):
+    for i, rec in enumerate(_records(ds, src)):
         if limit and i >= limit:
             break
         path = next((str(rec[c]) for c in path_cols if rec.get(c)), "")
@@ -170,6 +174,21 @@ def hf_items(src: str) -> Iterator[dict[str, Any]]:
             records = []
     if records:
         yield {"source": src, "path": f"#{i + 1 - len(records)}", "records": records}
+
+
+def _records(ds, src: str) -> Iterator[dict[str, Any]]:
+    """The dataset's records; an error while reading them (a file `datasets` cannot read, an empty one, the
+    connection lost while streaming) names the source."""
+    it = iter(ds)
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ValueError(f"seeds.sources: {src!r}: reading its records failed ({type(e).__name__}: {e}; "
+                             "an empty or damaged file?)") from e
+        yield rec
 
 
 def sources_digest(items: list[dict[str, str]]) -> str:
@@ -447,21 +466,29 @@ def decide(cand: dict[str, np.ndarray], conf: SeedsConf, run_seed: int) -> dict[
             continue
         for key in keys:
             held = buckets.get(key)
-            buckets[key] = i if held is None else (held + [i] if isinstance(held, list) else [held, i])
+            if held is None:
+                buckets[key] = i
+            elif isinstance(held, list):
+                held.append(i)
+            else:
+                buckets[key] = [held, i]
         kept.append(s)
     if conf.max_snippets and len(kept) > conf.max_snippets:
         for s in sorted(kept, key=lambda s: hashlib.sha1(f"{run_seed}:{s}".encode()).hexdigest())[conf.max_snippets:]:
             out[s] = ("sampled_out", "")
     ids = sorted(out)
-    return {"seed_id": np.array(ids, dtype="S"), "reason": np.array([out[s][0] for s in ids], dtype="S"),
-            "detail": np.array([out[s][1] for s in ids], dtype="S")}
+
+    def utf8(texts: list[str]) -> np.ndarray:
+        return np.array([t.encode() for t in texts], dtype="S")
+
+    return {"seed_id": utf8(ids), "reason": utf8([out[s][0] for s in ids]), "detail": utf8([out[s][1] for s in ids])}
 
 
 def apply_decisions(batch: dict[str, np.ndarray], decisions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch of cut rows with the reasons `decide` gave its candidates."""
     ids = decisions["seed_id"]
     reasons, details = batch["reason"].astype(object), batch["detail"].astype(object)
-    keys = np.array(list(batch["seed_id"]), dtype="S") if len(batch["seed_id"]) else np.zeros(0, "S1")
+    keys = np.array([s.encode() for s in batch["seed_id"]], dtype="S") if len(batch["seed_id"]) else np.zeros(0, "S1")
     at = np.minimum(np.searchsorted(ids, keys), max(len(ids) - 1, 0))
     for i in np.flatnonzero((ids[at] == keys) if len(ids) else np.zeros(len(keys), bool)):
         reasons[i], details[i] = decisions["reason"][at[i]].decode(), decisions["detail"][at[i]].decode()
@@ -502,6 +529,8 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
     for chunk in input_chunks(items, conf):  # one in memory at a time: the object store holds the corpus
         records += sum(len(c["records"]) if "records" in c else 1 for c in chunk)  # files, and hf: records
         parts.append(ray.data.from_items(chunk, override_num_blocks=1))
+    if not parts:
+        raise ValueError(f"seeds.sources: {', '.join(conf.sources)}: no files or records to read (an empty split?)")
     timings = {"read": time.perf_counter() - t0}
     featured = (
         (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])

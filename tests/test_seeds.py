@@ -1,7 +1,9 @@
 """The seed stage on a planted fixture tree: every kind of bad or duplicate input lands in its count."""
 import json
 import os
+import re
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -301,6 +303,17 @@ def test_seed_stage_reads_a_datasets_folder_and_a_folder_of_many_languages(ray_l
     done_py = run_stage(cfg_py, "seeds")
     assert {r["lang"] for r in pq.read_table(seeds_uri(RunStore.for_config(cfg_py))).to_pylist()} == {"python"}
     assert "near_duplicate" not in done_py["dropped"]
+    # a split without records (saved, or streamed from an empty Parquet file, both of which `datasets` fails
+    # to read): an error naming the source
+    saved, streamed = tmp_path / "hf_empty", tmp_path / "hf_empty_parquet"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": []})}).save_to_disk(str(saved))
+    streamed.mkdir()
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), streamed / "train-00000.parquet")
+    for source, what in ((f"hf:{saved}", "could not read the saved dataset"),
+                         (f"hf:{streamed}?streaming=true", "reading its records failed")):
+        cfg_empty = load_config("tiny", [f"run.root={tmp_path}/runs", "run.id=empty", f"seeds.sources=[{source}]"])
+        with pytest.raises(ValueError, match=re.escape(f"seeds.sources: {source!r}: {what}") + ".*an empty"):
+            run_stage(cfg_empty, "seeds")
 
 
 def test_dedup_decisions_keep_the_first_and_let_the_jaccard_decide_what_a_shared_band_proposes():
