@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import sysconfig
 import textwrap
 import time
@@ -525,10 +526,17 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
     index = NgramIndex(texts, n=conf.decontam_ngram, threshold=conf.decontam_threshold)
 
     t0 = time.perf_counter()
-    parts, records = [], 0
+    parts, records, shown = [], 0, t0
+    limits = [int(parse_hf_source(it["source"])[1].get("limit") or 0) if it["source"].startswith("hf:") else 1
+              for it in items]
+    total = f" of {sum(limits):,}" if all(limits) else ""
     for chunk in input_chunks(items, conf):  # one in memory at a time: the object store holds the corpus
         records += sum(len(c["records"]) if "records" in c else 1 for c in chunk)  # files, and hf: records
         parts.append(ray.data.from_items(chunk, override_num_blocks=1))
+        if time.perf_counter() - shown >= 10:  # streaming a large hf: corpus takes minutes
+            shown = time.perf_counter()
+            print(f"[scoder-ray] seeds: {records:,}{total} files and records read, "
+                  f"{records / (shown - t0):,.0f}/s", file=sys.stderr, flush=True)
     if not parts:
         raise ValueError(f"seeds.sources: {', '.join(conf.sources)}: no files or records to read (an empty split?)")
     timings = {"read": time.perf_counter() - t0}
