@@ -160,9 +160,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.command == "plan":
+        import yaml
+
         from scoder_ray.plan import load_throughput, plan, render
 
-        tp = load_throughput(args.throughput)
+        try:
+            tp = load_throughput(args.throughput)
+        except (ValueError, OSError, yaml.YAMLError) as e:  # one line, no traceback
+            if debug:
+                raise
+            print(f"scoder-ray: error: --throughput: {e}", file=sys.stderr)
+            return 2
         tp["_source"] = args.throughput or "conf/throughput.yaml"
         print(render(cfg, plan(cfg, tp), tp))
         return 0

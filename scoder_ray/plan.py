@@ -4,8 +4,8 @@ and the per-GPU throughput in conf/throughput.yaml (each number there says where
 is assumed). Stages run one after another, so the wall time is their sum; a stage holds its GPUs for its
 whole wall time, start-ups included. The CPU stages get a wall time and no GPU-hours: the seed pool on the
 head's CPUs (the one node sure to be up before any GPU is asked for), the bootstrap from the teacher's
-latency and `teacher.max_concurrency`, with its cost at the teacher's price. Pools are sized as the run sizes them (ray_env.pool_sizes): a sampling
-stage's checkpoint pools and an influence stage's feature pools side by side (`ray.parallel_checkpoints`),
+latency and `teacher.max_concurrency`, with its cost at the teacher's price. Pools are sized as the run
+sizes them (ray_env.pool_sizes): a sampling stage's checkpoint pools and an influence stage's feature pools side by side (`ray.parallel_checkpoints`),
 sharing `ray.gpu_budget` (by default what `ray.cluster_config` scales to).
 """
 from __future__ import annotations
@@ -36,8 +36,19 @@ class StagePlan:
 
 
 def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
-    with open(path or THROUGHPUT, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    """conf/throughput.yaml, with the numbers of `path` (yours: all of them, or only those you measured) over it."""
+    with open(THROUGHPUT, encoding="utf-8") as f:
+        tp = yaml.safe_load(f)
+    if path:
+        with open(path, encoding="utf-8") as f:
+            mine = yaml.safe_load(f) or {}
+        if not isinstance(mine, dict):
+            raise ValueError(f"{path}: expected a mapping of throughput numbers, as in {THROUGHPUT}")
+        unknown = sorted(set(mine) - set(tp))
+        if unknown:
+            raise ValueError(f"{path}: unknown throughput key(s) {', '.join(unknown)}; the keys are those of {THROUGHPUT}")
+        tp.update(mine)
+    return tp
 
 
 def seed_files(cfg: Config) -> tuple[int, int]:

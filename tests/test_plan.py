@@ -68,6 +68,14 @@ def test_plan_command_prints_the_table_from_a_given_throughput_file(tmp_path, ca
     assert "iter_03/influence" in default and str(path) in faster and total["faster"] < total["default"]
     assert main(["plan", "--preset", "demo"]) == 0
     assert "cpu" in capsys.readouterr().out
+    # a file of only the numbers you measured: the others from conf/throughput.yaml; a misspelt key is named
+    partial = tmp_path / "mine.yaml"
+    partial.write_text(f"generation_tokens_per_s: {tp['generation_tokens_per_s']}\n")
+    assert main(["plan", "--preset", "paper-7b", "--throughput", str(partial)]) == 0
+    assert float(capsys.readouterr().out.splitlines()[-1].split()[3]) == total["faster"]
+    partial.write_text("generation_token_per_s: 5000\n")
+    assert main(["plan", "--preset", "paper-7b", "--throughput", str(partial)]) == 2
+    assert "unknown throughput key(s) generation_token_per_s" in capsys.readouterr().err
 
 
 def test_pools_side_by_side_share_the_gpu_budget():
