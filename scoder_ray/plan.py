@@ -54,12 +54,12 @@ def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
 def seed_files(cfg: Config) -> tuple[int, int]:
     """(files on disk, records of `hf:` sources) the seed stage reads: local sources are listed (a folder this
     machine lacks counts 0), an `hf:` source counts its `limit=` (without one, 0: its size is unknown here)."""
-    from scoder_ray.seeds import parse_hf_source, source_files
+    from scoder_ray.seeds import hf_limit, source_files
 
     files = records = 0
     for src in cfg.seeds.sources:
         if src.startswith("hf:"):
-            records += int(parse_hf_source(src)[1].get("limit") or 0)
+            records += hf_limit(src)
             continue
         try:
             files += len(source_files([src], cfg.seeds.languages))

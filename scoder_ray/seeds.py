@@ -122,6 +122,11 @@ def parse_hf_source(src: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
+def hf_limit(src: str) -> int:
+    """An `hf:` source's `limit=` (0: none, every record)."""
+    return int(parse_hf_source(src)[1].get("limit") or 0)
+
+
 def hf_dataset(src: str):
     """The dataset (or IterableDataset) an `hf:` source names, and its code column."""
     import datasets
@@ -163,7 +168,7 @@ def hf_items(src: str) -> Iterator[dict[str, Any]]:
     ds, column, _ = hf_dataset(src)
     path_cols = (opt["path_column"],) if opt.get("path_column") else PATH_COLUMNS
     lang_cols = (opt["language_column"],) if opt.get("language_column") else LANGUAGE_COLUMNS
-    limit = int(opt.get("limit") or 0)
+    limit = hf_limit(src)
     records: list[tuple[str, Any, str]] = []
     for i, rec in enumerate(_records(ds, src)):
         if limit and i >= limit:
@@ -401,7 +406,8 @@ def normalized(snippet: str) -> str:
 
 
 def minhash_signature(snippet: str, conf: SeedsConf) -> np.ndarray:
-    return minhash(shingles(snippet, conf.shingle_tokens), conf.num_perm).hashvalues.astype(np.uint32)  # values are < 2**32 by construction
+    # the hash values are < 2**32 by construction
+    return minhash(shingles(snippet, conf.shingle_tokens), conf.num_perm).hashvalues.astype(np.uint32)
 
 
 def featurize(batch: dict[str, np.ndarray], conf: SeedsConf, index: NgramIndex) -> dict[str, np.ndarray]:
@@ -487,14 +493,15 @@ def decide(cand: dict[str, np.ndarray], conf: SeedsConf, run_seed: int) -> dict[
 
 def apply_decisions(batch: dict[str, np.ndarray], decisions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch of cut rows with the reasons `decide` gave its candidates."""
-    ids = decisions["seed_id"]
-    reasons, details = batch["reason"].astype(object), batch["detail"].astype(object)
-    keys = np.array([s.encode() for s in batch["seed_id"]], dtype="S") if len(batch["seed_id"]) else np.zeros(0, "S1")
-    at = np.minimum(np.searchsorted(ids, keys), max(len(ids) - 1, 0))
-    for i in np.flatnonzero((ids[at] == keys) if len(ids) else np.zeros(len(keys), bool)):
-        reasons[i], details[i] = decisions["reason"][at[i]].decode(), decisions["detail"][at[i]].decode()
     out = {k: batch[k] for k in COLUMNS}
-    out["reason"], out["detail"] = reasons, details
+    ids = decisions["seed_id"]
+    if not len(ids) or not len(batch["seed_id"]):
+        return out
+    keys = np.array([s.encode() for s in batch["seed_id"]], dtype="S")
+    at = np.minimum(np.searchsorted(ids, keys), len(ids) - 1)
+    out["reason"], out["detail"] = batch["reason"].astype(object), batch["detail"].astype(object)
+    for i in np.flatnonzero(ids[at] == keys):
+        out["reason"][i], out["detail"][i] = decisions["reason"][at[i]].decode(), decisions["detail"][at[i]].decode()
     return out
 
 
@@ -528,7 +535,7 @@ def _produce(items: list[dict[str, str]], conf: SeedsConf, run_seed: int, out_ur
 
     t0 = time.perf_counter()
     parts, records, shown = [], 0, t0
-    limits = [int(parse_hf_source(it["source"])[1].get("limit") or 0) if it["source"].startswith("hf:") else 1
+    limits = [hf_limit(it["source"]) if it["source"].startswith("hf:") else 1
               for it in items]
     total = f" of {sum(limits):,}" if all(limits) else ""
     for chunk in input_chunks(items, conf):  # one in memory at a time: the object store holds the corpus
