@@ -204,6 +204,10 @@ class QualityConf:
     # runs (teacher samples, candidates, final). Off by default: the sample prompt does not ask for examples, so
     # turn it on with teacher samples that state them (the synthesizer learns their layout)
     require_examples: bool = False
+    # Teacher samples (and teacher.samples_file rows) run in the sandbox like the final dataset's: a solution that
+    # does not run, or fails the examples its problem states, is `exec_failed`. They are the synthesizer's gold
+    # and influence's reference, so a wrong one is copied into everything after it.
+    exec_teacher_samples: bool = True
     # Degenerate samples (quality.py): stub solutions, a function that only calls itself with its own
     # arguments, the same line written 4+ times in a row or a sentence 3+ times (a sampling loop)
     reject_degenerate: bool = True

@@ -98,7 +98,8 @@ def sample_rows(store: RunStore, stage: str, n: int = 3) -> str:
         if df is None or not len(df):
             continue
         for _, r in df.head(n).iterrows():
-            rows.append([label, r.get("reason", "") if label == "rejected" else "", clip(r.get("problem")),
+            why = f"{r.get('reason', '')} ({clip(r.get('exec_reason'), 160)})" if r.get("exec_reason") else r.get("reason", "")
+            rows.append([label, why if label == "rejected" else "", clip(r.get("problem")),
                          clip(r.get("solution")), clip(r.get("raw", "")) if label == "rejected" and not r.get("problem") else ""])
     if not rows:
         return ""

@@ -16,6 +16,7 @@ Rejected rows, with `reason` and `detail`, go to `seeds/rejected/`; counts by re
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import json
 import os
@@ -601,7 +602,7 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     n = int(count or 64)
     # v2: the seed is the function before it in its module (v1 rows were their own seed); v3: stub functions
     # (quality.is_stub) are skipped, which changes the rows beyond the first 117
-    name = f"stdlib-documented-v4-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v4-{n}.jsonl"
+    name = f"stdlib-documented-v5-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v5-{n}.jsonl"
     path = Path(cache_dir).expanduser() / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -623,12 +624,23 @@ def first_sentence(doc: str) -> str:
     return SENTENCE_END.split(paragraph, maxsplit=1)[0]
 
 
+def defines_alone(node: ast.FunctionDef) -> bool:
+    """Whether the function's definition runs outside its module: what `def` evaluates (defaults, annotations)
+    names only builtins. `def dump(value, fmt=FMT_XML)` needs its module's FMT_XML: a NameError alone."""
+    args = node.args
+    evaluated = [*args.defaults, *(d for d in args.kw_defaults if d is not None), node.returns,
+                 *(a.annotation for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg) if a)]
+    names = {n.id for e in evaluated if e is not None for n in ast.walk(e) if isinstance(n, ast.Name)}
+    return names <= set(dir(builtins))
+
+
 def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]:
     """Up to `n` real (snippet, problem, solution) rows made offline from documented stdlib functions: the
     problem is the docstring's first sentence, the solution the function, and the snippet (the seed the sample
     answers) the function just before it in the same module (5-20 lines): same domain, different code, so a
     sample is inspired by its seed without copying it. `seed="itself"`: the function is its own seed.
-    Rows that fail a quality gate (quality.py; the copy gate only for `previous`) are skipped.
+    Rows that fail a quality gate (quality.py; the copy gate only for `previous`), or whose definition does not
+    run outside its module (`defines_alone`), are skipped.
     Test and benchmark data, the demo's stand-in teacher samples, the tiny-loop preset's seeds and samples."""
     from scoder_ray.config import QualityConf
     from scoder_ray.quality import gate, seed_similarity
@@ -651,7 +663,7 @@ def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]
             code = "\n".join(lines[node.lineno - 1:node.end_lineno])
             snippet = code if seed == "itself" else previous
             if (snippet and isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
-                    and 4 <= node.end_lineno - node.lineno <= 14):
+                    and 4 <= node.end_lineno - node.lineno <= 14 and defines_alone(node)):
                 row = {"snippet": snippet, "problem": f"Write `{node.name}`: {first_sentence(ast.get_docstring(node))}",
                        "solution": code}
                 if (not gate(row["problem"], row["solution"], row["snippet"], conf)

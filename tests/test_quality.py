@@ -227,6 +227,28 @@ def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
     assert by_name["monthrange"].endswith("for year, month.") and not any(">>>" in p for p in by_name.values())
 
 
+def test_builtin_teacher_rows_run_alone_in_the_sandbox():
+    """Each stand-in sample's solution runs as a module by itself (the bootstrap runs teacher samples in the
+    sandbox). A stdlib function whose definition needs its module (`def dump(value, fmt=FMT_XML)`, 4 of the first
+    64 before) is not a stand-in sample."""
+    import ast
+
+    import numpy as np
+
+    from scoder_ray.score.execution import execute_batch
+    from scoder_ray.seeds import defines_alone, documented_functions
+
+    rows = documented_functions(64) + documented_functions(64, seed="itself")
+    out = execute_batch({"problem": np.array([r["problem"] for r in rows], dtype=object),
+                         "solution": np.array([r["solution"] for r in rows], dtype=object)}, 5.0, 2)
+    assert [(r["problem"], why) for r, v, why in zip(rows, out["exec_verdict"], out["exec_reason"]) if v != "passed"] == []
+    fn = lambda src: ast.parse(src).body[0]  # noqa: E731
+    assert defines_alone(fn("def f(x, y=None, *a, z: int = len('ab'), **k) -> list[str]:\n    return x"))
+    assert not defines_alone(fn("def dump(value, *, fmt=FMT_XML):\n    pass"))
+    assert not defines_alone(fn("def walk(top: os.PathLike):\n    pass"))
+    assert not defines_alone(fn("def junk(line, pat=re.compile('x').match):\n    pass"))
+
+
 def test_a_docstrings_first_sentence_spans_its_lines_and_stops_at_a_doctest():
     from scoder_ray.seeds import first_sentence
 

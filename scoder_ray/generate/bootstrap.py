@@ -1,8 +1,8 @@
 """Bootstrap stage: the teacher writes superior (problem, solution) samples for a few hundred seeds.
 
 Output `bootstrap/data/part-0.parquet`: seed_id, snippet, problem, solution, raw, teacher, finish_reason,
-prompt_tokens, completion_tokens. Completions that do not parse go to `bootstrap/rejected/` with their
-reason. `_DONE.json` holds the usage (requests sent, cache hits, tokens, retries) and the estimated cost.
+prompt_tokens, completion_tokens. Completions that do not parse, fail a quality gate or fail in the sandbox (the
+solution with the examples its problem states) go to `bootstrap/rejected/` with their reason. `_DONE.json` holds the usage (requests sent, cache hits, tokens, retries) and the estimated cost.
 With `teacher.samples_file`, the user's own samples are validated and used instead of any request.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scoder_ray.store import RunStore, filesystem, write_table
 
 STAGE = "bootstrap"
 COLUMNS = ["seed_id", "snippet", "lang", "problem", "solution", "raw", "teacher", "finish_reason", "prompt_tokens",
-           "completion_tokens", "parse_ok", "reason"]
+           "completion_tokens", "parse_ok", "reason", "exec_reason"]
 
 
 def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
                      "prompt_tokens": int(usage.get("prompt_tokens") or 0),
                      "completion_tokens": int(usage.get("completion_tokens") or 0),
                      "parse_ok": not reason, "reason": reason})
-    summary = _write(rows, out_uri)
+    summary = _write(rows, out_uri, _execute(rows, cfg))
     u = teacher.usage
     summary["usage"] = {"requests_sent": u.requests, "cache_hits": u.cached, "retries": u.retries, "errors": u.errors,
                         "prompt_tokens_paid": u.prompt_tokens, "completion_tokens_paid": u.completion_tokens}
@@ -146,21 +146,41 @@ def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
                      "solution": solution, "raw": "",
                      "teacher": f"file:{path.rsplit('/', 1)[-1]}", "finish_reason": "", "prompt_tokens": 0,
                      "completion_tokens": 0, "parse_ok": not reason, "reason": reason})
-    summary = _write(rows, out_uri)
+    summary = _write(rows, out_uri, _execute(rows, cfg))
     summary["usage"] = {"requests_sent": 0}
     summary["decontam"] = _decontam_report(cfg)
     return summary
 
 
-def _write(rows: list[dict[str, Any]], out_uri: str) -> dict[str, Any]:
+def _execute(rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """Run every sample that passed the gates in the sandbox (`quality.exec_teacher_samples`): one that does
+    not run or fails its stated examples becomes `exec_failed`, with the sandbox's reason. Counts for _DONE.json."""
+    from scoder_ray.score.execution import sandbox_verdicts, stated_examples
+
+    if not cfg.quality.exec_teacher_samples:
+        return {"ran": 0, "off": True}
+    gated = [r for r in rows if r["parse_ok"]]
+    ids = [str(i) for i in range(len(gated))]  # a samples file may repeat a seed_id
+    verdicts = sandbox_verdicts(ids, [r["problem"] for r in gated], [r["solution"] for r in gated],
+                                cfg.score.exec_timeout_s, cfg.score.exec_workers, cfg.evaluate.isolation)
+    for i, r in zip(ids, gated):
+        verdict, why = verdicts[i]
+        if verdict != "passed":
+            r.update(parse_ok=False, reason="exec_failed", exec_reason=f"{verdict}: {why}"[:300])
+    return {"ran": len(gated), "passed": sum(r["parse_ok"] for r in gated),
+            "with_examples": sum(bool(stated_examples(r["problem"])) for r in gated)}
+
+
+def _write(rows: list[dict[str, Any]], out_uri: str, executed: dict[str, Any]) -> dict[str, Any]:
     schema = pa.schema([(c, pa.bool_() if c == "parse_ok" else pa.int64() if c.endswith("_tokens") else pa.string())
                         for c in COLUMNS])
+    rows = [{"exec_reason": "", **r} for r in rows]
     kept = [r for r in rows if r["parse_ok"]]
     rejected = [r for r in rows if not r["parse_ok"]]
     write_table(f"{out_uri}/data/part-0.parquet", pa.Table.from_pylist(kept, schema=schema))
     write_table(f"{out_uri}/rejected/part-0.parquet", pa.Table.from_pylist(rejected, schema=schema))
     reasons = dict(sorted(Counter(r["reason"] for r in rejected).items()))
-    warnings = ([f"only {len(kept)} of {len(rows)} teacher samples passed the parser and the quality gates: {reasons}"]
-                if len(kept) < len(rows) / 2 else [])
+    warnings = ([f"only {len(kept)} of {len(rows)} teacher samples passed the parser, the quality gates and the "
+                 f"sandbox: {reasons}"] if len(kept) < len(rows) / 2 else [])
     return {"rows": len(kept), "requested": len(rows), "parse_rate": round(len(kept) / max(1, len(rows)), 4),
-            "rejected": reasons, "warnings": warnings}
+            "rejected": reasons, "execution": executed, "warnings": warnings}

@@ -46,10 +46,8 @@ def final_filter(cfg: Config, raw, teacher: list[dict[str, str]]) -> tuple[Any, 
     (sandbox), a second answer to the same problem, near duplicates of a teacher sample or of another sample are
     dropped; `raw["reason"]` gets why.
     Returns (kept rows, counts for _DONE.json)."""
-    import ray
-
     from scoder_ray.quality import code_key, near_duplicates, problem_key
-    from scoder_ray.score.execution import execute_batch
+    from scoder_ray.score.execution import sandbox_verdicts
 
     parsed = raw[raw["parse_ok"]].sort_values("cand_id")
     dup = parsed.duplicated(["problem", "solution"])
@@ -58,15 +56,9 @@ def final_filter(cfg: Config, raw, teacher: list[dict[str, str]]) -> tuple[Any, 
     same_code = ~dup & parsed["solution"].map(code_key).duplicated()
     raw.loc[parsed.index[same_code], "reason"] = "duplicate_solution"
     unique = parsed[~dup & ~same_code]
-    verdicts: dict[str, str] = {}
-    if len(unique):  # in Ray tasks: on a cluster the worker nodes run the sandboxes, not the driver's node
-        ran_ds = ray.data.from_pandas(unique[["cand_id", "problem", "solution"]].reset_index(drop=True)).map_batches(
-            execute_batch, fn_kwargs={"timeout_s": cfg.score.exec_timeout_s, "workers": cfg.score.exec_workers,
-                                     "isolation": cfg.evaluate.isolation},
-            batch_size=32, num_cpus=1, batch_format="numpy")
-        out = ran_ds.select_columns(["cand_id", "exec_verdict"]).to_pandas()
-        verdicts = dict(zip(out["cand_id"], out["exec_verdict"]))
-    failed = [verdicts.get(c) != "passed" for c in unique["cand_id"]]
+    verdicts = sandbox_verdicts(list(unique["cand_id"]), list(unique["problem"]), list(unique["solution"]),
+                                cfg.score.exec_timeout_s, cfg.score.exec_workers, cfg.evaluate.isolation)
+    failed = [verdicts.get(c, ("",))[0] != "passed" for c in unique["cand_id"]]
     raw.loc[unique.index[failed], "reason"] = "exec_failed"
     ran = unique[[not f for f in failed]]
     # One answer per problem (case and spacing aside): a second solution to the same words teaches no new task,

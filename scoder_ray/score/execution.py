@@ -71,3 +71,20 @@ def execute_table(table, out_uri: str, timeout_s: float, workers: int, isolation
 
     write_table(out_uri, batch_to_table(execute_batch(table_to_batch(table), timeout_s, workers, isolation)))
     return table.num_rows
+
+
+def sandbox_verdicts(ids: list[str], problems: list[str], solutions: list[str], timeout_s: float, workers: int,
+                     isolation: str = "full") -> dict[str, tuple[str, str]]:
+    """(verdict, reason) per id: each solution with the examples its problem states, in Ray Data tasks, so on a
+    cluster the worker nodes run the sandboxes, not the driver's node. Needs Ray initialised."""
+    import pandas as pd
+    import ray
+
+    if not ids:
+        return {}
+    rows = pd.DataFrame({"id": ids, "problem": problems, "solution": solutions})
+    ran = ray.data.from_pandas(rows).map_batches(
+        execute_batch, fn_kwargs={"timeout_s": timeout_s, "workers": workers, "isolation": isolation},
+        batch_size=32, num_cpus=1, batch_format="numpy")
+    out = ran.select_columns(["id", "exec_verdict", "exec_reason"]).to_pandas()
+    return {i: (v, r) for i, v, r in zip(out["id"], out["exec_verdict"], out["exec_reason"])}
