@@ -127,6 +127,13 @@ class TeacherConf:
 ENGINE_OUTPUT_FIELDS = ("gpus_per_engine", "tensor_parallel_size", "dtype", "max_model_len", "enforce_eager")
 
 
+def prompt_sections(cfg: "Config") -> dict[str, Any]:
+    """The synthesizer's instruction (a built-in's name or the template) as a stage key's config section, for the
+    stages that write or read its prompts; none for the default, so runs from before `prompts` existed keep
+    their keys."""
+    return {} if cfg.prompts.synthesizer == "default" else {"prompts.synthesizer": cfg.prompts.synthesizer}
+
+
 def engine_sections(cfg: "Config") -> dict[str, Any]:
     """{"engine.dtype": ..., ...}: the ENGINE_OUTPUT_FIELDS as a stage key's config sections."""
     return {f"engine.{name}": getattr(cfg.engine, name) for name in ENGINE_OUTPUT_FIELDS}
@@ -188,6 +195,14 @@ class SampleConf:
     top_p: float = 0.95
     max_tokens: int = 512
     constrain_layout: bool = False  # guided decoding to the sample layout (prompts.LAYOUT_REGEX): for weak synthesizers
+
+
+@dataclass
+class PromptsConf:
+    # The instruction the teacher, the synthesizer's training and its sampling all use (prompts.py):
+    # `default`, `with_examples` (the problem ends with assert examples the sandbox checks; paper-7b), or a
+    # template of your own holding {snippet} (and {lang}) that asks for the `### Problem` / `### Solution` layout.
+    synthesizer: str = "default"
 
 
 @dataclass
@@ -420,6 +435,7 @@ class Config:
     engine: EngineConf = field(default_factory=EngineConf)
     seeds: SeedsConf = field(default_factory=SeedsConf)
     sample: SampleConf = field(default_factory=SampleConf)
+    prompts: PromptsConf = field(default_factory=PromptsConf)
     quality: QualityConf = field(default_factory=QualityConf)
     score: ScoreConf = field(default_factory=ScoreConf)
     train: TrainSection = field(default_factory=TrainSection)
@@ -587,6 +603,15 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for name in ("synthesizer", "scoder", "warmup"):
         _validate_train(f"train.{name}", getattr(cfg.train, name))
     _validate_score(cfg.score)
+    from scoder_ray.prompts import INSTRUCTIONS, instruction, instruction_problem
+
+    choice = cfg.prompts.synthesizer
+    _check(choice in INSTRUCTIONS or not choice.isidentifier(), "prompts.synthesizer",
+           f"a built-in ({', '.join(INSTRUCTIONS)}) or a template holding {{snippet}}", choice)
+    problem = instruction_problem(instruction(choice))
+    if problem:
+        short = cfg.prompts.synthesizer if len(cfg.prompts.synthesizer) <= 60 else cfg.prompts.synthesizer[:57] + "..."
+        raise ConfigError(f"prompts.synthesizer: {short!r} {problem}; or name a built-in: {', '.join(INSTRUCTIONS)}")
     inf = cfg.influence
     for key in ("proj_dim", "block_rows", "batch_size", "sort_window", "max_len", "num_actors", "cpus_per_actor",
                 "buffer_mb"):

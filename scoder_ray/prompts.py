@@ -26,6 +26,19 @@ SYNTH_INSTRUCTION = (
     "### Problem\n<the problem statement>\n\n"
     "### Solution\n```python\n<the solution>\n```"
 )
+# `prompts.synthesizer: with_examples`: the same request, and the problem ends with examples its solution passes,
+# one `assert` a line, which the sandbox checks every sample against (score/execution.py) -- with
+# `quality.require_examples` a problem without them is rejected. paper-7b's choice (README "Choices").
+SYNTH_INSTRUCTION_EXAMPLES = (
+    "Below is a code snippet. Create a new, self-contained Python programming problem inspired by it, "
+    "and write a correct, complete solution. End the problem statement with 2 to 4 examples that the solution "
+    "passes, each on its own line as a plain Python assert statement that calls the solution.\n\n"
+    "Snippet:\n```{lang}\n{snippet}\n```\n\n"
+    "Answer in exactly this layout:\n"
+    "### Problem\n<the problem statement>\n\n"
+    "### Solution\n```python\n<the solution>\n```"
+)
+INSTRUCTIONS = {"default": SYNTH_INSTRUCTION, "with_examples": SYNTH_INSTRUCTION_EXAMPLES}
 SCODER_INSTRUCTION = "{problem}"
 # The layout as a regex, for guided decoding (`teacher.constrain_layout`, `sample.constrain_layout`): a weak
 # model then always writes the two sections and a closed fence; whether the code is valid Python is still
@@ -38,10 +51,32 @@ PROBLEM_HEADER = "### Problem"
 SOLUTION_HEADER = "### Solution"
 
 
-def synthesizer_prompt(snippet: str, lang: Optional[str] = "python") -> str:
+def instruction(choice: str) -> str:
+    """`prompts.synthesizer`'s template: a built-in by name (INSTRUCTIONS), else the text itself."""
+    return INSTRUCTIONS.get(choice, choice)
+
+
+def instruction_problem(template: str) -> str:
+    """What is wrong with a template the teacher and the synthesizer would answer ('' if nothing): it must hold
+    {snippet}, may hold {lang}, and must ask for the layout `parse_sample` reads."""
+    try:
+        template.format(snippet="", lang="")
+    except (KeyError, IndexError, ValueError) as e:
+        return (f"holds {e} where only {{snippet}} and {{lang}} are filled in (write a literal brace as {{{{ or }}}})"
+                if isinstance(e, (KeyError, IndexError)) else f"is not a format string ({e})")
+    if "{snippet}" not in template:
+        return "does not hold {snippet}, the seed the sample is inspired by"
+    if PROBLEM_HEADER not in template or SOLUTION_HEADER not in template:
+        return (f"does not ask for the layout the parser reads ({PROBLEM_HEADER!r}, then {SOLUTION_HEADER!r} with one "
+                "```python block)")
+    return ""
+
+
+def synthesizer_prompt(snippet: str, lang: Optional[str] = "python", template: str = SYNTH_INSTRUCTION) -> str:
     """The user message that asks for a (problem, solution) pair inspired by `snippet` (written in `lang`:
-    seeds may be in any language; the problem and solution are Python, what the SCoder model is for)."""
-    return SYNTH_INSTRUCTION.format(snippet=snippet.strip("\n"), lang=lang or "python")
+    seeds may be in any language; the problem and solution are Python, what the SCoder model is for). `template`:
+    `instruction(cfg.prompts.synthesizer)`, the same for the teacher, training and sampling."""
+    return template.format(snippet=snippet.strip("\n"), lang=lang or "python")
 
 
 def synthesizer_response(problem: str, solution: str) -> str:
@@ -67,12 +102,14 @@ _SECTIONS = re.compile(r"^#{2,4}\s*Problem\s*:?\s*$(?P<problem>.*?)^#{2,4}\s*Sol
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(?P<code>.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)
 
 
-def parse_sample(text: str, snippet: Optional[str] = None, quality=None, index=None) -> tuple[str, str, str]:
+def parse_sample(text: str, snippet: Optional[str] = None, quality=None, index=None,
+                 echoes: Optional[tuple[str, ...]] = None) -> tuple[str, str, str]:
     """(problem, solution, reason) from a synthesizer completion; reason is '' when it parses.
 
     Rejected: no Problem/Solution sections, an empty problem, a solution without a closed code fence,
     an empty solution, a solution that is not valid Python, a problem that restates the snippet; with
-    `quality` (a QualityConf), every gate of quality.py (placeholders, echoes, seed copies...).
+    `quality` (a QualityConf), every gate of quality.py (placeholders, echoes of the instruction -- `echoes`, from
+    `quality.echo_phrases` -- seed copies...).
     """
     m = _SECTIONS.search(text)
     if not m:
@@ -96,7 +133,7 @@ def parse_sample(text: str, snippet: Optional[str] = None, quality=None, index=N
     if quality is not None:
         from scoder_ray.quality import gate
 
-        return problem, solution, gate(problem, solution, snippet, quality, index)
+        return problem, solution, gate(problem, solution, snippet, quality, index, echoes)
     return problem, solution, ""
 
 

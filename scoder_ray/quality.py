@@ -54,6 +54,14 @@ _PLACEHOLDER_LINE = re.compile(r"^\s*(?:#\s*)?<[^<>\n]{2,80}>\s*$", re.MULTILINE
 # Phrases of SYNTH_INSTRUCTION (prompts.py) that no real problem statement contains.
 ECHO_PHRASES = ("below is a code snippet", "create a new, self-contained python programming problem",
                 "answer in exactly this layout", "inspired by it, and write a correct")
+
+
+def echo_phrases(template: str = "") -> tuple[str, ...]:
+    """What a problem echoing the instruction holds: ECHO_PHRASES, and each sentence of 5+ words of another
+    template (prompts.synthesizer), its placeholders and fences cut out."""
+    text = re.sub(r"\{\w*\}|```\w*|<[^<>\n]*>|#+ \w+", "\n", template)
+    own = {problem_key(t) for t in re.split(r"[.:;!?\n]+", text) if len(t.split()) >= 5}
+    return ECHO_PHRASES + tuple(sorted(own - set(ECHO_PHRASES)))
 _FENCED = re.compile(r"```.*?(```|$)", re.DOTALL)
 _INLINE = re.compile(r"`[^`\n]*`")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -83,13 +91,13 @@ _CODE_PRESENT = re.compile(r"```|\n\s*(?:def |class |import |from \w|for \w|whil
 
 
 def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
-         index: Optional[NgramIndex] = None) -> str:
+         index: Optional[NgramIndex] = None, echoes: Optional[tuple[str, ...]] = None) -> str:
     """'' if the sample passes every gate, else the first failing gate's reason (`contaminated` last,
-    against `index`: see contamination_index)."""
+    against `index`: see contamination_index; `echoes`: echo_phrases of the instruction in use)."""
     if has_placeholder(problem) or has_placeholder(solution):
         return "placeholder"
     lowered = problem_key(problem)
-    if any(p in lowered for p in ECHO_PHRASES):
+    if any(p in lowered for p in echoes or ECHO_PHRASES):
         return "prompt_echo"
     if not is_prose(problem, conf.min_problem_words):
         return "problem_not_prose"
@@ -403,7 +411,7 @@ def narrowing_warning(div: dict[str, object], what: str, min_ratio: float) -> li
             f"< quality.min_diversity_ratio {min_ratio}): the synthesizer repeats a few templates; read its rows"]
 
 
-def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
+def audit(rows: list[dict], conf: QualityConf, echoes: Optional[tuple[str, ...]] = None) -> dict[str, object]:
     """What a finished dataset holds, checked whatever gates were on: placeholders, prompt echoes, seed copies
     (at quality.max_seed_similarity, or 0.9 when that gate is off), dangling references, how many state examples
     (their solutions were checked against them; the others only ran), degenerate samples and how many distinct
@@ -411,7 +419,7 @@ def audit(rows: list[dict], conf: QualityConf) -> dict[str, object]:
     copy_at = conf.max_seed_similarity if conf.max_seed_similarity < 1.0 else 0.9
     return {"rows": len(rows),
             "placeholders": sum(has_placeholder(r["problem"]) or has_placeholder(r["solution"]) for r in rows),
-            "prompt_echoes": sum(any(p in problem_key(r["problem"]) for p in ECHO_PHRASES) for r in rows),
+            "prompt_echoes": sum(any(p in problem_key(r["problem"]) for p in echoes or ECHO_PHRASES) for r in rows),
             "seed_copies": sum(bool(r.get("snippet")) and seed_similarity(r["solution"], r["snippet"]) >= copy_at for r in rows),
             "dangling_references": sum(bool(dangling_reference(r["problem"])) for r in rows),
             "with_examples": sum(bool(stated_examples(r["problem"])) for r in rows),

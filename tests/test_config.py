@@ -76,6 +76,13 @@ def test_overrides_apply_with_types():
         (["evaluate.problems.nope=/no/where"], "evaluate.problems.nope: 'nope' is not allowed; expected a benchmark"),
         (["score.labels_file=/no/labels.jsonl"], "score.labels_file: '/no/labels.jsonl' is not allowed"),
         (["influence.gpus_per_actor=-1"], "influence.gpus_per_actor: -1"),
+        (["prompts.synthesizer=with_exampels"], "prompts.synthesizer: 'with_exampels' is not allowed; expected a built-in "
+                                                "(default, with_examples) or a template holding {snippet}"),
+        (['prompts.synthesizer="Seed {snippet} in {language}: ### Problem, ### Solution"'],
+         "prompts.synthesizer: 'Seed {snippet} in {language}: ### Problem, ### Solution' holds 'language' where only "
+         "{snippet} and {lang} are filled in"),
+        (['prompts.synthesizer="Write a problem about {snippet}."'], "does not ask for the layout the parser reads"),
+        (['prompts.synthesizer="Write a problem. ### Problem ### Solution"'], "does not hold {snippet}"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):

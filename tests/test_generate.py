@@ -241,6 +241,38 @@ def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     assert done["rows"] == 4 and "exec_failed" not in done["rejected"] and done["execution"] == {"ran": 0, "off": True}
 
 
+def test_the_teacher_is_asked_with_the_configured_instruction(ray_local, tmp_path):
+    """`prompts.synthesizer` reaches the teacher's requests, and changing it redoes the bootstrap (the default keeps
+    the key runs had before the section existed); the stand-in teacher answers over real HTTP."""
+    from stand_in_teacher import StandInTeacher
+
+    from scoder_ray import prompts
+    from scoder_ray.config import prompt_sections
+
+    server = StandInTeacher()
+    args = ["--preset", "tiny-loop", f"run.root={tmp_path}", "teacher.samples_file=", f"teacher.base_url={server.url}",
+            f"teacher.model={server.model}", "teacher.num_seeds=4", f"teacher.cache_dir={tmp_path}/cache"]
+    try:
+        cfg = load_config("tiny-loop", args[2:] + ["prompts.synthesizer=with_examples"])
+        store = RunStore.for_config(cfg)
+        run_seeds(cfg, store)
+        done = run_bootstrap(cfg, store)
+        head = lambda template: template.split("{lang}")[0]  # noqa: E731
+        asked = [b["messages"][-1]["content"] for _, _, b in server.requests]
+        assert len(asked) == 4 and all(a.startswith(head(prompts.SYNTH_INSTRUCTION_EXAMPLES)) for a in asked)
+        assert done["rows"] == 4 and done["execution"]["passed"] == 4
+        default = load_config("tiny-loop", args[2:])
+        assert prompt_sections(default) == {} and prompt_sections(cfg) == {"prompts.synthesizer": "with_examples"}
+        assert store.stale_sections(store.state("bootstrap"), default) == ["prompts.synthesizer"]
+        assert store.stale_sections(store.state("bootstrap"), cfg) == []
+        again = run_bootstrap(default, store)
+        assert not again.get("skipped") and len(server.requests) == 8
+        assert all(b["messages"][-1]["content"].startswith(head(prompts.SYNTH_INSTRUCTION)) for _, _, b in server.requests[4:])
+        assert run_bootstrap(default, store).get("skipped") and len(server.requests) == 8
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"snippet": "s", "problem": "p", "solution": 3}\n', "mine.jsonl:1: `solution` is int, expected a string"),
     ('\n{"snippet": "s", "problem": "p"\n', "mine.jsonl:2: not valid JSON"),
@@ -327,6 +359,12 @@ def test_multi_checkpoint_sampling_is_complete_and_deterministic(ray_local, tmp_
     assert again["attempt"] == attempt.name and again["resumed_rows"] == 12 - lost and again["rows"] == 12
     rows = pq.read_table(attempt / "data").to_pylist()
     assert sorted((r["cand_id"], r["raw"]) for r in rows if r["seed_id"] != too_long) == results[1]
+    # The engines ask with `prompts.synthesizer`'s template: with a shorter one the longest seed's prompt fits.
+    short = load_config("tiny", overrides + ["run.id=c", "engine.num_engines=1",
+                                             "prompts.synthesizer='Inspired by {snippet}, write ### Problem and ### Solution'"])
+    run_seeds(short, RunStore.for_config(short))
+    done = run_sample(short, RunStore.for_config(short), 1, checkpoints=[("ckpt_02", tiny_model_dir)])
+    assert done["rows"] == 12 and "prompt_too_long" not in done["rejected"], done
 
 
 def test_engine_whose_core_is_killed_is_replaced_without_missing_or_duplicate_ids(ray_local, tmp_path, tiny_model_dir):

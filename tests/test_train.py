@@ -191,6 +191,26 @@ def test_lora_warmup_saves_adapters_and_moments_with_matching_keys(ray_local, tm
         assert c["eval_loss"] == pytest.approx(token_mean_loss(folder / "merged", held_out), rel=1e-4)
 
 
+def test_the_synthesizer_learns_the_configured_instruction(tiny_model_dir, train_rows):
+    """Training tokenizes each row with `prompts.synthesizer`'s template (what sampling then asks with)."""
+    from transformers import AutoTokenizer
+
+    from scoder_ray import prompts
+    from scoder_ray.train.data import tokenize_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = pq.read_table(train_rows).to_pylist()[:2]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("snippet", "problem", "solution")}
+    for template in (prompts.SYNTH_INSTRUCTION, prompts.SYNTH_INSTRUCTION_EXAMPLES):
+        out = tokenize_batch(batch, tiny_model_dir, "synthesizer", 4096, instruction=template)
+        for row, ids, labels in zip(rows, out["input_ids"], out["labels"]):
+            prompt_ids = [i for i, label in zip(ids, labels) if label == IGNORE]
+            assert prompt_ids == tok(tok.apply_chat_template(prompts.chat(prompts.synthesizer_prompt(
+                row["snippet"], "python", template)), tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+    assert "2 to 4 examples" in tok.decode(prompt_ids) and "2 to 4 examples" not in prompts.SYNTH_INSTRUCTION
+
+
 def test_response_only_labels_on_a_real_batch(tiny_model_dir, train_rows):
     from transformers import AutoTokenizer
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scoder_ray import prompts
-from scoder_ray.config import Config
+from scoder_ray.config import Config, prompt_sections
 from scoder_ray.generate.prices import teacher_prices
 from scoder_ray.generate.teacher import Teacher, completion_text, request_body
 from scoder_ray.lineage import derived_seed, input_digest, pick_seeds
@@ -40,14 +40,18 @@ def run_bootstrap(cfg: Config, store: RunStore, force: bool = False) -> dict[str
             raise ValueError("bootstrap needs the seed pool: run the seeds stage first (or set teacher.samples_file)")
         inputs = {"seeds": seeds["output_digest"]}
         produce = lambda tmp: _from_teacher(cfg, store, tmp)  # noqa: E731
-    sections = {"teacher": conf, "quality": cfg.quality, "run.seed": cfg.run.seed}
+    sections = {"teacher": conf, "quality": cfg.quality, "run.seed": cfg.run.seed, **prompt_sections(cfg)}
     return store.run_stage(STAGE, sections, inputs, produce, force=force)
 
 
 def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
+    from scoder_ray.quality import echo_phrases
+
     conf = cfg.teacher
     seeds = pick_seeds(store, conf.num_seeds, cfg.run.seed)
-    bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(s["snippet"], s["lang"])),
+    template = prompts.instruction(cfg.prompts.synthesizer)
+    echoes = echo_phrases(template)
+    bodies = [request_body(conf, prompts.chat(prompts.synthesizer_prompt(s["snippet"], s["lang"], template)),
                            seed=derived_seed(cfg.run.seed, "teacher", s["seed_id"]), layout=conf.constrain_layout)
               for s in seeds]
     teacher = Teacher(conf)
@@ -56,7 +60,7 @@ def _from_teacher(cfg: Config, store: RunStore, out_uri: str) -> dict[str, Any]:
     rows = []
     for seed, response in zip(seeds, responses):
         text, finish = completion_text(response)
-        problem, solution, reason = prompts.parse_sample(text, seed["snippet"], cfg.quality, index)
+        problem, solution, reason = prompts.parse_sample(text, seed["snippet"], cfg.quality, index, echoes)
         if finish == "length" and reason:
             reason = f"max_tokens:{reason}"  # cut at teacher.max_tokens, and it shows
         elif finish == prompts.PROMPT_TOO_LONG:  # refused by the teacher as longer than its context: nothing was paid
@@ -125,7 +129,7 @@ def _file_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
 def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
     """A user's samples in place of the teacher's, through the same gates. The synthesizer learns snippet ->
     sample, so a row without its snippet is rejected (`missing_snippet`), as is a repeat of an earlier row."""
-    from scoder_ray.quality import gate
+    from scoder_ray.quality import echo_phrases, gate
 
     index = _contamination_index(cfg)
     rows, seen = [], set()
@@ -140,7 +144,8 @@ def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
                 compile(solution, "solution.py", "exec")
             except (SyntaxError, ValueError):
                 reason = "solution_syntax_error"
-        reason = reason or gate(problem, solution, snippet, cfg.quality, index)
+        reason = reason or gate(problem, solution, snippet, cfg.quality, index,
+                                echo_phrases(prompts.instruction(cfg.prompts.synthesizer)))
         rows.append({"seed_id": r.get("seed_id") or hashlib.sha1(f"file:{i}:{problem}".encode()).hexdigest()[:16],
                      "snippet": snippet, "lang": r.get("lang") or "python", "problem": problem,
                      "solution": solution, "raw": "",

@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scoder_ray import progress
-from scoder_ray.config import Config, engine_sections
+from scoder_ray import progress, prompts
+from scoder_ray.config import Config, engine_sections, prompt_sections
 from scoder_ray.generate.sample import sample_checkpoint
 from scoder_ray.lineage import pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.seeds import seeds_uri
@@ -105,7 +105,7 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
     n_seeds, n = final_plan(cfg, store, seeds_done["rows"])
 
     def produce(tmp: str) -> dict[str, Any]:
-        from scoder_ray.quality import audit, decontam_report, diversity, narrowing_warning
+        from scoder_ray.quality import audit, decontam_report, diversity, echo_phrases, narrowing_warning
 
         chosen = {s["seed_id"] for s in pick_seeds(store, n_seeds, cfg.run.seed + 999_999)}
         seeds = ray.data.read_parquet(seeds_uri(store)).select_columns(["seed_id", "snippet", "lang"]).filter(
@@ -149,10 +149,11 @@ def run_final(cfg: Config, store: RunStore, force: bool = False) -> dict[str, An
                 "rejected": rejected,
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems)), "tokens": int(raw["tokens"].sum()),
                 "synthesizer": path, "engine_start_s": round(float(raw["engine_start_s"].sum()), 2),
-                "dataset_digest": dataset_digest(rows), "audit": audit(rows, cfg.quality), "diversity": div,
+                "dataset_digest": dataset_digest(rows), "diversity": div,
+                "audit": audit(rows, cfg.quality, echo_phrases(prompts.instruction(cfg.prompts.synthesizer))),
                 "warnings": warnings}
 
     sections = {"loop.final_dataset_size": cfg.loop.final_dataset_size, "sample": cfg.sample, "quality": cfg.quality,
-                **engine_sections(cfg), "run.seed": cfg.run.seed}
+                **engine_sections(cfg), "run.seed": cfg.run.seed, **prompt_sections(cfg)}
     inputs = {"seeds": seeds_done["output_digest"], "synthesizer": f"{name}={path}:{synthesizer_digest(store, iteration)}", "plan": f"{n_seeds}x{n}"}
     return store.run_stage(STAGE, sections, inputs, produce, force=force, resume=True)

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from scoder_ray import prompts
-from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf, engine_sections
+from scoder_ray.config import Config, EngineConf, ModelsConf, QualityConf, SampleConf, engine_sections, prompt_sections
 from scoder_ray.lineage import derived_seed, pick_seeds, synthesizer_checkpoints, synthesizer_digest
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.seeds import seeds_uri
@@ -175,23 +175,25 @@ def replace_actor(why: str) -> None:
 class Sampler(EngineActor):
     def __init__(self, model_path: str, engine: EngineConf, sample: SampleConf, seed: int, models: ModelsConf,
                  quality: Optional[QualityConf] = None, decontam_texts: Optional[dict[str, str]] = None,
-                 progress: Any = None):
+                 progress: Any = None, instruction: str = prompts.SYNTH_INSTRUCTION):
         super().__init__(model_path, engine, seed, models, progress)
         from scoder_ray.evaluate.decontam import NgramIndex
+        from scoder_ray.quality import echo_phrases
 
-        self.sample, self.quality = sample, quality
+        self.sample, self.quality, self.instruction, self.echoes = sample, quality, instruction, echo_phrases(instruction)
         self.index = (NgramIndex(decontam_texts, n=quality.decontam_ngram, threshold=quality.decontam_threshold)
                       if quality and decontam_texts else None)
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check()
         langs = batch.get("lang", [None] * len(batch["snippet"]))  # runs from before seeds had a language
-        texts = self.chat_prompts([prompts.synthesizer_prompt(s, lang) for s, lang in zip(batch["snippet"], langs)])
+        texts = self.chat_prompts([prompts.synthesizer_prompt(s, lang, self.instruction)
+                                   for s, lang in zip(batch["snippet"], langs)])
         outputs = await self.generate(texts, sampling_params(self.sample, batch["sampling_seed"]))
         cols: dict[str, list] = {k: [] for k in ("problem", "solution", "raw", "parse_ok", "reason", "tokens", "truncated")}
         for snippet, out in zip(batch["snippet"], outputs):
             completion = out.outputs[0]
-            problem, solution, reason = prompts.parse_sample(completion.text, snippet, self.quality, self.index)
+            problem, solution, reason = prompts.parse_sample(completion.text, snippet, self.quality, self.index, self.echoes)
             if completion.finish_reason == prompts.PROMPT_TOO_LONG:
                 reason = prompts.PROMPT_TOO_LONG
             cols["problem"].append(problem)
@@ -267,7 +269,8 @@ def sample_checkpoint(cfg: Config, seeds, iteration: int, ckpt: str, model_path:
     out = rows.map_batches(
         Sampler, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "sample": cfg.sample,
                                         "seed": cfg.run.seed, "models": cfg.models, "quality": cfg.quality,
-                                        "decontam_texts": texts, "progress": progress},
+                                        "decontam_texts": texts, "progress": progress,
+                                        "instruction": prompts.instruction(cfg.prompts.synthesizer)},
         batch_size=batch, batch_format="numpy",
         **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engines, rows.num_blocks()))
     # Blocks are written as they finish, in any order (in_blocks kept the input order to cut them): a
@@ -335,7 +338,8 @@ def run_sample(cfg: Config, store: RunStore, iteration: int = 1, checkpoints: Op
                 "engine_start_s": round(float(stats["engine_start_s"].sum()), 2), **side, "resumed_rows": len(written),
                 "decontam": decontam_report(cfg.quality, dict(cfg.evaluate.problems))}
 
-    sections = {"sample": cfg.sample, "quality": cfg.quality, **engine_sections(cfg), "run.seed": cfg.run.seed}
+    sections = {"sample": cfg.sample, "quality": cfg.quality, **engine_sections(cfg), "run.seed": cfg.run.seed,
+                **prompt_sections(cfg)}
     return store.run_stage(stage, sections, inputs, produce, force=force, resume=True)
 
 

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from scoder_ray.config import Config, InfluenceConf, ModelsConf
+from scoder_ray.config import Config, InfluenceConf, ModelsConf, prompt_sections
+from scoder_ray.prompts import SYNTH_INSTRUCTION, instruction
 from scoder_ray.ray_env import actor_pool, gpu_budget, gpu_options, in_blocks, pool_sizes, side_by_side
 from scoder_ray.store import RunStore, filesystem, resumed_rows, write_table
 from scoder_ray.train.data import encode, prompt_response
@@ -33,7 +34,7 @@ class FeatureActor:
     """Ray Data actor: model + LoRA + moments + projector for one checkpoint; rows -> (cand_id, feature)."""
 
     def __init__(self, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str, conf: InfluenceConf, seed: int,
-                 models: ModelsConf, stage_started: float = 0.0):
+                 models: ModelsConf, stage_started: float = 0.0, instruction: str = SYNTH_INSTRUCTION):
         import psutil
         import torch
         from transformers import AutoTokenizer
@@ -45,7 +46,7 @@ class FeatureActor:
         # when Ray hands the actor a worker it had started before.
         started = max(psutil.Process().create_time(), stage_started)
         device = "cuda" if conf.gpus_per_actor and torch.cuda.is_available() else "cpu"  # else Ray's accounting only
-        self.kind, self.conf = kind, conf
+        self.kind, self.conf, self.instruction = kind, conf, instruction
         base_model, ckpt_dir = local_model(base_model, models), local_model(ckpt_dir, models)  # on this node
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         self.features = GradientFeatures(base_model, ckpt_dir, ckpt_name, conf.proj_dim, seed, conf.block_rows, device,
@@ -59,7 +60,7 @@ class FeatureActor:
         examples = []
         for i in range(len(batch["cand_id"])):
             prompt, response = prompt_response({k: batch[k][i] for k in ("snippet", "problem", "solution", "lang")
-                                                if k in batch}, "synthesizer")
+                                                if k in batch}, "synthesizer", self.instruction)
             ids, labels, _ = encode(self.tokenizer, prompt, response, self.conf.max_len)
             examples.append((ids, labels))
         feats = self.features.features_of(examples, self.kind, self.tokenizer.pad_token_id, self.conf.batch_size,
@@ -77,7 +78,7 @@ class FeatureActor:
 
 def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str, ckpt_name: str, kind: str,
                      conf: InfluenceConf, seed: int, models: ModelsConf, id_column: str = "cand_id",
-                     accelerator_type: str = "", actors: int = 0) -> dict[str, Any]:
+                     accelerator_type: str = "", actors: int = 0, instruction: str = SYNTH_INSTRUCTION) -> dict[str, Any]:
     """Features of the rows at `rows_uri` (ids from `id_column`, written as cand_id) on `actors` actors
     (default influence.num_actors); rows whose features `out_uri` already holds (a resumed attempt) are not
     computed again. Returns {rows, resumed_rows, actor_start_s, actor_busy_s, actor_peak_gib}: the actors'
@@ -106,7 +107,7 @@ def compute_features(rows_uri: str, out_uri: str, base_model: str, ckpt_dir: str
     feats = ds.map_batches(FeatureActor, fn_constructor_kwargs={"base_model": base_model, "ckpt_dir": ckpt_dir,
                                                                 "ckpt_name": ckpt_name, "kind": kind, "conf": conf,
                                                                 "seed": seed, "models": models,
-                                                                "stage_started": time.time()},
+                                                                "stage_started": time.time(), "instruction": instruction},
                            batch_size=batch, batch_format="numpy",
                            compute=actor_pool(actors or conf.num_actors, ds.num_blocks()),
                            max_restarts=3, max_task_retries=3, **opts)
@@ -179,7 +180,8 @@ def run_warmup(cfg: Config, store: RunStore, iteration: int, base_model: str, fo
     inputs = {rank_stage: rank_done["output_digest"], "base": base_model}
     return store.run_stage(f"iter_{iteration:02d}/warmup", {"train.warmup": cfg.train.warmup,
                                                              "influence.warmup_fraction": cfg.influence.warmup_fraction,
-                                                             "influence.warmup_min_rows": cfg.influence.warmup_min_rows},
+                                                             "influence.warmup_min_rows": cfg.influence.warmup_min_rows,
+                                                             **prompt_sections(cfg)},
                            inputs, produce, force=force)
 
 
@@ -204,7 +206,8 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
         raise ValueError(f"influence needs {it}/warmup and bootstrap: run them first")
     sources = {"candidate": (store.uri(cand_stage) + "/data", "cand_id", cand_done["output_digest"]),
                "reference": (store.uri("bootstrap") + "/data", "seed_id", teacher_done["output_digest"])}
-    feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed}
+    feat_sections = {"influence.proj_dim": conf.proj_dim, "influence.max_len": conf.max_len, "run.seed": cfg.run.seed,
+                     **prompt_sections(cfg)}
     lrs = {c["name"]: c["mean_lr"] for c in warm["checkpoints"]}
     memory_gib, memory_warning = actor_memory_gib(cfg)
     actor_conf = dataclasses.replace(conf, memory_gib=memory_gib)
@@ -218,7 +221,8 @@ def run_influence(cfg: Config, store: RunStore, iteration: int, base_model: str,
                 shard = store.run_stage(
                     f"{it}/features/{name}-{k}", feat_sections, {"warmup": warm["output_digest"], "rows": digest},
                     lambda tmp: compute_features(u, f"{tmp}/data", base_model, d, name, k, actor_conf, cfg.run.seed,
-                                                 cfg.models, col, cfg.ray.accelerator_type, actors),
+                                                 cfg.models, col, cfg.ray.accelerator_type, actors,
+                                                 instruction(cfg.prompts.synthesizer)),
                     resume=True)
                 parts[f"{name}-{k}"], peaks[f"{name}-{k}"] = shard["seconds"], shard.get("actor_peak_gib", 0.0)
             jobs[f"{c['name']}-{kind}"] = job

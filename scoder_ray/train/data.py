@@ -32,11 +32,13 @@ def check_columns(columns: Iterable[str], fmt: str, source: str) -> None:
                          f"(need {', '.join(need)}, or prompt and response); found {', '.join(sorted(columns))}")
 
 
-def prompt_response(row: dict[str, Any], fmt: str) -> tuple[str, str]:
+def prompt_response(row: dict[str, Any], fmt: str, instruction: str = prompts.SYNTH_INSTRUCTION) -> tuple[str, str]:
+    """`instruction`: the synthesizer's template (prompts.instruction(cfg.prompts.synthesizer))."""
     if "prompt" in row and "response" in row:
         return row["prompt"], row["response"]
     if fmt == "synthesizer":
-        return prompts.synthesizer_prompt(row["snippet"], row.get("lang")), prompts.synthesizer_response(row["problem"], row["solution"])
+        return (prompts.synthesizer_prompt(row["snippet"], row.get("lang"), instruction),
+                prompts.synthesizer_response(row["problem"], row["solution"]))
     return prompts.scoder_prompt(row["problem"]), prompts.scoder_response(row["solution"])
 
 
@@ -52,7 +54,7 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[in
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_len: int, models=None,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+                   seed: int = 0, instruction: str = prompts.SYNTH_INSTRUCTION) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: rows -> input_ids, labels, n_tokens, truncated, no_response, key (`row_key`).
     `model_path`: a model reference, resolved on the node the task runs on when `models` is given."""
     if models is not None:
@@ -64,7 +66,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, fmt: str, max_
     n = len(batch[keys[0]]) if keys else 0
     out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "truncated": [], "no_response": [], "key": []}
     for i in range(n):
-        prompt, response = prompt_response({k: batch[k][i] for k in keys}, fmt)
+        prompt, response = prompt_response({k: batch[k][i] for k in keys}, fmt, instruction)
         ids, labels, truncated = encode(tokenizer, prompt, response, max_len)
         out["input_ids"].append(np.asarray(ids, dtype=np.int32))
         out["labels"].append(np.asarray(labels, dtype=np.int32))

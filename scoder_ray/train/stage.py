@@ -10,8 +10,9 @@ import json
 import os
 from typing import Any, Optional
 
-from scoder_ray.config import Config, TrainConf, to_dict
+from scoder_ray.config import Config, TrainConf, prompt_sections, to_dict
 from scoder_ray.lineage import current_synthesizer, input_digest, synthesizer_digest
+from scoder_ray.prompts import instruction
 from scoder_ray.store import RunStore, filesystem, read_text
 from scoder_ray.train.data import Schedule, check_columns, tokenize_batch, validation_count
 
@@ -49,7 +50,8 @@ def train_model(conf: TrainConf, model_ref: str, fmt: str, data_uri: str, out_ur
     # The model is a reference (builtin:, hf:, a run-root URI or a local folder) that every task and worker
     # resolves on its own node (model_cache.local_model): no path of the driver's node is assumed elsewhere.
     tokenized = rows.map_batches(tokenize_batch, fn_kwargs={"model_path": model_ref, "fmt": fmt, "max_len": conf.max_len,
-                                                            "models": cfg.models, "seed": cfg.run.seed},
+                                                            "models": cfg.models, "seed": cfg.run.seed,
+                                                            "instruction": instruction(cfg.prompts.synthesizer)},
                                  batch_format="numpy").materialize()
     stats = tokenized.select_columns(["truncated", "no_response", "n_tokens", "key"]).to_pandas()  # 4 numbers a row
     usable_keys = stats["key"][~stats["no_response"]]
@@ -161,7 +163,9 @@ def run_train(cfg: Config, store: RunStore, stage: str, force: bool = False, dat
             raise ValueError(f"{stage} needs training rows: run the {upstream} stage first, or set "
                              f"train.{section}.data=PATH (Parquet/JSONL with {', '.join(('snippet', 'problem', 'solution') if fmt == 'synthesizer' else ('problem', 'solution'))})")
         data_uri, inputs = store.uri(upstream) + "/data", {upstream: done["output_digest"]}
-    return store.run_stage(stage, {f"train.{section}": conf, "models": cfg.models, "run.seed": cfg.run.seed}, inputs,
+    sections = {f"train.{section}": conf, "models": cfg.models, "run.seed": cfg.run.seed,
+                **(prompt_sections(cfg) if fmt == "synthesizer" else {})}
+    return store.run_stage(stage, sections, inputs,
                            lambda tmp: train_model(conf, model_ref, fmt, data_uri, tmp, cfg, stage), force=force)
 
 
@@ -234,7 +238,7 @@ def run_retrain(cfg: Config, store: RunStore, iteration: int, force: bool = Fals
     stage = f"iter_{iteration:02d}/train"
     sections = {"train.synthesizer": cfg.train.synthesizer, "loop.retrain_epochs": cfg.loop.retrain_epochs,
                 "loop.retrain_lr": cfg.loop.retrain_lr,
-                "models": cfg.models, "run.seed": cfg.run.seed}
+                "models": cfg.models, "run.seed": cfg.run.seed, **prompt_sections(cfg)}
     return store.run_stage(stage, sections, inputs,
                            lambda tmp: train_model(conf, model_ref, "synthesizer", store.uri(data_stage) + "/data", tmp,
                                                    cfg, stage), force=force)
