@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scoder_ray import prompts
+from scoder_ray.prompts import INSTRUCTIONS
 from scoder_ray.store import RunStore, filesystem
 
 FORMATS = ("messages", "alpaca", "sharegpt", "parquet")
@@ -107,7 +108,11 @@ def dataset_card(store: RunStore, final: dict[str, Any], fmt: str, data_file: st
         "samples": n, "format": fmt, "dataset digest": final.get("dataset_digest", ""),
         "run": f"{store.run_id} ({final.get('finished_at', '')})",
         "seed sources": ", ".join(seeds.get("sources", [])) + f" ({seeds.get('rows', '?')} snippets)",
-        "teacher": f"{teacher}: {boot.get('rows', '?')} samples",
+        "teacher": f"{teacher}: {boot.get('rows', '?')} samples"
+                   + (f" (run in the sandbox: {ex['passed']} of {ex['ran']} passed)" if (ex := boot.get("execution", {})).get("ran")
+                      else ""),
+        "instruction": f"`prompts.synthesizer: {cfg.prompts.synthesizer}`" if cfg and cfg.prompts.synthesizer in INSTRUCTIONS
+                       else "a template of the run's own (its config.yaml, `prompts.synthesizer`)" if cfg else "?",
         "synthesizer": f"{cfg.models.synthesizer if cfg else '?'} after {cfg.loop.iterations if cfg else '?'} "
                        "self-distillation iteration(s)",
         "generated / kept": f"{final.get('generated', '?')} / {n}, from {final.get('seeds', '?')} seeds "

@@ -27,6 +27,7 @@ def finished_run(tmp_path):
         return {"rows": 3, "generated": 9, "seeds": 3, "seeds_yielding": 3, "dataset_digest": "d" * 64,
                 "rejected": {"prompt_echo": 6}, "audit": {"placeholders": 0}}
 
+    store.run_stage("bootstrap", {}, {}, lambda out: {"rows": 60, "execution": {"ran": 64, "passed": 60}})
     store.run_stage("final", {}, {}, final)
     return f"{tmp_path}/runs/r", tmp_path
 
@@ -50,6 +51,7 @@ def test_export_is_read_back_by_datasets(finished_run, fmt, column, capsys):
     card = (out / "README.md").read_text()
     assert "dataset digest | " + "d" * 64 in card and "generated / kept | 9 / 3" in card
     assert '{"prompt_echo": 6}' in card and "Filters: placeholders" in card
+    assert "60 samples (run in the sandbox: 60 of 64 passed)" in card and "`prompts.synthesizer: default`" in card
     said = capsys.readouterr().out
     assert "datasets.load_dataset" in said
     if fmt != "parquet":  # LLaMA-Factory's registration, read as its data/README.md defines it

@@ -1,8 +1,9 @@
 """Bootstrap stage: the teacher writes superior (problem, solution) samples for a few hundred seeds.
 
 Output `bootstrap/data/part-0.parquet`: seed_id, snippet, problem, solution, raw, teacher, finish_reason,
-prompt_tokens, completion_tokens. Completions that do not parse, fail a quality gate or fail in the sandbox (the
-solution with the examples its problem states) go to `bootstrap/rejected/` with their reason. `_DONE.json` holds the usage (requests sent, cache hits, tokens, retries) and the estimated cost.
+prompt_tokens, completion_tokens, exec_reason. Completions that do not parse, fail a quality gate or fail in the
+sandbox (the solution with the examples its problem states) go to `bootstrap/rejected/` with their reason.
+`_DONE.json` holds the usage (requests sent, cache hits, tokens, retries) and the estimated cost.
 With `teacher.samples_file`, the user's own samples are validated and used instead of any request.
 """
 from __future__ import annotations
