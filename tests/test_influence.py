@@ -203,6 +203,14 @@ def test_sharding_over_one_or_two_actors_gives_identical_scores(ray_local, lora_
     assert np.array_equal(s1, s2)
     rank, kept = keep_top(results[0][0], s1, c.__class__(**{**c.__dict__, "keep_count": 3}))
     assert kept.sum() == 3 and sorted(rank.tolist()) == list(range(1, 13))
+    # The actors encode the rows with the configured instruction (prompts.synthesizer): another, other gradients.
+    from scoder_ray.prompts import SYNTH_INSTRUCTION_EXAMPLES
+
+    compute_features(str(data), str(tmp_path / "f3"), base, ckpts[-1], "ckpt_02", "candidate", c, seed=0,
+                     models=ModelsConf(), instruction=SYNTH_INSTRUCTION_EXAMPLES)
+    ids, f = read_features(str(tmp_path / "f3"))
+    order = np.argsort(ids)
+    assert [ids[i] for i in order] == results[0][0] and not np.allclose(f[order], results[0][1])
 
 
 def test_feature_actors_past_their_memory_reservation_are_named():
