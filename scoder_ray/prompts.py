@@ -32,7 +32,7 @@ SYNTH_INSTRUCTION = (
 SYNTH_INSTRUCTION_EXAMPLES = (
     "Below is a code snippet. Create a new, self-contained Python programming problem inspired by it, "
     "and write a correct, complete solution. End the problem statement with 2 to 4 examples that the solution "
-    "passes, each on its own line as a plain Python assert statement that calls the solution.\n\n"
+    "passes, each on its own line as a plain Python assert statement, such as: assert add(2, 3) == 5\n\n"
     "Snippet:\n```{lang}\n{snippet}\n```\n\n"
     "Answer in exactly this layout:\n"
     "### Problem\n<the problem statement>\n\n"

@@ -58,9 +58,10 @@ ECHO_PHRASES = ("below is a code snippet", "create a new, self-contained python 
 
 def echo_phrases(template: str = "") -> tuple[str, ...]:
     """What a problem echoing the instruction holds: ECHO_PHRASES, and each sentence of 5+ words of another
-    template (prompts.synthesizer), its placeholders and fences cut out."""
+    template (prompts.synthesizer), its placeholders and fences cut out (an example such as `assert add(2, 3) == 5`
+    is code a real problem may hold, not an echo)."""
     text = re.sub(r"\{\w*\}|```\w*|<[^<>\n]*>|#+ \w+", "\n", template)
-    own = {problem_key(t) for t in re.split(r"[.:;!?\n]+", text) if len(t.split()) >= 5}
+    own = {problem_key(t) for t in re.split(r"[.:;!?\n]+", text) if len(_WORD.findall(t)) >= 5}  # words, not code
     return ECHO_PHRASES + tuple(sorted(own - set(ECHO_PHRASES)))
 _FENCED = re.compile(r"```.*?(```|$)", re.DOTALL)
 _INLINE = re.compile(r"`[^`\n]*`")

@@ -73,7 +73,8 @@ def test_the_instruction_is_a_built_in_or_your_template_and_its_sentences_are_ec
     assert gate(problem, solution, None, QualityConf()) == ""  # the default instruction's echoes miss it
     assert gate(problem, solution, None, QualityConf(), echoes=echoes) == "prompt_echo"
     assert parse_sample(synthesizer_response(problem, solution), None, QualityConf(), None, echoes)[2] == "prompt_echo"
+    # its example `assert add(2, 3) == 5` is code a real problem may hold: not an echo
     assert echo_phrases(instruction("with_examples"))[len(ECHO_PHRASES):] == tuple(sorted({
         "end the problem statement with 2 to 4 examples that the solution passes, each on its own line as a plain python "
-        "assert statement that calls the solution",
+        "assert statement, such as",
         "create a new, self-contained python programming problem inspired by it, and write a correct, complete solution"}))
