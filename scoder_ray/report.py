@@ -237,9 +237,10 @@ def build(store: RunStore) -> str:
             [[boot.get("teacher", {}).get("model", ""), u.get("requests_sent", 0), u.get("cache_hits", 0),
               u.get("retries", 0), json.dumps(u.get("errors", {})), u.get("prompt_tokens_paid", 0),
               u.get("completion_tokens_paid", 0), f"${boot.get('estimated_cost_usd', 0):.4f}",
-              f"{price.get('in_per_mtok', '?')} / {price.get('out_per_mtok', '?')} ({price.get('source', '?')})"]],
+              f"{price.get('in_per_mtok', '?')} / {price.get('out_per_mtok', '?')} ({price.get('source', '?')})",
+              f"{ex.get('passed', 0)} of {ex['ran']}" if (ex := boot.get("execution", {})).get("ran") else "not run"]],
             ["model", "requests sent", "cache hits", "retries", "errors", "prompt tokens paid", "completion tokens paid",
-             "estimated cost", "USD per M tokens in / out (source)"]))
+             "estimated cost", "USD per M tokens in / out (source)", "samples passing the sandbox"]))
 
     # -- the data itself: accepted and rejected rows with their reasons
     examples = []

@@ -45,7 +45,8 @@ def small_run(tmp_path) -> RunStore:
                                                                 "errors": {"HTTP 429": 1}, "prompt_tokens_paid": 3000,
                                                                 "completion_tokens_paid": 500},
                                                       "price": {"in_per_mtok": 2.5, "out_per_mtok": 10.0,
-                                                                "source": "list price of gpt-4o"}})
+                                                                "source": "list price of gpt-4o"},
+                                                      "execution": {"ran": 5, "passed": 3, "with_examples": 2}})
     store.run_stage("iter_01/sample", {}, {}, lambda tmp: {"rows": 4, "parse_rate": 0.5, "tokens": 400, "resumed_rows": 3,
                                                             "pools": {"ckpt_01": [100.0, 130.0, 3], "ckpt_02": [101.0, 128.5, 3]},
                                                             "gpus": {"peak": 6, "total": 8, "trace": [[0, 6]]}})
@@ -72,7 +73,7 @@ def test_report_has_plots_tables_and_config(tmp_path):
                      r"<td>[\d.]+</td><td></td><td></td>", html)
     assert "<h3>Pools</h3>" in html and "iter_01\\u002fsample ckpt_02 x3" in html  # (Plotly escapes "/" in its JSON)
     assert "GPUs held at most while the pools ran: iter_01/sample: 6 of 8." in html
-    assert re.search(r"<h2>Teacher</h2>.*<td>gpt-4o</td><td>5</td><td>2</td><td>1</td>.*\$0\.0125.*list price of gpt-4o", html)
+    assert re.search(r"<h2>Teacher</h2>.*<td>gpt-4o</td><td>5</td><td>2</td><td>1</td>.*\$0\.0125.*list price of gpt-4o.*<td>3 of 5</td>", html)
     for text in ("Iterations", "iter_01", "pass@1=0.500", "abc", "run:\n  id: r", "Plan beside measured",
                  "0.41 / 0.90 (ratio 0.46, 64 problems each)"):
         assert text in html
