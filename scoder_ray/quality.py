@@ -54,15 +54,6 @@ _PLACEHOLDER_LINE = re.compile(r"^\s*(?:#\s*)?<[^<>\n]{2,80}>\s*$", re.MULTILINE
 # Phrases of SYNTH_INSTRUCTION (prompts.py) that no real problem statement contains.
 ECHO_PHRASES = ("below is a code snippet", "create a new, self-contained python programming problem",
                 "answer in exactly this layout", "inspired by it, and write a correct")
-
-
-def echo_phrases(template: str = "") -> tuple[str, ...]:
-    """What a problem echoing the instruction holds: ECHO_PHRASES, and each sentence of 5+ words of another
-    template (prompts.synthesizer), its placeholders and fences cut out (an example such as `assert add(2, 3) == 5`
-    is code a real problem may hold, not an echo)."""
-    text = re.sub(r"\{\w*\}|```\w*|<[^<>\n]*>|#+ \w+", "\n", template)
-    own = {problem_key(t) for t in re.split(r"[.:;!?\n]+", text) if len(_WORD.findall(t)) >= 5}  # words, not code
-    return ECHO_PHRASES + tuple(sorted(own - set(ECHO_PHRASES)))
 _FENCED = re.compile(r"```.*?(```|$)", re.DOTALL)
 _INLINE = re.compile(r"`[^`\n]*`")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -89,6 +80,15 @@ _DANGLING = re.compile(
 # Code in the problem: a fenced block, a line of code, or a statement inline (`print(f(2))`, not a name `f(xs)`).
 _CODE_PRESENT = re.compile(r"```|\n\s*(?:def |class |import |from \w|for \w|while |if |return |print\(|#include|public |"
                            r"function )|\bdef \w+\(|\bprint\(|[;{}]|\w\s*[-+*/]?=\s*\S|\blambda\b")
+
+
+def echo_phrases(template: str = "") -> tuple[str, ...]:
+    """What a problem echoing the instruction holds: ECHO_PHRASES, and each sentence of 5+ words of another
+    template (prompts.synthesizer), its placeholders and fences cut out (an example such as `assert add(2, 3) == 5`
+    is code a real problem may hold, not an echo)."""
+    text = re.sub(r"\{\w*\}|```\w*|<[^<>\n]*>|#+ \w+", "\n", template)
+    own = {problem_key(t) for t in re.split(r"[.:;!?\n]+", text) if len(_WORD.findall(t)) >= 5}  # words, not code
+    return ECHO_PHRASES + tuple(sorted(own - set(ECHO_PHRASES)))
 
 
 def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,

@@ -602,6 +602,7 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     n = int(count or 64)
     # v2: the seed is the function before it in its module (v1 rows were their own seed); v3: stub functions
     # (quality.is_stub) are skipped, which changes the rows beyond the first 117
+    # v5: functions whose definition needs their module (`defines_alone`) are skipped: they do not run alone
     name = f"stdlib-documented-v5-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v5-{n}.jsonl"
     path = Path(cache_dir).expanduser() / name
     if not path.is_file():
