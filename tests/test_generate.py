@@ -240,6 +240,18 @@ def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     done = run_bootstrap(cfg, RunStore.for_config(cfg))
     assert done["rows"] == 4 and "exec_failed" not in done["rejected"] and done["execution"] == {"ran": 0, "off": True}
 
+    # Nothing kept: the bootstrap is committed with its rejected rows and a warning; training says why it has no data.
+    from scoder_ray.train.stage import run_train
+
+    samples.write_text("".join(json.dumps(r) + "\n" for r in [wrong, unrunnable]))
+    cfg = load_config("tiny", [f"run.root={tmp_path}", f"teacher.samples_file={samples}", "run.id=none"])
+    store = RunStore.for_config(cfg)
+    done = run_bootstrap(cfg, store)
+    assert done["rows"] == 0 and done["warnings"] and len(pq.read_table(Path(store.path("bootstrap")) / "rejected")) == 2
+    with pytest.raises(ValueError, match=r"train_synthesizer: the bootstrap kept none of its 2 teacher samples "
+                                         r"\(exec_failed 2; each with its reason in .*/rejected\): each failed in the sandbox"):
+        run_train(cfg, store, "train_synthesizer")
+
 
 def test_the_teacher_is_asked_with_the_configured_instruction(ray_local, tmp_path):
     """`prompts.synthesizer` reaches the teacher's requests, and changing it redoes the bootstrap (the default keeps

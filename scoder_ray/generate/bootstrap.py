@@ -177,6 +177,27 @@ def _execute(rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
             "with_examples": sum(bool(stated_examples(r["problem"])) for r in gated)}
 
 
+# What to do when every teacher sample was rejected, by the most common reason.
+HINTS = {
+    "no_examples": "quality.require_examples=true keeps only problems that state `assert` examples: a teacher is asked "
+                   "for them by prompts.synthesizer=with_examples (or a template of yours that asks), a samples file "
+                   "must hold them; or set quality.require_examples=false",
+    "exec_failed": "each failed in the sandbox (`exec_reason` says why; quality.exec_teacher_samples=false keeps them unrun)",
+    "prompt_too_long": "the teacher's context cannot hold the prompts: lower seeds.max_lines or seeds.max_chars",
+}
+
+
+def nothing_kept(done: dict[str, Any], rejected_uri: str) -> str:
+    """Why there is nothing to train the synthesizer on when the bootstrap kept no sample: its rejections by reason,
+    where the rows are, and what to do about the most common reason."""
+    reasons = sorted(done.get("rejected", {}).items(), key=lambda kv: -kv[1])
+    hint = HINTS.get(reasons[0][0].split(":")[-1], "") if reasons else ""
+    return (f"the bootstrap kept none of its {done.get('requested', 0)} teacher samples "
+            f"({', '.join(f'{k} {v}' for k, v in reasons) or 'none requested'}; each with its reason in {rejected_uri})"
+            + (f": {hint}" if hint else "") + "; then rerun: a changed config or samples file redoes the bootstrap, "
+            "and a teacher's answers come from its cache")
+
+
 def _write(rows: list[dict[str, Any]], out_uri: str, executed: dict[str, Any]) -> dict[str, Any]:
     schema = pa.schema([(c, pa.bool_() if c == "parse_ok" else pa.int64() if c.endswith("_tokens") else pa.string())
                         for c in COLUMNS])

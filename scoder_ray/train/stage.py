@@ -162,6 +162,10 @@ def run_train(cfg: Config, store: RunStore, stage: str, force: bool = False, dat
         if done is None:
             raise ValueError(f"{stage} needs training rows: run the {upstream} stage first, or set "
                              f"train.{section}.data=PATH (Parquet/JSONL with {', '.join(('snippet', 'problem', 'solution') if fmt == 'synthesizer' else ('problem', 'solution'))})")
+        if upstream == "bootstrap" and done["rows"] == 0:  # say why, not "the training data is empty"
+            from scoder_ray.generate.bootstrap import nothing_kept
+
+            raise ValueError(f"{stage}: {nothing_kept(done, store.uri(upstream) + '/rejected')}")
         data_uri, inputs = store.uri(upstream) + "/data", {upstream: done["output_digest"]}
     sections = {f"train.{section}": conf, "models": cfg.models, "run.seed": cfg.run.seed,
                 **(prompt_sections(cfg) if fmt == "synthesizer" else {})}
