@@ -132,7 +132,7 @@ def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
     sample, so a row without its snippet is rejected (`missing_snippet`), as is a repeat of an earlier row."""
     from scoder_ray.quality import echo_phrases, gate
 
-    index = _contamination_index(cfg)
+    index, echoes = _contamination_index(cfg), echo_phrases(prompts.instruction(cfg.prompts.synthesizer))
     rows, seen = [], set()
     for i, (where, r) in enumerate(_file_rows(path)):
         problem, solution = (r.get("problem") or "").strip(), (r.get("solution") or "").strip()
@@ -145,8 +145,7 @@ def _from_file(path: str, out_uri: str, cfg: Config) -> dict[str, Any]:
                 compile(solution, "solution.py", "exec")
             except (SyntaxError, ValueError):
                 reason = "solution_syntax_error"
-        reason = reason or gate(problem, solution, snippet, cfg.quality, index,
-                                echo_phrases(prompts.instruction(cfg.prompts.synthesizer)))
+        reason = reason or gate(problem, solution, snippet, cfg.quality, index, echoes)
         rows.append({"seed_id": r.get("seed_id") or hashlib.sha1(f"file:{i}:{problem}".encode()).hexdigest()[:16],
                      "snippet": snippet, "lang": r.get("lang") or "python", "problem": problem,
                      "solution": solution, "raw": "",
