@@ -127,11 +127,18 @@ class TeacherConf:
 ENGINE_OUTPUT_FIELDS = ("gpus_per_engine", "tensor_parallel_size", "dtype", "max_model_len", "enforce_eager")
 
 
+@dataclass(frozen=True)
+class AtDefault:
+    """A config section a stage reads but leaves out of its key while it holds this default value (so runs from
+    before the section existed keep their keys); `_DONE.json` still records it, so `status` names it once changed."""
+    value: Any
+
+
 def prompt_sections(cfg: "Config") -> dict[str, Any]:
     """The synthesizer's instruction (a built-in's name or the template) as a stage key's config section, for the
-    stages that write or read its prompts; none for the default, so runs from before `prompts` existed keep
-    their keys."""
-    return {} if cfg.prompts.synthesizer == "default" else {"prompts.synthesizer": cfg.prompts.synthesizer}
+    stages that write or read its prompts; out of the key at the default (`AtDefault`)."""
+    value = cfg.prompts.synthesizer
+    return {"prompts.synthesizer": AtDefault(value) if value == "default" else value}
 
 
 def engine_sections(cfg: "Config") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import pyarrow.fs as pafs
 
-from scoder_ray.config import Config, config_from_dict, digest, to_yaml
+from scoder_ray.config import AtDefault, Config, config_from_dict, digest, to_yaml
 
 DONE = "_DONE.json"
 LEASE = "_LEASE.json"
@@ -159,6 +159,8 @@ class RunStore:
         old one when skipped). `resume`: an interrupted attempt begun with the same key (and not `force`) is
         handed to `produce` again, its files as they were left; `produce` writes only what they lack.
         """
+        defaults = {k: v.value for k, v in config_sections.items() if isinstance(v, AtDefault)}
+        config_sections = {k: v for k, v in config_sections.items() if k not in defaults}
         key = self.stage_key(config_sections, inputs)
         current = self.state(stage, key)
         if current.state == "done" and not force:
@@ -194,6 +196,7 @@ class RunStore:
             "key": key,
             "attempt": attempt,
             "config_digests": {k: digest(v) for k, v in config_sections.items()},
+            **({"config_defaults": {k: digest(v) for k, v in defaults.items()}} if defaults else {}),
             "inputs": inputs,
             "output_digest": digest({"key": key, "rows": summary["rows"]}),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -252,10 +255,12 @@ class RunStore:
         return [self.state(n) for n in sorted(names)]
 
     def stale_sections(self, state: StageState, cfg: Config) -> list[str]:
-        """The config sections whose current digest differs from the one the stage was built with."""
+        """The config sections whose current digest differs from the one the stage was built with (those it left
+        out of its key at their default included)."""
         if not state.done:
             return []
-        return [k for k, d in state.done.get("config_digests", {}).items() if digest(_select(cfg, k)) != d]
+        recorded = {**state.done.get("config_digests", {}), **state.done.get("config_defaults", {})}
+        return [k for k, d in recorded.items() if digest(_select(cfg, k)) != d]
 
     # -- lease ------------------------------------------------------------------------------------
     def acquire_lease(self, ttl_s: float = 90.0) -> "RunLease":

@@ -259,7 +259,7 @@ def test_the_teacher_is_asked_with_the_configured_instruction(ray_local, tmp_pat
     from stand_in_teacher import StandInTeacher
 
     from scoder_ray import prompts
-    from scoder_ray.config import prompt_sections
+    from scoder_ray.config import AtDefault, prompt_sections
 
     server = StandInTeacher()
     args = ["--preset", "tiny-loop", f"run.root={tmp_path}", "teacher.samples_file=", f"teacher.base_url={server.url}",
@@ -274,11 +274,15 @@ def test_the_teacher_is_asked_with_the_configured_instruction(ray_local, tmp_pat
         assert len(asked) == 4 and all(a.startswith(head(prompts.SYNTH_INSTRUCTION_EXAMPLES)) for a in asked)
         assert done["rows"] == 4 and done["execution"]["passed"] == 4
         default = load_config("tiny-loop", args[2:])
-        assert prompt_sections(default) == {} and prompt_sections(cfg) == {"prompts.synthesizer": "with_examples"}
+        assert prompt_sections(default) == {"prompts.synthesizer": AtDefault("default")}
+        assert prompt_sections(cfg) == {"prompts.synthesizer": "with_examples"}
         assert store.stale_sections(store.state("bootstrap"), default) == ["prompts.synthesizer"]
         assert store.stale_sections(store.state("bootstrap"), cfg) == []
         again = run_bootstrap(default, store)
         assert not again.get("skipped") and len(server.requests) == 8
+        # built at the default: out of the key, yet named by `status` once it changes
+        assert "prompts.synthesizer" not in again["config_digests"] and "prompts.synthesizer" in again["config_defaults"]
+        assert store.stale_sections(store.state("bootstrap"), cfg) == ["prompts.synthesizer"]
         assert all(b["messages"][-1]["content"].startswith(head(prompts.SYNTH_INSTRUCTION)) for _, _, b in server.requests[4:])
         assert run_bootstrap(default, store).get("skipped") and len(server.requests) == 8
     finally:

@@ -227,6 +227,27 @@ def test_status_command_shows_states_and_staleness(run_root, capsys):
                      "final"], names
 
 
+def test_a_section_kept_out_of_the_key_at_its_default_is_still_named_when_changed(run_root, capsys):
+    """`prompts.synthesizer` at `default` is not in a stage's key (runs from before it existed keep theirs), but
+    `status` names it as the changed section once the config moves off the default."""
+    from scoder_ray.config import prompt_sections
+
+    cfg = load_config("tiny")
+    store = RunStore(run_root, "r")
+    store.write_config(cfg)
+    plain = store.run_stage("bootstrap", {"run.seed": cfg.run.seed}, {}, write_rows(3))
+    again = store.run_stage("bootstrap", {"run.seed": cfg.run.seed, **prompt_sections(cfg)}, {}, write_rows(3))
+    assert again.get("skipped") and again["key"] == plain["key"]  # the same key: nothing redone
+    store.run_stage("bootstrap", {"run.seed": cfg.run.seed, **prompt_sections(cfg)}, {}, write_rows(3), force=True)
+    changed = load_config("tiny", ["prompts.synthesizer=with_examples"])
+    assert store.stale_sections(store.state("bootstrap"), cfg) == []
+    assert store.stale_sections(store.state("bootstrap"), changed) == ["prompts.synthesizer"]
+    store.write_config(changed)
+    assert main(["status", f"{run_root}/r"]) == 0
+    assert "config changed: prompts.synthesizer" in capsys.readouterr().out
+    assert store.run_stage("bootstrap", {"run.seed": cfg.run.seed, **prompt_sections(changed)}, {}, write_rows(3))["key"] != plain["key"]
+
+
 def test_status_and_report_refuse_what_is_not_a_run(run_root, capsys):
     assert main(["status", f"{run_root}/no-such-run"]) == 2
     assert "not a run directory" in capsys.readouterr().err
