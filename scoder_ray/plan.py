@@ -181,9 +181,12 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
     final_rows = cfg.loop.final_dataset_size / tp["parse_rate"] * tp.get("final_oversample", 1.25)
     generate("final", final_rows, tp["sample_output_tokens"])
     train("train_scoder", cfg.train.scoder, cfg.loop.final_dataset_size, cfg.train.scoder.epochs)
-    problems = sum(tp["evaluate_problems"].get(b, 0) for b in cfg.evaluate.benchmarks)
-    if cfg.evaluate.limit:
-        problems = min(problems, cfg.evaluate.limit * len(cfg.evaluate.benchmarks))
+    # HumanEval+ and MBPP+ are their base sets' prompts with more tests: one generation serves both (evaluate/stage.py)
+    per_family: dict[str, int] = {}
+    for b in cfg.evaluate.benchmarks:
+        family = b.rstrip("+")
+        per_family[family] = max(per_family.get(family, 0), tp["evaluate_problems"].get(b, 0))
+    problems = sum(min(n, cfg.evaluate.limit) if cfg.evaluate.limit else n for n in per_family.values())
     models = 2 if cfg.evaluate.compare_base else 1
     generate("evaluate", problems * cfg.evaluate.num_samples * models, tp["evaluate_output_tokens"], models)  # one after another
     return out

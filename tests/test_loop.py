@@ -358,8 +358,13 @@ def job_run(cluster):
     out["no_token_status"] = http_status(f"{address}/api/jobs/", {})
     out["wrong_token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": "Bearer nope"})
     out["token_status"] = http_status(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
+    # HumanEval+ beside HumanEval: a problems file on the driver's node (two of HumanEval's problems with more inputs)
+    from test_evaluate_samples import evalplus_humaneval_file
+
+    plus = evalplus_humaneval_file(Path(cluster["home"]) / "HumanEvalPlus.jsonl.gz")
     entry = [sys.executable, "jobs/run_loop.py", *loop_args(teacher, str(cache)),
-             f"run.root={root}", "run.id=job", "train.scoder.resume_every=2", "train.scoder.epochs=3"]
+             f"run.root={root}", "run.id=job", "train.scoder.resume_every=2", "train.scoder.epochs=3",
+             "evaluate.benchmarks=[humaneval,humaneval+]", f"evaluate.problems.humaneval+={plus}"]
     out["entry"] = entry
     wrong = subprocess.run([RAY, "job", "submit", f"--address={address}", "--no-wait", "--", *entry],
                            env={**cluster["env"], "RAY_AUTH_TOKEN": "wrong"}, capture_output=True, text=True, timeout=120)
@@ -504,6 +509,13 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     ev = done("evaluate")
     assert set(ev["results"]) == {"base", "scoder"} and "pass@1" in ev["results"]["scoder"]["humaneval"]
     assert ev["prompting"] == {"base": "completion", "scoder": "chat"}
+    # HumanEval+'s problems are HumanEval's prompts: generated once per model, judged by both (as EvalPlus does)
+    assert ev["generated"] == {"base": 10, "scoder": 10} and ev["rows"] == 2 * (10 + 2), ev
+    assert all("pass@1" in ev["results"][m]["humaneval+"] for m in ("base", "scoder")), ev["results"]
+    for m in ("base", "scoder"):
+        answers = {b: {r["task_id"]: r["raw"] for r in map(json.loads, s3_text(
+            f"{run}/evaluate/{ev['attempt']}/{m}-{b}.jsonl").splitlines())} for b in ("humaneval", "humanevalplus")}
+        assert answers["humanevalplus"] == {t: answers["humaneval"][t] for t in ("HumanEval/2", "HumanEval/4")}
     # The final dataset went through every gate: what was dropped is counted, decontamination is on record.
     assert final["decontam"]["checked"] == ["humaneval"] and "mbpp" in final["decontam"]["skipped"]
     assert final["rows"] == min(final["target"], final["generated"] - sum(final["rejected"].values()))

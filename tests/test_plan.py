@@ -25,6 +25,9 @@ def test_paper_7b_volumes_and_hours_follow_the_config_and_the_throughput_file():
     assert sample.wall_hours == pytest.approx((work_s / 64 + tp["engine_start_s"]) / 3600)
     assert stages["iter_01/score"].gpus == 64 and stages["iter_01/influence"].gpus == 64
     assert stages["evaluate"].starts == 2  # 328 rows: one block, one engine per model (not 64 idle ones)
+    # the + sets are their base sets' prompts: HumanEval and HumanEval+ are generated once (164 x 2 models)
+    both = by_stage(load_config("paper-7b", ["evaluate.benchmarks=[humaneval,humaneval+,mbpp+]"]), tp)["evaluate"]
+    assert both.volume.startswith(f"{(164 + 378) * 2:,}")
     # a budget of 24: three pools of 8, their start-ups overlapping
     b24 = by_stage(load_config("paper-7b", ["ray.gpu_budget=24"]), tp)["iter_01/sample"]
     assert (b24.gpus, b24.starts) == (24, 24)

