@@ -9,8 +9,10 @@ from typing import Any
 
 
 def rows_in(done: dict[str, Any]) -> Any:
-    """The rows a stage read (candidates, generated samples, training rows), None when it does not say."""
-    return done.get("candidates", done.get("candidates_in", done.get("generated", done.get("input_rows"))))
+    """The rows a stage read (candidates, generated samples, training rows), None when it does not say (or says it
+    in another shape than a count: metrics never end a run)."""
+    value = done.get("candidates", done.get("candidates_in", done.get("generated", done.get("input_rows"))))
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def stage_rates(done: dict[str, Any]) -> dict[str, float]:

@@ -510,7 +510,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert set(ev["results"]) == {"base", "scoder"} and "pass@1" in ev["results"]["scoder"]["humaneval"]
     assert ev["prompting"] == {"base": "completion", "scoder": "chat"}
     # HumanEval+'s problems are HumanEval's prompts: generated once per model, judged by both (as EvalPlus does)
-    assert ev["generated"] == {"base": 10, "scoder": 10} and ev["rows"] == 2 * (10 + 2), ev
+    assert ev["completions"] == {"base": 10, "scoder": 10} and ev["rows"] == 2 * (10 + 2), ev
     assert all("pass@1" in ev["results"][m]["humaneval+"] for m in ("base", "scoder")), ev["results"]
     for m in ("base", "scoder"):
         answers = {b: {r["task_id"]: r["raw"] for r in map(json.loads, s3_text(

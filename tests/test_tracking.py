@@ -79,3 +79,14 @@ def test_tracking_is_off_by_default_and_names_a_bad_backend():
     assert load_config("tiny").tracking.backends == []
     with pytest.raises(ConfigError, match=r"tracking.backends: .*tensorboard, mlflow, wandb"):
         load_config("tiny", ["tracking.backends=[comet]"])
+
+
+def test_stage_numbers_take_counts_only():
+    """A stage summary's key in another shape than a count (a dict per model) is left out of the dashboard's
+    gauges and the trackers' metrics, never an error at the end of a finished run."""
+    from scoder_ray.metrics import rows_in, stage_rates
+    from scoder_ray.tracking import stage_numbers
+
+    assert rows_in({"rows": 6, "generated": 12}) == 12 and stage_rates({"rows": 6, "generated": 12}) == {"kept_fraction": 0.5}
+    odd = {"rows": 24, "generated": {"base": 10, "scoder": 10}, "seconds": 3.0}
+    assert rows_in(odd) is None and stage_rates(odd) == {} and stage_numbers(odd) == {"rows": 24.0, "seconds": 3.0}

@@ -124,10 +124,10 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         os.makedirs(work, exist_ok=True)
         try:
             results: dict[str, dict[str, Any]] = {}
-            n, start_s, generated = 0, 0.0, {}
+            n, start_s, completions = 0, 0.0, {}
             for name, path in models.items():
                 files = {bench: f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl" for bench in cfg.evaluate.benchmarks}
-                generated[name], seconds = generate(cfg, path, files, modes[name])
+                completions[name], seconds = generate(cfg, path, files, modes[name])
                 start_s += seconds
                 for bench, samples in files.items():
                     n += sum(1 for _ in open(samples, encoding="utf-8"))
@@ -140,7 +140,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
             if work != tmp:
                 for f in sorted(os.listdir(work)):
                     write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
-            return {"rows": n, "generated": generated, "results": results, "models": models, "limit": cfg.evaluate.limit,
+            return {"rows": n, "completions": completions, "results": results, "models": models, "limit": cfg.evaluate.limit,
                     "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
                     "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature,
                     "isolation": cfg.evaluate.isolation}
