@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from scoder_ray import console
 from scoder_ray.config import LABELS_FILE, SAMPLES_FILE, Config
+from scoder_ray.evaluate.sandbox import check_isolation
 from scoder_ray.evaluate.stage import run_evaluate
 from scoder_ray.generate import kept_engines
 from scoder_ray.generate.bootstrap import run_bootstrap
@@ -142,6 +143,7 @@ STAGES: dict[str, StageFn] = {
     "train_scoder": lambda cfg, store, force: run_train(cfg, store, "train_scoder", force),
     "evaluate": run_evaluate,
 }
+SANDBOXED = ("bootstrap", "score", "final", "evaluate")  # the stages that run model-written code
 
 
 def open_run(cfg: Config) -> RunStore:
@@ -187,6 +189,8 @@ def run_stage(cfg: Config, name: str, force: bool = False, iteration: int = 1) -
     if not 1 <= iteration <= cfg.loop.iterations:
         raise ValueError(f"--iteration {iteration}: this run has iterations 1..{cfg.loop.iterations} (loop.iterations)")
     fn = per_iteration.get(scoped, STAGES[name])
+    if name in SANDBOXED:
+        check_isolation(cfg.evaluate.isolation)
     store = open_run(cfg)
     try:
         return fn(cfg, store, force)
@@ -201,6 +205,7 @@ def run(cfg: Config, report: bool = True, until: Optional[str] = None) -> dict[s
     stages = plan(cfg)
     if until and until not in stages:
         raise ValueError(f"--until {until!r} is not a stage of this run; its stages: {', '.join(stages)}")
+    check_isolation(cfg.evaluate.isolation)  # model-written code runs in every run: refused namespaces end it here
     if needs_teacher(cfg, RunStore(cfg.run.root, cfg.run.id, create=False)):  # before Ray, the lease, any work
         from scoder_ray.generate.teacher import preflight
 

@@ -176,6 +176,10 @@ def test_kuberay_manifest_has_the_expected_groups_security_and_fits_its_nodes():
         assert shm["emptyDir"]["medium"] == "Memory"
         assert not any(e["name"].startswith("RAY_AUTH") for e in c.get("env", []))  # authOptions does it
         assert {s["secretRef"]["name"] for s in c["envFrom"]} >= {"scoder-ray-s3"}
+        # The sandbox runs on every node: the runtime's default seccomp and AppArmor profiles would refuse its
+        # namespaces and mounts; nothing else is granted (tests/test_sandbox.py runs it under the same limits).
+        assert c["securityContext"] == {"appArmorProfile": {"type": "Unconfined"}, "seccompProfile": {"type": "Unconfined"},
+                                        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, c
     for name, g in groups.items():
         assert g["minReplicas"] == 0 and g["replicas"] == 0
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -288,6 +288,37 @@ def test_refused_namespaces_stop_evaluation_with_a_clear_error():
     assert "isolation is OFF" in out.stderr
 
 
+REFUSED_RUN = REFUSE_UNSHARE.split("limits = Limits")[0] + """
+from scoder_ray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter names x86-64's unshare")
+def test_a_run_where_the_sandbox_cannot_isolate_stops_before_any_work(tmp_path):
+    """`scoder-ray run` on a machine that refuses the sandbox's namespaces (a container's default seccomp
+    profile): one line naming the refusal and what to change, before Ray, the teacher or the run store."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-c", REFUSED_RUN, "run", "--preset", "tiny", f"run.root={root}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("scoder-ray: error:"))
+    assert "checked before any work" in error and "unshare(" in error and "Operation not permitted" in error, error
+    assert "cluster/kuberay.yaml" in error and "evaluate.isolation=none" in error, error
+    assert not root.exists()  # no run directory, no stage begun
+    # evaluate.isolation=none accepts running unconfined: the run goes on to its next check (a teacher that
+    # does not answer, still before any work)
+    proc = subprocess.run([sys.executable, "-c", REFUSED_RUN, "run", "--preset", "tiny", f"run.root={root}",
+                           "evaluate.isolation=none", "teacher.samples_file=", "teacher.base_url=http://127.0.0.1:9/v1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "checked before any work" not in proc.stderr, proc.stderr[-2000:]
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("scoder-ray: error:"))
+    assert "teacher at http://127.0.0.1:9/v1 is not reachable" in error and not root.exists(), error
+
+
 def test_the_evaluators_packages_stay_importable_read_only():
     from scoder_ray.evaluate.sandbox import Sandbox
 
@@ -331,8 +362,10 @@ print(json.dumps(out))
 @pytest.mark.skipif(not os.path.exists("/usr/bin/python3") or not os.access("/home", os.W_OK),
                     reason="needs the OS Python and a writable /home to act as an unprivileged user with a home")
 def test_an_unprivileged_evaluator_gets_the_same_guarantees():
-    """Run by an ordinary user (the sandbox then uses a user namespace): that user's home is out of reach,
-    scratch places are private, and verdicts decided outside cannot be forged."""
+    """Run by an ordinary user (the sandbox then uses a user namespace) with no capability left to gain and
+    no_new_privs set, as cluster/kuberay.yaml runs the Ray containers (`capabilities: drop: [ALL]`,
+    `allowPrivilegeEscalation: false`): that user's home is out of reach, scratch places are private, and
+    verdicts decided outside cannot be forged."""
     import json
     import shutil
     import subprocess
@@ -359,6 +392,7 @@ def test_an_unprivileged_evaluator_gets_the_same_guarantees():
             {"code": forge, "tests": "assert f() == 1\n", "checked": False},
         ]
         proc = subprocess.run(["/usr/bin/setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all",
                                "/usr/bin/python3", "-c", AS_NOBODY, json.dumps(programs)],
                               cwd="/", env={"HOME": home, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(code_dir)},
                               capture_output=True, text=True, timeout=120)

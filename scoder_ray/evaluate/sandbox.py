@@ -206,6 +206,23 @@ def run_program(solution: str, tests: "str | CheckedTests", limits: Limits = Lim
         return sandbox.run(solution, tests, limits)
 
 
+def check_isolation(isolation: str = "full") -> None:
+    """Raise SandboxUnavailable now where this machine cannot isolate model-written code (`isolation="full"`):
+    a run checks it before any work, not when its first teacher samples reach the sandbox."""
+    if isolation == "none":
+        return
+    try:
+        with Sandbox(workers=1) as sandbox:
+            sandbox.run("x = 1\n", "assert x == 1\n", Limits(timeout_s=60, cpu_seconds=10))
+    except SandboxUnavailable as e:
+        import socket
+
+        raise SandboxUnavailable(
+            f"checked before any work on {socket.gethostname()}: {e}. In a container the runtime's default seccomp "
+            "and AppArmor profiles refuse the namespaces and mounts: cluster/kuberay.yaml sets both to Unconfined "
+            "for the Ray containers (they still run as a user without capabilities)") from None
+
+
 def run_batch(pairs: Sequence[tuple[str, "str | CheckedTests"]], limits: Limits = Limits(), workers: int = 2,
               progress: bool = False, isolation: str = "full") -> list[Verdict]:
     with Sandbox(workers=workers, isolation=isolation) as sandbox:
