@@ -130,7 +130,8 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
                 completions[name], seconds = generate(cfg, path, files, modes[name])
                 start_s += seconds
                 for bench, samples in files.items():
-                    n += sum(1 for _ in open(samples, encoding="utf-8"))
+                    with open(samples, encoding="utf-8") as f:
+                        n += sum(1 for _ in f)
                     scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
                                               timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
                                               isolation=cfg.evaluate.isolation)
