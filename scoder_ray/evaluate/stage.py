@@ -75,12 +75,12 @@ def benchmark_rows(cfg: Config, benchmark: str) -> list[dict[str, Any]]:
             for p in problems for i in range(conf.num_samples)]
 
 
-def generate(cfg: Config, model_path: str, out_paths: dict[str, str], mode: str = "chat") -> tuple[int, float]:
+def generate(cfg: Config, model_path: str, out_paths: dict[str, str], mode: str = "chat") -> tuple[dict[str, int], int, float]:
     """Write human-eval style samples ({task_id, solution, raw}) for one model and each benchmark of `out_paths`
     (benchmark -> file), prompted by `mode` (chat or completion), in one pass of one engine pool: a (task, prompt,
     sample) that several benchmarks share -- HumanEval and HumanEval+, MBPP and MBPP+ -- is generated once and
-    judged by each, as EvalPlus does (its seed is the same, so the answer would be too). Returns (completions
-    generated, engine start-up seconds)."""
+    judged by each, as EvalPlus does (its seed is the same, so the answer would be too). Returns (samples written
+    per benchmark, completions generated, engine start-up seconds)."""
     import ray
 
     wanted = {b: benchmark_rows(cfg, b) for b in out_paths}
@@ -100,7 +100,7 @@ def generate(cfg: Config, model_path: str, out_paths: dict[str, str], mode: str 
                 f.write(json.dumps({"task_id": r["task_id"], "solution": as_solution(r["raw"], r["prompt"], r["entry_point"]),
                                     "raw": r["raw"], "tokens": int(r["tokens"])}) + "\n")
         os.replace(tmp, path)
-    return len(out), float(sum(r["engine_start_s"] for r in out.values()))
+    return {b: len(rows) for b, rows in wanted.items()}, len(out), float(sum(r["engine_start_s"] for r in out.values()))
 
 
 def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
@@ -127,11 +127,9 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
             n, start_s, completions = 0, 0.0, {}
             for name, path in models.items():
                 files = {bench: f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl" for bench in cfg.evaluate.benchmarks}
-                completions[name], seconds = generate(cfg, path, files, modes[name])
-                start_s += seconds
+                written, completions[name], seconds = generate(cfg, path, files, modes[name])
+                n, start_s = n + sum(written.values()), start_s + seconds
                 for bench, samples in files.items():
-                    with open(samples, encoding="utf-8") as f:
-                        n += sum(1 for _ in f)
                     scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
                                               timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
                                               isolation=cfg.evaluate.isolation)
