@@ -1,6 +1,8 @@
-"""How often the problem-text gate `dangling_reference` fires, where it should and where it should not.
+"""How often the problem-text gate `dangling_reference` fires, where it should and where it should not; and
+where the solution gate `undefined_name` fires on real modules.
 
     .venv/bin/python bench/gates.py [CODE_ALPACA_JSON ...]
+    .venv/bin/python bench/gates.py names [FOLDER ...]
 
 CODE_ALPACA_JSON: Code Alpaca's data files (github.com/sahil280114/codealpaca, data/new_codealpaca.json and
 data/code_alpaca_2k.json: records with `instruction` and `input`). An instruction whose `input` holds the code
@@ -9,6 +11,8 @@ catch rate); one without an input is self-contained and should pass (the false a
 every problem-side gate too (counts by reason: `problem_not_prose` takes those under 6 words).
 Without files, only the second check: the first sentences of every documented function and class of the
 standard library, read as problems (printed: most that fire say "the above ...").
+`names`: every module under FOLDER (default: the stdlib, with its site-packages) read as a solution; each that
+fires is printed with its names, to read whether each is truly missing when its line runs.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import sysconfig
 from collections import Counter
 
 from scoder_ray.config import QualityConf
-from scoder_ray.quality import dangling_reference, gate, holds_code
+from scoder_ray.quality import dangling_reference, gate, holds_code, undefined_names
 from scoder_ray.seeds import first_sentence
 
 REFERS_TO_CODE = re.compile(r"\b(?:given|following|below|provided|previous|existing|attached|above)\s+(?:\w+\s+)?"
@@ -66,7 +70,28 @@ def stdlib() -> None:
         print("   ", x[:140])
 
 
+def names(folders: list[str]) -> None:
+    n, modules, fired = 0, 0, Counter()
+    for root in folders or [sysconfig.get_paths()["stdlib"]]:
+        for folder, _, files in sorted(os.walk(root)):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    src = open(os.path.join(folder, name), encoding="utf-8").read()
+                except (UnicodeDecodeError, OSError):
+                    continue
+                n += 1
+                missing = undefined_names(src)
+                if missing:
+                    modules += 1
+                    fired.update(missing)
+                    print(f"   {os.path.relpath(os.path.join(folder, name), root)}: {', '.join(missing[:8])}")
+    print(f"modules where undefined_name fires: {modules}/{n}; most common names: {dict(fired.most_common(8))}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["names"]:
+        names(sys.argv[2:])
+        sys.exit()
     if sys.argv[1:]:
         code_alpaca(sys.argv[1:])
     stdlib()

@@ -219,6 +219,9 @@ class QualityConf:
     # Share of the solution's tokens found, in order, in the seed snippet at which it is a copy (>= 1.0: off).
     max_seed_similarity: float = 0.9
     check_definitions: bool = True  # a function the problem names must be defined (or imported) by the solution
+    # A name the solution reads but never defines, imports or gets from builtins: a NameError when that line runs,
+    # which a solution only defined, not called, never shows the sandbox (quality.py: `undefined_name`)
+    reject_undefined_names: bool = True
     # A problem pointing at code it does not hold ("fix the following code", "the above function"): it was
     # written about the seed snippet, which the dataset does not carry (quality.py: `dangling_reference`)
     reject_dangling_references: bool = True

@@ -16,7 +16,7 @@ Rejected rows, with `reason` and `detail`, go to `seeds/rejected/`; counts by re
 from __future__ import annotations
 
 import ast
-import builtins
+import functools
 import hashlib
 import json
 import os
@@ -602,8 +602,9 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     n = int(count or 64)
     # v2: the seed is the function before it in its module (v1 rows were their own seed); v3: stub functions
     # (quality.is_stub) are skipped, which changes the rows beyond the first 117
-    # v5: functions whose definition needs their module (`defines_alone`) are skipped: they do not run alone
-    name = f"stdlib-documented-v5-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v5-{n}.jsonl"
+    # v5: functions whose definition needs their module are skipped: they do not run alone
+    # v6: and those whose body needs it (quality.undefined_names); a module import a function needs is its first lines
+    name = f"stdlib-documented-v6-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v6-{n}.jsonl"
     path = Path(cache_dir).expanduser() / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -625,14 +626,24 @@ def first_sentence(doc: str) -> str:
     return SENTENCE_END.split(paragraph, maxsplit=1)[0]
 
 
-def defines_alone(node: ast.FunctionDef) -> bool:
-    """Whether the function's definition runs outside its module: what `def` evaluates (defaults, annotations)
-    names only builtins. `def dump(value, fmt=FMT_XML)` needs its module's FMT_XML: a NameError alone."""
-    args = node.args
-    evaluated = [*args.defaults, *(d for d in args.kw_defaults if d is not None), node.returns,
-                 *(a.annotation for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg) if a)]
-    names = {n.id for e in evaluated if e is not None for n in ast.walk(e) if isinstance(n, ast.Name)}
-    return names <= set(dir(builtins))
+def module_imports(tree: ast.Module) -> dict[str, str]:
+    """Name -> the absolute import statement of the module's top level that binds it (`import os.path` binds os)."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and not node.level):
+            for alias in node.names:
+                one = ast.Import([alias]) if isinstance(node, ast.Import) else ast.ImportFrom(node.module, [alias], 0)
+                out.setdefault(alias.asname or alias.name.split(".")[0], ast.unparse(one))
+    return out
+
+
+def stdlib_modules() -> list[Path]:
+    """The standard library's modules: its top-level files, then its packages' (tests, IDLE and vendored
+    third-party code aside), each group sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "lib2to3", "ensurepip", "_vendor"}
+    packaged = sorted(p for p in root.rglob("*.py") if p.parent != root and not skip & set(p.relative_to(root).parts))
+    return sorted(root.glob("*.py")) + packaged
 
 
 def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]:
@@ -640,37 +651,45 @@ def documented_functions(n: int, seed: str = "previous") -> list[dict[str, str]]
     problem is the docstring's first sentence, the solution the function, and the snippet (the seed the sample
     answers) the function just before it in the same module (5-20 lines): same domain, different code, so a
     sample is inspired by its seed without copying it. `seed="itself"`: the function is its own seed.
-    Rows that fail a quality gate (quality.py; the copy gate only for `previous`), or whose definition does not
-    run outside its module (`defines_alone`), are skipped.
+    A solution runs by itself: the module imports it reads come first, and a function that reads any other
+    name of its module (a helper, a constant) fails the gate `undefined_name` like every row that fails a
+    quality gate (quality.py; the copy gate only for `previous`): it is skipped.
     Test and benchmark data, the demo's stand-in teacher samples, the tiny-loop preset's seeds and samples."""
+    return [dict(r) for r in _documented_functions(n, seed)]
+
+
+@functools.lru_cache(maxsize=8)  # a scan reads ~600 modules (1-4 s); tests ask for the same rows many times
+def _documented_functions(n: int, seed: str) -> tuple[dict[str, str], ...]:
     from scoder_ray.config import QualityConf
-    from scoder_ray.quality import gate, seed_similarity
+    from scoder_ray.quality import gate, seed_similarity, undefined_names
 
     if seed not in ("previous", "itself"):
         raise ValueError(f"seed={seed!r}: expected 'previous' or 'itself'")
     conf = QualityConf(max_seed_similarity=1.0 if seed == "itself" else QualityConf.max_seed_similarity)
     rows = []
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    for f in stdlib_modules():
         src = f.read_text(errors="ignore")
         try:
             tree = ast.parse(src)
         except SyntaxError:
             continue
-        lines, previous = src.splitlines(), None
+        lines, previous, imports = src.splitlines(), None, module_imports(tree)
         for node in tree.body:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             start = min([d.lineno for d in node.decorator_list] + [node.lineno])
             code = "\n".join(lines[node.lineno - 1:node.end_lineno])
-            snippet = code if seed == "itself" else previous
-            if (snippet and isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
-                    and 4 <= node.end_lineno - node.lineno <= 14 and defines_alone(node)):
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and 4 <= node.end_lineno - node.lineno <= 14:
+                needs = undefined_names(code)
+                if needs and all(name in imports for name in needs):
+                    code = "\n".join(sorted({imports[name] for name in needs})) + "\n\n\n" + code
+                snippet = code if seed == "itself" else previous
                 row = {"snippet": snippet, "problem": f"Write `{node.name}`: {first_sentence(ast.get_docstring(node))}",
                        "solution": code}
-                if (not gate(row["problem"], row["solution"], row["snippet"], conf)
+                if (snippet and not gate(row["problem"], row["solution"], row["snippet"], conf)
                         and (seed == "itself" or seed_similarity(code, snippet) < 0.6)):  # clearly not a copy
                     rows.append(row)
                     if len(rows) == n:
-                        return rows
+                        return tuple(rows)
             previous = "\n".join(lines[start - 1:node.end_lineno]) if 5 <= node.end_lineno - start + 1 <= 20 else None
-    return rows
+    return tuple(rows)

@@ -62,6 +62,10 @@ BAD = [
     ("seed_copy", sample("Write a function that splits the extension from a pathname and returns both parts.",
                          "# my solution\n" + SNIPPET.replace('    """Split the extension from a pathname."""\n', ""))),
     ("missing_definition", sample(GOOD_PROBLEM, "def other(paths):\n    return ''\n")),
+    # A NameError the moment the function is called: a module never imported, a class never written.
+    ("undefined_name", sample(GOOD_PROBLEM, "def common_suffix(paths):\n    exts = {os.path.splitext(p)[1] for p in paths}\n"
+                                            "    return exts.pop() if len(exts) == 1 else ''\n")),
+    ("undefined_name", sample(GOOD_PROBLEM, "def common_suffix(paths):\n    return SuffixTrie(paths).longest()\n")),
     ("stub_solution", sample(GOOD_PROBLEM, 'def common_suffix(paths):\n    """Return the shared extension."""\n    pass\n')),
     ("stub_solution", sample(GOOD_PROBLEM, "def common_suffix(paths):\n    raise NotImplementedError('todo')\n")),
     ("stub_solution", sample(GOOD_PROBLEM, "import os\n\n\ndef common_suffix(paths):\n    ...\n\n\n"
@@ -104,6 +108,29 @@ def test_a_good_sample_passes_every_gate(index):
     assert parse_sample(sample(GOOD_PROBLEM, GOOD_SOLUTION), SNIPPET, conf, idx) == (GOOD_PROBLEM, GOOD_SOLUTION.strip(), "")
     # Without a QualityConf the parser only parses (the placeholder passes): the gates are opt-in per caller.
     assert parse_sample(sample("<the problem statement>", GOOD_SOLUTION), SNIPPET)[2] == ""
+
+
+def test_names_are_undefined_only_where_no_statement_binds_them():
+    from scoder_ray.quality import undefined_names
+
+    assert undefined_names("def f(xs: List[int]) -> int:\n    return helper(xs) + len(xs)\n") == ["List", "helper"]
+    assert undefined_names("class A:\n    def m(self):\n        return B()\n") == ["B"]
+    bound = [
+        "from __future__ import annotations\ndef f(xs: List[int]) -> Dict:\n    return xs\n",  # annotations unevaluated
+        "def f():\n    global COUNT\n    COUNT = 1\n\n\ndef g():\n    return COUNT\n",  # bound through `global`
+        "try:\n    import numpy as np\nexcept ImportError:\n    np = None\n\n\ndef f(x):\n    return np.asarray(x)\n",
+        "def f(xs):\n    return [(last := x) for x in xs], last\n",  # a walrus binds in the enclosing scope
+        "def f(p):\n    match p:\n        case (x, y):\n            return x + y\n",
+        "def f():\n    return g()\n\n\ndef g():\n    return __name__\n",  # defined later: bound when called
+        "class A:\n    def m(self):\n        return super().m() + [__class__]\n",
+        "def top(items):\n    first = items[0]\n    return first\n",  # symtable takes a function named `top` for the module
+        "from os.path import *\nprint(join('a', 'b'))\n",  # a star import: not judged
+        "exec('x = 1')\nprint(x)\n", "globals()['x'] = 1\nprint(x)\n",  # bound where no statement shows it
+        "def f(:\n",  # does not parse: the parser names that
+    ]
+    assert [code for code in bound if undefined_names(code)] == []
+    assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    return Trie(paths)\n", None,
+                QualityConf(reject_undefined_names=False)) == ""
 
 
 def test_code_that_does_something_is_not_a_stub():
@@ -210,7 +237,8 @@ def test_the_audit_counts_what_a_dataset_holds():
             {"seed_id": "b", "snippet": SNIPPET, "problem": "<the problem statement>", "solution": SNIPPET}]
     rows.append({"seed_id": "b", "problem": GOOD_PROBLEM, "solution": "def common_suffix(paths):\n    ...\n"})
     assert audit(rows, QualityConf()) == {"rows": 3, "placeholders": 1, "prompt_echoes": 0, "seed_copies": 1,
-                                          "dangling_references": 0, "with_examples": 2, "stubs": 1, "infinite_recursions": 0, "repetitive": 0,
+                                          "dangling_references": 0, "with_examples": 2, "stubs": 1, "infinite_recursions": 0, "undefined_names": 0,
+                                          "repetitive": 0,
                                           "distinct_seeds": 2}
 
 
@@ -224,29 +252,30 @@ def test_builtin_teacher_rows_pass_the_gates_and_do_not_copy_their_seed():
     # A problem is the docstring's first sentence, not its first line (which stopped mid-sentence in 39 of 64).
     by_name = {r["problem"].split("`")[1]: r["problem"] for r in rows}
     assert by_name["_is_param_expr"].endswith("``ParamSpec`` or ``_ConcatenateGenericAlias`` from typing.py")
-    assert by_name["monthrange"].endswith("for year, month.") and not any(">>>" in p for p in by_name.values())
+    assert by_name["_rshift_nearest"].endswith("use round-to-even in case of a tie.")
+    assert not any(">>>" in p for p in by_name.values())
 
 
 def test_builtin_teacher_rows_run_alone_in_the_sandbox():
     """Each stand-in sample's solution runs as a module by itself (the bootstrap runs teacher samples in the
-    sandbox). A stdlib function whose definition needs its module (`def dump(value, fmt=FMT_XML)`, 4 of the first
-    64 before) is not a stand-in sample."""
-    import ast
-
+    sandbox), and reads no name it lacks: the module imports it needs come first, and a function that needs its
+    module's helpers or constants (`def dump(value, fmt=FMT_XML)`, `monthrange` reading `mdays`: 84 of the 108
+    rows of the top-level modules before) is not a stand-in sample."""
     import numpy as np
 
+    from scoder_ray.quality import undefined_names
     from scoder_ray.score.execution import execute_batch
-    from scoder_ray.seeds import defines_alone, documented_functions
+    from scoder_ray.seeds import documented_functions
 
     rows = documented_functions(64) + documented_functions(64, seed="itself")
     out = execute_batch({"problem": np.array([r["problem"] for r in rows], dtype=object),
                          "solution": np.array([r["solution"] for r in rows], dtype=object)}, 5.0, 2)
     assert [(r["problem"], why) for r, v, why in zip(rows, out["exec_verdict"], out["exec_reason"]) if v != "passed"] == []
-    fn = lambda src: ast.parse(src).body[0]  # noqa: E731
-    assert defines_alone(fn("def f(x, y=None, *a, z: int = len('ab'), **k) -> list[str]:\n    return x"))
-    assert not defines_alone(fn("def dump(value, *, fmt=FMT_XML):\n    pass"))
-    assert not defines_alone(fn("def walk(top: os.PathLike):\n    pass"))
-    assert not defines_alone(fn("def junk(line, pat=re.compile('x').match):\n    pass"))
+    assert [r["problem"] for r in rows if undefined_names(r["solution"])] == []
+    by_name = {r["problem"].split("`")[1]: r["solution"] for r in rows}
+    assert by_name["b64encode"].startswith("import binascii\n\n\ndef b64encode(s, altchars=None):")
+    assert by_name["weekday"].startswith("import datetime\n\n\ndef weekday(year, month, day):")
+    assert "monthrange" not in by_name  # calendar's helpers (isleap, mdays) are not imports
 
 
 def test_a_docstrings_first_sentence_spans_its_lines_and_stops_at_a_doctest():
@@ -263,7 +292,7 @@ def test_diversity_tells_a_synthesizer_repeating_one_template_from_varied_proble
     from scoder_ray.seeds import documented_functions
 
     teacher = [r["problem"] for r in documented_functions(64)]
-    varied = [r["problem"] for r in documented_functions(128)[64:]]  # the next ones (49 pass the gates)
+    varied = [r["problem"] for r in documented_functions(128, seed="itself") if r["problem"] not in teacher][:48]
     template = [f"Write a function that returns the sum of the first {i} numbers of a list of integers." for i in range(40)]
     assert distinct_ngrams(["a b c a b c"]) == 3 / 4 and distinct_ngrams([]) == 0.0
     assert distinct_ngrams(["```python\nx = 1\n```\nsum the list"]) == 1.0  # fenced code is not the problem's words
