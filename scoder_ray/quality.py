@@ -22,7 +22,8 @@
 - `undefined_name`: the solution reads a global name it neither defines, imports nor gets from builtins (`return
   Stack()` with no class Stack, `np.array` with no import): a NameError the moment that line runs, which a solution
   that is only defined, not called (a problem with no examples), never shows the sandbox. Read by `symtable`, as the
-  compiler scopes names; not judged where names are bound dynamically (a star import, exec, globals()). Measured by
+  compiler scopes names; not judged where names are bound dynamically (a star import, exec, globals()); a name the
+  problem's own code block binds (`class ListNode` stated for the solution to use) counts as defined. Measured by
   bench/gates.py (`names`): of the 13,348 modules of the stdlib and site-packages here, 64 fire, all but 2 on names
   truly missing when the line runs (Python 2's `unicode`/`long`, IPython's injected `get_ipython`, tests' deliberate
   NameErrors, a real networkx bug); the 2 (ssl, re) bind their enum members through a decorator;
@@ -118,7 +119,7 @@ def gate(problem: str, solution: str, snippet: Optional[str], conf: QualityConf,
         return "seed_copy"
     if conf.check_definitions and missing_definitions(problem, solution):
         return "missing_definition"
-    if conf.reject_undefined_names and undefined_names(solution):
+    if conf.reject_undefined_names and undefined_names(solution, given=problem):
         return "undefined_name"
     if conf.reject_degenerate:
         if is_stub(solution):
@@ -299,10 +300,11 @@ _MODULE_NAMES = {"__name__", "__file__", "__doc__", "__builtins__", "__spec__", 
 _DYNAMIC = {"exec", "globals", "vars", "builtins", "__builtins__"}
 
 
-def undefined_names(solution: str) -> list[str]:
+def undefined_names(solution: str, given: str = "") -> list[str]:
     """Global names `solution` (Python) reads but neither defines (anywhere in the module, or through `global`),
     imports nor gets from builtins, sorted: see `undefined_name` above. [] where that cannot be known: code that
-    does not parse (the parser names that), a star import, or a name of _DYNAMIC in use."""
+    does not parse (the parser names that), a star import, or a name of _DYNAMIC in use. `given`: the problem;
+    what its fenced code blocks bind counts as defined (a `class ListNode` the problem states for the solution to use)."""
     try:
         tree = ast.parse(solution)
         top = symtable.symtable(solution, "<solution>", "exec")
@@ -326,7 +328,22 @@ def undefined_names(solution: str) -> list[str]:
             is_global = not binds(s) if t is top else s.is_declared_global() or (s.is_global() and not s.is_local())
             if s.is_referenced() and is_global:
                 read.add(s.get_name())
-    return sorted(read - defined - _BUILTINS - _MODULE_NAMES)
+    return sorted(read - defined - _BUILTINS - _MODULE_NAMES - (_bound_by_blocks(given) if given else set()))
+
+
+_BLOCK = re.compile(r"```[\w+-]*[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def _bound_by_blocks(text: str) -> set[str]:
+    """Names the top level of each fenced code block of `text` binds (a block that does not parse binds none)."""
+    names: set[str] = set()
+    for block in _BLOCK.findall(text):
+        try:
+            table = symtable.symtable(block, "<problem>", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        names.update(s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace())
+    return names
 
 
 def missing_definitions(problem: str, solution: str) -> list[str]:
@@ -473,6 +490,6 @@ def audit(rows: list[dict], conf: QualityConf, echoes: Optional[tuple[str, ...]]
             "with_examples": sum(bool(stated_examples(r["problem"])) for r in rows),
             "stubs": sum(is_stub(r["solution"]) for r in rows),
             "infinite_recursions": sum(calls_itself_unchanged(r["solution"]) for r in rows),
-            "undefined_names": sum(bool(undefined_names(r["solution"])) for r in rows),
+            "undefined_names": sum(bool(undefined_names(r["solution"], given=r["problem"])) for r in rows),
             "repetitive": sum(is_repetitive(r["problem"], r["solution"]) for r in rows),
             "distinct_seeds": len({r.get("seed_id") for r in rows})}

@@ -129,6 +129,11 @@ def test_names_are_undefined_only_where_no_statement_binds_them():
         "def f(:\n",  # does not parse: the parser names that
     ]
     assert [code for code in bound if undefined_names(code)] == []
+    # A class the problem states in its code block, for the solution to use, is defined; one in prose is not.
+    linked = "def length(head):\n    return 0 if head is None else 1 + length(head.next)\n\n\ndef make():\n    return ListNode(1)\n"
+    stated = "Count the nodes of a linked list, given\n```python\nclass ListNode:\n    def __init__(self, val, next=None):\n        ...\n```"
+    assert undefined_names(linked) == ["ListNode"] and undefined_names(linked, given=stated) == []
+    assert undefined_names(linked, given="Count the nodes of a `ListNode` list.") == ["ListNode"]
     assert gate(GOOD_PROBLEM, "def common_suffix(paths):\n    return Trie(paths)\n", None,
                 QualityConf(reject_undefined_names=False)) == ""
 
@@ -311,3 +316,11 @@ def test_examples_can_be_required():
     assert gate(no_example, GOOD_SOLUTION, None, QualityConf()) == ""
     assert gate(no_example, GOOD_SOLUTION, None, QualityConf(require_examples=True)) == "no_examples"
     assert gate(GOOD_PROBLEM, GOOD_SOLUTION, None, QualityConf(require_examples=True)) == ""
+
+
+def test_a_bootstrap_that_kept_nothing_says_what_to_do_about_its_commonest_rejection():
+    from scoder_ray.generate.bootstrap import nothing_kept
+
+    message = nothing_kept({"requested": 5, "rejected": {"undefined_name": 4, "placeholder": 1}}, "s3://b/r/rejected")
+    assert message.startswith("the bootstrap kept none of its 5 teacher samples (undefined_name 4, placeholder 1;")
+    assert "quality.reject_undefined_names=false" in message and "s3://b/r/rejected" in message

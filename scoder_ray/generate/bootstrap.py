@@ -182,6 +182,9 @@ HINTS = {
                    "for them by prompts.synthesizer=with_examples (or a template of yours that asks), a samples file "
                    "must hold them; or set quality.require_examples=false",
     "exec_failed": "each failed in the sandbox (`exec_reason` says why; quality.exec_teacher_samples=false keeps them unrun)",
+    "undefined_name": "their solutions read names they neither define nor import (a helper of the seed's module, `np` "
+                      "with no `import numpy as np`): ask for self-contained solutions (prompts.synthesizer), or set "
+                      "quality.reject_undefined_names=false",
     "prompt_too_long": "the teacher's context cannot hold the prompts: lower seeds.max_lines or seeds.max_chars",
 }
 
