@@ -680,10 +680,10 @@ def _documented_functions(n: int, seed: str) -> tuple[dict[str, str], ...]:
             start = min([d.lineno for d in node.decorator_list] + [node.lineno])
             code = "\n".join(lines[node.lineno - 1:node.end_lineno])
             if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and 4 <= node.end_lineno - node.lineno <= 14:
+                snippet = code if seed == "itself" else previous  # a seed is the function alone, as the seed stage cuts it
                 needs = undefined_names(code)
                 if needs and all(name in imports for name in needs):
                     code = "\n".join(sorted({imports[name] for name in needs})) + "\n\n\n" + code
-                snippet = code if seed == "itself" else previous
                 row = {"snippet": snippet, "problem": f"Write `{node.name}`: {first_sentence(ast.get_docstring(node))}",
                        "solution": code}
                 if (snippet and not gate(row["problem"], row["solution"], row["snippet"], conf)

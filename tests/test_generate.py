@@ -214,12 +214,15 @@ def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     stated = dict(good, problem=good["problem"] + "\n\nassert add(2, 3) == 5\nassert add(-1, 1) == 0")
     wrong = dict(good, problem="Write a function `sub(a, b)` that returns a minus b.\n\nassert sub(5, 3) == 2",
                  solution="def sub(a, b):\n    return b - a")  # parses and passes every gate; its own example fails
-    unrunnable = dict(good, problem="Write a function `dump(value)` that writes a value in a chosen format.",
-                      solution="def dump(value, fmt=FMT_XML):\n    return fmt(value)")  # a NameError on definition
+    unrunnable = dict(good, problem="Write a function `dump(value)` that writes a value as indented JSON.",
+                      solution="import json\n\nINDENT = int('two')\n\n\ndef dump(value):\n"
+                               "    return json.dumps(value, indent=INDENT)")  # a ValueError when it runs
+    undefined = dict(good, problem="Write a function `dump(value)` that writes a value in a chosen format.",
+                     solution="def dump(value, fmt=FMT_XML):\n    return fmt(value)")  # FMT_XML: never bound
     samples.write_text("".join(json.dumps(r) + "\n" for r in [
         good, {"snippet": "x", "problem": "Broken.", "solution": "def f(:\n"},
         {"snippet": "x", "problem": "<the problem statement>", "solution": "x = 1"},
-        dict(good, snippet=None), good, stated, wrong, unrunnable]))
+        dict(good, snippet=None), good, stated, wrong, unrunnable, undefined]))
     cfg = load_config("tiny", [f"run.root={tmp_path}", f"teacher.samples_file={samples}"])
     store = RunStore.for_config(cfg)
     done = run_bootstrap(cfg, store)
@@ -227,11 +230,11 @@ def test_user_supplied_samples_replace_the_teacher(ray_local, tmp_path):
     # the user's own samples are gated too; no snippet, no (snippet -> sample) to learn; a repeat counts once;
     # each gated sample runs in the sandbox with the examples its problem states
     assert done["rejected"] == {"solution_syntax_error": 1, "placeholder": 1, "missing_snippet": 1, "duplicate": 1,
-                                "exec_failed": 2}
+                                "undefined_name": 1, "exec_failed": 2}
     assert done["execution"] == {"ran": 4, "passed": 2, "with_examples": 2}
     failed = {r["problem"]: r["exec_reason"] for r in pq.read_table(Path(store.path("bootstrap")) / "rejected").to_pylist()
               if r["reason"] == "exec_failed"}
-    assert failed[wrong["problem"]].startswith("failed:") and "NameError" in failed[unrunnable["problem"]]
+    assert failed[wrong["problem"]].startswith("failed:") and "ValueError" in failed[unrunnable["problem"]]
     kept = pq.read_table(Path(store.path("bootstrap")) / "data").to_pylist()
     assert [r["problem"] for r in kept] == [good["problem"], stated["problem"]] and {r["exec_reason"] for r in kept} == {""}
 
