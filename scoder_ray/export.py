@@ -94,8 +94,9 @@ def dataset_card(store: RunStore, final: dict[str, Any], fmt: str, data_file: st
                else f"`{cfg.teacher.model}` at {cfg.teacher.base_url}" if cfg else "?")
     q = cfg.quality if cfg else None
     gates = (f"placeholders, prompt echoes, prose-less problems (< {q.min_problem_words} words), seed copies "
-             f"(similarity >= {q.max_seed_similarity}), undefined entry points, degenerate samples (stubs, infinite "
-             "recursion, repeated lines), contamination "
+             f"(similarity >= {q.max_seed_similarity}), undefined entry points, "
+             f"{'solutions reading names they never define or import, ' if q.reject_undefined_names else ''}"
+             "degenerate samples (stubs, infinite recursion, repeated lines), contamination "
              f"({q.decontam_ngram}-gram overlap >= {q.decontam_threshold} with {', '.join(q.decontam_benchmarks)}), "
              f"exact, same-code and near duplicates (MinHash Jaccard >= {q.near_dup_threshold}), examples stated in the problem "
              "that fail in the sandbox") if q else "?"

@@ -51,6 +51,7 @@ def test_export_is_read_back_by_datasets(finished_run, fmt, column, capsys):
     card = (out / "README.md").read_text()
     assert "dataset digest | " + "d" * 64 in card and "generated / kept | 9 / 3" in card
     assert '{"prompt_echo": 6}' in card and "Filters: placeholders" in card
+    assert "solutions reading names they never define or import, degenerate samples" in card
     assert "60 samples (run in the sandbox: 60 of 64 passed)" in card and "`prompts.synthesizer: default`" in card
     said = capsys.readouterr().out
     assert "datasets.load_dataset" in said
