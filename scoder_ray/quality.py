@@ -318,14 +318,13 @@ def undefined_names(solution: str, given: str = "") -> list[str]:
     while stack:
         tables.append(stack.pop())
         stack.extend(tables[-1].get_children())
-    binds = lambda s: s.is_assigned() or s.is_imported() or s.is_namespace()  # noqa: E731
     defined = {s.get_name() for t in tables for s in t.get_symbols()
-               if binds(s) and (t is top or s.is_declared_global())}
+               if _binds(s) and (t is top or s.is_declared_global())}
     read = set()
     for t in tables:
         for s in t.get_symbols():
             # is_local as well: symtable takes any function named `top` for the module (is_global true for its locals)
-            is_global = not binds(s) if t is top else s.is_declared_global() or (s.is_global() and not s.is_local())
+            is_global = not _binds(s) if t is top else s.is_declared_global() or (s.is_global() and not s.is_local())
             if s.is_referenced() and is_global:
                 read.add(s.get_name())
     return sorted(read - defined - _BUILTINS - _MODULE_NAMES - (_bound_by_blocks(given) if given else set()))
@@ -342,8 +341,13 @@ def _bound_by_blocks(text: str) -> set[str]:
             table = symtable.symtable(block, "<problem>", "exec")
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
-        names.update(s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace())
+        names.update(s.get_name() for s in table.get_symbols() if _binds(s))
     return names
+
+
+def _binds(symbol: symtable.Symbol) -> bool:
+    """Whether the scope binds the name: assigns it, imports it, or defines a function or class by it."""
+    return symbol.is_assigned() or symbol.is_imported() or symbol.is_namespace()
 
 
 def missing_definitions(problem: str, solution: str) -> list[str]:
