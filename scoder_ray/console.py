@@ -116,7 +116,7 @@ class Console:
                   flush=True)
         self.store = store
         with open(self.local.name + ".dest", "w") as f:  # whose log this is, should this driver be killed
-            json.dump({"root": store.root, "run_id": store.run_id, "name": self.name}, f)
+            json.dump({**_run_of(store), "name": self.name}, f)
         self.sync()
         recover_killed_logs(store)
 
@@ -171,10 +171,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _run_of(store) -> dict:
+    """What names a run on this machine: its root and id, and for s3:// the endpoint, since two S3-compatible
+    stores (a MinIO here, AWS there) can hold the same bucket path."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if store.root.startswith("s3://") else None
+    return {"root": store.root, "run_id": store.run_id, "endpoint": endpoint}
+
+
 def recover_killed_logs(store) -> list[str]:
     """Upload the scratch logs that killed drivers of `store`'s run left in this machine's temp folder (their
     copy in RUN_DIR/logs stops at their last completed stage) and remove them; returns the log names."""
-    recovered = []
+    recovered, run = [], _run_of(store)
     for dest in glob.glob(os.path.join(tempfile.gettempdir(), f"{SCRATCH}*.log.dest")):
         log = dest[: -len(".dest")]
         try:
@@ -183,7 +190,7 @@ def recover_killed_logs(store) -> list[str]:
                 owner = json.load(f)
         except (ValueError, OSError):
             continue
-        if _alive(pid) or (owner.get("root"), owner.get("run_id")) != (store.root, store.run_id):
+        if _alive(pid) or {k: owner.get(k) for k in run} != run:
             continue  # a driver still running, or another run's log: its own next driver takes it
         try:
             with open(log, "rb") as f:

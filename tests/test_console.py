@@ -109,6 +109,29 @@ def test_a_killed_drivers_log_is_made_whole_by_the_next_driver_of_its_run(tmp_pa
     assert not (tmp_path / "r" / "logs" / "live.log").exists()
 
 
+def test_a_killed_drivers_log_on_another_s3_store_with_the_same_path_is_left_alone(tmp_path, s3_server, monkeypatch):
+    """Two S3-compatible stores can hold the same bucket path (a MinIO here, AWS there; two test servers): a
+    killed driver's scratch log goes only to the store it was written for, named by its endpoint too."""
+    from scoder_ray.console import SCRATCH, recover_killed_logs
+    from scoder_ray.store import RunStore
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = f"s3://{s3_server['bucket']}/console-endpoint"
+    for endpoint, name in ((s3_server["url"], "ours.log"), ("http://127.0.0.1:9", "theirs.log")):
+        log = tmp_path / f"{SCRATCH}{dead.pid}-{name}"
+        log.write_text(f"the last lines of {name}")
+        (tmp_path / f"{log.name}.dest").write_text(json.dumps({"root": root, "run_id": "r", "endpoint": endpoint,
+                                                               "name": name}))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read $TMPDIR again
+    store = RunStore(root, "r")
+    assert recover_killed_logs(store) == ["ours.log"]
+    assert store.fs.open_input_stream(f"{store.base}/logs/ours.log").read() == b"the last lines of ours.log"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{SCRATCH}{dead.pid}-theirs.log",
+                                                          f"{SCRATCH}{dead.pid}-theirs.log.dest"]
+
+
 def test_the_quiet_console_keeps_our_lines_and_the_log_keeps_everything(tmp_path):
     out, log = run_driver(tmp_path, "quiet")
     assert "[scoder-ray] log: " in out.stdout and "--verbose shows them" in out.stdout
