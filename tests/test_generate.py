@@ -429,8 +429,10 @@ def test_engine_whose_core_is_killed_is_replaced_without_missing_or_duplicate_id
     finally:
         stop.set()  # a killer left running would kill the next test's engines
         thread.join(timeout=5)
-    # The first while the engine started (a core younger than 2 s is still loading), the second while it served.
-    assert [wrote for _, wrote, _ in killed] == [False, True] and killed[0][2] < 2.0, killed
+    # The first while the engine started, the second while it served. A tiny model's core is 15.6 s old when its
+    # engine is ready (idle 2-core machine: vLLM's imports, then load and profile): one younger than 8 s is still
+    # starting. The killer, polling every process of a loaded machine, has landed it at 4.7 s.
+    assert [wrote for _, wrote, _ in killed] == [False, True] and killed[0][2] < 8.0, killed
     from ray._private import state  # the GCS actor table (the state API needs the dashboard, off here)
 
     samplers = [a for a in state.actors().values() if "Sampler" in a["ActorClassName"]]
