@@ -116,7 +116,7 @@ class Console:
                   flush=True)
         self.store = store
         with open(self.local.name + ".dest", "w") as f:  # whose log this is, should this driver be killed
-            json.dump({**_run_of(store), "name": self.name}, f)
+            json.dump({**store.identity(), "name": self.name}, f)
         self.sync()
         recover_killed_logs(store)
 
@@ -171,17 +171,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _run_of(store) -> dict:
-    """What names a run on this machine: its root and id, and for s3:// the endpoint, since two S3-compatible
-    stores (a MinIO here, AWS there) can hold the same bucket path."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") if store.root.startswith("s3://") else None
-    return {"root": store.root, "run_id": store.run_id, "endpoint": endpoint}
-
-
 def recover_killed_logs(store) -> list[str]:
     """Upload the scratch logs that killed drivers of `store`'s run left in this machine's temp folder (their
     copy in RUN_DIR/logs stops at their last completed stage) and remove them; returns the log names."""
-    recovered, run = [], _run_of(store)
+    recovered, run = [], store.identity()
     for dest in glob.glob(os.path.join(tempfile.gettempdir(), f"{SCRATCH}*.log.dest")):
         log = dest[: -len(".dest")]
         try:

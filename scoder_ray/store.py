@@ -100,6 +100,12 @@ class RunStore:
     def uri_of(self, path: str) -> str:
         return self._prefix + path
 
+    def identity(self) -> dict[str, Optional[str]]:
+        """What names this run on a machine (its drivers' scratch files): root and id, and for s3:// the endpoint,
+        since two S3-compatible stores (a MinIO here, AWS there) can hold the same bucket path."""
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") if self.root.startswith("s3://") else None
+        return {"root": self.root, "run_id": self.run_id, "endpoint": endpoint}
+
     # -- config -----------------------------------------------------------------------------------
     def write_config(self, cfg: Config) -> None:
         """Write config.yaml once; if a rerun brings a different config, keep the old as config.<n>.yaml."""

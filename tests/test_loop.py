@@ -342,12 +342,12 @@ def kill_driver_when(moment, out: dict, name: str, interval: float) -> threading
 
 @pytest.fixture(scope="module")
 def job_run(cluster):
-    """The tiny loop submitted to the two-node cluster with its state on S3, its driver SIGKILLed at three hard
+    """The tiny loop submitted to the two-node cluster with its state on S3, its driver SIGKILLed at four hard
     moments and the job submitted again after each: (1) while the teacher's requests are in flight (some answers
     cached, most not), (2) while an influence feature shard is being computed on the worker node (its attempt
-    exists, no _DONE.json), (3) while `final` writes its generated blocks. The fourth job ends the loop, and one
-    of its training workers (on the worker node) is SIGKILLed during train_scoder after a resumable checkpoint
-    reached the object store."""
+    exists, no _DONE.json), (3) while `final` writes its generated blocks, (4) while `evaluate` has judged the
+    base model and not the fine-tuned one. In the fourth job one of the training workers (on the worker node) is
+    SIGKILLed during train_scoder after a resumable checkpoint reached the object store; the fifth ends the loop."""
     root = "s3://scoder-test/cluster"
     run = f"{root}/job"
     address, token, teacher = cluster["address"], cluster["token"], cluster["teacher"]
@@ -394,7 +394,7 @@ def job_run(cluster):
 
     def kill_training_worker():  # polls fast: train_scoder's steps take a fraction of a second each
         deadline = time.time() + 40 * 60
-        while time.time() < deadline and len(out["jobs"]) < 4:
+        while time.time() < deadline and len(out["jobs"]) < 4:  # the fourth job trains the SCoder model
             # A checkpoint counts once Ray Train's controller registered it (its snapshot names it); one
             # merely uploaded when the worker dies is not resumed from.
             if any(f.endswith("/checkpoint_manager_snapshot.json") and "train_scoder" in f
@@ -411,9 +411,11 @@ def job_run(cluster):
 
     killer = threading.Thread(target=kill_training_worker, daemon=True)
     killer.start()
-    job()
+    job(lambda: writing(run, "evaluate", "_base-evaluated.json"), "evaluate")
     killer.join(timeout=5)
+    job()
     out["status"], out["logs"] = out["jobs"][-1]["status"], out["jobs"][-1]["logs"]
+    out["last_two_logs"] = "\n".join(j["logs"] for j in out["jobs"][3:])  # the SCoder model trained, then evaluated
     out["all_logs"] = "\n".join(j["logs"] for j in out["jobs"])
     out["done"] = lambda stage: json.loads(s3_text(f"{run}/{stage}/_DONE.json"))
     # evaluate's local scratch folder on the driver's node (the run root is S3): removed when the stage ends
@@ -421,7 +423,7 @@ def job_run(cluster):
     yield out
 
 
-@pytest.mark.timeout(3000)  # the fixture runs the whole tiny loop, killed three times (~14 min on 2 cores)
+@pytest.mark.timeout(3000)  # the fixture runs the whole tiny loop, killed four times (~15 min on 2 cores)
 def test_job_submit_needs_the_token(job_run):
     assert job_run["no_token_status"] == 401 and job_run["wrong_token_status"] in (401, 403)
     assert job_run["token_status"] == 200
@@ -441,10 +443,10 @@ def test_the_cluster_shares_no_files(cluster):
 
 def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     done, killed, jobs, run = job_run["done"], job_run["killed"], job_run["jobs"], job_run["run"]
-    assert [j["killed_at"] for j in jobs] == ["bootstrap", "features", "final", ""]
-    assert job_run["eval_scratch_left"] == []
-    assert set(killed) == {"bootstrap", "features", "final", "train_worker"}, killed
-    for j in jobs[:3]:  # each killed where it was meant to be, before the loop ended
+    assert [j["killed_at"] for j in jobs] == ["bootstrap", "features", "final", "evaluate", ""]
+    assert job_run["eval_scratch_left"] == []  # the killed driver's scratch folder was removed by the next one
+    assert set(killed) == {"bootstrap", "features", "final", "evaluate", "train_worker"}, killed
+    for j in jobs[:4]:  # each killed where it was meant to be, before the loop ended
         assert j["status"] == "FAILED" and "final dataset" not in j["logs"], j["logs"][-3000:]
     assert "SUCCEEDED" in job_run["status"], job_run["logs"][-5000:]
     assert "bootstrap ..." in jobs[0]["logs"] and "bootstrap: done" not in jobs[0]["logs"], jobs[0]["logs"][-3000:]
@@ -467,6 +469,12 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert final["attempt"] == killed["final"]["attempt"] and final["resumed_rows"] >= len(before) > 0, final
     assert f"final: resuming the interrupted attempt {final['attempt']}" in jobs[3]["logs"]
     assert re.search(rf"final: {final['resumed_rows']} of {final['generated']} samples already written", jobs[3]["logs"])
+    # `evaluate` went on in its killed attempt: the base model, judged before the kill, was not generated again.
+    ev = done("evaluate")
+    assert ev["attempt"] == killed["evaluate"]["attempt"] and ev["kept_from_interrupted"] == ["base"], ev
+    assert "evaluate base on humaneval: " in jobs[3]["logs"] and "evaluate scoder on humaneval: " not in jobs[3]["logs"]
+    assert "evaluate base: kept from the interrupted attempt" in jobs[4]["logs"]
+    assert "evaluate base on humaneval: " not in jobs[4]["logs"] and "evaluate scoder on humaneval: " in jobs[4]["logs"]
     kept = {r["cand_id"]: r["raw"] for r in s3_table(f"{run}/final/{final['attempt']}/raw/data").to_pylist()}
     assert {c: kept.get(c) for c in before} == before and len(kept) == final["generated"]
 
@@ -478,7 +486,7 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert len(job_run["teacher"].served) - job_run["served_before"] == paid + 64 - answered
     assert boot["teacher"]["model"] == "stand-in-teacher" and boot["rows"] == 64 and boot["parse_rate"] == 1.0
 
-    logs = job_run["logs"]
+    logs = job_run["last_two_logs"]
     assert killed.get("train_worker", {}).get("on_worker_node"), killed  # resumed from the checkpoint on S3
     assert re.search(r"training resumes after step \d+ of \d+ from scoder-test/cluster/job/_ray_train/job-train_scoder", logs)
     # Models reached the worker node through its own cache (copies from S3), never through the head's disk.
@@ -532,24 +540,27 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     # The console (the job's log) is scoder-ray's lines and real warnings; RUN_DIR/logs/ has everything, per driver.
     from scoder_ray.console import noise
 
-    console = logs.split("Running entrypoint for job", 1)[1]  # before it: the job supervisor's own lines
-    assert not [line for line in console.splitlines() if noise(line)] and "[scoder-ray] log: s3://scoder-test/" in logs
+    for j in jobs[3:]:  # before "Running entrypoint": the job supervisor's own lines
+        console = j["logs"].split("Running entrypoint for job", 1)[1]
+        assert not [line for line in console.splitlines() if noise(line)] and "[scoder-ray] log: s3://scoder-test/" in console
     driver_logs = [f for f in s3_files(f"{run}/logs") if f.startswith("driver-")]
-    assert len(driver_logs) == 4, driver_logs  # the killed jobs' (copied after each of their stages) and this one's
-    full = [t for t in (s3_text(f"{run}/logs/{f}") for f in driver_logs) if "final dataset: " in t]
-    assert len(full) == 1 and "RayTrainWorker pid=" in full[0]  # the last job's, whole
+    assert len(driver_logs) == 5, driver_logs  # the killed jobs' (copied after each of their stages) and this one's
+    texts = [s3_text(f"{run}/logs/{f}") for f in driver_logs]
+    assert len([t for t in texts if "final dataset: " in t]) == 1  # the last job's, whole
+    trained = [t for t in texts if "train_scoder: done" in t]
+    assert len(trained) == 1 and "RayTrainWorker pid=" in trained[0]  # the fourth job's, made whole
     # The killed drivers' logs were made whole by the next job (their last lines: how each ended), and their
     # scratch copies on the head are gone.
-    assert job_run["all_logs"].count("the log of a driver that was killed") == 3, job_run["all_logs"][-3000:]
+    assert job_run["all_logs"].count("the log of a driver that was killed") == 4, job_run["all_logs"][-3000:]
     # (`final ...` is printed after the last copy a killed driver made: only the recovered log holds it)
     final_killed = [t for t in (s3_text(f"{run}/logs/{f}") for f in driver_logs) if "final: done" not in t
                     and re.search(r"\] final \.\.\.", t)]
     assert len(final_killed) == 1, driver_logs
-    pids = [p for k in ("bootstrap", "features", "final") for p in killed[k]["pids"]]
+    pids = [p for k in ("bootstrap", "features", "final", "evaluate") for p in killed[k]["pids"]]
     assert not [f for p in pids for f in Path(tempfile.gettempdir()).glob(f"scoder-ray-driver-{p}-*")], pids
     # Training shows its progress from rank 0 (Ray Train's own per-step reports are in the log file only).
     assert re.search(r"\[scoder-ray\] train_scoder: step \d+/\d+ \(\d+%\), loss [\d.]+, [\d,]+ tokens/s, ETA \d+m\d\ds", logs)
-    assert "Reporting training result" not in logs and "Reporting training result" in full[0]
+    assert "Reporting training result" not in logs and "Reporting training result" in trained[0]
     # The object store's credentials reached every node through its environment, and nothing wrote them down.
     secret = s3_local.CLIENT_ENV["AWS_SECRET_ACCESS_KEY"]
     assert secret not in job_run["all_logs"]
@@ -577,7 +588,7 @@ def test_progress_counters_reach_the_metrics_endpoint(job_run):
             fractions.setdefault(re.search(r'stage="([^"]+)"', line).group(1), set()).add(float(line.rsplit(" ", 1)[1]))
     assert any(0 < f < 1 for f in fractions.get("iter_01/sample", ())), fractions
     assert re.search(r"\[scoder-ray\] iter_01/sample: \d+/128 candidates \(\d+%\), [\d.]+/s, ETA", job_run["all_logs"])
-    assert re.search(r"\[scoder-ray\] final: \d+/\d+ samples \(100%\)", job_run["logs"])
+    assert re.search(r"\[scoder-ray\] final: \d+/\d+ samples \(100%\)", job_run["all_logs"])
 
 
 def test_weights_learned_from_a_labels_file_on_the_object_store(job_run):

