@@ -604,8 +604,7 @@ def resolve_rows_file(ref: str, cache_dir: str = "~/.cache/scoder-ray/data") -> 
     # (quality.is_stub) are skipped, which changes the rows beyond the first 117
     # v5: functions whose definition needs their module are skipped: they do not run alone
     # v6: and those whose body needs it (quality.undefined_names); a module import a function needs is its first lines
-    # v7: the problem is "Write a Python function `name(args)`. <first sentence>" (seeds.stand_in_problem)
-    name = f"stdlib-documented-v7-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v7-{n}.jsonl"
+    name = f"stdlib-documented-v6-{n}.jsonl" if mode == "previous" else f"stdlib-documented-copy-v6-{n}.jsonl"
     path = Path(cache_dir).expanduser() / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -625,16 +624,6 @@ def first_sentence(doc: str) -> str:
     prose = lines[:next((i for i, ln in enumerate(lines) if ln.lstrip().startswith(">>>")), len(lines))]  # no doctest
     paragraph = " ".join(" ".join(prose).split())
     return SENTENCE_END.split(paragraph, maxsplit=1)[0]
-
-
-def stand_in_problem(node: ast.FunctionDef) -> str:
-    """A stand-in row's problem: the instruction, with the signature the solution keeps, then the docstring's
-    first sentence as its specification ("Write a Python function `mktime_tz(data)`. Turn a 10-tuple ...
-    into a POSIX timestamp."). A terser "Write `name`: ..." taught the demo's synthesizer to open its problems
-    with "Write: " and no name, an instruction that says neither what to write nor what to call it."""
-    sentence = first_sentence(ast.get_docstring(node) or "")
-    return f"Write a Python function `{node.name}({ast.unparse(node.args)})`. {sentence}" + (
-        "" if sentence.endswith((".", "!", "?")) else ".")
 
 
 def module_imports(tree: ast.Module) -> dict[str, str]:
@@ -695,7 +684,8 @@ def _documented_functions(n: int, seed: str) -> tuple[dict[str, str], ...]:
                 needs = undefined_names(code)
                 if needs and all(name in imports for name in needs):
                     code = "\n".join(sorted({imports[name] for name in needs})) + "\n\n\n" + code
-                row = {"snippet": snippet, "problem": stand_in_problem(node), "solution": code}
+                row = {"snippet": snippet, "problem": f"Write `{node.name}`: {first_sentence(ast.get_docstring(node))}",
+                       "solution": code}
                 if (snippet and not gate(row["problem"], row["solution"], row["snippet"], conf)
                         and (seed == "itself" or seed_similarity(code, snippet) < 0.6)):  # clearly not a copy
                     rows.append(row)
