@@ -345,17 +345,7 @@ class RunStore:
         self._write_bytes_atomic(path, text.encode())
 
     def _write_bytes_atomic(self, path: str, data: bytes) -> None:
-        if not self.local:  # an object PUT is atomic: readers see the old object or the new one
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
-            return
-        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        _write_atomic(self.fs, path, data)
 
 
 class RunLease:
@@ -508,10 +498,24 @@ def _endpoint_note(uri: str) -> str:
 
 
 def write_text(uri: str, text: str) -> None:
+    """`uri` replaced whole: a reader (or a resumed attempt) never sees it half written."""
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    _write_atomic(fs, path, text.encode())
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object PUT is atomic: readers see the old object or the new one
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
 
 
 def written_values(uri: str, column: str) -> set:

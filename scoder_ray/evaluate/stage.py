@@ -138,15 +138,6 @@ def _read_json(uri: str) -> Optional[dict[str, Any]]:
         return None
 
 
-def _write_json(uri: str, value: dict[str, Any]) -> None:
-    if "://" in uri:
-        write_text(uri, json.dumps(value))  # an object appears only once whole
-    else:
-        with open(f"{uri}.tmp-{os.getpid()}", "w", encoding="utf-8") as f:
-            json.dump(value, f)
-        os.replace(f"{uri}.tmp-{os.getpid()}", uri)
-
-
 def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
     """pass@k of the fine-tuned SCoder model (last checkpoint of train_scoder) and, with
     evaluate.compare_base, of models.scoder before fine-tuning."""
@@ -175,7 +166,7 @@ def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: O
                         for f in sorted(os.listdir(work)):
                             if f.startswith(f"{name}-"):
                                 write_text(f"{tmp}/{f}", open(os.path.join(work, f), encoding="utf-8").read())
-                    _write_json(f"{tmp}/{MODEL_DONE.format(model=name)}", done)  # last: the model is done
+                    write_text(f"{tmp}/{MODEL_DONE.format(model=name)}", json.dumps(done))  # last: the model is done
                 else:  # a resumed attempt: generated and judged before the driver was stopped
                     kept.append(name)
                     print(f"[scoder-ray] evaluate {name}: kept from the interrupted attempt: "
