@@ -284,8 +284,16 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         note = f"config changed: {', '.join(stale)}" if stale else ""
         if s.state == "partial" and (attempt := store.resumable_attempt(s.name)):
             d, state = {"rows": store.rows_written(s.name, attempt)}, "running" if alive else state  # so far
-            note = (f"{'running' if alive else 'interrupted'} in {attempt}: rows written so far"
-                    + ("" if alive else "; a rerun with the same config goes on in it"))
+            note = f"{'running' if alive else 'interrupted'} in {attempt}: rows written so far"
+            if s.name == "evaluate":  # JSONL per model, not Parquet: name the models already judged
+                from scoder_ray.evaluate.stage import judged_so_far
+
+                judged = judged_so_far(store, attempt)
+                d = {"rows": sum(j.get("rows", 0) for j in judged.values())}
+                note = (f"{'running' if alive else 'interrupted'} in {attempt}: judged so far: "
+                        + (", ".join(f"{m} {json.dumps(j.get('results', {}), sort_keys=True)}" for m, j in sorted(judged.items()))
+                           or "no model"))
+            note += "" if alive else "; a rerun with the same config goes on in it"
         if damaged:
             note += ("  " if note else "") + "; ".join(damaged[:3]) + (f" (+{len(damaged) - 3} more)" if len(damaged) > 3 else "")
         if d.get("dropped"):

@@ -378,6 +378,10 @@ def job_run(cluster):
             stop.set()
         out["jobs"].append({"killed_at": name, "status": status, "logs": job_logs(cluster, job_id),
                             "done": done_attempts(run)})
+        if name in ("final", "evaluate"):  # what a user sees of the interrupted stage from another process
+            out["jobs"][-1]["status_cli"] = subprocess.run(
+                [sys.executable, "-m", "scoder_ray.cli", "status", run], env=cluster["env"], capture_output=True,
+                text=True, timeout=120).stdout
 
     cached = lambda: sorted(cache.glob("*/*.json"))  # noqa: E731 - answers written (a temp file has another suffix)
     teacher.delay_s, served_before = 0.5, len(teacher.served)  # 16 requests at a time, 4 waves of 0.5 s
@@ -474,6 +478,11 @@ def test_tiny_loop_on_two_nodes_with_an_s3_root_resumes_after_kills(job_run):
     assert ev["attempt"] == killed["evaluate"]["attempt"] and ev["kept_from_interrupted"] == ["base"], ev
     assert "evaluate base on humaneval: " in jobs[3]["logs"] and "evaluate scoder on humaneval: " not in jobs[3]["logs"]
     assert "evaluate base: kept from the interrupted attempt" in jobs[4]["logs"]
+    # `scoder-ray status` between the jobs named what the killed stages held: final's rows, evaluate's models
+    assert re.search(rf"^final +partial +{len(before)} .* interrupted in {killed['final']['attempt']}: rows written so far",
+                     jobs[2]["status_cli"], re.M), jobs[2]["status_cli"]
+    assert re.search(rf'^evaluate +partial +\d+ .* interrupted in {ev["attempt"]}: judged so far: base \{{"humaneval": ',
+                     jobs[3]["status_cli"], re.M), jobs[3]["status_cli"]
     assert "evaluate base on humaneval: " not in jobs[4]["logs"] and "evaluate scoder on humaneval: " in jobs[4]["logs"]
     kept = {r["cand_id"]: r["raw"] for r in s3_table(f"{run}/final/{final['attempt']}/raw/data").to_pylist()}
     assert {c: kept.get(c) for c in before} == before and len(kept) == final["generated"]

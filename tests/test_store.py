@@ -194,6 +194,30 @@ def test_a_resumable_stage_killed_mid_write_goes_on_in_its_attempt(run_root, tmp
         assert seen[0][1] == [] and len([n for n in listing(store, "t") if n.startswith(ATTEMPT)]) == 1
 
 
+def test_status_of_an_interrupted_evaluate_names_the_models_judged(run_root, capsys):
+    """evaluate writes JSONL per model, not Parquet: `status` counts and names the models whose marker the
+    interrupted attempt holds (what a rerun keeps), not 0 rows."""
+    from scoder_ray.evaluate.stage import MODEL_DONE, STAGE
+
+    store = RunStore(run_root, "r")
+    store.write_config(load_config("tiny"))
+    judged = {"results": {"humaneval": {"pass@1": 0.25}}, "completions": {"humaneval": 4}, "rows": 4, "engine_start_s": 1.0}
+
+    def stopped(uri):  # the base model judged, the driver gone before the fine-tuned one
+        write_text(f"{uri}/base-humaneval.jsonl", "{}\n" * 4)
+        write_text(f"{uri}/{MODEL_DONE.format(model='base')}", json.dumps(judged))
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        store.run_stage(STAGE, {}, {"in": "a"}, stopped, resume=True)
+    attempt = store.resumable_attempt(STAGE)
+    capsys.readouterr()
+    assert main(["status", f"{run_root}/r"]) == 0
+    assert re.search(rf'^evaluate +partial +4 .* interrupted in {attempt}: judged so far: base '
+                     r'\{"humaneval": \{"pass@1": 0.25\}\}; a rerun with the same config goes on in it$',
+                     capsys.readouterr().out, re.M)
+
+
 def test_config_written_once_and_history_kept(run_root):
     store = RunStore(run_root, "r")
     store.write_config(load_config("tiny"))

@@ -138,6 +138,21 @@ def _read_json(uri: str) -> Optional[dict[str, Any]]:
         return None
 
 
+def judged_so_far(store: RunStore, attempt: str) -> dict[str, dict[str, Any]]:
+    """The models an interrupted attempt holds as generated and judged (its `_<model>-evaluated.json`
+    markers), for `scoder-ray status`: evaluate writes JSONL, so Parquet footers do not count its rows."""
+    import pyarrow.fs as pafs
+
+    folder = f"{store.stage_dir(STAGE)}/{attempt}"
+    prefix, suffix = MODEL_DONE.split("{model}")
+    judged = {}
+    for info in store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        name = info.base_name
+        if name.startswith(prefix) and name.endswith(suffix) and (done := _read_json(store.uri_of(info.path))):
+            judged[name[len(prefix):-len(suffix)]] = done
+    return judged
+
+
 def run_evaluate(cfg: Config, store: RunStore, force: bool = False, model_dir: Optional[str] = None) -> dict[str, Any]:
     """pass@k of the fine-tuned SCoder model (last checkpoint of train_scoder) and, with
     evaluate.compare_base, of models.scoder before fine-tuning."""
