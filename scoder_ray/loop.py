@@ -186,7 +186,7 @@ def run_stage(cfg: Config, name: str, force: bool = False, iteration: int = 1) -
     if iteration != 1 and scoped not in per_iteration:
         raise ValueError(f"--iteration applies to an iteration's stages ({', '.join(n.split('/')[1] for n in per_iteration)}), "
                          f"not {name!r}")
-    if not 1 <= iteration <= cfg.loop.iterations:
+    if scoped in per_iteration and not 1 <= iteration <= cfg.loop.iterations:  # seeds, final...: no iteration
         raise ValueError(f"--iteration {iteration}: this run has iterations 1..{cfg.loop.iterations} (loop.iterations)")
     fn = per_iteration.get(scoped, STAGES[name])
     if name in SANDBOXED:

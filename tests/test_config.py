@@ -203,9 +203,12 @@ def test_debug_shows_the_traceback_of_a_user_error(capsys):
         main(["stage", "seeds", "--preset", "tiny", "--debug", "train.synthesizer.epochs=-1"])
 
 
-def test_stage_iteration_is_checked_before_any_work(capsys):
+def test_stage_iteration_is_checked_before_any_work(capsys, tmp_path):
     assert main(["stage", "sample", "--preset", "tiny", "--iteration", "5"]) == 2
     assert "--iteration 5: this run has iterations 1..2" in capsys.readouterr().err
+    # a stage outside the iterations runs in a run of none (loop.iterations=0: the teacher's synthesizer only)
+    assert main(["stage", "final", "--preset", "tiny", "loop.iterations=0", f"run.root={tmp_path}"]) == 2
+    assert "final synthesis needs the seed pool" in capsys.readouterr().err
     assert main(["stage", "seeds", "--preset", "tiny", "--iteration", "2"]) == 2
     assert "--iteration applies to an iteration's stages" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an unknown stage: each name once, as the usage line spells it
