@@ -51,21 +51,44 @@ def load_throughput(path: Optional[str] = None) -> dict[str, Any]:
     return tp
 
 
-def seed_files(cfg: Config) -> tuple[int, int]:
-    """(files on disk, records of `hf:` sources) the seed stage reads: local sources are listed (a folder this
-    machine lacks counts 0), an `hf:` source counts its `limit=` (without one, 0: its size is unknown here)."""
-    from scoder_ray.seeds import hf_limit, source_files
+def seed_files(cfg: Config) -> tuple[int, int, int]:
+    """(code files on disk, records of `hf:` sources, rows of JSONL/Parquet snippet files) the seed stage
+    reads: local sources are listed (a folder this machine lacks counts 0), an `hf:` source counts its
+    `limit=` (without one, 0: its size is unknown here; a record is a file, as in The Stack), a snippet file
+    its rows (one snippet each)."""
+    from scoder_ray.seeds import RECORD_SUFFIXES, hf_limit, source_files
 
-    files = records = 0
+    files = records = rows = 0
     for src in cfg.seeds.sources:
         if src.startswith("hf:"):
             records += hf_limit(src)
             continue
         try:
-            files += len(source_files([src], cfg.seeds.languages))
+            for item in source_files([src], cfg.seeds.languages):
+                if item["abs"].endswith(RECORD_SUFFIXES):
+                    rows += records_in(item["abs"]) or 0
+                else:
+                    files += 1
         except ValueError:  # not on this machine (e.g. a path on the cluster's head)
             pass
-    return files, records
+    return files, records, rows
+
+
+def records_in(path: str) -> Optional[int]:
+    """Rows of a JSONL (non-blank lines) or Parquet (its footer) file, local or in an object store; None
+    where it cannot be read from here."""
+    from scoder_ray.store import filesystem
+
+    try:
+        fs, where = filesystem(path)
+        with fs.open_input_file(where) as f:
+            if path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                return pq.ParquetFile(f).metadata.num_rows
+            return sum(1 for line in f.read().splitlines() if line.strip())
+    except (OSError, ValueError):
+        return None
 
 
 def head_cpus(cfg: Config) -> int:
@@ -123,17 +146,24 @@ def plan(cfg: Config, tp: dict[str, Any]) -> list[StagePlan]:
         add(stage, f"{rows:,.0f} rows, {tokens / 1e6:,.1f}M generated tokens", gpus, starts,
             tokens / tp["generation_tokens_per_s"], waves * tp["engine_start_s"])
 
-    files, records = seed_files(cfg)
-    snippets = (files + records) * tp["seeds_snippets_per_file"]
+    files, records, rows = seed_files(cfg)
+    snippets = (files + records) * tp["seeds_snippets_per_file"] + rows
     cpus = head_cpus(cfg)
-    seeds_s = (records / tp["seeds_hub_records_per_s"] + (files + records) / (cpus * tp["seeds_files_per_cpu_s"])
+    seeds_s = (records / tp["seeds_hub_records_per_s"] + (files + records + rows) / (cpus * tp["seeds_files_per_cpu_s"])
                + snippets / tp["seeds_driver_snippets_per_s"])
-    volume = f"{files + records:,} files, ~{snippets:,.0f} snippets on {cpus} CPUs" if files + records else \
-        "unknown: an hf: source without limit= (or sources not on this machine)"
+    volume = ", ".join(([f"{files + records:,} files"] if files + records else [])
+                       + ([f"{rows:,} snippet rows"] if rows else [])) + f", ~{snippets:,.0f} snippets on {cpus} CPUs"
+    if not files + records + rows:
+        volume = "unknown: an hf: source without limit= (or sources not on this machine)"
     out.append(StagePlan("seeds", volume, 0, 0, 0.0, seeds_s / 3600))
     teacher_rows = cfg.teacher.num_seeds
-    if cfg.teacher.samples_file:
-        out.append(StagePlan("bootstrap", f"{teacher_rows:,} rows from teacher.samples_file", 0, 0, 0.0, 0.0))
+    if cfg.teacher.samples_file:  # every row of the file, whatever teacher.num_seeds says
+        from scoder_ray.seeds import resolve_rows_file
+
+        counted = records_in(resolve_rows_file(cfg.teacher.samples_file))
+        teacher_rows = counted if counted is not None else teacher_rows
+        out.append(StagePlan("bootstrap", f"{teacher_rows:,} rows from teacher.samples_file"
+                             + ("" if counted is not None else " (unreadable here: teacher.num_seeds assumed)"), 0, 0, 0.0, 0.0))
     else:
         from scoder_ray.generate.prices import teacher_prices
 

@@ -1,4 +1,6 @@
 """`scoder-ray plan`: the volumes a config implies, turned into GPUs, starts, GPU-hours and wall time."""
+import os
+
 import pytest
 import yaml
 
@@ -129,10 +131,11 @@ def test_the_cpu_stages_get_a_wall_time_from_the_seed_volume_and_the_teachers_la
     assert f"~${usd:,.2f} at gpt-4o's price" in boot.volume
     # the KubeRay head's CPUs are its container's limit (28); supplied samples cost no teacher time
     mine = tmp_path / "mine.jsonl"
-    mine.write_text('{"problem": "p", "solution": "s"}\n')
+    mine.write_text('{"problem": "p", "solution": "s"}\n' * 3 + "\n")
     kube = by_stage(load_config("paper-7b", ["ray.cluster_config=cluster/kuberay.yaml", f"teacher.samples_file={mine}"]), tp)
     assert kube["seeds"].volume.endswith("on 28 CPUs") and kube["seeds"].wall_hours > seeds.wall_hours
-    assert kube["bootstrap"].wall_hours == 0 and "teacher.samples_file" in kube["bootstrap"].volume
+    assert kube["bootstrap"].wall_hours == 0 and kube["bootstrap"].volume == "3 rows from teacher.samples_file"
+    assert kube["train_synthesizer"].volume.startswith("3 rows x 3 epochs")  # every row of the file, not num_seeds
     # local sources are counted where they are; an hf: source without limit= has no size here
     code = tmp_path / "code"
     code.mkdir()
@@ -140,5 +143,8 @@ def test_the_cpu_stages_get_a_wall_time_from_the_seed_volume_and_the_teachers_la
         (code / f"m{i}.py").write_text("def f():\n    return 1\n")
     local = by_stage(load_config("tiny", [f"seeds.sources=[{code}]"]), tp)["seeds"]
     assert local.volume.startswith("3 files") and local.wall_hours > 0
+    (code / "more.jsonl").write_text('{"snippet": "def g():\\n    return 2\\n"}\n' * 5)  # a snippet per row
+    rows = by_stage(load_config("tiny", [f"seeds.sources=[{code}]"]), tp)["seeds"]
+    assert rows.volume == f"3 files, 5 snippet rows, ~{3 * tp['seeds_snippets_per_file'] + 5:,.0f} snippets on {os.cpu_count()} CPUs"
     unknown = by_stage(load_config("tiny", ["seeds.sources=[hf:bigcode/starcoderdata?streaming=true]"]), tp)["seeds"]
     assert unknown.wall_hours == 0 and unknown.volume.startswith("unknown")
