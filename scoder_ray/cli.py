@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from scoder_ray.config import ConfigError, load_config, presets, to_yaml
 from scoder_ray.evaluate.sandbox import SandboxUnavailable
@@ -259,8 +259,8 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
     cfg = store.read_config()
     states = store.stages()
     lease = store.read_lease()
-    if as_json:
-        out = {s.name: {"state": s.state, **(s.done or {})} for s in states}
+    if as_json:  # a partial stage's attempt and what it holds so far, as the table says them
+        out = {s.name: {"state": s.state, **(s.done or {}), **(_so_far(store, s) or {})} for s in states}
         print(json.dumps({**out, "_lease": lease} if lease else out, indent=2, default=str))
         return 0
     alive = bool(lease) and holder_alive(lease, cfg.run.lease_ttl_s if cfg else 90.0)
@@ -282,17 +282,11 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         damaged_any = damaged_any or bool(damaged)
         state = "damaged" if damaged else "stale" if stale else s.state
         note = f"config changed: {', '.join(stale)}" if stale else ""
-        if s.state == "partial" and (attempt := store.resumable_attempt(s.name)):
-            d, state = {"rows": store.rows_written(s.name, attempt)}, "running" if alive else state  # so far
-            note = f"{'running' if alive else 'interrupted'} in {attempt}: rows written so far"
-            if s.name == "evaluate":  # JSONL per model, not Parquet: name the models already judged
-                from scoder_ray.evaluate.stage import judged_so_far
-
-                judged = judged_so_far(store, attempt)
-                d = {"rows": sum(j.get("rows", 0) for j in judged.values())}
-                note = (f"{'running' if alive else 'interrupted'} in {attempt}: judged so far: "
-                        + (", ".join(f"{m} {json.dumps(j.get('results', {}), sort_keys=True)}" for m, j in sorted(judged.items()))
-                           or "no model"))
+        if so_far := _so_far(store, s):
+            d, state = {"rows": so_far["rows_so_far"]}, "running" if alive else state
+            note = f"{'running' if alive else 'interrupted'} in {so_far['attempt']}: " + (
+                "rows written so far" if "judged" not in so_far else "judged so far: " + (", ".join(
+                    f"{m} {json.dumps(r, sort_keys=True)}" for m, r in sorted(so_far["judged"].items())) or "no model"))
             note += "" if alive else "; a rerun with the same config goes on in it"
         if damaged:
             note += ("  " if note else "") + "; ".join(damaged[:3]) + (f" (+{len(damaged) - 3} more)" if len(damaged) > 3 else "")
@@ -304,6 +298,20 @@ def _status(run_dir: str, as_json: bool, verify: bool = False) -> int:
         print("verify: " + ("some stages' files differ from what they wrote (rerun `scoder-ray run` to redo them)"
                             if damaged_any else "every finished stage's files are as written"))
     return 1 if damaged_any else 0
+
+
+def _so_far(store, s) -> Optional[dict[str, Any]]:
+    """What an interrupted (or running) resumable stage's attempt holds: its name, the rows written (Parquet
+    footers), and for evaluate, which writes JSONL per model, the models judged and their pass@k."""
+    if s.state != "partial" or not (attempt := store.resumable_attempt(s.name)):
+        return None
+    if s.name != "evaluate":
+        return {"attempt": attempt, "rows_so_far": store.rows_written(s.name, attempt)}
+    from scoder_ray.evaluate.stage import judged_so_far
+
+    judged = judged_so_far(store, attempt)
+    return {"attempt": attempt, "rows_so_far": sum(j.get("rows", 0) for j in judged.values()),
+            "judged": {m: j.get("results", {}) for m, j in judged.items()}}
 
 
 if __name__ == "__main__":

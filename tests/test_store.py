@@ -162,6 +162,8 @@ def test_a_resumable_stage_killed_mid_write_goes_on_in_its_attempt(run_root, tmp
     try:
         assert main(["status", f"{run_root}/r"]) == 0
         assert re.search(rf"^s +running +3 .* running in {killed}: rows written so far$", capsys.readouterr().out, re.M)
+        assert main(["status", f"{run_root}/r", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["s"] == {"state": "partial", "attempt": killed, "rows_so_far": 3}
     finally:
         lease.release()
     seen = []
@@ -216,6 +218,9 @@ def test_status_of_an_interrupted_evaluate_names_the_models_judged(run_root, cap
     assert re.search(rf'^evaluate +partial +4 .* interrupted in {attempt}: judged so far: base '
                      r'\{"humaneval": \{"pass@1": 0.25\}\}; a rerun with the same config goes on in it$',
                      capsys.readouterr().out, re.M)
+    assert main(["status", f"{run_root}/r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["evaluate"] == {
+        "state": "partial", "attempt": attempt, "rows_so_far": 4, "judged": {"base": judged["results"]}}
 
 
 def test_config_written_once_and_history_kept(run_root):
