@@ -86,7 +86,11 @@ def records_in(path: str) -> Optional[int]:
                 import pyarrow.parquet as pq
 
                 return pq.ParquetFile(f).metadata.num_rows
-            return sum(1 for line in f.read().splitlines() if line.strip())
+            count, rest = 0, b""
+            while chunk := f.read(1 << 24):  # a seed file may be gigabytes: counted in chunks
+                *lines, rest = (rest + chunk).split(b"\n")
+                count += sum(1 for line in lines if line.strip())
+            return count + bool(rest.strip())
     except (OSError, ValueError):
         return None
 
